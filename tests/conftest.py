@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+sys.path.insert(0, ROOT)
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never touch the network
+
+
+def shared_path(*parts):
+    """A file of ../shared, or skip the test with the reason when ../shared is absent."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f'needs {path} (the ../shared folder beside the checkout); absent here')
+    return path
+
+
+def run_script(*args, cwd=ROOT, env=None, timeout=600):
+    """Run one of the project's scripts in a fresh interpreter; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_failure(proc, *needles):
+    """An expected mistake: non-zero exit, no traceback, one error line naming the problem."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if 'error' in line.lower()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
