@@ -173,3 +173,111 @@ def code_version():
         return (rev + ('-dirty' if dirty else '')) or 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM, the legacy
+# torch.distributed.launch (--local-rank), or a single process with no process group.
+
+def init_distributed(args):
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
+        args.gpu = int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
+    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        args.gpu = int(env.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
+        if args.dist_url == 'env://':
+            env.setdefault('MASTER_ADDR', _slurm_master())
+            env.setdefault('MASTER_PORT', '29500')
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return
+    use_cuda = args.device.startswith('cuda') and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+
+
+def _slurm_master():
+    nodes = os.environ.get('SLURM_JOB_NODELIST', '127.0.0.1')
+    try:
+        return subprocess.run(['scontrol', 'show', 'hostnames', nodes], capture_output=True, text=True,
+                              timeout=10).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodes.split(',')[0]
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def print_main(*args, **kwargs):
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(tensor):
+    if world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Run outputs: log.txt (a JSON line per epoch), checkpoints (atomic, the last K kept).
+
+def append_log(output_dir, record):
+    if output_dir and is_main_process():
+        with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def checkpoint_epochs(output_dir):
+    """Epochs of checkpoint-<epoch>.pth files in output_dir, oldest first."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    epochs = []
+    for name in os.listdir(output_dir):
+        if name.startswith('checkpoint-') and name.endswith('.pth') and name[11:-4].isdigit():
+            epochs.append(int(name[11:-4]))
+    return sorted(epochs)
+
+
+def save_checkpoint(output_dir, name, state, keep_last=None):
+    """Write output_dir/name atomically (main process only); keep the newest `keep_last` epoch files."""
+    if not is_main_process():
+        return
+    atomic_save(state, os.path.join(output_dir, name))
+    if keep_last:
+        for epoch in checkpoint_epochs(output_dir)[:-keep_last]:
+            os.remove(os.path.join(output_dir, f'checkpoint-{epoch}.pth'))
+
+
+def rng_state():
+    import random
+    import numpy as np
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    import random
+    import numpy as np
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])

@@ -1,0 +1,163 @@
+"""The paper's datasets (Section 4.1) and transforms (ConvNeXt's recipe, Appendix A).
+
+Splits (train -> evaluated on):
+  CIFAR10, CIFAR100  train (50k) -> test (10k)
+  flowers            Flowers102 train + val (2,040) -> test (6,149)
+  pets               OxfordIIITPet trainval (3,680) -> test (3,669)
+  stl10              STL10 train (5k labelled; no unlabelled) -> test (8k)
+  food101            Food101 train (75,750) -> test (25,250)
+  dtd                DTD partition 1, train + val (3,760) -> test (1,880)
+  svhn               SVHN train (73,257; without `extra`) -> test (26,032)
+  eurosat            EuroSAT (no official split): per class, a seeded (seed 0) 80% -> the other 20%
+  IMNET              ImageFolder DATA_PATH/train -> DATA_PATH/val
+  image_folder       ImageFolder DATA_PATH/train -> DATA_PATH/val (or DATA_PATH/test); classes from folders
+"""
+import os
+
+import torch
+from torch.utils.data import ConcatDataset, Subset
+from torchvision import datasets, transforms
+from timm.data import create_transform
+from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+                                 IMAGENET_INCEPTION_STD)
+
+from utils import UserError
+
+DATASETS = ('CIFAR10', 'CIFAR100', 'flowers', 'pets', 'stl10', 'food101', 'dtd', 'svhn', 'eurosat',
+            'IMNET', 'image_folder')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def build_dataset(is_train, args):
+    """(dataset, number of classes) for args.data_set under args.data_path."""
+    name, root = args.data_set, args.data_path
+    if name not in DATASETS:
+        import difflib
+        close = difflib.get_close_matches(name, DATASETS, n=2)
+        raise UserError(f"unknown --data_set '{name}'" + (f"; did you mean {', '.join(close)}?" if close else '')
+                        + f" (choose from {', '.join(DATASETS)})")
+    transform = build_transform(is_train, args)
+    if name in ('IMNET', 'image_folder'):
+        return image_folder(root, is_train, transform, allow_test=name == 'image_folder')
+    download = bool(getattr(args, 'download', False))
+    try:
+        return torchvision_dataset(name, root, is_train, transform, download)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        if download:
+            raise UserError(f'cannot download {name} into {root}: {str(e).splitlines()[0][:200]}') from None
+        raise UserError(f'{name} not found under --data_path {root}; point --data_path at the folder that '
+                        f'holds it, or pass --download true to let torchvision fetch it') from None
+
+
+def torchvision_dataset(name, root, is_train, transform, download):
+    split = 'train' if is_train else 'test'
+    if name in ('CIFAR10', 'CIFAR100'):
+        cls = datasets.CIFAR10 if name == 'CIFAR10' else datasets.CIFAR100
+        return cls(root, train=is_train, transform=transform, download=download), 10 if name == 'CIFAR10' else 100
+    if name == 'flowers':
+        if is_train:
+            parts = [datasets.Flowers102(root, split=s, transform=transform, download=download) for s in ('train', 'val')]
+            return ConcatDataset(parts), 102
+        return datasets.Flowers102(root, split='test', transform=transform, download=download), 102
+    if name == 'pets':
+        return datasets.OxfordIIITPet(root, split='trainval' if is_train else 'test', transform=transform,
+                                      download=download), 37
+    if name == 'stl10':
+        return datasets.STL10(root, split=split, transform=transform, download=download), 10
+    if name == 'food101':
+        return datasets.Food101(root, split=split, transform=transform, download=download), 101
+    if name == 'dtd':
+        if is_train:
+            parts = [datasets.DTD(root, split=s, partition=1, transform=transform, download=download) for s in ('train', 'val')]
+            return ConcatDataset(parts), 47
+        return datasets.DTD(root, split='test', partition=1, transform=transform, download=download), 47
+    if name == 'svhn':
+        return datasets.SVHN(root, split=split, transform=transform, download=download), 10
+    if name == 'eurosat':
+        full = datasets.EuroSAT(root, transform=transform, download=download)
+        return Subset(full, eurosat_split(full.targets, is_train)), 10
+    raise AssertionError(name)
+
+
+def eurosat_split(targets, is_train, train_fraction=0.8, seed=0):
+    """Per class, a fixed random 80% for training and the rest for testing."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.as_tensor(targets)
+    chosen = []
+    for c in targets.unique().tolist():
+        idx = (targets == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        cut = int(round(train_fraction * len(idx)))
+        chosen += (idx[:cut] if is_train else idx[cut:]).tolist()
+    return sorted(chosen)
+
+
+def image_folder(root, is_train, transform, allow_test):
+    if not root or not os.path.isdir(root):
+        raise UserError(f'--data_path {root!r} is not a folder; expected DATA_PATH/train/<class>/*.jpg and '
+                        f'DATA_PATH/val/<class>/*.jpg' + (' (or test/)' if allow_test else ''))
+    candidates = ['train'] if is_train else (['val', 'test'] if allow_test else ['val'])
+    folder = next((os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))), None)
+    if folder is None:
+        raise UserError(f"--data_path {root} has no {' or '.join(c + '/' for c in candidates)} folder; expected "
+                        f"DATA_PATH/{candidates[0]}/<class>/*.jpg")
+    try:
+        dataset = datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f'{folder} holds no images in class folders ({str(e).splitlines()[0][:120]}); '
+                        f'expected {folder}/<class>/*.jpg') from None
+    return dataset, len(dataset.classes)
+
+
+def _posterize_keeping_zero_bits():
+    """timm's RandAugment 'PosterizeIncreasing' at full magnitude keeps 0 bits; Pillow < 13 turned that
+    into a black image, Pillow 13 raises "bits must be between or equal to 1 and 8". Keep the old
+    meaning so the recipe runs with either Pillow."""
+    from timm.data import auto_augment
+
+    original = auto_augment.posterize
+    if getattr(original, 'keeps_zero_bits', False):
+        return
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return img.point([0] * 256 * len(img.getbands()))
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize.keeps_zero_bits = True
+    auto_augment.posterize = posterize
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is original:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
+_posterize_keeping_zero_bits()
+
+
+def build_transform(is_train, args):
+    """timm's create_transform at input_size (RandAugment, random erasing; bicubic), or, for inputs of
+    32 px or less, the CIFAR path: random crop with padding 4 instead of a random resized crop."""
+    size = args.input_size
+    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    if is_train:
+        t = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
+                             auto_augment=args.aa if args.aa not in (None, '', 'none') else None,
+                             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+                             re_count=args.recount, mean=mean, std=std)
+        if size <= 32:  # small images: no resized crop, but resize any dataset to input_size first
+            t.transforms[0] = transforms.Compose([transforms.Resize((size, size)),
+                                                  transforms.RandomCrop(size, padding=4)])
+        return t
+    steps = []
+    if size > 32:
+        crop_pct = args.crop_pct if args.crop_pct else 224 / 256
+        if size >= 384:
+            steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
+        else:
+            steps += [transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+                      transforms.CenterCrop(size)]
+    else:
+        steps.append(transforms.Resize((size, size)))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)

@@ -1,0 +1,113 @@
+"""The training and evaluation loops (in the style of DeiT/ConvNeXt's engine.py)."""
+import contextlib
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+import utils
+
+
+class NonFiniteLoss(utils.UserError):
+    """The loss became NaN or infinite: training stops, the last good checkpoint is kept."""
+
+
+def autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_scheduler, *, update_freq=1,
+                    amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
+                    wd_schedule=None, log_writer=None, print_freq=50, start_step=0):
+    """One epoch; `start_step` is the optimizer step count at the start of the epoch (for the
+    per-step schedules). Returns the epoch's mean loss, last lr and throughput."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    num_micro = len(loader)
+    num_steps = num_micro // update_freq
+    loss_sum = torch.zeros((), device=device)
+    seen, start, step = 0, time.time(), start_step
+    for micro, (images, targets) in enumerate(loader):
+        if micro >= num_steps * update_freq:
+            break  # an incomplete accumulation window at the end of the epoch is dropped
+        final_micro = (micro + 1) % update_freq == 0
+        if micro % update_freq == 0:  # the lr (and wd) of this optimizer step, set per step
+            lr_scheduler.step_update(step)
+            if wd_schedule is not None:
+                for group in optimizer.param_groups:
+                    if group['weight_decay'] > 0:
+                        group['weight_decay'] = wd_schedule[min(step, len(wd_schedule) - 1)]
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        # DDP all-reduces gradients only on the final micro-step of an accumulation window.
+        sync = contextlib.nullcontext() if final_micro or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync:
+            with autocast(device, amp_dtype):
+                loss = criterion(model(images), targets)
+            if scaler is not None:
+                scaler.scale(loss / update_freq).backward()
+            else:
+                (loss / update_freq).backward()
+        if final_micro:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model, step=step)
+            step += 1
+        loss_sum += loss.detach()
+        seen += images.shape[0]
+        if micro % print_freq == 0 or micro == num_micro - 1:
+            value = loss.item()  # the only host synchronisation, once every print_freq steps
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopped, '
+                                    f'the last good checkpoint is kept (lower --lr or enable --clip_grad)')
+            elapsed = time.time() - start
+            eta = elapsed / (micro + 1) * (num_micro - micro - 1)
+            lr = optimizer.param_groups[0]['lr']
+            utils.print_main(f'epoch {epoch} [{micro + 1}/{num_micro}] loss {value:.4f} lr {lr:.3e} '
+                             f'{seen * utils.world_size() / max(elapsed, 1e-9):.0f} img/s eta {eta:.0f}s')
+            if log_writer is not None:
+                log_writer.add_scalar('train/loss', value, step)
+                log_writer.add_scalar('train/lr', lr, step)
+    loss_mean = utils.all_reduce_mean(loss_sum / max(num_steps * update_freq, 1)).item()
+    if not math.isfinite(loss_mean):
+        raise NonFiniteLoss(f'mean loss is {loss_mean} at epoch {epoch}; stopped, the last good checkpoint is kept')
+    elapsed = time.time() - start
+    return {'loss': loss_mean, 'lr': optimizer.param_groups[0]['lr'], 'steps': step - start_step,
+            'images_per_sec': seen * utils.world_size() / max(elapsed, 1e-9), 'train_seconds': elapsed}
+
+
+@torch.no_grad()
+def evaluate(loader, model, device, amp_dtype=None):
+    """Top-1/top-5 accuracy and loss over the loader; with a sharded loader, summed over processes."""
+    model.eval()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, correct@1, correct@5, n
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        top5 = output.topk(min(5, output.shape[1]), dim=1).indices
+        correct = top5.eq(targets[:, None])
+        totals += torch.stack([torch.nn.functional.cross_entropy(output, targets, reduction='sum').double(),
+                               correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
+                               torch.tensor(float(targets.shape[0]), device=device, dtype=torch.float64)])
+    if dist.is_available() and dist.is_initialized() and getattr(loader, 'sharded', False):
+        dist.all_reduce(totals)
+    loss, c1, c5, n = totals.tolist()
+    n = max(n, 1)
+    return {'loss': loss / n, 'acc1': 100 * c1 / n, 'acc5': 100 * c5 / n, 'n': int(n)}
