@@ -282,7 +282,6 @@ def main(argv=None):
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
     mixup_fn = None
@@ -310,16 +309,7 @@ def main(argv=None):
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     layer_decay=args.layer_decay if args.layer_decay < 1.0 else None,
                                     fused=device.type == 'cuda' and args.opt == 'adamw' or None, **opt_kwargs)
-    total_steps = args.epochs * steps_per_epoch
-    warmup = args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * steps_per_epoch
-    warmup = min(warmup, total_steps)
-    lr_scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=args.min_lr,
-                                     warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-    wd_schedule = None
-    if args.weight_decay_end is not None:
-        import math
-        wd_schedule = [args.weight_decay_end + 0.5 * (args.weight_decay - args.weight_decay_end)
-                       * (1 + math.cos(math.pi * i / max(total_steps, 1))) for i in range(total_steps)]
+    lr_scheduler, wd_schedule = build_schedules(optimizer, args, steps_per_epoch)
 
     amp_dtype, scaler = None, None
     if args.use_amp and device.type == 'cuda':
@@ -377,6 +367,23 @@ def main(argv=None):
         utils.print_main(json.dumps(record))
         stats = record
     return stats
+
+
+def build_schedules(optimizer, args, steps_per_epoch):
+    """Per optimizer step: linear warmup from 0 to lr, then cosine to min_lr (timm's scheduler, stepped
+    with step_update); optionally a cosine weight-decay schedule to weight_decay_end."""
+    import math
+    from timm.scheduler import CosineLRScheduler
+    total_steps = args.epochs * steps_per_epoch
+    warmup = args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * steps_per_epoch
+    warmup = min(warmup, total_steps)
+    lr_scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=args.min_lr,
+                                     warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    wd_schedule = None
+    if args.weight_decay_end is not None:
+        wd_schedule = [args.weight_decay_end + 0.5 * (args.weight_decay - args.weight_decay_end)
+                       * (1 + math.cos(math.pi * i / max(total_steps, 1))) for i in range(total_steps)]
+    return lr_scheduler, wd_schedule
 
 
 def checkpoint_state(args, epoch, model, optimizer, scaler, model_ema, best):

@@ -1,0 +1,243 @@
+"""main.py / engine.py / datasets.py on tiny ImageFolders at 32 px, on the CPU."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from conftest import ROOT, assert_clean_failure, run_script
+from utils import UserError
+
+TINY = ['--input_size', '32', '--data_set', 'image_folder', '--batch_size', '4', '--num_workers', '0',
+        '--device', 'cpu', '--print_freq', '100', '--warmup_epochs', '1']
+VIT = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8}']
+CONVNEXT = ['--model', 'convnext_femto_linear']
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """3 classes, 8 train and 4 val images each, of different sizes (resized to input_size)."""
+    root = tmp_path_factory.mktemp('tiny')
+    rng = np.random.default_rng(0)
+    for split, n in [('train', 8), ('val', 4)]:
+        for c in range(3):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((36 + 4 * c, 40, 3)) * 60 + 70 * c).astype('uint8')
+                Image.fromarray(arr).save(folder / f'{i}.jpg')
+    return str(root)
+
+
+def read_log(folder):
+    with open(os.path.join(folder, 'log.txt')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize('model', [VIT, CONVNEXT], ids=['vit_tiny', 'convnext_femto'])
+def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model):
+    out = str(tmp_path / 'run')
+    main.main([*model, *TINY, '--data_path', tiny_data, '--epochs', '2', '--output_dir', out,
+               '--model_ema', 'true', '--model_ema_eval', 'true', '--log_dir', str(tmp_path / 'tb')])
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [0, 1]
+    for key in ('train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'epoch_seconds', 'images_per_sec', 'test_acc1_ema'):
+        assert key in log[0]
+    assert all(np.isfinite(r['train_loss']) for r in log)
+    files = set(os.listdir(out))
+    assert {'checkpoint-0.pth', 'checkpoint-1.pth', 'checkpoint-best.pth', 'config.yaml', 'run_info.json'} <= files
+    assert not [f for f in files if f.startswith('.tmp')]
+    assert os.listdir(tmp_path / 'tb')
+    # the saved config is a valid --config for the same run
+    args = main.parse_args(['--config', os.path.join(out, 'config.yaml')])
+    assert args.model == model[1] and args.epochs == 2 and args.nb_classes == 3
+
+
+def test_keep_last_k_checkpoints(tmp_path, tiny_data):
+    out = str(tmp_path / 'run')
+    main.main([*VIT, *TINY, '--data_path', tiny_data, '--epochs', '3', '--output_dir', out, '--save_ckpt_num', '1'])
+    assert sorted(f for f in os.listdir(out) if f.startswith('checkpoint-')) == ['checkpoint-2.pth', 'checkpoint-best.pth']
+
+
+def test_resume_continues_exactly(tmp_path, tiny_data):
+    full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+    common = [*VIT, *TINY, '--data_path', tiny_data, '--epochs', '2', '--mixup', '0.8']
+    main.main([*common, '--output_dir', full])
+    os.makedirs(resumed)
+    # a run killed after epoch 0: only its first checkpoint and log line exist
+    import shutil
+    shutil.copy(os.path.join(full, 'checkpoint-0.pth'), resumed)
+    with open(os.path.join(resumed, 'log.txt'), 'w') as f:
+        f.write(json.dumps(read_log(full)[0]) + '\n')
+    main.main([*common, '--output_dir', resumed])
+    a = torch.load(os.path.join(full, 'checkpoint-1.pth'), weights_only=False)
+    b = torch.load(os.path.join(resumed, 'checkpoint-1.pth'), weights_only=False)
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert all(torch.equal(sa[i]['exp_avg'], sb[i]['exp_avg']) for i in sa)
+    assert read_log(full)[1]['train_lr'] == read_log(resumed)[1]['train_lr']
+    assert read_log(full)[1]['train_loss'] == read_log(resumed)[1]['train_loss']
+
+
+def test_initialize_loads_exactly_the_selection(tmp_path):
+    import timm
+    import weight_selection as ws
+    torch.manual_seed(0)
+    teacher = timm.create_model('convnext_tiny', conv_mlp=True)
+    student = timm.create_model('convnext_femto_linear', num_classes=7)
+    sd, report = ws.select_weights(teacher, student)
+    folder = tmp_path / 'official'
+    folder.mkdir()
+    torch.save({'model': sd, 'meta': {}}, folder / 'convnext.pth')
+    # the folder form of the official README, into timm's convnext_femto (1x1-conv MLP), 10 classes
+    args = main.parse_args(['--model', 'convnext_femto', '--nb_classes', '10'])
+    model = main.build_model(args)
+    main.load_initialization(model, str(folder), args)
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k.startswith('head.fc.'):
+            assert own[k].shape[0] == 10  # another number of classes: the model's own head is kept
+            continue
+        assert torch.equal(own[k].reshape(v.shape), v), k
+    # a file of another family is an error naming keys
+    args = main.parse_args(['--model', 'vit_tiny_patch16_224'])
+    with pytest.raises(UserError, match='does not fit --model vit_tiny_patch16_224: missing cls_token'):
+        main.load_initialization(main.build_model(args), str(folder / 'convnext.pth'), args)
+
+
+def test_yaml_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('lr: 0.001\nepochs: 7\nmodel: vit_tiny_patch16_224\nuse_amp: true\n')
+    args = main.parse_args(['--config', str(cfg), '--epochs', '3'])
+    assert args.lr == 0.001 and args.epochs == 3 and args.use_amp is True and args.model == 'vit_tiny_patch16_224'
+    assert main.parse_args([]).epochs == 300  # the official default
+    cfg.write_text('learning_rate: 0.1\n')
+    with pytest.raises(UserError, match="unknown key 'learning_rate'"):
+        main.parse_args(['--config', str(cfg)])
+
+
+def test_paper_configs_parse_and_match_tables():
+    configs = os.listdir(os.path.join(ROOT, 'configs'))
+    assert len(configs) == 22
+    for name in configs:
+        main.parse_args(['--config', os.path.join(ROOT, 'configs', name)])
+    cx = main.parse_args(['--config', os.path.join(ROOT, 'configs', 'convnext_femto_dtd.yaml')])
+    assert (cx.global_batch_size, cx.warmup_epochs, cx.epochs, cx.drop_path, cx.lr) == (128, 100, 600, 0.2, 4e-3)
+    vit = main.parse_args(['--config', os.path.join(ROOT, 'configs', 'vit_tiny_svhn.yaml')])
+    assert (vit.global_batch_size, vit.warmup_epochs, vit.epochs, vit.lr) == (512, 10, 50, 2e-3)
+    longer = main.parse_args(['--config', os.path.join(ROOT, 'configs', 'vit_tiny_imagenet_600ep.yaml')])
+    assert (longer.epochs, longer.mixup, longer.cutmix) == (600, 0.3, 0.3)
+
+
+def test_warmup_then_cosine_values():
+    args = main.parse_args(['--lr', '1e-3', '--min_lr', '1e-5', '--epochs', '10', '--warmup_epochs', '2'])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched, _ = main.build_schedules(opt, args, steps_per_epoch=10)  # 100 steps, 20 of warmup
+
+    def lr_at(step):
+        sched.step_update(step)
+        return opt.param_groups[0]['lr']
+    assert lr_at(0) == pytest.approx(0.0)
+    assert lr_at(10) == pytest.approx(0.5e-3)
+    assert lr_at(20) == pytest.approx(1e-3)
+    assert lr_at(60) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # halfway through the cosine
+    assert lr_at(100) == pytest.approx(1e-5)
+
+
+def test_update_freq_from_global_batch():
+    args = main.parse_args(['--batch_size', '64', '--global_batch_size', '512'])
+    args.world_size = 1
+    assert main.resolve_batch(args) == 512 and args.update_freq == 8
+    args.world_size = 4
+    assert main.resolve_batch(args) == 512 and args.update_freq == 2
+    args.world_size = 3
+    with pytest.raises(UserError, match='not a multiple'):
+        main.resolve_batch(args)
+
+
+def test_torchrun_two_processes_gloo(tmp_path, tiny_data):
+    out = str(tmp_path / 'ddp')
+    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533', 'main.py',
+                      *VIT, *TINY, '--data_path', tiny_data, '--epochs', '1', '--batch_size', '2',
+                      '--global_batch_size', '8', '--output_dir', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'world_size 2 x batch_size 2 x update_freq 2 = 8' in proc.stdout
+    log = read_log(out)
+    assert len(log) == 1 and np.isfinite(log[0]['train_loss'])
+
+
+def test_eval_only_prints_accuracy(tmp_path, tiny_data):
+    out = str(tmp_path / 'run')
+    main.main([*VIT, *TINY, '--data_path', tiny_data, '--epochs', '1', '--output_dir', out])
+    proc = run_script('main.py', *VIT, *TINY, '--data_path', tiny_data, '--eval', 'true',
+                      '--resume', os.path.join(out, 'checkpoint-best.pth'))
+    assert proc.returncode == 0, proc.stderr
+    assert 'acc@1' in proc.stdout and 'acc@5' in proc.stdout and 'on 12 test images' in proc.stdout
+
+
+def test_official_readme_commands_parse_and_start(tmp_path, tiny_data):
+    """The paper README's commands, with local paths, tiny data, one epoch, through the legacy launcher."""
+    teacher = tmp_path / 'vit_s.pth'
+    import timm
+    torch.save(timm.create_model('vit_small_patch16_224', num_classes=21843).state_dict(), teacher)
+    ws_dir = tmp_path / 'ws'
+    proc = run_script('weight_selection.py', '--output_dir', str(ws_dir), '--model_type', 'vit',
+                      '--pretrained_model', 'vit_small_patch16_224_in21k', '--teacher_checkpoint', str(teacher))
+    assert proc.returncode == 0, proc.stderr
+    cx_teacher = tmp_path / 'cx_t.pth'
+    torch.save({'model': timm.create_model('convnext_tiny', num_classes=21841).state_dict()}, cx_teacher)
+    proc = run_script('weight_selection.py', '--output_dir', str(ws_dir), '--model_type', 'convnext',
+                      '--pretrained_model', 'convnext_tiny_in22k', '--teacher_checkpoint', str(cx_teacher))
+    assert proc.returncode == 0, proc.stderr
+    commands = [
+        '--model vit_tiny --warmup_epochs 50 --epochs 300 --batch_size 64 --lr 2e-3 --update_freq 1 --use_amp true',
+        '--model convnext_femto --warmup_epochs 50 --epochs 300 --drop_path 0.1 --batch_size 128 --lr 4e-3 '
+        '--update_freq 1 --use_amp true',
+        '--model vit_tiny --epochs 300 --batch_size 128 --lr 4e-3 --update_freq 4 --use_amp true',
+    ]
+    for i, flags in enumerate(commands):
+        out = tmp_path / f'out{i}'
+        tiny = ['--data_set', 'image_folder', '--data_path', tiny_data, '--epochs', '1', '--warmup_epochs', '1',
+                '--batch_size', '4', '--update_freq', '1', '--num_workers', '0', '--device', 'cpu']
+        proc = run_script('-m', 'torch.distributed.launch', '--nproc_per_node=1', '--master_port', str(29540 + i),
+                          'main.py', *flags.split(), '--initialize', str(ws_dir), '--output_dir', str(out), *tiny)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert 'initialized' in proc.stdout and len(read_log(out)) == 1
+
+
+@pytest.mark.parametrize('args,needles', [
+    (['--data_set', 'CIFAR1000'], ["unknown --data_set 'CIFAR1000'", 'CIFAR100']),
+    (['--data_set', 'CIFAR10', '--data_path', 'EMPTY'], ['CIFAR10 not found', '--download true']),
+    (['--data_path', 'MISSING'], ['is not a folder']),
+    (['--data_path', 'EMPTY'], ['has no train/ folder']),
+    (['--model', 'vit_tiny_patch99'], ["unknown model 'vit_tiny_patch99'"]),
+    (['--config', 'BADCONFIG'], ["unknown key 'epoch'", 'epochs']),
+    (['--initialize', 'CONVNEXT_STATE'], ['does not fit --model vit_tiny_patch16_224']),
+    (['--resume', 'CONVNEXT_CKPT'], ['not of --model vit_tiny_patch16_224']),
+    (['--initialize', 'missing.pth'], ['checkpoint not found']),
+    (['--global_batch_size', '10'], ['not a multiple']),
+    (['--lr', '1e30', '--print_freq', '1', '--epochs', '2', '--mixup', '0'], ['loss is', 'stopped']),
+    (['--use_amp', 'maybe'], ['expected true or false']),
+])
+def test_main_bad_input(tmp_path, tiny_data, args, needles):
+    import timm
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'bad.yaml').write_text('epoch: 3\n')
+    special = {'EMPTY': str(tmp_path / 'empty'), 'MISSING': str(tmp_path / 'nope'), 'BADCONFIG': str(tmp_path / 'bad.yaml')}
+    if 'CONVNEXT_STATE' in args or 'CONVNEXT_CKPT' in args:
+        sd = timm.create_model('convnext_atto').state_dict()
+        torch.save(sd, tmp_path / 'cx.pth')
+        torch.save({'model': sd, 'model_name': 'convnext_atto'}, tmp_path / 'cx_ckpt.pth')
+        special.update(CONVNEXT_STATE=str(tmp_path / 'cx.pth'), CONVNEXT_CKPT=str(tmp_path / 'cx_ckpt.pth'))
+    out = tmp_path / 'out'
+    argv = [*VIT, *TINY, '--data_path', tiny_data, '--epochs', '1', '--output_dir', str(out)]
+    argv += [special.get(a, a) for a in args]
+    proc = run_script('main.py', *argv)
+    assert_clean_failure(proc, *needles)
+    written = os.listdir(out) if out.exists() else []
+    assert not [f for f in written if f.startswith('checkpoint-') and f != 'checkpoint-0.pth'], written
+    assert not [f for f in written if f.startswith('.tmp')]
