@@ -65,7 +65,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
-                model_ema.update(model, step=step)
+                model_ema.update(utils.unwrap_model(model), step=step)
             step += 1
         loss_sum += loss.detach()
         seen += images.shape[0]

@@ -226,6 +226,17 @@ def print_main(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def unwrap_model(model):
+    """The plain module inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def all_reduce_mean(tensor):
     if world_size() > 1:
         tensor = tensor.clone()
