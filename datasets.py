@@ -161,3 +161,54 @@ def build_transform(is_train, args):
         steps.append(transforms.Resize((size, size)))
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
+
+
+class PerSampleSeed(torch.utils.data.Dataset):
+    """Each sample's augmentation draws its randomness from (seed, epoch, index) alone, never from the
+    order in which workers happen to load samples. A run resumed in the middle of an epoch, with any
+    number of workers or processes, then sees exactly the images an uninterrupted run sees.
+
+    Keys are `epoch * len(dataset) + index`, as EpochSampler yields them, so persistent workers need no
+    message about the epoch. The caller's random states are restored after each sample."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        import random
+        import numpy as np
+        epoch, index = divmod(int(key), len(self.dataset))
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded shuffle per epoch, this process's share) that yields PerSampleSeed
+    keys and can skip the samples of optimizer steps already done (mid-epoch resume)."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        n = len(self.dataset)
+        return iter([self.epoch * n + i for i in list(super().__iter__())[self.skip:]])
+
+    def __len__(self):
+        return self.num_samples - self.skip

@@ -21,16 +21,22 @@ def autocast(device, amp_dtype):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_scheduler, *, update_freq=1,
                     amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
-                    wd_schedule=None, log_writer=None, print_freq=50, start_step=0):
-    """One epoch; `start_step` is the optimizer step count at the start of the epoch (for the
-    per-step schedules). Returns the epoch's mean loss, last lr and throughput."""
+                    wd_schedule=None, log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None):
+    """One epoch. `start_step` is the optimizer step count at which this call starts (for the per-step
+    schedules); `partial` the state of an epoch interrupted after some steps ({'loss_sum', 'micro',
+    'seen'}, as given to `on_step`), whose remaining batches `loader` yields. After each optimizer step
+    `on_step(step, get_partial)` is called (mid-epoch checkpoints). Returns the epoch's mean loss, last lr
+    and throughput."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    num_micro = len(loader)
+    partial = partial or {'loss_sum': torch.zeros(()), 'micro': 0, 'seen': 0}
+    loss_sum = partial['loss_sum'].to(device)
+    micro_done, seen = partial['micro'], partial['seen']
+    num_micro = micro_done + len(loader)
     num_steps = num_micro // update_freq
-    loss_sum = torch.zeros((), device=device)
-    seen, start, step = 0, time.time(), start_step
-    for micro, (images, targets) in enumerate(loader):
+    start, step, seen_here = time.time(), start_step, 0
+    for i, (images, targets) in enumerate(loader):
+        micro = micro_done + i
         if micro >= num_steps * update_freq:
             break  # an incomplete accumulation window at the end of the epoch is dropped
         final_micro = (micro + 1) % update_freq == 0
@@ -53,6 +59,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
                 scaler.scale(loss / update_freq).backward()
             else:
                 (loss / update_freq).backward()
+        loss_sum += loss.detach()
+        seen += images.shape[0]
+        seen_here += images.shape[0]
         if final_micro:
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -67,18 +76,20 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
             if model_ema is not None:
                 model_ema.update(utils.unwrap_model(model), step=step)
             step += 1
-        loss_sum += loss.detach()
-        seen += images.shape[0]
+            if on_step is not None:
+                state = {'loss_sum': loss_sum, 'micro': micro + 1, 'seen': seen}
+                on_step(step, lambda: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                                       for k, v in state.items()})
         if micro % print_freq == 0 or micro == num_micro - 1:
             value = loss.item()  # the only host synchronisation, once every print_freq steps
             if not math.isfinite(value):
                 raise NonFiniteLoss(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopped, '
                                     f'the last good checkpoint is kept (lower --lr or enable --clip_grad)')
             elapsed = time.time() - start
-            eta = elapsed / (micro + 1) * (num_micro - micro - 1)
+            eta = elapsed / (i + 1) * (num_micro - micro - 1)
             lr = optimizer.param_groups[0]['lr']
             utils.print_main(f'epoch {epoch} [{micro + 1}/{num_micro}] loss {value:.4f} lr {lr:.3e} '
-                             f'{seen * utils.world_size() / max(elapsed, 1e-9):.0f} img/s eta {eta:.0f}s')
+                             f'{seen_here * utils.world_size() / max(elapsed, 1e-9):.0f} img/s eta {eta:.0f}s')
             if log_writer is not None:
                 log_writer.add_scalar('train/loss', value, step)
                 log_writer.add_scalar('train/lr', lr, step)
@@ -87,7 +98,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
         raise NonFiniteLoss(f'mean loss is {loss_mean} at epoch {epoch}; stopped, the last good checkpoint is kept')
     elapsed = time.time() - start
     return {'loss': loss_mean, 'lr': optimizer.param_groups[0]['lr'], 'steps': step - start_step,
-            'images_per_sec': seen * utils.world_size() / max(elapsed, 1e-9), 'train_seconds': elapsed}
+            'images_per_sec': seen_here * utils.world_size() / max(elapsed, 1e-9), 'train_seconds': elapsed}
 
 
 @torch.no_grad()

@@ -94,6 +94,10 @@ def get_args_parser():
     a('--save_ckpt', type=str2bool, default=True)
     a('--save_ckpt_freq', default=1, type=int)
     a('--save_ckpt_num', default=3, type=int, help='keep the last N epoch checkpoints (plus the best)')
+    a('--save_every_steps', default=0, type=int,
+      help='also checkpoint every N optimizer steps inside an epoch (mid-epoch resume; 0: off)')
+    a('--deterministic', type=str2bool, default=False,
+      help='deterministic kernels (torch.use_deterministic_algorithms); bit-exact resume on the CPU holds without it')
     a('--start_epoch', default=0, type=int)
     a('--eval', type=str2bool, default=False, help='only evaluate (with --resume CKPT)')
     a('--dist_eval', type=str2bool, default=True, help='shard evaluation over processes')
@@ -233,13 +237,15 @@ def build_loaders(args):
     if len(train_set) < args.batch_size * args.world_size:
         raise UserError(f'{len(train_set)} training images are fewer than one global step of '
                         f'{args.batch_size * args.world_size}; lower --batch_size')
-    # One code path for 1 and N processes: a seeded shuffle per epoch (sampler.set_epoch).
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=args.world_size, rank=args.rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
+    # One code path for 1 and N processes: a seeded shuffle per epoch, each sample's augmentation
+    # seeded by (seed, epoch, index), so that a resumed run sees exactly the same batches.
+    train_set = datasets.PerSampleSeed(train_set, args.seed)
+    sampler = datasets.EpochSampler(train_set, num_replicas=args.world_size, rank=args.rank, seed=args.seed)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith('cuda'),
                   persistent_workers=args.num_workers > 0)
     train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
-                                               drop_last=True, **common)
+                                               drop_last=True, generator=torch.Generator().manual_seed(args.seed),
+                                               **common)
     val_loader = None
     if val_set is not None:
         sharded = args.dist_eval and args.world_size > 1
@@ -262,7 +268,14 @@ def main(argv=None):
     global_batch = resolve_batch(args)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    torch.manual_seed(args.seed + args.rank)
+        utils.remove_stale_temporaries(args.output_dir)
+    utils.seed_everything(args.seed + args.rank)  # torch, numpy (timm's Mixup) and random
+    if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
 
     train_loader, val_loader = build_loaders(args)
     model = build_model(args)
@@ -323,7 +336,7 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     train_model = torch.compile(model) if args.compile else model
 
-    best = resume(args, model_without_ddp, optimizer, scaler, model_ema)
+    best, partial = resume(args, model_without_ddp, optimizer, scaler, model_ema)
     if args.eval:
         stats = engine.evaluate(val_loader, model, device, amp_dtype)
         utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
@@ -342,12 +355,28 @@ def main(argv=None):
     stats = {}
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
-        train_loader.sampler.set_epoch(epoch)
+        done = partial['step_in_epoch'] if partial and epoch == args.start_epoch else 0
+        train_loader.sampler.set_epoch(epoch, skip=done * args.update_freq * args.batch_size)
+
+        def on_step(step, get_partial, epoch=epoch):
+            k = step - epoch * steps_per_epoch  # optimizer steps of this epoch done
+            if args.output_dir and args.save_ckpt and args.save_every_steps and k % args.save_every_steps == 0 \
+                    and k < steps_per_epoch:
+                state = get_partial()
+                if not torch.isfinite(state['loss_sum']):
+                    raise engine.NonFiniteLoss(f'non-finite loss before optimizer step {step} of epoch {epoch}; '
+                                               f'stopped, the last good checkpoint is kept')
+                ckpt = checkpoint_state(args, epoch, model_without_ddp, optimizer, scaler, model_ema, best)
+                ckpt.update(step_in_epoch=k, partial=state)
+                utils.save_checkpoint(args.output_dir, f'checkpoint-{epoch}-step{k}.pth', ckpt,
+                                      keep_last=args.save_ckpt_num)
+
         train_stats = engine.train_one_epoch(
             train_model, criterion, train_loader, optimizer, device, epoch, lr_scheduler,
             update_freq=args.update_freq, amp_dtype=amp_dtype, scaler=scaler, clip_grad=args.clip_grad,
             mixup_fn=mixup_fn, model_ema=model_ema, wd_schedule=wd_schedule, log_writer=log_writer,
-            print_freq=args.print_freq, start_step=epoch * steps_per_epoch)
+            print_freq=args.print_freq, start_step=epoch * steps_per_epoch + done,
+            partial=partial['partial'] if done else None, on_step=on_step)
         record = {'epoch': epoch, 'train_loss': train_stats['loss'], 'train_lr': train_stats['lr'],
                   'images_per_sec': round(train_stats['images_per_sec'], 1)}
         if val_loader is not None:
@@ -357,8 +386,9 @@ def main(argv=None):
                 test_ema = engine.evaluate(val_loader, model_ema.module, device, amp_dtype)
                 record.update(test_acc1_ema=test_ema['acc1'], test_acc5_ema=test_ema['acc5'])
         record.update(epoch_seconds=round(time.time() - epoch_start, 2), n_parameters=n_parameters)
-        best = save_epoch(args, epoch, record, best, model_without_ddp, optimizer, scaler, model_ema, lr_scheduler)
+        # The log line goes first: a kill before the checkpoint redoes the epoch, and resume drops the line.
         utils.append_log(args.output_dir, record)
+        best = save_epoch(args, epoch, record, best, model_without_ddp, optimizer, scaler, model_ema)
         if log_writer is not None:
             for k in ('test_acc1', 'test_acc5', 'test_loss', 'train_loss'):
                 if k in record:
@@ -396,7 +426,7 @@ def checkpoint_state(args, epoch, model, optimizer, scaler, model_ema, best):
     return state
 
 
-def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema, lr_scheduler):
+def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema):
     """Checkpoints after an epoch: the last K epochs, plus the best (and best EMA) by test acc@1."""
     if not (args.output_dir and args.save_ckpt):
         return best
@@ -421,40 +451,53 @@ def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema, l
 
 
 def resume(args, model, optimizer, scaler, model_ema):
-    """Load --resume, or with --auto_resume the newest checkpoint in output_dir (which takes
-    precedence over --initialize). Returns the best-so-far record."""
-    path = args.resume
+    """Load --resume, or with --auto_resume the newest readable checkpoint in output_dir (it takes
+    precedence over --initialize; an unreadable newest one is skipped with a warning). Returns the
+    best-so-far record and, for a checkpoint taken inside an epoch, its partial state."""
+    ckpt, path = None, args.resume
     if args.auto_resume and not args.eval and args.output_dir:
-        epochs = utils.checkpoint_epochs(args.output_dir)
-        if epochs:
-            path = os.path.join(args.output_dir, f'checkpoint-{epochs[-1]}.pth')
+        for candidate in reversed(utils.list_checkpoints(args.output_dir)):
+            try:
+                ckpt, path = utils.torch_load(candidate), candidate
+                break
+            except UserError as e:
+                utils.print_main(f'warning: skipping unreadable checkpoint ({e}); trying the previous one')
+        if ckpt is not None:
             utils.print_main(f'auto-resume from {path}' + (' (it takes precedence over --initialize)'
                                                             if args.initialize else ''))
-    if not path:
-        return {}
-    ckpt = utils.torch_load(path)
+        elif args.resume:
+            ckpt = utils.torch_load(args.resume)
+    elif path:
+        ckpt = utils.torch_load(path)
+    if ckpt is None:
+        return {}, None
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise UserError(f'--resume {path} is not a checkpoint of main.py (no "model" entry)')
-    own = model.state_dict()
-    theirs = ckpt['model']
+    own, theirs = model.state_dict(), ckpt['model']
     mismatch = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
     if mismatch or len(theirs) != len(own):
         raise UserError(f"--resume {path} holds a checkpoint of {ckpt.get('model_name', 'another model')}, "
                         f'not of --model {args.model} (first differing key: {(mismatch or list(theirs))[0]})')
     model.load_state_dict(theirs)
-    if args.eval:
-        return {}
-    if 'optimizer' in ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
+    if args.eval or 'optimizer' not in ckpt:
+        return {}, None
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if scaler is not None and 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    if model_ema is not None and 'model_ema' in ckpt:
+        model_ema.module.load_state_dict(ckpt['model_ema'])
+    if 'rng' in ckpt:
+        utils.set_rng_state(ckpt['rng'])
+    partial = None
+    if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch
+        args.start_epoch = ckpt['epoch']
+        partial = {'step_in_epoch': ckpt['step_in_epoch'], 'partial': ckpt['partial']}
+    else:
         args.start_epoch = ckpt['epoch'] + 1
-        if scaler is not None and 'scaler' in ckpt:
-            scaler.load_state_dict(ckpt['scaler'])
-        if model_ema is not None and 'model_ema' in ckpt:
-            model_ema.module.load_state_dict(ckpt['model_ema'])
-        if 'rng' in ckpt:
-            utils.set_rng_state(ckpt['rng'])
-    utils.print_main(f'resumed from {path}: continuing at epoch {args.start_epoch}')
-    return ckpt.get('best', {})
+    utils.truncate_log(args.output_dir, args.start_epoch)
+    where = f", step {partial['step_in_epoch']} of the epoch" if partial else ''
+    utils.print_main(f'resumed from {path}: continuing at epoch {args.start_epoch}{where}')
+    return ckpt.get('best', {}), partial
 
 
 def save_config(args):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -254,25 +255,62 @@ def append_log(output_dir, record):
             f.write(json.dumps(record) + '\n')
 
 
-def checkpoint_epochs(output_dir):
-    """Epochs of checkpoint-<epoch>.pth files in output_dir, oldest first."""
+CHECKPOINT_NAME = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
+
+
+def list_checkpoints(output_dir):
+    """Resumable checkpoints in output_dir, oldest first: checkpoint-<epoch>.pth (the epoch complete) and
+    checkpoint-<epoch>-step<k>.pth (k optimizer steps of that epoch done)."""
     if not output_dir or not os.path.isdir(output_dir):
         return []
-    epochs = []
+    found = []
     for name in os.listdir(output_dir):
-        if name.startswith('checkpoint-') and name.endswith('.pth') and name[11:-4].isdigit():
-            epochs.append(int(name[11:-4]))
-    return sorted(epochs)
+        m = CHECKPOINT_NAME.match(name)
+        if m:
+            progress = (int(m[1]), int(m[2]) if m[2] else math.inf)
+            found.append((progress, os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
 
 
 def save_checkpoint(output_dir, name, state, keep_last=None):
-    """Write output_dir/name atomically (main process only); keep the newest `keep_last` epoch files."""
+    """Write output_dir/name atomically (main process only); keep the newest `keep_last` resumable ones."""
     if not is_main_process():
         return
     atomic_save(state, os.path.join(output_dir, name))
     if keep_last:
-        for epoch in checkpoint_epochs(output_dir)[:-keep_last]:
-            os.remove(os.path.join(output_dir, f'checkpoint-{epoch}.pth'))
+        for path in list_checkpoints(output_dir)[:-keep_last]:
+            os.remove(path)
+
+
+def remove_stale_temporaries(output_dir):
+    """Half-written files of a run killed while saving (atomic_save's temporaries)."""
+    if output_dir and os.path.isdir(output_dir) and is_main_process():
+        for name in os.listdir(output_dir):
+            if name.startswith('.tmp-'):
+                os.remove(os.path.join(output_dir, name))
+
+
+def truncate_log(output_dir, first_epoch):
+    """Drop log.txt lines of epochs >= first_epoch (a resumed run writes them again)."""
+    path = os.path.join(output_dir or '', 'log.txt')
+    if not output_dir or not os.path.isfile(path) or not is_main_process():
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < first_epoch]
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def seed_everything(seed):
+    import random
+    import numpy as np
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    random.seed(seed)
 
 
 def rng_state():

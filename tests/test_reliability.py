@@ -1,0 +1,164 @@
+"""Fault tolerance on the CPU: kill and resume, unreadable checkpoints, non-finite loss, DDP equivalence,
+torchrun restarts."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, assert_clean_failure, run_script
+
+# A 2-block ViT at 32 px: small checkpoints, quick steps.
+SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
+         '--data_set', 'image_folder', '--device', 'cpu', '--print_freq', '1', '--warmup_epochs', '1']
+TIMING = ('epoch_seconds', 'images_per_sec')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(1)
+    for split, n in [('train', 8), ('val', 3)]:
+        for c in range(3):
+            (root / split / f'c{c}').mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((32, 32, 3)) * 80 + 60 * c).astype('uint8')).save(root / split / f'c{c}' / f'{i}.png')
+    return str(root)
+
+
+def log_lines(folder, drop_timing=True):
+    with open(os.path.join(folder, 'log.txt')) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not (drop_timing and k in TIMING)} for r in lines]
+
+
+def final_weights(folder, epoch):
+    return torch.load(os.path.join(folder, f'checkpoint-{epoch}.pth'), weights_only=False)
+
+
+def checkpoint_names(folder):
+    return {f for f in os.listdir(folder) if f.startswith('checkpoint-')} if folder.exists() else set()
+
+
+def main_cmd(data, out, *extra):
+    return [sys.executable, 'main.py', *SMALL, '--data_path', data, '--output_dir', str(out), *extra]
+
+
+def test_sigkill_at_arbitrary_moments_then_resume_is_exact(tmp_path, data):
+    flags = ['--epochs', '3', '--batch_size', '4', '--save_every_steps', '1', '--save_ckpt_num', '2']
+    reference = tmp_path / 'reference'
+    proc = subprocess.run(main_cmd(data, reference, *flags, '--num_workers', '0'), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = tmp_path / 'killed'
+    rnd = random.Random(0)
+    kills = 0
+    for attempt in range(4):  # kill three times at random moments, then let it finish
+        child = subprocess.Popen(main_cmd(data, killed, *flags, '--num_workers', '1'), cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if attempt < 3:
+            deadline = time.time() + 120
+            before = checkpoint_names(killed)
+            # wait until this run has written a checkpoint of its own, then a random extra moment
+            while time.time() < deadline and child.poll() is None and checkpoint_names(killed) <= before:
+                time.sleep(0.02)
+            time.sleep(rnd.uniform(0.0, 0.6))
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+                kills += 1
+            child.wait()
+        else:
+            _, err = child.communicate(timeout=300)
+            assert child.returncode == 0, err[-2000:]
+    assert kills >= 2
+    a, b = final_weights(reference, 2), final_weights(killed, 2)
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert log_lines(reference) == log_lines(killed)
+    assert not [f for f in os.listdir(killed) if f.startswith('.tmp')]
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path, data):
+    out = tmp_path / 'run'
+    proc = run_script(*main_cmd(data, out, '--epochs', '2', '--batch_size', '4', '--num_workers', '0')[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    newest = out / 'checkpoint-1.pth'
+    newest.write_bytes(newest.read_bytes()[:1000])  # a truncated file
+    proc = run_script(*main_cmd(data, out, '--epochs', '3', '--batch_size', '4', '--num_workers', '0')[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'skipping unreadable checkpoint' in proc.stdout
+    assert 'auto-resume from' in proc.stdout and 'checkpoint-0.pth' in proc.stdout
+    assert [r['epoch'] for r in log_lines(out)] == [0, 1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
+    out = tmp_path / 'run'
+    base = ['--batch_size', '4', '--num_workers', '0', '--mixup', '0', '--cutmix', '0']
+    proc = run_script(*main_cmd(data, out, '--epochs', '1', *base)[1:])
+    assert proc.returncode == 0
+    good = (out / 'checkpoint-0.pth').read_bytes()
+    proc = run_script(*main_cmd(data, out, '--epochs', '3', '--lr', '1e30', '--warmup_epochs', '0', *base)[1:])
+    assert_clean_failure(proc, 'loss is', 'epoch 1', 'stopped')
+    assert (out / 'checkpoint-0.pth').read_bytes() == good
+    assert not (out / 'checkpoint-1.pth').exists()
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, data):
+    """2 processes x batch 2 and 1 process x batch 2 x update_freq 2 take the same samples, augmentations
+    and steps; only the order of float reductions differs. SGD keeps that difference at float precision
+    (AdamW divides by sqrt(v) and amplifies it on near-zero gradients: about 4e-4 after 6 steps)."""
+    common = ['--epochs', '1', '--batch_size', '2', '--global_batch_size', '4', '--num_workers', '0',
+              '--mixup', '0', '--cutmix', '0', '--drop_path', '0', '--disable_eval', 'true', '--opt', 'sgd',
+              '--lr', '0.1']
+    one, two, other_seed = tmp_path / 'one', tmp_path / 'two', tmp_path / 'seed1'
+    proc = run_script(*main_cmd(data, one, *common)[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'update_freq 2 = 4' in proc.stdout
+    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29561',
+                      *main_cmd(data, two, *common)[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'world_size 2 x batch_size 2 x update_freq 1 = 4' in proc.stdout
+    proc = run_script(*main_cmd(data, other_seed, *common, '--seed', '1')[1:])
+    assert proc.returncode == 0
+    a, b, c = (final_weights(x, 0)['model'] for x in (one, two, other_seed))
+    ddp_diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    seed_diff = max((a[k] - c[k]).abs().max().item() for k in a)
+    assert ddp_diff < 1e-6, ddp_diff
+    assert seed_diff > 1e-2  # the comparison can tell different runs apart
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_torchrun_max_restarts_with_auto_resume(tmp_path, data):
+    out = tmp_path / 'elastic'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--max_restarts=2',
+           '--master_port=29571', *main_cmd(data, out, '--epochs', '3', '--batch_size', '2', '--num_workers', '0')[1:]]
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / 'checkpoint-0.pth').exists():
+        time.sleep(0.1)
+    workers = [p for p in _children(job.pid)]
+    assert workers, 'no worker processes found'
+    os.kill(workers[0], signal.SIGKILL)  # one worker dies mid-run
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-3000:]
+    assert 'auto-resume from' in output
+    assert [r['epoch'] for r in log_lines(out)] == [0, 1, 2]
