@@ -1,0 +1,52 @@
+"""scripts/: the commands they print, and their argument checks."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, assert_clean_failure
+
+DATASETS = ['cifar10', 'cifar100', 'pets', 'flowers', 'stl10', 'food101', 'dtd', 'svhn', 'eurosat', 'imagenet']
+
+
+def bash(script, *args, **env):
+    full_env = {k: v for k, v in os.environ.items() if k not in ('DATA_PATH', 'DATA_ROOT')}
+    full_env.update(env)
+    return subprocess.run(['bash', os.path.join(ROOT, 'scripts', script), *args], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize('dataset', DATASETS)
+def test_dataset_script_prints_selection_and_both_trainings(dataset):
+    proc = bash(f'{dataset}.sh', DRY_RUN='1', DATA_PATH='/data/x', OUTPUT='/out', NGPUS='8',
+                VIT_TEACHER_CKPT='/t/vit.pth')
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('+ ')]
+    train = [line for line in lines if 'main.py' in line]
+    select = [line for line in lines if 'weight_selection.py' in line]
+    assert len(train) == 4 and len(select) == 2
+    for model in ('vit_tiny', 'convnext_femto'):
+        config = os.path.join(ROOT, 'configs', f'{model}_{dataset}.yaml')
+        assert os.path.isfile(config)
+        assert sum(f'--config {config}' in line for line in train) == 2
+    assert all('--nproc_per_node=8' in line and '--data_path /data/x' in line for line in train)
+    assert sum('--initialize /out/ws/' in line for line in train) == 2
+    assert any('--teacher_checkpoint /t/vit.pth' in line for line in select)
+
+
+def test_table2_runs_every_dataset():
+    proc = bash('table2.sh', DRY_RUN='1', DATA_ROOT='/data')
+    assert proc.returncode == 0, proc.stderr
+    for d in DATASETS:
+        assert f'--data_path /data/{d} ' in proc.stdout
+
+
+@pytest.mark.parametrize('script,args,env,needle', [
+    ('run_dataset.sh', ['cifar1000'], {'DATA_PATH': '/d'}, "unknown dataset 'cifar1000'"),
+    ('cifar10.sh', [], {}, 'set DATA_PATH'),
+    ('cifar10.sh', [], {'DATA_PATH': '/d', 'MODELS': 'resnet50'}, "unknown model 'resnet50'"),
+    ('cifar10.sh', [], {'DATA_PATH': '/d', 'INITS': 'xavier', 'DRY_RUN': '1'}, "unknown init 'xavier'"),
+    ('table2.sh', [], {}, 'set DATA_ROOT'),
+])
+def test_script_argument_checks(script, args, env, needle):
+    assert_clean_failure(bash(script, *args, **env), needle)
