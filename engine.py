@@ -54,7 +54,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
         sync = contextlib.nullcontext() if final_micro or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
             with autocast(device, amp_dtype):
-                loss = criterion(model(images), targets)
+                loss = criterion(images, model(images), targets)
             if scaler is not None:
                 scaler.scale(loss / update_freq).backward()
             else:

@@ -74,6 +74,17 @@ def get_args_parser():
     # initialization
     a('--initialize', default=None, help='weight selection output (weight_selection.py), a state dict, or the '
                                          'folder of the official release holding vit.pth / convnext.pth')
+    a('--init', default='timm', choices=('timm', 'xavier', 'kaiming', 'mimetic'),
+      help='initialization of a model trained without --initialize (Tables 3, 12)')
+    a('--linear_probe', type=str2bool, default=False,
+      help='freeze the backbone, train BatchNorm (no affine) + a new linear classifier (MAE recipe, Table 9)')
+    # knowledge distillation (Table 4)
+    a('--distill', default='none', choices=('none', 'logit', 'feature'))
+    a('--distill_teacher', default=None, help='timm name of the distillation teacher')
+    a('--distill_teacher_checkpoint', default=None, help='its weights (default: timm pretrained from the hub)')
+    a('--distill_teacher_kwargs', default='', help='JSON keyword arguments, e.g. {"dynamic_img_size": true}')
+    a('--distill_alpha', type=float, default=1.0)
+    a('--distill_tau', type=float, default=1.0, help='temperature of logit distillation')
     a('--model_key', default='model|module', type=str, help='keys under which --initialize may wrap the weights')
     a('--model_prefix', default='', type=str, help='prefix to strip from --initialize keys')
     # data
@@ -230,6 +241,46 @@ def load_initialization(model, path, args):
     return path
 
 
+def prepare_linear_probe(model):
+    """MAE's linear probe: a frozen backbone, then BatchNorm without affine parameters and a new linear
+    classifier (trunc-normal std 0.01), the only trained parameters."""
+    import weight_selection
+    from timm.layers import trunc_normal_
+    path = weight_selection.layout_of(model).classifier[0]
+    head = model.get_submodule(path)
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6),
+                                torch.nn.Linear(head.in_features, head.out_features))
+    trunc_normal_(probe[1].weight, std=0.01)
+    torch.nn.init.zeros_(probe[1].bias)
+    for p in model.parameters():
+        p.requires_grad = False
+    parent, _, name = path.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, name, probe)
+    return model
+
+
+def build_distill_teacher(args, device):
+    """The frozen teacher of --distill (any timm name; hub weights or --distill_teacher_checkpoint)."""
+    if args.distill == 'none':
+        return None
+    import weight_selection
+    if not args.distill_teacher:
+        raise UserError(f'--distill {args.distill} needs --distill_teacher NAME')
+    kwargs = utils.parse_json_dict(args.distill_teacher_kwargs, '--distill_teacher_kwargs')
+    state, layout = weight_selection.load_teacher(args.distill_teacher, args.distill_teacher_checkpoint, kwargs)
+    head = [v for k, v in state.items() if weight_selection.is_classifier(k, layout) and k.endswith('weight')]
+    kwargs.setdefault('num_classes', head[0].shape[0] if head else 0)  # the checkpoint's classes, or none
+    teacher = weight_selection.create_model(args.distill_teacher, '--distill_teacher', **kwargs)
+    teacher.load_state_dict(state)
+    if args.distill == 'logit' and teacher.num_classes != args.nb_classes:
+        raise UserError(f'--distill logit needs a teacher with the dataset\'s {args.nb_classes} classes; '
+                        f'{args.distill_teacher} has {teacher.num_classes} (use --distill feature)')
+    for p in teacher.parameters():
+        p.requires_grad = False
+    utils.print_main(f'distillation ({args.distill}, alpha {args.distill_alpha}) from {args.distill_teacher}')
+    return teacher.eval().to(device)
+
+
 def build_loaders(args):
     import datasets
     train_set, args.nb_classes = datasets.build_dataset(True, args)
@@ -279,12 +330,24 @@ def main(argv=None):
 
     train_loader, val_loader = build_loaders(args)
     model = build_model(args)
+    if args.init != 'timm':
+        if args.initialize:
+            raise UserError(f'--init {args.init} and --initialize both set the initial weights; choose one')
+        from models.initializers import apply_init
+        apply_init(model, args.init)
     if args.initialize:
         args.initialize = load_initialization(model, args.initialize, args)
+    if args.linear_probe:
+        prepare_linear_probe(model)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    teacher = build_distill_teacher(args, device)
+    trainable = model  # what the optimizer updates: the model, with feature distillation also its projector
+    if args.distill == 'feature':
+        import losses
+        trainable = losses.FeatureDistillStudent(model, teacher.num_features).to(device)
 
     steps_per_epoch = len(train_loader) // args.update_freq
     utils.print_main(f'model {args.model}: {n_parameters / 1e6:.2f}M parameters; {len(train_loader.dataset)} '
@@ -307,6 +370,8 @@ def main(argv=None):
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    import losses
+    criterion = losses.TrainingLoss(criterion, args.distill, teacher, args.distill_alpha, args.distill_tau)
 
     model_ema = None
     if args.model_ema:
@@ -319,9 +384,10 @@ def main(argv=None):
         opt_kwargs['betas'] = tuple(args.opt_betas)
     if args.opt in ('sgd', 'momentum'):
         opt_kwargs['momentum'] = args.momentum
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    layer_decay=args.layer_decay if args.layer_decay < 1.0 else None,
-                                    fused=device.type == 'cuda' and args.opt == 'adamw' or None, **opt_kwargs)
+    if args.opt == 'adamw' and device.type == 'cuda':
+        opt_kwargs['fused'] = True
+    optimizer = create_optimizer_v2(trainable, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    layer_decay=args.layer_decay if args.layer_decay < 1.0 else None, **opt_kwargs)
     lr_scheduler, wd_schedule = build_schedules(optimizer, args, steps_per_epoch)
 
     amp_dtype, scaler = None, None
@@ -333,10 +399,14 @@ def main(argv=None):
 
     model_without_ddp = model
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    train_model = torch.compile(model) if args.compile else model
+        trainable = torch.nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        if args.distill != 'feature':
+            model = trainable
+    train_model = torch.compile(trainable) if args.compile else trainable
+    projector = utils.unwrap_model(trainable).projector if args.distill == 'feature' else None
 
-    best, partial = resume(args, model_without_ddp, optimizer, scaler, model_ema)
+    best, partial = resume(args, model_without_ddp, optimizer, scaler, model_ema, projector)
     if args.eval:
         stats = engine.evaluate(val_loader, model, device, amp_dtype)
         utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
@@ -366,7 +436,8 @@ def main(argv=None):
                 if not torch.isfinite(state['loss_sum']):
                     raise engine.NonFiniteLoss(f'non-finite loss before optimizer step {step} of epoch {epoch}; '
                                                f'stopped, the last good checkpoint is kept')
-                ckpt = checkpoint_state(args, epoch, model_without_ddp, optimizer, scaler, model_ema, best)
+                ckpt = checkpoint_state(args, epoch, model_without_ddp, optimizer, scaler, model_ema, best,
+                                        projector)
                 ckpt.update(step_in_epoch=k, partial=state)
                 utils.save_checkpoint(args.output_dir, f'checkpoint-{epoch}-step{k}.pth', ckpt,
                                       keep_last=args.save_ckpt_num)
@@ -388,7 +459,7 @@ def main(argv=None):
         record.update(epoch_seconds=round(time.time() - epoch_start, 2), n_parameters=n_parameters)
         # The log line goes first: a kill before the checkpoint redoes the epoch, and resume drops the line.
         utils.append_log(args.output_dir, record)
-        best = save_epoch(args, epoch, record, best, model_without_ddp, optimizer, scaler, model_ema)
+        best = save_epoch(args, epoch, record, best, model_without_ddp, optimizer, scaler, model_ema, projector)
         if log_writer is not None:
             for k in ('test_acc1', 'test_acc5', 'test_loss', 'train_loss'):
                 if k in record:
@@ -416,17 +487,19 @@ def build_schedules(optimizer, args, steps_per_epoch):
     return lr_scheduler, wd_schedule
 
 
-def checkpoint_state(args, epoch, model, optimizer, scaler, model_ema, best):
+def checkpoint_state(args, epoch, model, optimizer, scaler, model_ema, best, projector=None):
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
              'args': vars(args), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
     if scaler is not None:
         state['scaler'] = scaler.state_dict()
     if model_ema is not None:
         state['model_ema'] = model_ema.module.state_dict()
+    if projector is not None:
+        state['projector'] = projector.state_dict()
     return state
 
 
-def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema):
+def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema, projector=None):
     """Checkpoints after an epoch: the last K epochs, plus the best (and best EMA) by test acc@1."""
     if not (args.output_dir and args.save_ckpt):
         return best
@@ -436,7 +509,7 @@ def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema):
         best = {'acc1': acc, 'epoch': epoch}
     last = epoch + 1 == args.epochs
     if (epoch + 1) % args.save_ckpt_freq == 0 or last:
-        state = checkpoint_state(args, epoch, model, optimizer, scaler, model_ema, best)
+        state = checkpoint_state(args, epoch, model, optimizer, scaler, model_ema, best, projector)
         utils.save_checkpoint(args.output_dir, f'checkpoint-{epoch}.pth', state, keep_last=args.save_ckpt_num)
     if improved:
         utils.save_checkpoint(args.output_dir, 'checkpoint-best.pth',
@@ -450,7 +523,7 @@ def save_epoch(args, epoch, record, best, model, optimizer, scaler, model_ema):
     return best
 
 
-def resume(args, model, optimizer, scaler, model_ema):
+def resume(args, model, optimizer, scaler, model_ema, projector=None):
     """Load --resume, or with --auto_resume the newest readable checkpoint in output_dir (it takes
     precedence over --initialize; an unreadable newest one is skipped with a warning). Returns the
     best-so-far record and, for a checkpoint taken inside an epoch, its partial state."""
@@ -486,6 +559,8 @@ def resume(args, model, optimizer, scaler, model_ema):
         scaler.load_state_dict(ckpt['scaler'])
     if model_ema is not None and 'model_ema' in ckpt:
         model_ema.module.load_state_dict(ckpt['model_ema'])
+    if projector is not None and 'projector' in ckpt:
+        projector.load_state_dict(ckpt['projector'])
     if 'rng' in ckpt:
         utils.set_rng_state(ckpt['rng'])
     partial = None

@@ -511,9 +511,10 @@ def fit_checkpoint(state, model, name, path):
                     state = converted
             except Exception:  # noqa: BLE001 - not convertible: report the raw mismatch below
                 pass
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
     layout = layout_of(model)
+    # a checkpoint without classifier (a backbone) is fine: the classifier is not selected by default
+    missing = [k for k in expected if k not in state and not is_classifier(k, layout)]
+    unexpected = [k for k in state if k not in expected]
     wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
              if k in state and tuple(state[k].shape) != tuple(v.shape) and not is_classifier(k, layout)]
     if missing or unexpected or wrong:
