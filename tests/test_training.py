@@ -122,7 +122,7 @@ def test_yaml_and_command_line_precedence(tmp_path):
 
 def test_paper_configs_parse_and_match_tables():
     configs = os.listdir(os.path.join(ROOT, 'configs'))
-    assert len(configs) == 22
+    assert len([c for c in configs if not c.startswith('linear_probe')]) == 22
     for name in configs:
         main.parse_args(['--config', os.path.join(ROOT, 'configs', name)])
     cx = main.parse_args(['--config', os.path.join(ROOT, 'configs', 'convnext_femto_dtd.yaml')])

@@ -1,0 +1,146 @@
+"""Turn run folders into the paper's tables: mean ± std over seeds, next to the paper's numbers.
+
+    python scripts/collect_results.py runs --out results     # writes results/tables.md and results/tables.csv
+
+Reads OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/log.txt as scripts/tables.py lays them out. A run's
+accuracy is its best test acc@1 over epochs (--metric best, as ConvNeXt's code reports "max accuracy")
+or that of its last epoch (--metric last).
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+
+# The paper's numbers: PAPER[table][(row slug, dataset, model)] = test acc@1.
+_T2 = {'imagenet': (73.9, 75.6, 76.1, 76.4), 'svhn': (94.9, 96.5, 95.7, 96.9), 'food101': (79.6, 86.9, 86.9, 89.0),
+       'eurosat': (97.5, 98.6, 98.4, 98.8), 'cifar10': (92.4, 97.0, 96.6, 97.4), 'cifar100': (72.3, 81.4, 81.4, 84.4),
+       'stl10': (61.5, 83.4, 81.4, 92.3), 'flowers': (62.4, 81.9, 80.3, 94.5), 'pets': (25.0, 68.6, 72.9, 87.3),
+       'dtd': (49.4, 62.5, 63.7, 68.8)}
+PAPER = {
+    2: {**{('random_init', d, 'vit_tiny'): v[0] for d, v in _T2.items()},
+        **{('weight_selection', d, 'vit_tiny'): v[1] for d, v in _T2.items()},
+        **{('random_init', d, 'convnext_femto'): v[2] for d, v in _T2.items()},
+        **{('weight_selection', d, 'convnext_femto'): v[3] for d, v in _T2.items()}},
+    3: {(r, 'cifar100', m): v for r, vals in {
+        'timm_default': (72.3, 81.4), 'xavier': (72.1, 82.8), 'kaiming': (73.0, 82.5), 'ws_uniform': (81.4, 84.4),
+        'ws_consecutive': (81.6, 84.0), 'ws_random': (81.7, 83.9), 'ws_random_w_o_consistency': (77.4, 82.8)}.items()
+        for m, v in zip(('vit_tiny', 'convnext_femto'), vals)},
+    4: {('baseline', 'imagenet', 'vit_tiny'): 73.9, ('distill', 'imagenet', 'vit_tiny'): 74.8,
+        ('weight_selection', 'imagenet', 'vit_tiny'): 75.5, ('distill_weight_selection', 'imagenet', 'vit_tiny'): 76.0,
+        ('baseline', 'cifar100', 'vit_tiny'): 72.3, ('distill', 'cifar100', 'vit_tiny'): 78.4,
+        ('weight_selection', 'cifar100', 'vit_tiny'): 81.4, ('distill_weight_selection', 'cifar100', 'vit_tiny'): 83.9},
+    5: {(r, d, 'vit_tiny'): v for r, vals in {
+        'supervised_imagenet_21k': (95.1, 77.6, 73.1), 'clip': (94.9, 77.3, 66.0), 'mae': (95.9, 77.2, 71.0),
+        'dino': (95.0, 75.7, 69.4)}.items() for d, v in zip(('cifar10', 'cifar100', 'stl10'), vals)},
+    6: {('random_init', 'cifar100', 'vit_tiny'): 69.6, ('first_n_layer_selection', 'cifar100', 'vit_tiny'): 77.6,
+        ('uniform_layer_selection', 'cifar100', 'vit_tiny'): 76.7, ('random_init', 'cifar100', 'convnext_femto'): 81.3,
+        ('first_n_layer_selection', 'cifar100', 'convnext_femto'): 84.4,
+        ('uniform_layer_selection', 'cifar100', 'convnext_femto'): 83.2},
+    7: {(r, 'cifar100', m): v for r, vals in {
+        'random_init': (72.3, 81.4), 'weight_selection': (81.4, 84.4), 'l1_pruning': (79.5, 82.8),
+        'magnitude_pruning': (73.8, 81.9)}.items() for m, v in zip(('vit_tiny', 'convnext_femto'), vals)},
+    8: {('vit_s', 'cifar100', 'vit_tiny'): 81.4, ('vit_b', 'cifar100', 'vit_tiny'): 77.6,
+        ('vit_l', 'cifar100', 'vit_tiny'): 76.9},
+    9: {('random_init', 'cifar100', 'vit_tiny'): 13.5, ('weight_selection', 'cifar100', 'vit_tiny'): 28.2,
+        ('random_init', 'cifar100', 'convnext_femto'): 7.1, ('weight_selection', 'cifar100', 'convnext_femto'): 23.6},
+    10: {(r, d, 'vit_tiny'): v for r, vals in {
+        'random_init': (92.4, 72.3, 61.5), 'weight_selection': (97.0, 81.4, 83.4), 'w_o_patch_embed': (96.8, 79.5, 77.1),
+        'w_o_pos_embed': (95.6, 78.4, 80.2), 'w_o_attn': (96.2, 77.3, 80.5), 'w_o_norm': (96.2, 79.0, 79.8),
+        'w_o_mlp': (95.6, 78.8, 74.2)}.items() for d, v in zip(('cifar10', 'cifar100', 'stl10'), vals)},
+    11: {(r, 'imagenet', m): v for r, vals in {
+        'random_init': (73.9, 76.1), 'weight_selection': (75.5, 76.4), 'random_init_longer_training': (76.3, 77.5),
+        'weight_selection_longer_training': (77.4, 77.7)}.items() for m, v in zip(('vit_tiny', 'convnext_femto'), vals)},
+    12: {(r, d, 'vit_tiny'): v for r, vals in {
+        'random_init': (92.4, 72.3, 61.5), 'mimetic_init': (93.3, 74.7, 67.5), 'weight_selection': (97.0, 81.4, 83.4)}.items()
+        for d, v in zip(('cifar10', 'cifar100', 'stl10'), vals)},
+    16: {('first_n_layer_selection', 'cifar100', 'vit_tiny'): 81.6, ('mid_n_layer_selection', 'cifar100', 'vit_tiny'): 68.3,
+         ('last_n_layer_selection', 'cifar100', 'vit_tiny'): 62.0, ('uniform_layer_selection', 'cifar100', 'vit_tiny'): 76.3},
+    17: {('first_n_layer_selection', 'cifar100', 'vit_tiny'): 76.9, ('mid_n_layer_selection', 'cifar100', 'vit_tiny'): 75.9,
+         ('last_n_layer_selection', 'cifar100', 'vit_tiny'): 77.1, ('uniform_layer_selection', 'cifar100', 'vit_tiny'): 77.5},
+}
+
+
+def run_accuracy(log_path, metric):
+    with open(log_path) as f:
+        accs = [json.loads(line).get('test_acc1') for line in f if line.strip()]
+    accs = [a for a in accs if a is not None]
+    if not accs:
+        return None
+    return max(accs) if metric == 'best' else accs[-1]
+
+
+def collect(root, metric='best'):
+    """{(table, row, dataset, model): [accuracy per seed]} from root/table<N>/<row>/<dataset>/<model>/seed<S>/."""
+    results = {}
+    for dirpath, _, files in os.walk(root):
+        if 'log.txt' not in files:
+            continue
+        parts = os.path.relpath(dirpath, root).split(os.sep)
+        if len(parts) != 5 or not parts[0].startswith('table') or not parts[4].startswith('seed'):
+            continue
+        acc = run_accuracy(os.path.join(dirpath, 'log.txt'), metric)
+        if acc is not None:
+            key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
+            results.setdefault(key, []).append(acc)
+    return results
+
+
+def fmt(values):
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return f'{values[0]:.1f}'
+    return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})'
+
+
+def write_tables(results, out):
+    os.makedirs(out, exist_ok=True)
+    tables = sorted({k[0] for k in results})
+    md = ['# Results\n', 'Test acc@1 (%): ours as mean ± std over seeds, and the paper\'s.\n']
+    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'mean', 'std', 'paper')]
+    for t in tables:
+        keys = sorted({k[1:] for k in results if k[0] == t} | set(PAPER.get(t, {})))
+        columns = sorted({(d, m) for _, d, m in keys})
+        row_names = list(dict.fromkeys(r for r, _, _ in keys))
+        md.append(f'\n## Table {t}\n')
+        md.append('| row | ' + ' | '.join(f'{d} {m} (ours / paper)' for d, m in columns) + ' |')
+        md.append('|---' * (len(columns) + 1) + '|')
+        for r in row_names:
+            cells = []
+            for d, m in columns:
+                ours = results.get((t, r, d, m), [])
+                paper = PAPER.get(t, {}).get((r, d, m))
+                cells.append(f"{fmt(ours)} / {paper if paper is not None else '-'}")
+                if ours or paper is not None:
+                    rows_csv.append((t, r, d, m, len(ours), f'{statistics.mean(ours):.2f}' if ours else '',
+                                     f'{statistics.stdev(ours):.2f}' if len(ours) > 1 else '', paper if paper is not None else ''))
+            md.append(f'| {r} | ' + ' | '.join(cells) + ' |')
+    with open(os.path.join(out, 'tables.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    with open(os.path.join(out, 'tables.csv'), 'w', newline='') as f:
+        csv.writer(f).writerows(rows_csv)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('root', help='the OUTPUT folder of scripts/tables.py')
+    p.add_argument('--out', default='results')
+    p.add_argument('--metric', choices=('best', 'last'), default='best')
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.root):
+        print(f'error: {args.root} is not a folder; pass the OUTPUT folder of scripts/tables.py', file=sys.stderr)
+        sys.exit(1)
+    results = collect(args.root, args.metric)
+    if not results:
+        print(f'error: no runs under {args.root} (expected table<N>/<row>/<dataset>/<model>/seed<S>/log.txt)',
+              file=sys.stderr)
+        sys.exit(1)
+    write_tables(results, args.out)
+    print(f'{len(results)} settings from {sum(len(v) for v in results.values())} runs -> '
+          f'{os.path.join(args.out, "tables.md")}, {os.path.join(args.out, "tables.csv")}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,153 @@
+"""The paper's figures as PNG files (needs matplotlib: pip install -r requirements-figures.txt).
+
+    python scripts/figures.py curves RUN_DIR [RUN_DIR ...] --out fig3.png         # Figure 3: test acc@1 and loss per epoch
+    python scripts/figures.py budget RUN_DIR [RUN_DIR ...] --out fig4a.png        # Figure 4a: final acc@1 against epochs
+    python scripts/figures.py attention --teacher vit_small_patch16_224.augreg_in21k [--teacher_checkpoint F] \\
+        --selection ws.pth --student vit_tiny_patch16_224 --out fig5.png          # Figure 5: W_q W_k^T and W_v W_proj
+
+Run folders are main.py's --output_dir (log.txt, config.yaml). A run is labelled "weight selection" when
+its config has --initialize, else "random init" (or pass --labels).
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        print('error: figures need matplotlib: pip install -r requirements-figures.txt', file=sys.stderr)
+        sys.exit(1)
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_run(folder):
+    import yaml
+    log_path = os.path.join(folder, 'log.txt')
+    if not os.path.isfile(log_path):
+        print(f'error: {folder} has no log.txt; pass main.py output folders', file=sys.stderr)
+        sys.exit(1)
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    config = {}
+    if os.path.isfile(os.path.join(folder, 'config.yaml')):
+        with open(os.path.join(folder, 'config.yaml')) as f:
+            config = yaml.safe_load(f) or {}
+    return log, config
+
+
+def label_of(config, folder):
+    return 'weight selection' if config.get('initialize') else 'random init' if config else os.path.basename(folder)
+
+
+def plot_curves(runs, labels, out):
+    plt = _plt()
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for folder, label in zip(runs, labels):
+        log, config = read_run(folder)
+        label = label or label_of(config, folder)
+        epochs = [r['epoch'] for r in log]
+        ax_acc.plot(epochs, [r.get('test_acc1') for r in log], label=label)
+        ax_loss.plot(epochs, [r['train_loss'] for r in log], label=label)
+    ax_acc.set(xlabel='epoch', ylabel='test acc@1 (%)')
+    ax_loss.set(xlabel='epoch', ylabel='train loss')
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_budget(runs, labels, out):
+    plt = _plt()
+    groups = {}
+    for folder, label in zip(runs, labels):
+        log, config = read_run(folder)
+        label = label or label_of(config, folder)
+        groups.setdefault(label, []).append((config.get('epochs', len(log)), log[-1].get('test_acc1')))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, points in groups.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=label)
+    ax.set(xlabel='training epochs', ylabel='final test acc@1 (%)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def attention_products(state, block, head, num_heads):
+    """W_q,h^T W_k,h and (W_proj,h W_v,h)^T of one head: the bilinear forms of the attention logits
+    and of the value path, both d x d."""
+    w = state[f'blocks.{block}.attn.qkv.weight'].float()
+    d = w.shape[1]
+    k = d // num_heads
+    q, kk, v = w.view(3, num_heads, k, d)[:, head]
+    proj = state[f'blocks.{block}.attn.proj.weight'].float()[:, head * k:(head + 1) * k]
+    return (q.T @ kk).numpy(), (proj @ v).T.numpy()
+
+
+def plot_attention(args):
+    import timm
+    import torch
+    import models  # noqa: F401
+    import utils
+    import weight_selection as ws
+    plt = _plt()
+    teacher_state, _ = ws.load_teacher(args.teacher, args.teacher_checkpoint,
+                                       utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs'))
+    torch.manual_seed(0)
+    student = timm.create_model(args.student, **utils.parse_json_dict(args.student_kwargs, '--student_kwargs'))
+    selected = utils.read_state_dict(args.selection)
+    panels = [('random init', student.state_dict(), student.blocks[0].attn.num_heads),
+              ('teacher', teacher_state, int(args.teacher_heads)),
+              ('weight selection', selected, student.blocks[0].attn.num_heads)]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7))
+    for col, (name, state, heads) in enumerate(panels):
+        qk, vo = attention_products(state, args.block, args.head, heads)
+        for row, (mat, title) in enumerate([(qk, 'W_q W_k^T'), (vo, 'W_v W_proj')]):
+            lim = abs(mat).max()
+            axes[row, col].imshow(mat, cmap='RdBu_r', vmin=-lim, vmax=lim)
+            axes[row, col].set_title(f'{name}: {title}')
+            axes[row, col].axis('off')
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    sub = p.add_subparsers(dest='figure', required=True)
+    for name in ('curves', 'budget'):
+        s = sub.add_parser(name)
+        s.add_argument('runs', nargs='+')
+        s.add_argument('--labels', nargs='*', default=None)
+        s.add_argument('--out', required=True)
+    s = sub.add_parser('attention')
+    s.add_argument('--teacher', required=True)
+    s.add_argument('--teacher_checkpoint', default=None)
+    s.add_argument('--teacher_kwargs', default='')
+    s.add_argument('--teacher_heads', default=6, type=int)
+    s.add_argument('--selection', required=True, help="weight_selection.py's output")
+    s.add_argument('--student', required=True)
+    s.add_argument('--student_kwargs', default='')
+    s.add_argument('--block', default=0, type=int)
+    s.add_argument('--head', default=0, type=int)
+    s.add_argument('--out', required=True)
+    args = p.parse_args(argv)
+    if args.figure == 'attention':
+        import utils
+        utils.run_cli(lambda _: plot_attention(args))
+    else:
+        labels = args.labels or [None] * len(args.runs)
+        if len(labels) != len(args.runs):
+            print('error: give one --labels entry per run folder', file=sys.stderr)
+            sys.exit(1)
+        (plot_curves if args.figure == 'curves' else plot_budget)(args.runs, labels, args.out)
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,168 @@
+"""The runs behind each of the paper's tables: weight selections and trainings, printed then run.
+
+    DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row, SEEDS seeds
+    DRY_RUN=1 DATA_ROOT=/data python scripts/tables.py 10         # print the commands only
+
+Runs go to OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/ (log.txt, checkpoints), selections to
+OUTPUT/ws/; scripts/collect_results.py turns OUTPUT into the tables. Environment: DATA_ROOT (one folder
+per dataset: DATA_ROOT/cifar100, ...), NGPUS [1], OUTPUT [runs], SEEDS [0] (e.g. "0 1 2"),
+EXTRA (more main.py flags), DRY_RUN=1, and TEACHER_DIR: a folder of local teacher checkpoints named
+<timm name>.pth, used instead of the hub when present (offline).
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIT_S = 'vit_small_patch16_224.augreg_in21k'
+CONVNEXT_T = 'convnext_tiny.fb_in22k'
+STUDENT = {'vit_tiny': 'vit_tiny_patch16_224', 'convnext_femto': 'convnext_femto_linear'}
+TEACHER = {'vit_tiny': VIT_S, 'convnext_femto': CONVNEXT_T}
+ALL = ['imagenet', 'svhn', 'food101', 'eurosat', 'cifar10', 'cifar100', 'stl10', 'flowers', 'pets', 'dtd']
+
+
+def ws(teacher=None, layers='first', elements='uniform', exclude='', student=None, student_kwargs=None):
+    return dict(teacher=teacher, layers=layers, elements=elements, exclude=exclude, student=student,
+                student_kwargs=student_kwargs)
+
+
+def grid(rows, datasets, models):
+    """rows: {row name: (selection or None, extra main.py flags)} -> [(row, dataset, model, sel, flags)]."""
+    return [(row, d, m, sel, flags) for row, (sel, flags) in rows.items() for d in datasets for m in models]
+
+
+def table(n):
+    both = ['vit_tiny', 'convnext_femto']
+    if n == 2:
+        return grid({'random init': (None, []), 'weight selection': (ws(), [])}, ALL, both)
+    if n == 3:
+        return grid({'timm default': (None, []), 'xavier': (None, ['--init', 'xavier']),
+                     'kaiming': (None, ['--init', 'kaiming']), 'ws uniform': (ws(), []),
+                     'ws consecutive': (ws(elements='consecutive'), []), 'ws random': (ws(elements='random'), []),
+                     'ws random w/o consistency': (ws(elements='random_inconsistent'), [])}, ['cifar100'], both)
+    if n == 4:
+        deit = 'deit_small_patch16_224.fb_in1k'
+        logit = ['--distill', 'logit', '--distill_teacher', deit]
+        feature = ['--distill', 'feature', '--distill_teacher', VIT_S, '--distill_alpha', '1.0']
+        return (grid({'baseline': (None, []), 'distill': (None, logit), 'weight selection': (ws(deit), []),
+                      'distill + weight selection': (ws(deit), logit)}, ['imagenet'], ['vit_tiny'])
+                + grid({'baseline': (None, []), 'distill': (None, feature), 'weight selection': (ws(), []),
+                        'distill + weight selection': (ws(), feature)}, ['cifar100'], ['vit_tiny']))
+    if n == 5:
+        return grid({'supervised (ImageNet-21K)': (ws('vit_base_patch16_224.augreg_in21k'), []),
+                     'CLIP': (ws('vit_base_patch16_clip_224.openai', student_kwargs={'pre_norm': True}),
+                              ['--model_kwargs', '{"pre_norm": true}']),
+                     'MAE': (ws('vit_base_patch16_224.mae'), []), 'DINO': (ws('vit_base_patch16_224.dino'), [])},
+                    ['cifar10', 'cifar100', 'stl10'], ['vit_tiny'])
+    if n == 6:
+        vit_a = ['--model', 'vit_a_patch16_224']
+        return (grid({'random init': (None, vit_a), 'first-N layer selection': (ws(student='vit_a_patch16_224'), vit_a),
+                      'uniform layer selection': (ws(layers='uniform', student='vit_a_patch16_224'), vit_a)},
+                     ['cifar100'], ['vit_tiny'])
+                + grid({'random init': (None, []), 'first-N layer selection': (ws(), []),
+                        'uniform layer selection': (ws(layers='uniform'), [])}, ['cifar100'], ['convnext_femto']))
+    if n == 7:
+        return grid({'random init': (None, []), 'weight selection': (ws(), []), 'L1 pruning': (ws(elements='l1'), []),
+                     'magnitude pruning': (ws(elements='magnitude'), [])}, ['cifar100'], both)
+    if n == 8:
+        return grid({'ViT-S': (ws(VIT_S), []), 'ViT-B': (ws('vit_base_patch16_224.augreg_in21k'), []),
+                     'ViT-L': (ws('vit_large_patch16_224.augreg_in21k'), [])}, ['cifar100'], ['vit_tiny'])
+    if n == 9:
+        probe = ['--config', '{linear_probe}']
+        return grid({'random init': (None, probe), 'weight selection': (ws(), probe)}, ['cifar100'], both)
+    if n == 10:
+        rows = {'random init': (None, []), 'weight selection': (ws(), [])}
+        for part in ('patch_embed', 'pos_embed', 'attn', 'norm', 'mlp'):
+            rows[f'w/o {part}'] = (ws(exclude=part), [])
+        return grid(rows, ['cifar10', 'cifar100', 'stl10'], ['vit_tiny'])
+    if n == 11:
+        longer = ['--config', '{config_600ep}']
+        return grid({'random init': (None, []), 'weight selection': (ws(), []),
+                     'random init (longer training)': (None, longer),
+                     'weight selection (longer training)': (ws(), longer)}, ['imagenet'], both)
+    if n == 12:
+        return grid({'random init': (None, []), 'mimetic init': (None, ['--init', 'mimetic']),
+                     'weight selection': (ws(), [])}, ['cifar10', 'cifar100', 'stl10'], ['vit_tiny'])
+    if n in (16, 17):
+        teacher, student = (('vit_tiny_patch16_224.augreg_in21k', 'vit_a_patch16_224') if n == 16
+                            else ('vit_large_patch16_224.augreg_in21k', 'vit_small_patch16_224'))
+        rows = {(f'{k}-N layer selection' if k != 'uniform' else 'uniform layer selection'):
+                (ws(teacher, layers=k, student=student), ['--model', student])
+                for k in ('first', 'mid', 'last', 'uniform')}
+        return grid(rows, ['cifar100'], ['vit_tiny'])
+    raise SystemExit(f'error: no table {n}; choose one of 2 3 4 5 6 7 8 9 10 11 12 16 17')
+
+
+def slug(text):
+    return re.sub('_+', '_', ''.join(c if c.isalnum() else '_' for c in text.lower())).strip('_')
+
+
+def commands(n, env):
+    out, root = env.get('OUTPUT', 'runs'), env.get('DATA_ROOT')
+    if not root:
+        raise SystemExit('error: set DATA_ROOT to the folder that holds one sub-folder per dataset')
+    seeds = env.get('SEEDS', '0').split()
+    teacher_dir, ngpus = env.get('TEACHER_DIR'), env.get('NGPUS', '1')
+    py = sys.executable if not env.get('PYTHON') else env['PYTHON']
+    cmds, selected = [], set()
+    for row, dataset, model, sel, flags in table(n):
+        config = os.path.join(HERE, 'configs', f'{model}_{dataset}.yaml')
+        placeholders = {'{linear_probe}': os.path.join(HERE, 'configs', f'linear_probe_{model}_{dataset}.yaml'),
+                        '{config_600ep}': os.path.join(HERE, 'configs', f'{model}_{dataset}_600ep.yaml')}
+        flags = [placeholders.get(f, f) for f in flags]
+        for seed in seeds:
+            init = []
+            if sel is not None:
+                teacher = sel['teacher'] or TEACHER[model]
+                student = sel['student'] or STUDENT[model]
+                name = slug(f"{student}_{teacher}_{sel['layers']}_{sel['elements']}_{sel['exclude']}")
+                random_sel = sel['elements'] in ('random', 'random_inconsistent')
+                ws_file = os.path.join(out, 'ws', name + (f'_s{seed}' if random_sel else '') + '.pth')
+                if ws_file not in selected:
+                    selected.add(ws_file)
+                    cmd = [py, os.path.join(HERE, 'weight_selection.py'), '--teacher', teacher, '--student', student,
+                           '--layer_selection', sel['layers'], '--element_selection', sel['elements'],
+                           '--seed', seed, '--output', ws_file]
+                    ckpt = os.path.join(teacher_dir, teacher + '.pth') if teacher_dir else None
+                    if ckpt and os.path.exists(ckpt):
+                        cmd += ['--teacher_checkpoint', ckpt]
+                    if sel['exclude']:
+                        cmd += ['--exclude', sel['exclude']]
+                    if sel['student_kwargs']:
+                        import json
+                        cmd += ['--student_kwargs', json.dumps(sel['student_kwargs'])]
+                    cmds.append(cmd)
+                init = ['--initialize', ws_file]
+            run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, f'seed{seed}')
+            cmd = [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}', os.path.join(HERE, 'main.py'),
+                   '--config', config, '--data_path', os.path.join(root, dataset), '--output_dir', run_dir,
+                   '--seed', seed, *flags, *init, *shlex.split(env.get('EXTRA', ''))]
+            if teacher_dir and '--distill_teacher' in flags:
+                name = flags[flags.index('--distill_teacher') + 1]
+                if os.path.exists(os.path.join(teacher_dir, name + '.pth')):
+                    cmd += ['--distill_teacher_checkpoint', os.path.join(teacher_dir, name + '.pth')]
+            cmds.append(cmd)
+    return cmds
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not argv[0].isdigit():
+        raise SystemExit('error: usage: tables.py TABLE (2 3 4 5 6 7 8 9 10 11 12 16 17)')
+    env = os.environ
+    for cmd in commands(int(argv[0]), env):
+        print('+ ' + shlex.join(cmd), flush=True)
+        if env.get('DRY_RUN') == '1':
+            continue
+        if cmd[1].endswith('weight_selection.py'):
+            output = cmd[cmd.index('--output') + 1]
+            if os.path.exists(output):
+                continue  # selected before
+            os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == '__main__':
+    main()

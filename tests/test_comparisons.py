@@ -1,0 +1,235 @@
+"""The paper's comparisons: distillation losses, classic and mimetic init, linear probing, the per-table
+runner, the results collector and the figures."""
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import losses
+import main
+import models  # noqa: F401
+from conftest import ROOT, run_script
+from models.initializers import apply_init, mimetic_attention_
+from utils import UserError
+
+SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
+         '--data_set', 'image_folder', '--device', 'cpu', '--print_freq', '100', '--warmup_epochs', '1',
+         '--batch_size', '4', '--num_workers', '0', '--epochs', '1']
+TEACHER_KW = ['--distill_teacher', 'vit_small_patch16_224', '--distill_teacher_kwargs', '{"img_size": 32, "patch_size": 8}']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(2)
+    for split, n in [('train', 8), ('val', 3)]:
+        for c in range(3):
+            (root / split / f'c{c}').mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((32, 32, 3)) * 80 + 60 * c).astype('uint8')).save(root / split / f'c{c}' / f'{i}.png')
+    return str(root)
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+def test_logit_distillation_matches_hand_computation():
+    s = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[0.5, 1.5, 0.0]])
+    for tau in (1.0, 2.0):
+        p_t = torch.softmax(t / tau, -1)
+        p_s = torch.softmax(s / tau, -1)
+        expected = tau * tau * sum(p_t[0, i] * math.log(p_t[0, i] / p_s[0, i]) for i in range(3))
+        assert losses.logit_distillation(s, t, tau).item() == pytest.approx(float(expected), rel=1e-5)
+    assert losses.logit_distillation(t, t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_training_loss_adds_alpha_times_distillation():
+    teacher = torch.nn.Linear(4, 3)
+    base = torch.nn.CrossEntropyLoss()
+    crit = losses.TrainingLoss(base, 'logit', teacher, alpha=0.5, tau=1.0)
+    x, logits, y = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    expected = base(logits, y) + 0.5 * losses.logit_distillation(logits, teacher(x).detach())
+    torch.testing.assert_close(crit(x, logits, y), expected)
+    assert losses.TrainingLoss(base)(x, logits, y) == base(logits, y)
+
+
+def test_feature_distillation_is_l1_to_teacher_pre_logits():
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, num_classes=0).eval()
+    student = losses.FeatureDistillStudent(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8,
+                                                             num_classes=3), teacher.num_features)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    logits, projected = student(x)
+    assert logits.shape == (2, 3) and projected.shape == (2, 384)
+    crit = losses.TrainingLoss(torch.nn.CrossEntropyLoss(), 'feature', teacher, alpha=2.0)
+    with torch.no_grad():
+        target = teacher(x)  # num_classes=0: the pre-logit features
+    expected = F.cross_entropy(logits, y) + 2.0 * F.l1_loss(projected, target)
+    torch.testing.assert_close(crit(x, (logits, projected), y), expected)
+
+
+def test_distillation_runs_end_to_end(tmp_path, data):
+    t3 = tmp_path / 't3.pth'
+    torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, num_classes=3).state_dict(), t3)
+    t0 = tmp_path / 't0.pth'
+    torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, num_classes=0).state_dict(), t0)
+    main.main([*SMALL, '--data_path', data, '--distill', 'logit', *TEACHER_KW, '--distill_teacher_checkpoint', str(t3)])
+    out = tmp_path / 'feature'
+    main.main([*SMALL, '--data_path', data, '--distill', 'feature', *TEACHER_KW, '--distill_teacher_checkpoint', str(t0),
+               '--output_dir', str(out)])
+    ckpt = torch.load(out / 'checkpoint-0.pth', weights_only=False)
+    assert set(ckpt['projector']) == {'0.weight', '0.bias', '2.weight', '2.bias'}
+    assert not any(k.startswith('model.') for k in ckpt['model'])
+    with pytest.raises(UserError, match='needs a teacher with the dataset'):
+        main.main([*SMALL, '--data_path', data, '--distill', 'logit', *TEACHER_KW, '--distill_teacher_checkpoint', str(t0)])
+
+
+# ---------------------------------------------------------------------------------------------- inits
+
+def test_xavier_and_kaiming_statistics():
+    torch.manual_seed(0)
+    model = apply_init(timm.create_model('vit_tiny_patch16_224'), 'xavier')
+    w = model.blocks[0].mlp.fc1.weight  # 768 x 192: uniform(-a, a), a = sqrt(6 / (fan_in + fan_out))
+    assert w.std().item() == pytest.approx(math.sqrt(2 / (192 + 768)), rel=0.03)
+    assert w.abs().max().item() <= math.sqrt(6 / (192 + 768)) + 1e-6
+    assert model.blocks[0].mlp.fc1.bias.abs().max() == 0
+    model = apply_init(timm.create_model('vit_tiny_patch16_224'), 'kaiming')
+    assert model.blocks[0].mlp.fc2.weight.std().item() == pytest.approx(math.sqrt(2 / 768), rel=0.03)
+    cx = apply_init(timm.create_model('convnext_femto_linear'), 'kaiming')
+    assert cx.stages[0].blocks[0].conv_dw.weight.std().item() == pytest.approx(math.sqrt(2 / 49), rel=0.1)
+
+
+def _diag_dominance(m):
+    """Mean diagonal entry over mean absolute off-diagonal entry."""
+    d = torch.diagonal(m)
+    off = m - torch.diag(d)
+    return (d.mean() / off.abs().mean()).item()
+
+
+def test_mimetic_init_structure():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224')
+    random_qk = None
+    attn = model.blocks[0].attn
+    w = attn.qkv.weight.detach().view(3, 3, 64, 192)
+    random_qk = _diag_dominance(w[0, 0].T @ w[1, 0])
+    apply_init(model, 'mimetic')
+    w = attn.qkv.weight.detach().view(3, 3, 64, 192)
+    qk = w[0, 0].T @ w[1, 0]                                   # W_q,h^T W_k,h of head 0
+    vo = attn.proj.weight.detach() @ attn.qkv.weight.detach()[384:]  # W_proj W_v
+    assert _diag_dominance(qk) > 5 and abs(random_qk) < 1  # positive diagonal, well above the noise
+    assert _diag_dominance(vo) < -5                          # negative diagonal
+    torch.testing.assert_close(torch.diagonal(vo).mean(), torch.tensor(-0.4), atol=0.05, rtol=0)
+    with pytest.raises(UserError, match='has none'):
+        apply_init(timm.create_model('convnext_femto_linear'), 'mimetic')
+
+
+def test_init_and_initialize_are_exclusive(data):
+    with pytest.raises(UserError, match='choose one'):
+        main.main([*SMALL, '--data_path', data, '--init', 'xavier', '--initialize', 'x.pth'])
+
+
+# ---------------------------------------------------------------------------------------------- linear probe
+
+@pytest.mark.parametrize('model', [['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}'],
+                                   ['--model', 'convnext_femto_linear', '--model_kwargs', '{}']], ids=['vit', 'convnext'])
+def test_linear_probe_trains_only_the_head(tmp_path, data, model):
+    flags = [*SMALL, *model, '--data_path', data, '--linear_probe', 'true', '--opt', 'lars', '--lr', '0.5',
+             '--weight_decay', '0', '--mixup', '0', '--cutmix', '0', '--output_dir', str(tmp_path / 'probe')]
+    args = main.parse_args(flags)
+    args.nb_classes = 3
+    torch.manual_seed(0)
+    initial = main.prepare_linear_probe(main.build_model(args)).state_dict()
+    main.main(flags)
+    trained = torch.load(tmp_path / 'probe' / 'checkpoint-0.pth', weights_only=False)['model']
+    changed = {k for k in initial if initial[k].is_floating_point() and not torch.equal(initial[k], trained[k])}
+    head = 'head.' if model[1].startswith('vit') else 'head.fc.'
+    assert changed and all(k.startswith(head) for k in changed), changed
+    assert f'{head}0.running_mean' in changed  # the BatchNorm without affine parameters
+    assert f'{head}0.weight' not in trained
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+@pytest.mark.parametrize('table', [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 17])
+def test_table_scripts_print_valid_commands(table):
+    env = dict(os.environ, DRY_RUN='1', DATA_ROOT='/data', OUTPUT='/out', SEEDS='0 1')
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', f'table{table}.sh')], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line[2:] for line in proc.stdout.splitlines() if line.startswith('+ ')]
+    train = [line for line in lines if 'main.py' in line]
+    assert train and all('--seed 0' in t or '--seed 1' in t for t in train)
+    for line in train:
+        config = line.split('--config ')[1].split()[0]
+        assert os.path.isfile(config), config
+        main.parse_args(shlex.split(line.split('main.py ', 1)[1]))  # every flag exists
+    # every run folder is one the collector reads: table<N>/<row>/<dataset>/<model>/seed<S>
+    for line in train:
+        out = line.split('--output_dir ')[1].split()[0]
+        assert out.startswith(f'/out/table{table}/') and out.rsplit('/', 1)[1].startswith('seed')
+
+
+def test_table_rows_match_the_collector_paper_numbers():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import collect_results
+    import tables
+    for n, paper in collect_results.PAPER.items():
+        rows = {(tables.slug(row), d, m) for row, d, m, _, _ in tables.table(n)}
+        assert set(paper) <= rows, (n, set(paper) - rows)
+
+
+def test_collector_on_fixture_logs(tmp_path):
+    for seed, accs in [(0, [70.0, 81.0, 80.5]), (1, [71.0, 82.0, 81.0])]:
+        folder = tmp_path / 'runs' / 'table7' / 'weight_selection' / 'cifar100' / 'vit_tiny' / f'seed{seed}'
+        folder.mkdir(parents=True)
+        (folder / 'log.txt').write_text(''.join(json.dumps({'epoch': i, 'test_acc1': a}) + '\n' for i, a in enumerate(accs)))
+    proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / 'res' / 'tables.md').read_text()
+    assert '## Table 7' in md and '81.5 ± 0.7 (n=2) / 81.4' in md and '- / 79.5' in md
+    csv_text = (tmp_path / 'res' / 'tables.csv').read_text()
+    assert '7,weight_selection,cifar100,vit_tiny,2,81.50,0.71,81.4' in csv_text
+    proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--metric', 'last',
+                      '--out', str(tmp_path / 'res2'))
+    assert '80.8 ± 0.4 (n=2)' in (tmp_path / 'res2' / 'tables.md').read_text()
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+def test_figures_are_written(tmp_path):
+    pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
+    runs = []
+    for name, init in [('random', None), ('ws', 'ws.pth')]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / 'log.txt').write_text(''.join(json.dumps({'epoch': i, 'test_acc1': 10.0 * i, 'train_loss': 3 - i})
+                                                + '\n' for i in range(3)))
+        (folder / 'config.yaml').write_text(f'epochs: 3\ninitialize: {init or "null"}\n')
+        runs.append(str(folder))
+    for figure in ('curves', 'budget'):
+        proc = run_script(os.path.join('scripts', 'figures.py'), figure, *runs, '--out', str(tmp_path / f'{figure}.png'))
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / f'{figure}.png').read_bytes()[:4] == b'\x89PNG'
+    teacher = tmp_path / 't.pth'
+    torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8).state_dict(), teacher)
+    sel = tmp_path / 'sel.pth'
+    proc = run_script('weight_selection.py', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', str(teacher),
+                      '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}', '--student', 'vit_tiny_patch16_224',
+                      '--student_kwargs', '{"img_size": 32, "patch_size": 8}', '--output', str(sel), '--quiet')
+    assert proc.returncode == 0, proc.stderr
+    proc = run_script(os.path.join('scripts', 'figures.py'), 'attention', '--teacher', 'vit_small_patch16_224',
+                      '--teacher_checkpoint', str(teacher), '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}',
+                      '--selection', str(sel), '--student', 'vit_tiny_patch16_224',
+                      '--student_kwargs', '{"img_size": 32, "patch_size": 8}', '--out', str(tmp_path / 'attn.png'))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / 'attn.png').stat().st_size > 1000
