@@ -5,7 +5,6 @@ from a weight-selection file (--initialize). One GPU, many GPUs (torchrun), or t
         --data_path data --initialize ws/vit_tiny_cifar100.pth --output_dir runs/vit_tiny_ws
     python main.py --config configs/vit_tiny_cifar100.yaml --data_path data --output_dir runs/x   # 1 GPU
 """
-import argparse
 import json
 import os
 import sys

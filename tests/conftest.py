@@ -11,6 +11,22 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never touch the network
 
 
+def write_image_folder(root, train=8, val=3, classes=3, seed=0, varied_sizes=False):
+    """A tiny ImageFolder (root/train/c<k>/*.png, root/val/...) whose classes differ in brightness."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in [('train', train), ('val', val)]:
+        for c in range(classes):
+            folder = os.path.join(root, split, f'c{c}')
+            os.makedirs(folder)
+            for i in range(n):
+                shape = (36 + 4 * c, 40, 3) if varied_sizes else (32, 32, 3)
+                pixels = (rng.random(shape) * 80 + 60 * c).astype('uint8')
+                Image.fromarray(pixels).save(os.path.join(folder, f'{i}.png'))
+    return str(root)
+
+
 def shared_path(*parts):
     """A file of ../shared, or skip the test with the reason when ../shared is absent."""
     path = os.path.join(SHARED, *parts)

@@ -7,18 +7,16 @@ import shlex
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import losses
 import main
 import models  # noqa: F401
-from conftest import ROOT, run_script
-from models.initializers import apply_init, mimetic_attention_
+from conftest import ROOT, run_script, write_image_folder
+from models.initializers import apply_init
 from utils import UserError
 
 SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
@@ -29,14 +27,7 @@ TEACHER_KW = ['--distill_teacher', 'vit_small_patch16_224', '--distill_teacher_k
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    rng = np.random.default_rng(2)
-    for split, n in [('train', 8), ('val', 3)]:
-        for c in range(3):
-            (root / split / f'c{c}').mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((rng.random((32, 32, 3)) * 80 + 60 * c).astype('uint8')).save(root / split / f'c{c}' / f'{i}.png')
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp('data'), seed=2)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT, assert_clean_failure, run_script
+from conftest import ROOT, assert_clean_failure, run_script, write_image_folder
 
 # A 2-block ViT at 32 px: small checkpoints, quick steps.
 SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
@@ -23,14 +21,7 @@ TIMING = ('epoch_seconds', 'images_per_sec')
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    rng = np.random.default_rng(1)
-    for split, n in [('train', 8), ('val', 3)]:
-        for c in range(3):
-            (root / split / f'c{c}').mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((rng.random((32, 32, 3)) * 80 + 60 * c).astype('uint8')).save(root / split / f'c{c}' / f'{i}.png')
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp('data'), seed=1)
 
 
 def log_lines(folder, drop_timing=True):

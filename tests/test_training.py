@@ -5,10 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import main
-from conftest import ROOT, assert_clean_failure, run_script
+from conftest import ROOT, assert_clean_failure, run_script, write_image_folder
 from utils import UserError
 
 TINY = ['--input_size', '32', '--data_set', 'image_folder', '--batch_size', '4', '--num_workers', '0',
@@ -20,16 +19,7 @@ CONVNEXT = ['--model', 'convnext_femto_linear']
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     """3 classes, 8 train and 4 val images each, of different sizes (resized to input_size)."""
-    root = tmp_path_factory.mktemp('tiny')
-    rng = np.random.default_rng(0)
-    for split, n in [('train', 8), ('val', 4)]:
-        for c in range(3):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((36 + 4 * c, 40, 3)) * 60 + 70 * c).astype('uint8')
-                Image.fromarray(arr).save(folder / f'{i}.jpg')
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp('tiny'), val=4, varied_sizes=True)
 
 
 def read_log(folder):
