@@ -1,0 +1,208 @@
+"""Weight selection on real images, offline: a CIFAR-10 transfer study with only the project's own commands.
+
+  1. split CIFAR-10 into a source task (airplane automobile bird cat deer) and a target task
+     (dog frog horse ship truck) with ../shared/data/cifar10/make_imagefolder.py;
+  2. pretrain teachers on the source task with main.py: ViT-S/4 and ConvNeXt-T at 32 px;
+  3. select students (ViT-T/4, ConvNeXt-F) with weight_selection.py for every element selection and for
+     first vs uniform layer selection;
+  4. train the students on target subsets (N images per class) from random init and from each selection,
+     over seeds, evaluating on all target test images; optionally also a ViT-T/14 at 224 px from the
+     real DINOv2 ViT-S/14 (--dinov2 CKPT), random init vs weight selection;
+  5. write OUT/transfer_study.md (mean ± std, commands, device, versions, wall time) and OUT/runs.jsonl.
+
+    python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
+    python scripts/transfer_study.py --out /tmp/smoke --smoke          # the whole pipeline on the CPU in minutes
+
+One recipe per model and subset size, the same for every initialization.
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+SHARED = os.path.join(os.path.dirname(HERE), 'shared', 'data', 'cifar10')
+SOURCE = 'airplane,automobile,bird,cat,deer'
+TARGET = 'dog,frog,horse,ship,truck'
+ELEMENTS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'magnitude')
+MODELS = {  # family: (teacher, teacher kwargs, student, student kwargs) at 32 px
+    'vit': ('vit_small_patch16_224', {'img_size': 32, 'patch_size': 4}, 'vit_tiny_patch16_224',
+            {'img_size': 32, 'patch_size': 4}),
+    'convnext': ('convnext_tiny', {}, 'convnext_femto_linear', {}),
+}
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', required=True)
+    p.add_argument('--make_imagefolder', default=os.path.join(SHARED, 'make_imagefolder.py'))
+    p.add_argument('--source', default=None, help='an ImageFolder (train/, test/) to use as the source task instead')
+    p.add_argument('--target', default=None, help='an ImageFolder for the target task (its train/ is subsampled)')
+    p.add_argument('--subsets', type=int, nargs='+', default=[100, 500], help='training images per target class')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--families', nargs='+', default=['vit', 'convnext'], choices=sorted(MODELS))
+    p.add_argument('--teacher_epochs', type=int, default=100)
+    p.add_argument('--student_epochs', type=int, nargs=2, default=[200, 100],
+                   help='epochs for the smallest and the largest subset')
+    p.add_argument('--batch_size', type=int, default=128)
+    p.add_argument('--device', default='cuda')
+    p.add_argument('--num_workers', type=int, default=8)
+    p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the 224 px ViT-T/14 study')
+    p.add_argument('--smoke', action='store_true', help='a few images and one epoch everywhere (CPU, minutes)')
+    return p.parse_args()
+
+
+class Study:
+    def __init__(self, args):
+        self.args, self.commands, self.records = args, [], []
+        self.python = sys.executable
+
+    def run(self, cmd):
+        self.commands.append(shlex.join(cmd))
+        print('+ ' + shlex.join(cmd), flush=True)
+        script = os.path.basename(cmd[1])
+        if self.args.smoke and script in ('main.py', 'weight_selection.py'):
+            # the same CLI entry point in this process: no interpreter start-up per run
+            import contextlib
+            import io
+            module = __import__(script[:-3])
+            with contextlib.redirect_stdout(io.StringIO()):
+                module.main(cmd[2:])
+            return
+        subprocess.run(cmd, check=True, cwd=HERE, stdout=subprocess.DEVNULL if self.args.smoke else None)
+
+    def imagefolder(self, dest, classes, per_class_train=None, per_class_test=None):
+        if os.path.isdir(os.path.join(dest, 'train')):
+            return dest
+        cmd = [self.python, self.args.make_imagefolder, dest, '--classes', classes]
+        if per_class_train:
+            cmd += ['--per-class-train', str(per_class_train)]
+        if per_class_test:
+            cmd += ['--per-class-test', str(per_class_test)]
+        self.run(cmd)
+        return dest
+
+    def train(self, out, model, model_kwargs, data, epochs, seed, extra=(), input_size=32):
+        a = self.args
+        if not os.path.isfile(os.path.join(out, 'log.txt')) or len(read_log(out)) < epochs:
+            self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
+                      '--input_size', str(input_size), '--data_set', 'image_folder', '--data_path', data,
+                      '--epochs', str(epochs), '--warmup_epochs', str(max(1, epochs // 5)),
+                      '--batch_size', str(a.batch_size), '--lr', '2e-3' if 'vit' in model else '4e-3',
+                      '--drop_path', '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
+                      '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, '--save_ckpt_num', '1',
+                      '--print_freq', '1000', *extra])
+        return read_log(out)
+
+    def select(self, out, teacher, teacher_kwargs, ckpt, student, student_kwargs, layers, elements, seed=0):
+        if not os.path.isfile(out):
+            self.run([self.python, os.path.join(HERE, 'weight_selection.py'), '--teacher', teacher,
+                      '--teacher_checkpoint', ckpt, '--teacher_kwargs', json.dumps(teacher_kwargs),
+                      '--student', student, '--student_kwargs', json.dumps(student_kwargs),
+                      '--layer_selection', layers, '--element_selection', elements, '--seed', str(seed),
+                      '--output', out, '--quiet'])
+        return out
+
+
+def read_log(folder):
+    path = os.path.join(folder, 'log.txt')
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main():
+    args = get_args()
+    if args.smoke:
+        args.subsets, args.seeds, args.teacher_epochs, args.student_epochs = [4], [0], 1, [1, 1]
+        args.batch_size, args.device, args.num_workers = 4, 'cpu', 0
+    if args.target:
+        raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
+                         '--source and leave --target out, or subsample your target yourself')
+    if not args.source and not os.path.isfile(args.make_imagefolder):
+        raise SystemExit(f'error: {args.make_imagefolder} not found; pass --make_imagefolder (the script beside '
+                         f'the CIFAR-10 npz in ../shared) or --source FOLDER')
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    study, start = Study(args), time.time()
+    per_test = 4 if args.smoke else None
+    source = args.source or study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE,
+                                              8 if args.smoke else None, per_test)
+    targets = {n: study.imagefolder(os.path.join(out, 'data', f'target_{n}'), TARGET, n, per_test) for n in args.subsets}
+    for family in args.families:
+        teacher, t_kwargs, student, s_kwargs = MODELS[family]
+        t_dir = os.path.join(out, 'teachers', family)
+        study.train(t_dir, teacher, t_kwargs, source, args.teacher_epochs, 0)
+        ckpt = os.path.join(t_dir, 'checkpoint-best.pth')
+        inits = {'random init': None}
+        for elements in ELEMENTS:
+            inits[f'ws {elements}'] = ('first', elements)
+        inits['ws uniform, uniform layers'] = ('uniform', 'uniform')
+        for i, n in enumerate(sorted(args.subsets)):
+            epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
+            for name, sel in inits.items():
+                for seed in args.seeds:
+                    extra = []
+                    if sel is not None:
+                        layers, elements = sel
+                        ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
+                        os.makedirs(os.path.dirname(ws_file), exist_ok=True)
+                        extra = ['--initialize', study.select(ws_file, teacher, t_kwargs, ckpt, student, s_kwargs,
+                                                              layers, elements, seed)]
+                    run_dir = os.path.join(out, 'students', family, f'n{n}', name.replace(' ', '_').replace(',', ''), f'seed{seed}')
+                    log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, extra)
+                    study.records.append({'family': family, 'per_class': n, 'init': name, 'seed': seed,
+                                          'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
+                                          'epochs': epochs, 'run_dir': os.path.relpath(run_dir, out)})
+    if args.dinov2:
+        s_kwargs = {'img_size': 224}
+        ws_file = study.select(os.path.join(out, 'ws', 'dinov2_vit_tiny_14.pth'), 'vit_small_patch14_dinov2', {},
+                               os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
+        for i, n in enumerate(sorted(args.subsets)):
+            epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
+            for name, extra in [('random init', []), ('ws uniform (DINOv2)', ['--initialize', ws_file])]:
+                for seed in args.seeds:
+                    run_dir = os.path.join(out, 'students', 'dinov2', f'n{n}', name.split()[0] + ('_ws' if extra else ''), f'seed{seed}')
+                    log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed,
+                                      extra, input_size=224)
+                    study.records.append({'family': 'dinov2 vit_tiny/14 @224', 'per_class': n, 'init': name,
+                                          'seed': seed, 'final_acc1': log[-1]['test_acc1'],
+                                          'best_acc1': max(r['test_acc1'] for r in log), 'epochs': epochs,
+                                          'run_dir': os.path.relpath(run_dir, out)})
+    write_report(out, study, time.time() - start, args)
+
+
+def write_report(out, study, seconds, args):
+    import torch
+    import timm
+    with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
+        for r in study.records:
+            f.write(json.dumps(r) + '\n')
+    groups = {}
+    for r in study.records:
+        groups.setdefault((r['family'], r['per_class'], r['init']), []).append(r['final_acc1'])
+    device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
+    lines = ['# CIFAR-10 transfer study', '',
+             f'Source task: {SOURCE}; target task: {TARGET}. Final test acc@1 (%) on the target test images, '
+             f'mean ± std over seeds {args.seeds}.', '',
+             f'Device: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.'
+             + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else ''), '',
+             '| model | images per class | init | acc@1 | n |', '|---|---|---|---|---|']
+    for (family, n, init), accs in groups.items():
+        mean = statistics.mean(accs)
+        std = f' ± {statistics.stdev(accs):.1f}' if len(accs) > 1 else ''
+        lines.append(f'| {family} | {n} | {init} | {mean:.1f}{std} | {len(accs)} |')
+    lines += ['', '## Commands', '', '```'] + study.commands + ['```', '']
+    with open(os.path.join(out, 'transfer_study.md'), 'w') as f:
+        f.write('\n'.join(lines))
+    print(f'wrote {os.path.join(out, "transfer_study.md")} ({len(study.records)} runs, {seconds / 60:.1f} min)')
+
+
+if __name__ == '__main__':
+    main()

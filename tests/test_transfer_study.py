@@ -1,0 +1,26 @@
+"""The CIFAR-10 transfer study's whole pipeline on the CPU (--smoke): data split, teacher pretraining,
+every selection, students on the target subset, the DINOv2 student, the report."""
+import json
+import os
+
+from conftest import run_script, shared_path
+
+
+def test_transfer_study_smoke(tmp_path):
+    make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
+    dinov2 = shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt')
+    out = tmp_path / 'study'
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(out), '--smoke',
+                      '--make_imagefolder', make_imagefolder, '--dinov2', dinov2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
+    inits = {r['init'] for r in records}
+    assert len(records) == 2 * 8 + 2
+    assert {'random init', 'ws uniform', 'ws random_inconsistent', 'ws l1', 'ws magnitude',
+            'ws uniform, uniform layers', 'ws uniform (DINOv2)'} <= inits
+    assert all(0 <= r['final_acc1'] <= 100 for r in records)
+    report = (out / 'transfer_study.md').read_text()
+    assert 'SMOKE RUN' in report and 'weight_selection.py' in report and report.count('\n| ') >= 19
+    # the selections really came from the pretrained teachers
+    assert (out / 'teachers' / 'vit' / 'checkpoint-best.pth').exists()
+    assert len(os.listdir(out / 'ws')) == 2 * 7 + 1
