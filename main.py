@@ -283,7 +283,7 @@ def build_distill_teacher(args, device):
 def build_loaders(args):
     import datasets
     train_set, args.nb_classes = datasets.build_dataset(True, args)
-    val_set = None if args.disable_eval else datasets.build_dataset(False, args)[0]
+    val_set = None if args.disable_eval and not args.eval else datasets.build_dataset(False, args)[0]
     if len(train_set) < args.batch_size * args.world_size:
         raise UserError(f'{len(train_set)} training images are fewer than one global step of '
                         f'{args.batch_size * args.world_size}; lower --batch_size')
