@@ -13,6 +13,7 @@ import time
 import torch
 
 import engine
+import losses
 import utils
 from utils import UserError, str2bool
 
@@ -345,7 +346,6 @@ def main(argv=None):
     teacher = build_distill_teacher(args, device)
     trainable = model  # what the optimizer updates: the model, with feature distillation also its projector
     if args.distill == 'feature':
-        import losses
         trainable = losses.FeatureDistillStudent(model, teacher.num_features).to(device)
 
     steps_per_epoch = len(train_loader) // args.update_freq
@@ -369,7 +369,6 @@ def main(argv=None):
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    import losses
     criterion = losses.TrainingLoss(criterion, args.distill, teacher, args.distill_alpha, args.distill_tau)
 
     model_ema = None
@@ -409,7 +408,7 @@ def main(argv=None):
     if args.eval:
         stats = engine.evaluate(val_loader, model, device, amp_dtype)
         utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
-                         f"on {stats['n'] * (args.world_size if val_loader.sharded else 1)} test images")
+                         f"on {stats['n']} test images")  # n is summed over processes
         return stats
 
     log_writer = None
