@@ -21,6 +21,7 @@ from timm.data import create_transform
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                                  IMAGENET_INCEPTION_STD)
 
+import utils
 from utils import UserError
 
 DATASETS = ('CIFAR10', 'CIFAR100', 'flowers', 'pets', 'stl10', 'food101', 'dtd', 'svhn', 'eurosat',
@@ -178,20 +179,13 @@ class PerSampleSeed(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        import random
-        import numpy as np
         epoch, index = divmod(int(key), len(self.dataset))
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % (2 ** 32))
-        torch.manual_seed(seed)
+        saved = utils.rng_state(cuda=False)
+        utils.seed_everything(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63))
         try:
             return self.dataset[index]
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            utils.set_rng_state(saved)
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):

@@ -9,11 +9,13 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -134,6 +136,16 @@ def read_state_dict(path):
     return unwrap_state_dict(torch_load(path), path)
 
 
+def describe_mismatch(missing, unexpected, wrong):
+    """'missing a, b, c (+N more); unexpected ...; shape k (x) vs (y)' for key lists of two state dicts."""
+    def first(keys, n, sep=', '):
+        return sep.join(keys[:n]) + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
+    parts = [f'missing {first(missing, 3)}' if missing else '',
+             f'unexpected {first(unexpected, 3)}' if unexpected else '',
+             f'shape {first(wrong, 2, "; ")}' if wrong else '']
+    return '; '.join(p for p in parts if p)
+
+
 def check_writable(path):
     """Fail early, before any heavy work, if the output file cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -145,14 +157,14 @@ def check_writable(path):
         raise UserError(f'cannot write {path}: folder {folder} is not writable')
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a reader (or a run
-    killed half-way) never sees a half-written file."""
+def atomic_write(path, write, binary=True):
+    """write(f) into a temporary file in the same folder, fsync, then rename: a reader (or a run killed
+    half-way) never sees a half-written file, and remove_stale_temporaries finds the leftovers."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, 'wb' if binary else 'w') as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -160,6 +172,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def code_version():
@@ -296,34 +313,25 @@ def truncate_log(output_dir, first_epoch):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < first_epoch]
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.writelines(lines), binary=False)
 
 
 def seed_everything(seed):
-    import random
-    import numpy as np
+    """torch, numpy (timm's Mixup) and Python's random."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
     random.seed(seed)
 
 
-def rng_state():
-    import random
-    import numpy as np
+def rng_state(cuda=True):
+    """The random states of torch, numpy and Python (and CUDA: not in data-loading workers)."""
     state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
-    if torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    import random
-    import numpy as np
     torch.set_rng_state(state['torch'])
     np.random.set_state(state['numpy'])
     random.setstate(state['python'])
