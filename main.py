@@ -221,20 +221,15 @@ def load_initialization(model, path, args):
             if weight_selection.is_classifier(k, layout):
                 dropped.append(k)
                 continue
-            if v.ndim + 2 == own[k].ndim and own[k].shape[2:] == (1, 1):  # Linear -> 1x1 conv MLP
-                v = v[:, :, None, None]
-            elif v.ndim == own[k].ndim + 2 and v.shape[2:] == (1, 1):
-                v = v[:, :, 0, 0]
+            v = weight_selection.linear_as_conv(v, own[k].shape)  # Linear <-> 1x1 conv MLP
         fitted[k] = v
     missing = [k for k in own if k not in fitted and k not in dropped]
     unexpected = [k for k in fitted if k not in own]
     wrong = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in fitted.items()
              if k in own and v.shape != own[k].shape]
     if missing or unexpected or wrong:
-        detail = '; '.join(x for x in [f'missing {", ".join(missing[:3])}' if missing else '',
-                                       f'unexpected {", ".join(unexpected[:3])}' if unexpected else '',
-                                       f'shape {"; ".join(wrong[:2])}' if wrong else ''] if x)
-        raise UserError(f'--initialize {path} does not fit --model {args.model}: {detail}')
+        raise UserError(f'--initialize {path} does not fit --model {args.model}: '
+                        f'{utils.describe_mismatch(missing, unexpected, wrong)}')
     model.load_state_dict(fitted, strict=False)
     utils.print_main(f'initialized {len(fitted)} tensors from {path}'
                      + (f'; kept the model\'s own {", ".join(dropped)} (other number of classes)' if dropped else ''))

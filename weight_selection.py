@@ -360,12 +360,8 @@ def map_component(key, t_val, s_val, t_layout, s_layout, selector):
         t_val = resample_patch_embed(t_val, list(s_val.shape[2:]))  # another patch size (FlexiViT)
         action = 'resampled'
     if t_val.ndim != s_val.ndim:
-        # Linear [out, in] <-> 1x1 conv [out, in, 1, 1] (ConvNeXt's MLP with conv_mlp True/False).
-        if t_val.ndim == 2 and s_val.ndim == 4 and s_val.shape[2:] == (1, 1):
-            t_val = t_val[:, :, None, None]
-        elif t_val.ndim == 4 and t_val.shape[2:] == (1, 1) and s_val.ndim == 2:
-            t_val = t_val[:, :, 0, 0]
-        else:
+        t_val = linear_as_conv(t_val, s_val.shape)
+        if t_val.ndim != s_val.ndim:
             raise UserError(f"'{key}': the teacher's tensor has shape {tuple(t_val.shape)} and the student's "
                             f'{tuple(s_val.shape)}; they are not the same component')
     if is_qkv(key):
@@ -378,6 +374,16 @@ def map_component(key, t_val, s_val, t_layout, s_layout, selector):
     if action is None:
         action = 'copied' if tuple(t_val.shape) == tuple(s_val.shape) else 'selected'
     return value, action
+
+
+def linear_as_conv(tensor, shape):
+    """A Linear weight [out, in] as a 1x1 conv [out, in, 1, 1] or the reverse, to match `shape` (ConvNeXt's
+    MLP with conv_mlp False/True); any other tensor unchanged."""
+    if tensor.ndim == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
+        return tensor[:, :, None, None]
+    if tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1) and len(shape) == 2:
+        return tensor[:, :, 0, 0]
+    return tensor
 
 
 def check_not_wider(key, t_shape, s_shape):
@@ -518,15 +524,8 @@ def fit_checkpoint(state, model, name, path):
     wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
              if k in state and tuple(state[k].shape) != tuple(v.shape) and not is_classifier(k, layout)]
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f'missing {", ".join(missing[:3])}' + (f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''))
-        if unexpected:
-            parts.append(f'unexpected {", ".join(unexpected[:3])}' + (f' (+{len(unexpected) - 3} more)' if len(unexpected) > 3 else ''))
-        if wrong:
-            parts.append(f'shape {"; ".join(wrong[:2])}')
-        raise UserError(f"checkpoint {path} does not fit --teacher {name}: {'; '.join(parts)}; "
-                        f'check the teacher name or --teacher_kwargs')
+        raise UserError(f'checkpoint {path} does not fit --teacher {name}: '
+                        f'{utils.describe_mismatch(missing, unexpected, wrong)}; check the teacher name or --teacher_kwargs')
     return state
 
 
