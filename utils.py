@@ -216,9 +216,27 @@ def init_distributed(args):
     use_cuda = args.device.startswith('cuda') and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(args.gpu)
-    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    store = _restart_safe_store(args, timeout)
+    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=None if store else args.dist_url,
+                            store=store, world_size=args.world_size, rank=args.rank, timeout=timeout)
     dist.barrier()
+
+
+def _restart_safe_store(args, timeout):
+    """Under single-node torchrun, the rendezvous store with one key prefix per restart attempt.
+
+    torchrun's default (static) rendezvous keeps one agent store across `--max_restarts` attempts, and the
+    workers use it without a per-attempt prefix, so a restarted worker can read the previous attempt's keys
+    (a dead peer's gloo address or NCCL id) and wait for it until the timeout. All workers of one node share
+    the agent's restart count, so the prefix agrees across ranks; on several nodes the counts can differ
+    (torch counts restarts per node), and torch's own store handling is kept."""
+    env = os.environ
+    if not (args.dist_url == 'env://' and env.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+            and env.get('GROUP_WORLD_SIZE') == '1' and 'TORCHELASTIC_RESTART_COUNT' in env):
+        return None
+    store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
+    return dist.PrefixStore(f'weight_selection/attempt_{env["TORCHELASTIC_RESTART_COUNT"]}', store)
 
 
 def _slurm_master():
