@@ -206,3 +206,181 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
+
+
+# ------------------------------------------------------------------------------------ the GPU data path
+FIXED_SIZE = ('CIFAR10', 'CIFAR100', 'stl10', 'svhn', 'eurosat')  # every image has the same size
+
+
+def raw_dataset(is_train, args):
+    """The split as build_dataset returns it, without transforms (PIL images)."""
+    from types import SimpleNamespace
+    no_transform = SimpleNamespace(**{**vars(args), 'input_size': 32, 'aa': None, 'reprob': 0})
+    dataset, classes = build_dataset(is_train, no_transform)
+    _drop_transforms(dataset)
+    return dataset, classes
+
+
+def _drop_transforms(dataset):
+    if isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _drop_transforms(part)
+    elif isinstance(dataset, Subset):
+        _drop_transforms(dataset.dataset)
+    else:
+        dataset.transform = None
+
+
+def _array_of(dataset):
+    """The uint8 (N, 3, H, W) array and labels torchvision already holds in memory, or None."""
+    import numpy as np
+    if isinstance(dataset, (datasets.CIFAR10, datasets.CIFAR100)):
+        return torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))), torch.tensor(dataset.targets)
+    if isinstance(dataset, (datasets.SVHN, datasets.STL10)):
+        return torch.from_numpy(np.ascontiguousarray(dataset.data)), torch.as_tensor(dataset.labels).long()
+    return None
+
+
+def _image_sizes(dataset):
+    """(width, height) of every image of an ImageFolder, read from the file headers."""
+    from PIL import Image
+    sizes = set()
+    for path, _ in dataset.samples:
+        with Image.open(path) as im:
+            sizes.add(im.size)
+    return sizes
+
+
+class _ToFixedUint8:
+    """PIL image -> uint8 (3, S, S): unchanged if already S x S, else the short side resized to S
+    (bicubic, antialiased) and centre-cropped; with S None, the image at its own size."""
+
+    def __init__(self, side):
+        self.side = side
+
+    def __call__(self, img):
+        img = img.convert('RGB')
+        if self.side is not None and img.size != (self.side, self.side):
+            img = transforms.CenterCrop(self.side)(transforms.Resize(self.side, transforms.InterpolationMode.BICUBIC)(img))
+        return transforms.functional.pil_to_tensor(img)
+
+
+def decode_to_uint8(is_train, args, num_workers=None):
+    """(images uint8 (N, 3, H, W) on the CPU, labels (N,), number of classes, how they were stored).
+    Datasets of one image size keep their native resolution; others are resized once to a short side of
+    --gpu_data_size (default input_size / crop_pct) and centre-cropped to a square."""
+    dataset, classes = raw_dataset(is_train, args)
+    held = _array_of(dataset)
+    if held is not None:
+        return held[0], held[1], classes, 'native resolution'
+    side = None
+    if args.data_set not in FIXED_SIZE:
+        sizes = _image_sizes(dataset) if isinstance(dataset, datasets.ImageFolder) else {None, 'varied'}
+        if len(sizes) > 1:
+            side = args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
+    decode = _ToFixedUint8(side)
+    loader = torch.utils.data.DataLoader(_Mapped(dataset, decode), batch_size=256, shuffle=False,
+                                         num_workers=args.num_workers if num_workers is None else num_workers)
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+    how = 'native resolution' if side is None else f'short side resized to {side}, centre-cropped'
+    return torch.cat(images), torch.cat(labels).long(), classes, how
+
+
+class _Mapped(torch.utils.data.Dataset):
+    def __init__(self, dataset, fn):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return self.fn(img), label
+
+
+class GpuLoader:
+    """Batches of a uint8 image tensor resident on the device, transformed on the device.
+
+    Training: the same per-epoch shuffle and per-process share as EpochSampler (drop_last), and batch k of
+    an epoch augmented with a generator seeded by (seed, epoch, rank, k): a run resumed mid-epoch sees the
+    batches an uninterrupted one sees. Evaluation: this process's shard in order, every image once."""
+
+    def __init__(self, images, labels, batch_size, transform, *, train, seed=0, rank=0, world_size=1,
+                 channels_last=False):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.transform, self.train, self.seed, self.rank = transform, train, seed, rank
+        self.channels_last = channels_last
+        self.dataset = labels  # len(loader.dataset): the number of images
+        self.sharded = world_size > 1
+        if train:
+            self.sampler = EpochSampler(range(len(labels)), num_replicas=world_size, rank=rank, seed=seed)
+        else:
+            self.order = torch.arange(rank, len(labels), world_size)
+
+    def __len__(self):
+        if self.train:
+            return len(self.sampler) // self.batch_size
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        device = self.images.device
+        if not self.train:
+            for start in range(0, len(self.order), self.batch_size):
+                idx = self.order[start:start + self.batch_size].to(device)
+                yield self._layout(self.transform(self.images[idx])), self.labels[idx]
+            return
+        n = len(self.labels)
+        keys = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
+        g = torch.Generator(device=device)
+        for k in range(len(keys) // self.batch_size):
+            idx = (keys[k * self.batch_size:(k + 1) * self.batch_size] % n).to(device, non_blocking=True)
+            g.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k)
+            yield self._layout(self.transform(self.images[idx], g)), self.labels[idx]
+
+    def _layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}
+
+
+def gpu_data_fits(args, device):
+    """Whether both splits, as uint8 at most gpu_data_size (or native) square, take at most half of the
+    device's free memory: the default of --gpu_data auto."""
+    if device.type != 'cuda':
+        return False
+    side = NATIVE_SIDE.get(args.data_set) or args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
+    count = sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
+    free, _ = torch.cuda.mem_get_info(device)
+    return count * 3 * side * side <= free // 2
+
+
+def build_gpu_loaders(args, device):
+    """(train loader, eval loader or None, a line saying how the data is held) for --gpu_data."""
+    import gpu_transforms
+    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    try:
+        train_tf = gpu_transforms.GpuTrainTransform(args.input_size, mean, std, aa=args.aa,
+                                                    interpolation=args.train_interpolation, reprob=args.reprob,
+                                                    remode=args.remode, recount=args.recount)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    images, labels, args.nb_classes, how = decode_to_uint8(True, args)
+    total = images.numel()
+    train = GpuLoader(images.to(device), labels.to(device), args.batch_size, train_tf, train=True, seed=args.seed,
+                      rank=args.rank, world_size=args.world_size, channels_last=args.channels_last)
+    val = None
+    if not (args.disable_eval and not args.eval):
+        v_images, v_labels, _, _ = decode_to_uint8(False, args)
+        total += v_images.numel()
+        sharded = args.dist_eval and args.world_size > 1
+        val = GpuLoader(v_images.to(device), v_labels.to(device), max(args.batch_size, 64),
+                        gpu_transforms.GpuEvalTransform(args.input_size, mean, std, args.crop_pct), train=False,
+                        rank=args.rank if sharded else 0, world_size=args.world_size if sharded else 1,
+                        channels_last=args.channels_last)
+    return train, val, f'GPU data path: {total / 2 ** 30:.2f} GiB of uint8 images on {device} ({how})'

@@ -94,6 +94,12 @@ def get_args_parser():
     a('--data_set', default='IMNET', type=str)
     a('--download', type=str2bool, default=False, help='let torchvision download the dataset into --data_path')
     a('--num_workers', default=10, type=int)
+    a('--gpu_data', default='auto', choices=('auto', 'true', 'false'),
+      help='hold the dataset on the device as uint8 and augment there (gpu_transforms.py); auto: on CUDA when '
+           'both splits take at most half of the free GPU memory')
+    a('--gpu_data_size', default=None, type=int,
+      help='GPU data path: short side to which datasets of varied image sizes are resized once '
+           '(default input_size / crop_pct, e.g. 256 for 224)')
     a('--pin_mem', type=str2bool, default=True)
     # output and run control
     a('--output_dir', default='', help='checkpoints, log.txt, config.yaml')
@@ -276,8 +282,15 @@ def build_distill_teacher(args, device):
     return teacher.eval().to(device)
 
 
-def build_loaders(args):
+def build_loaders(args, device):
     import datasets
+    if args.gpu_data == 'true' or (args.gpu_data == 'auto' and datasets.gpu_data_fits(args, device)):
+        train_loader, val_loader, how = datasets.build_gpu_loaders(args, device)
+        if len(train_loader) == 0:
+            raise UserError(f'{len(train_loader.dataset)} training images are fewer than one global step of '
+                            f'{args.batch_size * args.world_size}; lower --batch_size')
+        utils.print_main(how)
+        return train_loader, val_loader
     train_set, args.nb_classes = datasets.build_dataset(True, args)
     val_set = None if args.disable_eval and not args.eval else datasets.build_dataset(False, args)[0]
     if len(train_set) < args.batch_size * args.world_size:
@@ -323,7 +336,7 @@ def main(argv=None):
     else:
         torch.backends.cudnn.benchmark = True
 
-    train_loader, val_loader = build_loaders(args)
+    train_loader, val_loader = build_loaders(args, device)
     model = build_model(args)
     if args.init != 'timm':
         if args.initialize:

@@ -1,0 +1,263 @@
+"""The GPU data path (gpu_transforms.py, datasets.GpuLoader) against its CPU counterparts (PIL, timm,
+torchvision), run on CPU tensors: per-op parity bounds, sampling distributions, and training with it."""
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script, write_image_folder
+import datasets  # noqa: F401 - installs the Pillow-13 posterize shim used by the references below
+import gpu_transforms as gt
+from timm.data import auto_augment as aa
+from timm.data.transforms import RandomResizedCropAndInterpolation
+
+BICUBIC = Image.Resampling.BICUBIC
+FILL = (124, 116, 104)  # timm's img_mean fill for ImageNet's mean
+
+
+def natural_image(seed, height=40, width=48):
+    """A smooth random image with some texture, like a photo more than like noise."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((6, 7, 3)) * 255).astype('uint8')).resize((width, height), BICUBIC)
+    pixels = np.asarray(coarse).astype(float) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype('uint8'))
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float()
+
+
+def to_pil(x):
+    return Image.fromarray(x[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy())
+
+
+def diff(x, img):
+    return (x[0] - to_tensor(img)[0]).abs()
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
+@pytest.mark.parametrize('box,size', [((0, 0, 48, 40), (224, 224)), ((5, 3, 30, 31), (64, 64)),
+                                      ((0, 0, 48, 40), (20, 17)), ((7, 2, 47, 38), (24, 24))])
+def test_resized_crop_matches_pil(interpolation, box, size):
+    """torchvision's crop + resize (PIL), up and down, within 1 level everywhere."""
+    img = natural_image(0)
+    left, top, right, bottom = box
+    reference = img.crop(box).resize(size, {'bicubic': BICUBIC, 'bilinear': Image.Resampling.BILINEAR}[interpolation])
+    t = lambda v: torch.tensor([float(v)])
+    rows = gt.resample_matrix(t(top), t(bottom - top), 40, size[1], interpolation)
+    cols = gt.resample_matrix(t(left), t(right - left), 48, size[0], interpolation)
+    out = gt.apply_resample(to_tensor(img), rows, cols)
+    assert diff(out, reference).max() <= 1
+    flipped = gt.apply_resample(to_tensor(img), rows, gt.flip_columns(cols, torch.tensor([True])))
+    assert diff(flipped, reference.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).max() <= 1
+
+
+def test_crop_with_padding_matches_torchvision():
+    from torchvision import transforms
+    img = natural_image(1, 32, 32)
+    padded = transforms.functional.pad(img, 4)
+    for dy, dx in [(0, 0), (8, 8), (3, 6)]:
+        reference = padded.crop((dx, dy, dx + 32, dy + 32))
+        rows = gt.shift_matrix(torch.tensor([dy - 4]), 32, 32)
+        cols = gt.shift_matrix(torch.tensor([dx - 4]), 32, 32)
+        assert diff(gt.apply_resample(to_tensor(img), rows, cols), reference).max() == 0
+
+
+LEVELS = [(9.0, 1.0), (6.3, -1.0), (10.0, 1.0), (0.0, 1.0)]
+
+
+def run_op(img, name, level, sign):
+    x = to_tensor(img)
+    one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)
+    return gt.apply_ops(x, one(gt.RAND_OPS.index(name), torch.long), one(level), one(sign),
+                        torch.tensor([True]), torch.tensor(FILL, dtype=torch.float32))
+
+
+def pil_reference(img, name, level, sign):
+    m = level / 10
+    factor = max(0.1, 1.0 + sign * m * 0.9)
+    geo = dict(resample=BICUBIC, fillcolor=FILL)
+    return {
+        'AutoContrast': lambda: aa.auto_contrast(img), 'Equalize': lambda: aa.equalize(img),
+        'Invert': lambda: aa.invert(img),
+        'PosterizeIncreasing': lambda: aa.posterize(img, 4 - int(m * 4)),
+        'SolarizeIncreasing': lambda: aa.solarize(img, 256 - min(256, int(m * 256))),
+        'SolarizeAdd': lambda: aa.solarize_add(img, min(128, int(m * 110))),
+        'ColorIncreasing': lambda: aa.color(img, factor), 'ContrastIncreasing': lambda: aa.contrast(img, factor),
+        'BrightnessIncreasing': lambda: aa.brightness(img, factor),
+        'SharpnessIncreasing': lambda: aa.sharpness(img, factor),
+        'Rotate': lambda: aa.rotate(img, sign * m * 30, **geo), 'ShearX': lambda: aa.shear_x(img, sign * m * 0.3, **geo),
+        'ShearY': lambda: aa.shear_y(img, sign * m * 0.3, **geo),
+        'TranslateXRel': lambda: aa.translate_x_rel(img, sign * m * 0.45, **geo),
+        'TranslateYRel': lambda: aa.translate_y_rel(img, sign * m * 0.45, **geo),
+    }[name]()
+
+
+@pytest.mark.parametrize('name', gt.LUT_OPS + gt.BLEND_OPS)
+def test_colour_ops_match_pil(name):
+    """Lookup-table and blend ops: within 1 level of timm's PIL ops, on every pixel."""
+    for seed, (level, sign) in enumerate(LEVELS):
+        img = natural_image(seed)
+        if name == 'AutoContrast':  # a narrow range, so that the stretch does something
+            img = Image.fromarray((np.asarray(img) // 3 + 60).astype('uint8'))
+        d = diff(run_op(img, name, level, sign), pil_reference(img, name, level, sign))
+        assert d.max() <= 1 and d.mean() < 0.01, (level, sign, d.max(), d.mean())  # exact here, measured
+
+
+@pytest.mark.parametrize('name', gt.GEOMETRIC_OPS)
+def test_geometric_ops_close_to_pil(name):
+    """Affine ops: the same map and fill as PIL; only the cubic kernel differs (a=-0.75 vs -0.5). Bounds:
+    mean difference under 1 level (about 0.7 measured), at most 6, and fill placed alike on all but a thin
+    edge band (< 4% of pixels)."""
+    for seed, (level, sign) in enumerate(LEVELS):
+        img = natural_image(seed)
+        ours, reference = run_op(img, name, level, sign), to_tensor(pil_reference(img, name, level, sign))
+        d = (ours - reference).abs()[0]
+        assert d.mean() < 1.0 and d.max() <= 6, (level, sign, d.mean(), d.max())
+        fill = torch.tensor(FILL).view(3, 1, 1)
+        ours_fill, ref_fill = (ours[0] == fill).all(0), (reference[0] == fill).all(0)
+        assert (ours_fill != ref_fill).float().mean() < 0.04
+        inside = ~(ours_fill | ref_fill)
+        assert d[:, inside].mean() < 1.2
+
+
+def test_ops_off_or_at_zero_leave_images_unchanged():
+    img = to_tensor(natural_image(3)).repeat(len(gt.RAND_OPS), 1, 1, 1)
+    ops = torch.arange(len(gt.RAND_OPS))
+    n = len(ops)
+    off = gt.apply_ops(img, ops, torch.full((n,), 9.0), torch.ones(n), torch.zeros(n, dtype=torch.bool),
+                       torch.tensor(FILL, dtype=torch.float32))
+    assert torch.equal(off, img)
+
+
+def test_rand_augment_sampling_frequencies():
+    """Each layer: op uniform over timm's 15 (with replacement), applied with p 0.5, magnitude N(9, 0.5)
+    clipped to [0, 10], sign +-1 alike."""
+    g = torch.Generator().manual_seed(0)
+    n = 60_000
+    op, apply, level, sign = gt.sample_layer(g, n, torch.device('cpu'), magnitude=9.0, magnitude_std=0.5, prob=0.5)
+    counts = torch.bincount(op, minlength=15).double()
+    expected = n / 15
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 36.1  # 14 degrees of freedom, p = 0.001
+    assert abs(apply.double().mean().item() - 0.5) < 0.01
+    assert abs(level.mean().item() - 9.0) < 0.01 and level.max() <= 10 and level.min() >= 0
+    assert abs(level.std().item() - 0.5) < 0.01
+    assert abs((sign > 0).double().mean().item() - 0.5) < 0.01
+
+
+def test_resized_crop_distribution_matches_timm():
+    """Crop area fraction and aspect ratio: the same distribution as timm's get_params (quantiles)."""
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    top, left, h, w = gt.resized_crop_params(g, n, 32, 40, torch.device('cpu'))
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 40).all()
+    random.seed(0)
+    img = Image.new('RGB', (40, 32))
+    ref = torch.tensor([RandomResizedCropAndInterpolation.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+                        for _ in range(n)], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    area, ref_area = (h * w).double() / (32 * 40), ref[:, 2] * ref[:, 3] / (32 * 40)
+    ratio, ref_ratio = (w / h).double(), ref[:, 3] / ref[:, 2]
+    assert (area.quantile(q) - ref_area.quantile(q)).abs().max() < 0.02
+    assert (ratio.quantile(q) - ref_ratio.quantile(q)).abs().max() < 0.03
+    centre = (top + h / 2).double()
+    ref_centre = ref[:, 0] + ref[:, 2] / 2
+    assert abs(centre.mean() - ref_centre.mean()) < 0.15
+
+
+def test_random_erasing_matches_timm_distribution():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((4000, 3, 24, 24), 100.0)
+    out = gt.random_erasing(x, g, prob=0.25)
+    erased = (out != 100.0).any(1)  # (n, h, w)
+    fraction = erased.flatten(1).float().mean(1)
+    hit = fraction > 0
+    assert abs(hit.float().mean().item() - 0.25) < 0.025
+    assert fraction[hit].min() >= 0.015 and fraction[hit].max() <= 0.36
+    rows, cols = erased.any(2), erased.any(1)  # each erased region is one box
+    assert torch.equal(erased[hit].sum((1, 2)), (rows.sum(1) * cols.sum(1))[hit])
+    values = out[hit[:, None, None, None].expand_as(out) & (out != 100.0)]
+    assert abs(values.mean().item()) < 0.05 and abs(values.std().item() - 1) < 0.05
+
+
+def test_train_transform_output_and_seed():
+    images = torch.from_numpy(np.stack([np.asarray(natural_image(s)) for s in range(6)])).permute(0, 3, 1, 2)
+    tf = gt.GpuTrainTransform(56, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    a = tf(images, torch.Generator().manual_seed(5))
+    b = tf(images, torch.Generator().manual_seed(5))
+    c = tf(images, torch.Generator().manual_seed(6))
+    assert a.shape == (6, 3, 56, 56) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    small = gt.GpuTrainTransform(32, (0.5,) * 3, (0.5,) * 3, aa='none', reprob=0)
+    assert small(images, torch.Generator().manual_seed(0)).shape == (6, 3, 32, 32)
+
+
+def test_eval_transform_matches_cpu_path():
+    """Resize (short side 224/0.875) + centre crop, and the <= 32 px resize, within 1 level of
+    datasets.build_transform before normalization."""
+    from types import SimpleNamespace
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = natural_image(4)
+    for size in (32, 24, 56):
+        args = SimpleNamespace(input_size=size, crop_pct=None, imagenet_default_mean_and_std=True)
+        reference = datasets.build_transform(False, args)(img)
+        ours = gt.GpuEvalTransform(size, mean, std)(to_tensor(img).byte())[0]
+        assert ours.shape == reference.shape
+        scale = torch.tensor(std).view(3, 1, 1) * 255
+        assert ((ours - reference) * scale).abs().max() <= 1.01
+
+
+# ------------------------------------------------------------------------------ training on the GPU path
+SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--data_set',
+         'image_folder', '--device', 'cpu', '--print_freq', '1', '--warmup_epochs', '1', '--gpu_data', 'true',
+         '--num_workers', '0', '--batch_size', '4']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('data'), seed=2, varied_sizes=True)
+
+
+def test_gpu_path_trains_with_varied_sizes(tmp_path, data):
+    proc = run_script('main.py', *SMALL, '--data_path', data, '--output_dir', str(tmp_path), '--epochs', '1',
+                      '--input_size', '40', '--gpu_data_size', '44')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'GPU data path' in proc.stdout and 'short side resized to 44' in proc.stdout
+    assert '"test_acc1"' in proc.stdout
+
+
+def test_gpu_path_kill_and_resume_is_exact(tmp_path, data):
+    flags = ['--input_size', '32', '--epochs', '2', '--save_every_steps', '1', '--data_path', data]
+    reference, killed = tmp_path / 'reference', tmp_path / 'killed'
+    proc = run_script('main.py', *SMALL, *flags, '--output_dir', str(reference))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    child = subprocess.Popen([sys.executable, 'main.py', *SMALL, *flags, '--output_dir', str(killed)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None and not (killed / 'checkpoint-0-step3.pth').exists():
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    proc = run_script('main.py', *SMALL, *flags, '--output_dir', str(killed))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'resumed from' in proc.stdout and 'continuing at epoch 2' not in proc.stdout  # killed mid-run
+    a = torch.load(reference / 'checkpoint-1.pth', weights_only=False)['model']
+    b = torch.load(killed / 'checkpoint-1.pth', weights_only=False)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpu_path_rejects_policies_it_does_not_implement(tmp_path, data):
+    from conftest import assert_clean_failure
+    proc = run_script('main.py', *SMALL, '--data_path', data, '--output_dir', str(tmp_path / 'x'), '--epochs', '1',
+                      '--aa', 'rand-m9-mstd0.5')
+    assert_clean_failure(proc, 'inc1', '--gpu_data false')
+    assert not (tmp_path / 'x').exists() or not any(f.startswith('checkpoint') for f in os.listdir(tmp_path / 'x'))
