@@ -362,46 +362,15 @@ def main(argv=None):
     utils.print_main(f'global batch = world_size {args.world_size} x batch_size {args.batch_size} x update_freq '
                      f'{args.update_freq} = {global_batch}; {steps_per_epoch} optimizer steps per epoch')
 
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.utils import ModelEmaV3
-
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-    criterion = losses.TrainingLoss(criterion, args.distill, teacher, args.distill_alpha, args.distill_tau)
-
+    mixup_fn, criterion = build_criterion(args, teacher)
     model_ema = None
     if args.model_ema:
+        from timm.utils import ModelEmaV3
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
-
-    # AdamW without weight decay on norms, biases, layer scales (1-D) and the model's no_weight_decay()
-    # set (pos_embed, cls_token); layer-wise lr decay through timm's group matchers.
-    opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
-    if args.opt_betas:
-        opt_kwargs['betas'] = tuple(args.opt_betas)
-    if args.opt in ('sgd', 'momentum'):
-        opt_kwargs['momentum'] = args.momentum
-    if args.opt == 'adamw' and device.type == 'cuda':
-        opt_kwargs['fused'] = True
-    optimizer = create_optimizer_v2(trainable, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    layer_decay=args.layer_decay if args.layer_decay < 1.0 else None, **opt_kwargs)
+    optimizer = build_optimizer(trainable, args, device)
     lr_scheduler, wd_schedule = build_schedules(optimizer, args, steps_per_epoch)
 
-    amp_dtype, scaler = None, None
-    if args.use_amp and device.type == 'cuda':
-        if torch.cuda.is_bf16_supported():
-            amp_dtype = torch.bfloat16
-        else:
-            amp_dtype, scaler = torch.float16, torch.amp.GradScaler('cuda')
+    amp_dtype, scaler = build_amp(args, device)
 
     model_without_ddp = model
     if args.distributed:
@@ -474,6 +443,48 @@ def main(argv=None):
         utils.print_main(json.dumps(record))
         stats = record
     return stats
+
+
+def build_criterion(args, teacher=None):
+    """(timm Mixup or None, the training loss): mixup/cutmix with label smoothing in soft targets, else
+    label-smoothing cross-entropy; distillation terms on top (losses.TrainingLoss)."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    return mixup_fn, losses.TrainingLoss(criterion, args.distill, teacher, args.distill_alpha, args.distill_tau)
+
+
+def build_optimizer(trainable, args, device):
+    """AdamW (fused on CUDA) without weight decay on norms, biases, layer scales (1-D) and the model's
+    no_weight_decay() set (pos_embed, cls_token); layer-wise lr decay through timm's group matchers."""
+    from timm.optim import create_optimizer_v2
+    opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
+    if args.opt_betas:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    if args.opt in ('sgd', 'momentum'):
+        opt_kwargs['momentum'] = args.momentum
+    if args.opt == 'adamw' and device.type == 'cuda':
+        opt_kwargs['fused'] = True
+    return create_optimizer_v2(trainable, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               layer_decay=args.layer_decay if args.layer_decay < 1.0 else None, **opt_kwargs)
+
+
+def build_amp(args, device):
+    """(autocast dtype or None, GradScaler or None): bf16 where supported, else fp16 with a scaler."""
+    if not (args.use_amp and device.type == 'cuda'):
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler('cuda')
 
 
 def build_schedules(optimizer, args, steps_per_epoch):

@@ -261,3 +261,30 @@ def test_gpu_path_rejects_policies_it_does_not_implement(tmp_path, data):
                       '--aa', 'rand-m9-mstd0.5')
     assert_clean_failure(proc, 'inc1', '--gpu_data false')
     assert not (tmp_path / 'x').exists() or not any(f.startswith('checkpoint') for f in os.listdir(tmp_path / 'x'))
+
+
+def test_benchmark_smoke_on_cpu(tmp_path, data):
+    """scripts/benchmark.py end to end with tiny settings: all three measurements and the JSON record."""
+    import json
+    out = tmp_path / 'bench' / 'b.json'
+    proc = run_script('scripts/benchmark.py', '--output', str(out), '--warmup', '1', '--steps', '2', '--',
+                      '--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}',
+                      '--input_size', '32', '--data_set', 'image_folder', '--data_path', data, '--device', 'cpu',
+                      '--batch_size', '4', '--num_workers', '0')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report['images_per_sec']) == {'model_only', 'gpu_path', 'cpu_loader', 'eval_gpu_path'}
+    assert all(v > 0 for v in report['images_per_sec'].values())
+    assert set(report['ratios']) == {'gpu_path / model_only', 'gpu_path / cpu_loader'}
+    assert report['settings']['batch_size'] == 4 and report['versions']['torch'] == torch.__version__
+    assert report['projected_300_epoch_minutes'] > 0
+
+
+def test_benchmark_refuses_cuda_without_a_gpu(tmp_path, data):
+    from conftest import assert_clean_failure
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is present')
+    proc = run_script('scripts/benchmark.py', '--output', str(tmp_path / 'b.json'), '--', '--data_set',
+                      'image_folder', '--data_path', data)
+    assert_clean_failure(proc, 'no CUDA device', '--device cpu')
+    assert not (tmp_path / 'b.json').exists()

@@ -1,0 +1,149 @@
+"""Training throughput of one model with the paper's recipe, in one process:
+
+  (a) model only: one synthetic batch resident on the device, the full training step (autocast, loss,
+      backward, optimizer) and nothing else;
+  (b) end to end with the GPU data path (--gpu_data true: uint8 images on the device, RandAugment, random
+      erasing, mixup/cutmix on the device);
+  (c) end to end with the CPU loader (timm's transforms in --num_workers DataLoader workers);
+  and evaluation throughput on the GPU path. Prints b/a and b/c and the projected time of a 300-epoch run
+  (training plus one evaluation per epoch), and writes everything with device, versions and settings to
+  --output (JSON). Flags after the script's own are main.py's (recipe, data, model):
+
+    python scripts/benchmark.py --output benchmarks/vit_tiny_eager.json -- \\
+        --config configs/vit_tiny_cifar100.yaml --model vit_tiny_patch16_224 --data_set image_folder \\
+        --data_path data/cifar10 --batch_size 256 --use_amp true --channels_last true --num_workers 15
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+import main as trainer  # noqa: E402
+import utils  # noqa: E402
+
+
+class Take:
+    """The first n batches of a loader (with its sampler's epoch set), as a loader."""
+
+    def __init__(self, loader, n, epoch=0):
+        self.loader, self.n, self.epoch = loader, n, epoch
+        self.dataset = getattr(loader, 'dataset', None)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        sampler = getattr(self.loader, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(self.epoch)
+        return itertools.islice(iter(self.loader), self.n)
+
+
+class Repeat:
+    """One batch, n times: the model-only measurement."""
+
+    def __init__(self, batch, n):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.repeat(self.batch, self.n)
+
+
+def train_throughput(setup, loader_of, warmup, steps):
+    """Images per second of engine.train_one_epoch over `steps` batches, after `warmup` batches (compile,
+    cuDNN autotuning, worker start-up)."""
+    model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype = setup
+    common = dict(amp_dtype=amp_dtype, mixup_fn=mixup_fn, print_freq=10 ** 9)
+    engine.train_one_epoch(model, criterion, loader_of(warmup, 0), optimizer, device, 0, scheduler, **common)
+    stats = engine.train_one_epoch(model, criterion, loader_of(steps, 1), optimizer, device, 1, scheduler, **common)
+    return stats['images_per_sec']
+
+
+def main(argv=None):
+    p = utils.ArgumentParser('benchmark.py', description=__doc__.split('\n\n')[0])
+    p.add_argument('--output', required=True, help='JSON file for the results')
+    p.add_argument('--warmup', type=int, default=20, help='batches before timing (per measurement)')
+    p.add_argument('--steps', type=int, default=100, help='timed batches (per measurement)')
+    p.add_argument('--skip_cpu_loader', action='store_true', help='leave out (c)')
+    p.add_argument('--epochs_projected', type=int, default=300)
+    p.add_argument('main_args', nargs=argparse.REMAINDER, help="-- then main.py's flags")
+    bench = p.parse_args(argv)
+    main_argv = bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args
+    args = trainer.parse_args(main_argv)
+    args.rank, args.world_size, args.distributed, args.gpu = 0, 1, False, 0
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise utils.UserError('no CUDA device here; pass --device cpu (with small settings) to try the benchmark')
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    utils.seed_everything(args.seed)
+
+    args.gpu_data = 'true'
+    gpu_train, gpu_val = trainer.build_loaders(args, device)
+    model = trainer.build_model(args).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    mixup_fn, criterion = trainer.build_criterion(args)
+    optimizer = trainer.build_optimizer(model, args, device)
+    scheduler, _ = trainer.build_schedules(optimizer, args, len(gpu_train))
+    amp_dtype, _ = trainer.build_amp(args, device)
+    train_model = torch.compile(model) if args.compile else model
+    setup = (train_model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype)
+    results = {}
+
+    gpu_train.sampler.set_epoch(0)
+    images, targets = next(iter(gpu_train))
+    results['model_only'] = train_throughput(setup, lambda n, e: Repeat((images, targets), n), bench.warmup, bench.steps)
+    results['gpu_path'] = train_throughput(setup, lambda n, e: Take(gpu_train, n, e), bench.warmup, bench.steps)
+    if gpu_val is not None:
+        engine.evaluate(Take(gpu_val, 2), model, device, amp_dtype)  # warm up
+        start = time.time()
+        stats = engine.evaluate(gpu_val, model, device, amp_dtype)
+        results['eval_gpu_path'] = stats['n'] / (time.time() - start)
+    if not bench.skip_cpu_loader:
+        args.gpu_data = 'false'
+        cpu_train, _ = trainer.build_loaders(args, device)
+        results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), bench.warmup, bench.steps)
+
+    ratios = {'gpu_path / model_only': results['gpu_path'] / results['model_only']}
+    if 'cpu_loader' in results:
+        ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']
+    n_train = len(gpu_train.dataset)
+    n_val = len(gpu_val.dataset) if gpu_val is not None else 0
+    epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0)
+    import timm
+    import torchvision
+    report = {
+        'images_per_sec': {k: round(v, 1) for k, v in results.items()},
+        'ratios': {k: round(v, 3) for k, v in ratios.items()},
+        f'projected_{bench.epochs_projected}_epoch_minutes': round(bench.epochs_projected * epoch_seconds / 60, 1),
+        'settings': {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
+                     'compile': args.compile, 'use_amp': args.use_amp, 'amp_dtype': str(amp_dtype),
+                     'channels_last': args.channels_last, 'aa': args.aa, 'reprob': args.reprob,
+                     'mixup': args.mixup, 'cutmix': args.cutmix, 'num_workers': args.num_workers,
+                     'data_set': args.data_set, 'train_images': n_train, 'eval_images': n_val,
+                     'warmup_batches': bench.warmup, 'timed_batches': bench.steps},
+        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({os.cpu_count()} cores)',
+        'versions': {'torch': torch.__version__, 'torchvision': torchvision.__version__, 'timm': timm.__version__,
+                     'python': sys.version.split()[0]},
+        'code_version': utils.code_version(),
+        'command': ['python', 'scripts/benchmark.py', *(argv if argv is not None else sys.argv[1:])],
+    }
+    print(json.dumps(report, indent=1))
+    os.makedirs(os.path.dirname(os.path.abspath(bench.output)), exist_ok=True)
+    utils.atomic_write(bench.output, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return report
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)
