@@ -318,7 +318,7 @@ class GpuLoader:
         if train:
             self.sampler = EpochSampler(range(len(labels)), num_replicas=world_size, rank=rank, seed=seed)
         else:
-            self.order = torch.arange(rank, len(labels), world_size)
+            self.order = torch.arange(rank, len(labels), world_size, device=labels.device)
 
     def __len__(self):
         if self.train:
@@ -329,15 +329,15 @@ class GpuLoader:
         device = self.images.device
         if not self.train:
             for start in range(0, len(self.order), self.batch_size):
-                idx = self.order[start:start + self.batch_size].to(device)
+                idx = self.order[start:start + self.batch_size]
                 yield self._layout(self.transform(self.images[idx])), self.labels[idx]
             return
         n = len(self.labels)
-        keys = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).remainder_(n).to(device)  # once per epoch
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
         g = torch.Generator(device=device)
-        for k in range(len(keys) // self.batch_size):
-            idx = (keys[k * self.batch_size:(k + 1) * self.batch_size] % n).to(device, non_blocking=True)
+        for k in range(len(order) // self.batch_size):
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             g.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k)
             yield self._layout(self.transform(self.images[idx], g)), self.labels[idx]
 

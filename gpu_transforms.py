@@ -257,10 +257,21 @@ def apply_ops(x, op, level, sign, apply, fill):
     """RandAugment ops with explicit per-sample op index, magnitude (0..10), sign and on/off."""
     op = torch.where(apply, op, torch.full_like(op, -1))
     factor = (1.0 + sign * level / 10 * 0.9).clamp(min=0.1)
-    in_group = lambda names: torch.isin(op, torch.tensor([RAND_OPS.index(k) for k in names], device=x.device))
-    out = torch.where(in_group(LUT_OPS)[:, None, None, None], _apply_luts(x, _lookup_tables(x, op, level)), x)
-    out = torch.where(in_group(BLEND_OPS)[:, None, None, None], _blend_ops(x, op, factor), out)
-    return torch.where(in_group(GEOMETRIC_OPS)[:, None, None, None], _geometric_ops(x, op, level, sign, fill), out)
+    group = _op_groups(x.device)[op + 1][:, None, None, None]  # 0 off, 1 LUT, 2 blend, 3 geometric
+    out = torch.where(group == 1, _apply_luts(x, _lookup_tables(x, op, level)), x)
+    out = torch.where(group == 2, _blend_ops(x, op, factor), out)
+    return torch.where(group == 3, _geometric_ops(x, op, level, sign, fill), out)
+
+
+_OP_GROUPS = {}
+
+
+def _op_groups(device):
+    """op index + 1 -> its group, kept on each device once (no host-to-device copy per batch)."""
+    if device not in _OP_GROUPS:
+        groups = [0] + [1 if k in LUT_OPS else 2 if k in BLEND_OPS else 3 for k in RAND_OPS]
+        _OP_GROUPS[device] = torch.tensor(groups, device=device)
+    return _OP_GROUPS[device]
 
 
 def parse_rand_augment(config):
@@ -343,6 +354,10 @@ class GpuTrainTransform:
         # timm fills the geometric ops' empty area with the mean colour, as 8-bit values
         self.fill = torch.tensor([min(255, round(255 * m)) for m in mean], dtype=torch.float32)
 
+    def _on(self, device):
+        if self.mean.device != device:  # once: no host-to-device copies per batch
+            self.mean, self.std, self.fill = self.mean.to(device), self.std.to(device), self.fill.to(device)
+
     def __call__(self, images, g):
         n, _, height, width = images.shape
         device = images.device
@@ -359,13 +374,14 @@ class GpuTrainTransform:
             dx = torch.randint(0, 9, (n,), generator=g, device=device)
             rows = shift_matrix(dy - 4, size, size) @ rows
             cols = shift_matrix(dx - 4, size, size) @ cols
+        self._on(device)
         flip = torch.rand(n, generator=g, device=device) < self.hflip
         x = apply_resample(images, rows, flip_columns(cols, flip))
         if self.rand_augment is not None:
             ra = dict(self.rand_augment)
             for _ in range(ra.pop('layers')):
-                x = rand_augment_layer(x, g, self.fill.to(device), **ra)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+                x = rand_augment_layer(x, g, self.fill, **ra)
+        x = (x - self.mean) / self.std
         if self.reprob > 0:
             x = random_erasing(x, g, prob=self.reprob)
         return x
@@ -398,4 +414,6 @@ class GpuEvalTransform:
     def __call__(self, images):
         rows, cols = self.matrices(images.shape[0], images.shape[2], images.shape[3], images.device)
         x = apply_resample(images, rows, cols)
-        return (x - self.mean.to(images.device)) / self.std.to(images.device)
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (x - self.mean) / self.std
