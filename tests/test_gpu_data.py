@@ -216,6 +216,32 @@ def test_eval_transform_matches_cpu_path():
         assert ((ours - reference) * scale).abs().max() <= 1.01
 
 
+
+def test_gpu_loader_shards_and_reshuffles():
+    """Two ranks take disjoint halves of one seeded shuffle, a new one each epoch; skipping k batches resumes
+    at batch k with the same augmentation; evaluation shards cover every image once."""
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
+    labels = torch.arange(20)
+    tf = lambda x, g=None: x.float() + (0 if g is None else torch.rand((), generator=g))
+    ranks = [datasets.GpuLoader(images, labels, 5, tf, train=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    seen = {}
+    for epoch in (0, 1):
+        for loader in ranks:
+            loader.sampler.set_epoch(epoch)
+        seen[epoch] = [torch.cat([y for _, y in loader]) for loader in ranks]
+        assert len(set(seen[epoch][0].tolist()) | set(seen[epoch][1].tolist())) == 20
+        assert not set(seen[epoch][0].tolist()) & set(seen[epoch][1].tolist())
+    assert not torch.equal(seen[0][0], seen[1][0])
+    ranks[0].sampler.set_epoch(1)
+    full = list(ranks[0])
+    ranks[0].sampler.set_epoch(1, skip=5)
+    resumed = list(ranks[0])
+    assert len(resumed) == len(full) - 1
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[1:], resumed))
+    evals = [datasets.GpuLoader(images, labels, 3, lambda x: x.float(), train=False, rank=r, world_size=2)
+             for r in (0, 1)]
+    assert sorted(torch.cat([y for e in evals for _, y in e]).tolist()) == list(range(20))
+
 # ------------------------------------------------------------------------------ training on the GPU path
 SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--data_set',
          'image_folder', '--device', 'cpu', '--print_freq', '1', '--warmup_epochs', '1', '--gpu_data', 'true',
