@@ -335,11 +335,10 @@ class GpuLoader:
         n = len(self.labels)
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).remainder_(n).to(device)  # once per epoch
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
-        g = torch.Generator(device=device)
         for k in range(len(order) // self.batch_size):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            g.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k)
-            yield self._layout(self.transform(self.images[idx], g)), self.labels[idx]
+            seed = ((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k
+            yield self._layout(self.transform(self.images[idx], seed)), self.labels[idx]
 
     def _layout(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -1,7 +1,9 @@
 """The recipe's image transforms (datasets.build_transform) on batches of uint8 images that already live on
 the GPU (or any torch device). Each sample draws its own crop, flip, RandAugment ops and magnitudes and
-erasing box from one torch.Generator per batch: no per-sample Python loop, no host synchronisation, and a
-batch's augmentation depends only on its seed (exact resume).
+erasing box; a batch's draws come from one seed (a device generator for crops, flips and erasing, a host
+generator for RandAugment's op choices, so that each op group runs on its own samples only, gathered by
+indices the host already knows). No per-sample Python loop, no host synchronisation, and a batch's
+augmentation depends only on its seed (exact resume).
 
 Parity with the CPU path (PIL + timm), bounded in tests/test_gpu_data.py:
 - resize, resized crop, crop with padding, flip: PIL's separable filters (bicubic a=-0.5, bilinear;
@@ -248,30 +250,44 @@ def sample_layer(g, n, device, magnitude=9.0, magnitude_std=0.5, prob=0.5):
     return op, apply, level, sign
 
 
-def rand_augment_layer(x, g, fill, magnitude=9.0, magnitude_std=0.5, prob=0.5):
-    op, apply, level, sign = sample_layer(g, x.shape[0], x.device, magnitude, magnitude_std, prob)
+def rand_augment_layer(x, host_gen, fill, magnitude=9.0, magnitude_std=0.5, prob=0.5):
+    """One RandAugment layer; its choices are drawn on the host (host_gen, a CPU generator), so the
+    samples of each op group are known without waiting for the device."""
+    op, apply, level, sign = sample_layer(host_gen, x.shape[0], torch.device('cpu'), magnitude, magnitude_std, prob)
     return apply_ops(x, op, level, sign, apply, fill)
 
 
+OP_GROUP = torch.tensor([0] + [1 if k in LUT_OPS else 2 if k in BLEND_OPS else 3 for k in RAND_OPS])
+
+
 def apply_ops(x, op, level, sign, apply, fill):
-    """RandAugment ops with explicit per-sample op index, magnitude (0..10), sign and on/off."""
+    """RandAugment ops with per-sample op index, magnitude (0..10), sign and on/off, given on the host.
+    Each group of ops (lookup tables, blends, affine) runs on its own samples only, gathered by host-known
+    indices: no work on samples whose op is off or of another group, and no host synchronisation."""
     op = torch.where(apply, op, torch.full_like(op, -1))
-    factor = (1.0 + sign * level / 10 * 0.9).clamp(min=0.1)
-    group = _op_groups(x.device)[op + 1][:, None, None, None]  # 0 off, 1 LUT, 2 blend, 3 geometric
-    out = torch.where(group == 1, _apply_luts(x, _lookup_tables(x, op, level)), x)
-    out = torch.where(group == 2, _blend_ops(x, op, factor), out)
-    return torch.where(group == 3, _geometric_ops(x, op, level, sign, fill), out)
+    group = OP_GROUP[op + 1]
+    out = x.clone()
+    for gid, run in ((1, _lut_group), (2, _blend_group), (3, _geometric_group)):
+        chosen = (group == gid).nonzero().flatten()
+        if len(chosen) == 0:
+            continue
+        to_dev = lambda t: (t.pin_memory() if x.is_cuda else t).to(x.device, non_blocking=True)
+        idx = to_dev(chosen)
+        out.index_copy_(0, idx, run(x.index_select(0, idx), to_dev(op[chosen]), to_dev(level[chosen]),
+                                    to_dev(sign[chosen]), fill))
+    return out
 
 
-_OP_GROUPS = {}
+def _lut_group(x, op, level, sign, fill):
+    return _apply_luts(x, _lookup_tables(x, op, level))
 
 
-def _op_groups(device):
-    """op index + 1 -> its group, kept on each device once (no host-to-device copy per batch)."""
-    if device not in _OP_GROUPS:
-        groups = [0] + [1 if k in LUT_OPS else 2 if k in BLEND_OPS else 3 for k in RAND_OPS]
-        _OP_GROUPS[device] = torch.tensor(groups, device=device)
-    return _OP_GROUPS[device]
+def _blend_group(x, op, level, sign, fill):
+    return _blend_ops(x, op, (1.0 + sign * level / 10 * 0.9).clamp(min=0.1))
+
+
+def _geometric_group(x, op, level, sign, fill):
+    return _geometric_ops(x, op, level, sign, fill)
 
 
 def parse_rand_augment(config):
@@ -354,13 +370,19 @@ class GpuTrainTransform:
         # timm fills the geometric ops' empty area with the mean colour, as 8-bit values
         self.fill = torch.tensor([min(255, round(255 * m)) for m in mean], dtype=torch.float32)
 
-    def _on(self, device):
-        if self.mean.device != device:  # once: no host-to-device copies per batch
-            self.mean, self.std, self.fill = self.mean.to(device), self.std.to(device), self.fill.to(device)
+        self.device_gen, self.host_gen = None, torch.Generator()
 
-    def __call__(self, images, g):
+    def _on(self, device):
+        if self.device_gen is None or self.mean.device != device:  # once: no host-to-device copies per batch
+            self.mean, self.std, self.fill = self.mean.to(device), self.std.to(device), self.fill.to(device)
+            self.device_gen = torch.Generator(device=device)
+
+    def __call__(self, images, seed):
+        """Transform one batch; every random draw comes from `seed` (one device and one host generator)."""
         n, _, height, width = images.shape
         device = images.device
+        self._on(device)
+        g, host_gen = self.device_gen.manual_seed(seed), self.host_gen.manual_seed(seed)
         size = self.size
         if size > 32:
             top, left, h, w = resized_crop_params(g, n, height, width, device)
@@ -374,13 +396,12 @@ class GpuTrainTransform:
             dx = torch.randint(0, 9, (n,), generator=g, device=device)
             rows = shift_matrix(dy - 4, size, size) @ rows
             cols = shift_matrix(dx - 4, size, size) @ cols
-        self._on(device)
         flip = torch.rand(n, generator=g, device=device) < self.hflip
         x = apply_resample(images, rows, flip_columns(cols, flip))
         if self.rand_augment is not None:
             ra = dict(self.rand_augment)
             for _ in range(ra.pop('layers')):
-                x = rand_augment_layer(x, g, self.fill, **ra)
+                x = rand_augment_layer(x, host_gen, self.fill, **ra)
         x = (x - self.mean) / self.std
         if self.reprob > 0:
             x = random_erasing(x, g, prob=self.reprob)
