@@ -160,8 +160,10 @@ def _lookup_tables(x, op, level):
     scale = 255.0 / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     auto = torch.where(hi > lo, torch.trunc(v * scale - lo * scale).clamp(0, 255), v)
     # Equalize: PIL's cumulative-histogram table
-    hist = torch.zeros(b * c, 256, device=device, dtype=torch.float32)
-    hist.scatter_add_(1, flat.reshape(b * c, -1).long(), torch.ones_like(flat.reshape(b * c, -1)))
+    # one flat histogram: scatter_add_ into a 1-D tensor also has a deterministic CUDA kernel in older torch
+    bins = (flat.long() + torch.arange(b * c, device=device).view(b, c, 1) * 256).flatten()
+    hist = torch.zeros(b * c * 256, device=device, dtype=torch.float32)
+    hist.scatter_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
     hist = hist.double().reshape(b, c, 256)
     last = 255 - (hist.flip(-1) > 0).double().argmax(-1, keepdim=True)
     step = torch.floor((hist.sum(-1, keepdim=True) - hist.gather(-1, last)) / 255)
