@@ -54,24 +54,39 @@ def get_args():
     p.add_argument('--num_workers', type=int, default=8)
     p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the 224 px ViT-T/14 study')
     p.add_argument('--smoke', action='store_true', help='a few images and one epoch everywhere (CPU, minutes)')
+    p.add_argument('--time_budget_min', type=float, default=None,
+                   help='start no new run after this many minutes; write a partial report. Finished runs are '
+                        'kept, so the same command continues the study (e.g. one GPU window at a time)')
+    p.add_argument('--subprocess', action='store_true',
+                   help='run main.py and weight_selection.py in fresh interpreters (default: in this process, '
+                        'which saves the start-up of each of the ~100 runs)')
     return p.parse_args()
+
+
+class OutOfTime(Exception):
+    """--time_budget_min is spent: no new run starts."""
 
 
 class Study:
     def __init__(self, args):
         self.args, self.commands, self.records = args, [], []
         self.python = sys.executable
+        self.start = time.time()
 
     def run(self, cmd):
+        budget = self.args.time_budget_min
+        if budget is not None and time.time() - self.start > budget * 60:
+            raise OutOfTime()
         self.commands.append(shlex.join(cmd))
         print('+ ' + shlex.join(cmd), flush=True)
         script = os.path.basename(cmd[1])
-        if self.args.smoke and script in ('main.py', 'weight_selection.py'):
+        if not self.args.subprocess and script in ('main.py', 'weight_selection.py'):
             # the same CLI entry point in this process: no interpreter start-up per run
             import contextlib
             import io
             module = __import__(script[:-3])
-            with contextlib.redirect_stdout(io.StringIO()):
+            quiet = contextlib.redirect_stdout(io.StringIO()) if self.args.smoke else contextlib.nullcontext()
+            with quiet:
                 module.main(cmd[2:])
             return
         subprocess.run(cmd, check=True, cwd=HERE, stdout=subprocess.DEVNULL if self.args.smoke else None)
@@ -130,7 +145,18 @@ def main():
                          f'the CIFAR-10 npz in ../shared) or --source FOLDER')
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    study, start = Study(args), time.time()
+    study = Study(args)
+    try:
+        run_study(args, out, study)
+    except OutOfTime:
+        write_report(out, study, time.time() - study.start, args, partial=True)
+        print(f'time budget of {args.time_budget_min} min spent: partial report written; run the same command '
+              f'again to continue (finished runs are kept)')
+        return
+    write_report(out, study, time.time() - study.start, args)
+
+
+def run_study(args, out, study):
     per_test = 4 if args.smoke else None
     source = args.source or study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE,
                                               8 if args.smoke else None, per_test)
@@ -175,10 +201,9 @@ def main():
                                           'seed': seed, 'final_acc1': log[-1]['test_acc1'],
                                           'best_acc1': max(r['test_acc1'] for r in log), 'epochs': epochs,
                                           'run_dir': os.path.relpath(run_dir, out)})
-    write_report(out, study, time.time() - start, args)
 
 
-def write_report(out, study, seconds, args):
+def write_report(out, study, seconds, args, partial=False):
     import torch
     import timm
     with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
@@ -192,7 +217,8 @@ def write_report(out, study, seconds, args):
              f'Source task: {SOURCE}; target task: {TARGET}. Final test acc@1 (%) on the target test images, '
              f'mean ± std over seeds {args.seeds}.', '',
              f'Device: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.'
-             + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else ''), '',
+             + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
+             + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
              '| model | images per class | init | acc@1 | n |', '|---|---|---|---|---|']
     for (family, n, init), accs in groups.items():
         mean = statistics.mean(accs)

@@ -24,3 +24,14 @@ def test_transfer_study_smoke(tmp_path):
     # the selections really came from the pretrained teachers
     assert (out / 'teachers' / 'vit' / 'checkpoint-best.pth').exists()
     assert len(os.listdir(out / 'ws')) == 2 * 7 + 1
+
+
+def test_transfer_study_time_budget_writes_partial_report(tmp_path):
+    make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
+    out = tmp_path / 'study'
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(out), '--smoke',
+                      '--make_imagefolder', make_imagefolder, '--time_budget_min', '0')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'run the same command again to continue' in proc.stdout
+    assert 'PARTIAL' in (out / 'transfer_study.md').read_text()
+    assert (out / 'runs.jsonl').read_text() == ''
