@@ -209,16 +209,26 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 # ------------------------------------------------------------------------------------ the GPU data path
-FIXED_SIZE = ('CIFAR10', 'CIFAR100', 'stl10', 'svhn', 'eurosat')  # every image has the same size
+NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}  # one size per dataset
+_RAW = {}
 
 
 def raw_dataset(is_train, args):
-    """The split as build_dataset returns it, without transforms (PIL images)."""
+    """The split as build_dataset returns it, without transforms (PIL images); built once per process
+    (--gpu_data auto counts an image folder's files, then the GPU path decodes them)."""
     from types import SimpleNamespace
-    no_transform = SimpleNamespace(**{**vars(args), 'input_size': 32, 'aa': None, 'reprob': 0})
-    dataset, classes = build_dataset(is_train, no_transform)
-    _drop_transforms(dataset)
-    return dataset, classes
+    key = (is_train, args.data_set, args.data_path)
+    if key not in _RAW:
+        no_transform = SimpleNamespace(**{**vars(args), 'input_size': 32, 'aa': None, 'reprob': 0})
+        dataset, classes = build_dataset(is_train, no_transform)
+        _drop_transforms(dataset)
+        _RAW[key] = dataset, classes
+    return _RAW[key]
+
+
+def gpu_side(args):
+    """The short side to which --gpu_data resizes datasets of varied image sizes."""
+    return args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
 
 
 def _drop_transforms(dataset):
@@ -265,7 +275,7 @@ class _ToFixedUint8:
         return transforms.functional.pil_to_tensor(img)
 
 
-def decode_to_uint8(is_train, args, num_workers=None):
+def decode_to_uint8(is_train, args):
     """(images uint8 (N, 3, H, W) on the CPU, labels (N,), number of classes, how they were stored).
     Datasets of one image size keep their native resolution; others are resized once to a short side of
     --gpu_data_size (default input_size / crop_pct) and centre-cropped to a square."""
@@ -274,13 +284,13 @@ def decode_to_uint8(is_train, args, num_workers=None):
     if held is not None:
         return held[0], held[1], classes, 'native resolution'
     side = None
-    if args.data_set not in FIXED_SIZE:
+    if args.data_set not in NATIVE_SIDE:
         sizes = _image_sizes(dataset) if isinstance(dataset, datasets.ImageFolder) else {None, 'varied'}
         if len(sizes) > 1:
-            side = args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
+            side = gpu_side(args)
     decode = _ToFixedUint8(side)
     loader = torch.utils.data.DataLoader(_Mapped(dataset, decode), batch_size=256, shuffle=False,
-                                         num_workers=args.num_workers if num_workers is None else num_workers)
+                                         num_workers=args.num_workers)
     images, labels = [], []
     for x, y in loader:
         images.append(x)
@@ -344,16 +354,18 @@ class GpuLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}
+# train + test images per dataset (the table above); image folders are counted
+IMAGES = {'CIFAR10': 60_000, 'CIFAR100': 60_000, 'flowers': 8_189, 'pets': 7_349, 'stl10': 13_000,
+          'food101': 101_000, 'dtd': 5_640, 'svhn': 99_289, 'eurosat': 27_000, 'IMNET': 1_331_167}
 
 
 def gpu_data_fits(args, device):
-    """Whether both splits, as uint8 at most gpu_data_size (or native) square, take at most half of the
+    """Whether both splits, as uint8 squares of their native side (or gpu_side), take at most half of the
     device's free memory: the default of --gpu_data auto."""
     if device.type != 'cuda':
         return False
-    side = NATIVE_SIDE.get(args.data_set) or args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
-    count = sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
+    side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
+    count = IMAGES.get(args.data_set) or sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
     free, _ = torch.cuda.mem_get_info(device)
     return count * 3 * side * side <= free // 2
 
