@@ -135,12 +135,16 @@ def _posterize_keeping_zero_bits():
 _posterize_keeping_zero_bits()
 
 
+def _mean_std(args):
+    return ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+            else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+
+
 def build_transform(is_train, args):
     """timm's create_transform at input_size (RandAugment, random erasing; bicubic), or, for inputs of
     32 px or less, the CIFAR path: random crop with padding 4 instead of a random resized crop."""
     size = args.input_size
-    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
-                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    mean, std = _mean_std(args)
     if is_train:
         t = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
                              auto_augment=args.aa if args.aa not in (None, '', 'none') else None,
@@ -370,15 +374,20 @@ def gpu_data_fits(args, device):
     return count * 3 * side * side <= free // 2
 
 
+def gpu_train_transform(args):
+    """The GPU path's training transform; ValueError names a setting it does not implement."""
+    import gpu_transforms
+    return gpu_transforms.GpuTrainTransform(args.input_size, *_mean_std(args), aa=args.aa,
+                                            interpolation=args.train_interpolation, reprob=args.reprob,
+                                            remode=args.remode, recount=args.recount)
+
+
 def build_gpu_loaders(args, device):
     """(train loader, eval loader or None, a line saying how the data is held) for --gpu_data."""
     import gpu_transforms
-    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
-                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    mean, std = _mean_std(args)
     try:
-        train_tf = gpu_transforms.GpuTrainTransform(args.input_size, mean, std, aa=args.aa,
-                                                    interpolation=args.train_interpolation, reprob=args.reprob,
-                                                    remode=args.remode, recount=args.recount)
+        train_tf = gpu_train_transform(args)
     except ValueError as e:
         raise UserError(str(e)) from None
     images, labels, args.nb_classes, how = decode_to_uint8(True, args)

@@ -284,7 +284,14 @@ def build_distill_teacher(args, device):
 
 def build_loaders(args, device):
     import datasets
-    if args.gpu_data == 'true' or (args.gpu_data == 'auto' and datasets.gpu_data_fits(args, device)):
+    use_gpu = args.gpu_data == 'true'
+    if args.gpu_data == 'auto' and datasets.gpu_data_fits(args, device):
+        try:
+            datasets.gpu_train_transform(args)
+            use_gpu = True
+        except ValueError as e:
+            utils.print_main(f'--gpu_data auto: using the CPU loader ({e})')
+    if use_gpu:
         train_loader, val_loader, how = datasets.build_gpu_loaders(args, device)
         if len(train_loader) == 0:
             raise UserError(f'{len(train_loader.dataset)} training images are fewer than one global step of '
