@@ -285,6 +285,9 @@ def build_distill_teacher(args, device):
 def build_loaders(args, device):
     import datasets
     use_gpu = args.gpu_data == 'true'
+    if use_gpu and device.type == 'cuda' and not datasets.gpu_data_fits(args, device):
+        raise UserError(f'--gpu_data true: {args.data_set} does not fit in half of the free GPU memory; pass '
+                        f'--gpu_data false (or a smaller --gpu_data_size)')
     if args.gpu_data == 'auto' and datasets.gpu_data_fits(args, device):
         try:
             datasets.gpu_train_transform(args)

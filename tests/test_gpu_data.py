@@ -332,3 +332,19 @@ def test_benchmark_refuses_cuda_without_a_gpu(tmp_path, data):
                       'image_folder', '--data_path', data)
     assert_clean_failure(proc, 'no CUDA device', '--device cpu')
     assert not (tmp_path / 'b.json').exists()
+
+
+def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
+    """--gpu_data auto's rule: both splits as uint8 squares within half of the free memory; never on the CPU."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(data_set='CIFAR10', gpu_data_size=None, input_size=224, crop_pct=None)
+    cuda = torch.device('cuda')
+    cifar_bytes = 60_000 * 3 * 32 * 32
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * cifar_bytes, 10 ** 12))
+    assert datasets.gpu_data_fits(args, cuda)
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * cifar_bytes - 2, 10 ** 12))
+    assert not datasets.gpu_data_fits(args, cuda)
+    assert not datasets.gpu_data_fits(args, torch.device('cpu'))
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (80 * 2 ** 30, 10 ** 12))
+    assert datasets.gpu_data_fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)  # 256 px: 19.9 GB
+    assert not datasets.gpu_data_fits(SimpleNamespace(**{**vars(args), 'data_set': 'IMNET'}), cuda)
