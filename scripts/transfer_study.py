@@ -7,11 +7,13 @@
      first vs uniform layer selection;
   4. train the students on target subsets (N images per class) from random init and from each selection,
      over seeds, evaluating on all target test images; optionally also a ViT-T/14 at 224 px from the
-     real DINOv2 ViT-S/14 (--dinov2 CKPT), random init vs weight selection;
+     real DINOv2 ViT-S/14 (--dinov2 CKPT; --dinov2_input_size), random init vs weight selection;
   5. write OUT/transfer_study.md (mean ± std, commands, device, versions, wall time) and OUT/runs.jsonl.
 
     python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
     python scripts/transfer_study.py --out /tmp/smoke --smoke          # the whole pipeline on the CPU in minutes
+    python scripts/transfer_study.py --out /tmp/dino112 --device cpu --families --dinov2 CKPT \
+        --dinov2_input_size 112 --subsets 100 --per_class_test 200     # only the DINOv2 part, sized for a CPU
 
 One recipe per model and subset size, the same for every initialization.
 """
@@ -45,14 +47,19 @@ def get_args():
     p.add_argument('--target', default=None, help='an ImageFolder for the target task (its train/ is subsampled)')
     p.add_argument('--subsets', type=int, nargs='+', default=[100, 500], help='training images per target class')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--families', nargs='+', default=['vit', 'convnext'], choices=sorted(MODELS))
+    p.add_argument('--families', nargs='*', default=['vit', 'convnext'], choices=sorted(MODELS),
+                   help='teachers pretrained here; pass the flag with no value to run only the DINOv2 study')
     p.add_argument('--teacher_epochs', type=int, default=100)
     p.add_argument('--student_epochs', type=int, nargs=2, default=[200, 100],
                    help='epochs for the smallest and the largest subset')
     p.add_argument('--batch_size', type=int, default=128)
     p.add_argument('--device', default='cuda')
     p.add_argument('--num_workers', type=int, default=8)
-    p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the 224 px ViT-T/14 study')
+    p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the ViT-T/14 study')
+    p.add_argument('--dinov2_input_size', type=int, default=224,
+                   help='input size of the DINOv2 students (a multiple of 14; the position grid is resampled)')
+    p.add_argument('--per_class_test', type=int, default=None,
+                   help='target test images per class (default: all 1,000); fewer only to fit a CPU')
     p.add_argument('--smoke', action='store_true', help='a few images and one epoch everywhere (CPU, minutes)')
     p.add_argument('--time_budget_min', type=float, default=None,
                    help='start no new run after this many minutes; write a partial report. Finished runs are '
@@ -136,6 +143,7 @@ def main():
     args = get_args()
     if args.smoke:
         args.subsets, args.seeds, args.teacher_epochs, args.student_epochs = [4], [0], 1, [1, 1]
+        args.per_class_test = 4
         args.batch_size, args.device, args.num_workers = 4, 'cpu', 0
     if args.target:
         raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
@@ -157,10 +165,13 @@ def main():
 
 
 def run_study(args, out, study):
-    per_test = 4 if args.smoke else None
-    source = args.source or study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE,
-                                              8 if args.smoke else None, per_test)
-    targets = {n: study.imagefolder(os.path.join(out, 'data', f'target_{n}'), TARGET, n, per_test) for n in args.subsets}
+    per_test = args.per_class_test
+    source = args.source
+    if not source and args.families:  # only the teachers pretrained here need the source task
+        source = study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE, 8 if args.smoke else None, per_test)
+    test_tag = f'_test{per_test}' if per_test else ''
+    targets = {n: study.imagefolder(os.path.join(out, 'data', f'target_{n}{test_tag}'), TARGET, n, per_test)
+               for n in args.subsets}
     for family in args.families:
         teacher, t_kwargs, student, s_kwargs = MODELS[family]
         t_dir = os.path.join(out, 'teachers', family)
@@ -181,23 +192,26 @@ def run_study(args, out, study):
                         os.makedirs(os.path.dirname(ws_file), exist_ok=True)
                         extra = ['--initialize', study.select(ws_file, teacher, t_kwargs, ckpt, student, s_kwargs,
                                                               layers, elements, seed)]
-                    run_dir = os.path.join(out, 'students', family, f'n{n}', name.replace(' ', '_').replace(',', ''), f'seed{seed}')
+                    run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', name.replace(' ', '_').replace(',', ''), f'seed{seed}')
                     log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, extra)
                     study.records.append({'family': family, 'per_class': n, 'init': name, 'seed': seed,
                                           'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
                                           'epochs': epochs, 'run_dir': os.path.relpath(run_dir, out)})
     if args.dinov2:
-        s_kwargs = {'img_size': 224}
-        ws_file = study.select(os.path.join(out, 'ws', 'dinov2_vit_tiny_14.pth'), 'vit_small_patch14_dinov2', {},
+        size = args.dinov2_input_size
+        s_kwargs = {'img_size': size}
+        os.makedirs(os.path.join(out, 'ws'), exist_ok=True)
+        ws_file = study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2', {},
                                os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
             for name, extra in [('random init', []), ('ws uniform (DINOv2)', ['--initialize', ws_file])]:
                 for seed in args.seeds:
-                    run_dir = os.path.join(out, 'students', 'dinov2', f'n{n}', name.split()[0] + ('_ws' if extra else ''), f'seed{seed}')
+                    run_dir = os.path.join(out, 'students', f'dinov2_{size}px{test_tag}', f'n{n}',
+                                           'ws' if extra else 'random', f'seed{seed}')
                     log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed,
-                                      extra, input_size=224)
-                    study.records.append({'family': 'dinov2 vit_tiny/14 @224', 'per_class': n, 'init': name,
+                                      extra, input_size=size)
+                    study.records.append({'family': f'dinov2 vit_tiny/14 @{size}', 'per_class': n, 'init': name,
                                           'seed': seed, 'final_acc1': log[-1]['test_acc1'],
                                           'best_acc1': max(r['test_acc1'] for r in log), 'epochs': epochs,
                                           'run_dir': os.path.relpath(run_dir, out)})
@@ -206,24 +220,27 @@ def run_study(args, out, study):
 def write_report(out, study, seconds, args, partial=False):
     import torch
     import timm
+    import utils
     with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
         for r in study.records:
             f.write(json.dumps(r) + '\n')
     groups = {}
     for r in study.records:
-        groups.setdefault((r['family'], r['per_class'], r['init']), []).append(r['final_acc1'])
+        groups.setdefault((r['family'], r['per_class'], r['epochs'], r['init']), []).append(r['final_acc1'])
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
     lines = ['# CIFAR-10 transfer study', '',
-             f'Source task: {SOURCE}; target task: {TARGET}. Final test acc@1 (%) on the target test images, '
-             f'mean ± std over seeds {args.seeds}.', '',
-             f'Device: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.'
+             f'Source task: {SOURCE}; target task: {TARGET}. Final test acc@1 (%) on '
+             + (f'{5 * args.per_class_test:,}' if args.per_class_test else 'all 5,000')
+             + f' target test images, mean ± std over seeds {args.seeds}.', '',
+             f'Device: {device}; torch {torch.__version__}, timm {timm.__version__}; code {utils.code_version()}; '
+             f'wall time {seconds / 60:.1f} min.'
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
-             '| model | images per class | init | acc@1 | n |', '|---|---|---|---|---|']
-    for (family, n, init), accs in groups.items():
+             '| model | images per class | epochs | init | acc@1 | n |', '|---|---|---|---|---|---|']
+    for (family, n, epochs, init), accs in groups.items():
         mean = statistics.mean(accs)
         std = f' ± {statistics.stdev(accs):.1f}' if len(accs) > 1 else ''
-        lines.append(f'| {family} | {n} | {init} | {mean:.1f}{std} | {len(accs)} |')
+        lines.append(f'| {family} | {n} | {epochs} | {init} | {mean:.1f}{std} | {len(accs)} |')
     lines += ['', '## Commands', '', '```'] + study.commands + ['```', '']
     with open(os.path.join(out, 'transfer_study.md'), 'w') as f:
         f.write('\n'.join(lines))

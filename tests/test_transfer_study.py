@@ -35,3 +35,23 @@ def test_transfer_study_time_budget_writes_partial_report(tmp_path):
     assert 'run the same command again to continue' in proc.stdout
     assert 'PARTIAL' in (out / 'transfer_study.md').read_text()
     assert (out / 'runs.jsonl').read_text() == ''
+
+
+def test_transfer_study_dinov2_only_at_another_size(tmp_path):
+    """--families with no value runs only the DINOv2 study (no source task unpacked); its input size and
+    the number of target test images are settings, and they name their own folders."""
+    make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
+    dinov2 = shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt')
+    out = tmp_path / 'study'
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(out), '--smoke', '--families',
+                      '--make_imagefolder', make_imagefolder, '--dinov2', dinov2, '--dinov2_input_size', '56')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
+    assert [(r['family'], r['init']) for r in records] == [('dinov2 vit_tiny/14 @56', 'random init'),
+                                                         ('dinov2 vit_tiny/14 @56', 'ws uniform (DINOv2)')]
+    assert sorted(os.listdir(out / 'data')) == ['target_4_test4']
+    assert os.listdir(out / 'ws') == ['dinov2_vit_tiny_14_56px.pth']
+    config = (out / 'students' / 'dinov2_56px_test4' / 'n4' / 'ws' / 'seed0' / 'config.yaml').read_text()
+    assert 'input_size: 56' in config
+    report = (out / 'transfer_study.md').read_text()
+    assert 'on 20 target test images' in report and '| dinov2 vit_tiny/14 @56 | 4 | 1 | random init |' in report
