@@ -225,7 +225,7 @@ def raw_dataset(is_train, args):
     if key not in _RAW:
         no_transform = SimpleNamespace(**{**vars(args), 'input_size': 32, 'aa': None, 'reprob': 0})
         dataset, classes = build_dataset(is_train, no_transform)
-        _drop_transforms(dataset)
+        set_transform(dataset, None)
         _RAW[key] = dataset, classes
     return _RAW[key]
 
@@ -235,14 +235,15 @@ def gpu_side(args):
     return args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
 
 
-def _drop_transforms(dataset):
+def set_transform(dataset, transform):
+    """Replace the transform of a dataset build_dataset returned (through its Subset/ConcatDataset)."""
     if isinstance(dataset, ConcatDataset):
         for part in dataset.datasets:
-            _drop_transforms(part)
+            set_transform(part, transform)
     elif isinstance(dataset, Subset):
-        _drop_transforms(dataset.dataset)
+        set_transform(dataset.dataset, transform)
     else:
-        dataset.transform = None
+        dataset.transform = transform
 
 
 def _array_of(dataset):

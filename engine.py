@@ -122,3 +122,32 @@ def evaluate(loader, model, device, amp_dtype=None):
     loss, c1, c5, n = totals.tolist()
     n = max(n, 1)
     return {'loss': loss / n, 'acc1': 100 * c1 / n, 'acc5': 100 * c5 / n, 'n': int(n)}
+
+
+@torch.no_grad()
+def features(loader, model, device, amp_dtype=None):
+    """L2-normalized pre-logits features (timm's forward_head(pre_logits=True)) and labels of a loader."""
+    model.eval()
+    feats, labels = [], []
+    for images, targets in loader:
+        with autocast(device, amp_dtype):
+            f = model.forward_head(model.forward_features(images.to(device, non_blocking=True)), pre_logits=True)
+        feats.append(torch.nn.functional.normalize(f.float().flatten(1), dim=1))
+        labels.append(targets.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_accuracy(train_loader, test_loader, model, device, k=20, temperature=0.07, amp_dtype=None):
+    """Top-1 accuracy (%) of a k-nearest-neighbour vote over cosine similarities, each neighbour weighted
+    by exp(similarity / temperature) (DINO's k-NN protocol): how good a model's features are, untrained."""
+    bank, bank_labels = features(train_loader, model, device, amp_dtype)
+    test, test_labels = features(test_loader, model, device, amp_dtype)
+    classes = int(max(bank_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(test), 1024):  # a (1024 x train) similarity block at a time
+        sim, idx = (test[start:start + 1024] @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(sim), classes, device=device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[start:start + 1024]).sum().item()
+    return 100 * correct / max(len(test), 1)

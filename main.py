@@ -117,6 +117,9 @@ def get_args_parser():
       help='deterministic kernels (torch.use_deterministic_algorithms); bit-exact resume on the CPU holds without it')
     a('--start_epoch', default=0, type=int)
     a('--eval', type=str2bool, default=False, help='only evaluate (with --resume CKPT)')
+    a('--knn_probe', type=int, default=0, metavar='K',
+      help='only measure the initial model (--initialize, --init) by a K-nearest-neighbour vote of its features: '
+           'training images (eval transform) as neighbours, accuracy on the test split; no training')
     a('--dist_eval', type=str2bool, default=True, help='shard evaluation over processes')
     a('--disable_eval', type=str2bool, default=False)
     a('--print_freq', default=50, type=int)
@@ -334,6 +337,8 @@ def main(argv=None):
     device = torch.device(args.device, args.gpu) if args.device == 'cuda' else torch.device(args.device)
     if args.eval and not args.resume:
         raise UserError('--eval true needs --resume CHECKPOINT')
+    if args.knn_probe < 0:
+        raise UserError(f'--knn_probe {args.knn_probe}: pass the number of neighbours, e.g. --knn_probe 20')
     global_batch = resolve_batch(args)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -346,7 +351,10 @@ def main(argv=None):
     else:
         torch.backends.cudnn.benchmark = True
 
-    train_loader, val_loader = build_loaders(args, device)
+    if args.knn_probe:
+        knn_sets = build_knn_sets(args)  # sets args.nb_classes
+    else:
+        train_loader, val_loader = build_loaders(args, device)
     model = build_model(args)
     if args.init != 'timm':
         if args.initialize:
@@ -360,6 +368,8 @@ def main(argv=None):
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.knn_probe:
+        return knn_probe(args, model, device, knn_sets)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     teacher = build_distill_teacher(args, device)
     trainable = model  # what the optimizer updates: the model, with feature distillation also its projector
@@ -452,6 +462,30 @@ def main(argv=None):
             log_writer.flush()
         utils.print_main(json.dumps(record))
         stats = record
+    return stats
+
+
+def build_knn_sets(args):
+    """(training split, test split) for --knn_probe, both with the evaluation transform."""
+    import datasets
+    train_set, args.nb_classes = datasets.build_dataset(True, args)
+    datasets.set_transform(train_set, datasets.build_transform(False, args))
+    return train_set, datasets.build_dataset(False, args)[0]
+
+
+def knn_probe(args, model, device, knn_sets):
+    """--knn_probe K: the k-NN accuracy of the model's features, printed and (with --output_dir) saved."""
+    loaders = [torch.utils.data.DataLoader(d, batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
+               for d in knn_sets]
+    amp_dtype, _ = build_amp(args, device)
+    acc = engine.knn_accuracy(*loaders, model, device, k=args.knn_probe, amp_dtype=amp_dtype)
+    stats = {'knn_acc1': acc, 'k': args.knn_probe, 'n_train': len(knn_sets[0]), 'n_test': len(knn_sets[1]),
+             'initialize': args.initialize, 'init': args.init}
+    utils.print_main(f'k-NN (k={args.knn_probe}) acc@1 {acc:.2f} on {stats["n_test"]} test images, '
+                     f'{stats["n_train"]} training images as neighbours')
+    if args.output_dir and utils.is_main_process():
+        utils.atomic_write(os.path.join(args.output_dir, 'knn_probe.json'),
+                           lambda f: f.write(json.dumps(stats) + '\n'), binary=False)
     return stats
 
 

@@ -212,6 +212,7 @@ def test_official_readme_commands_parse_and_start(tmp_path, tiny_data):
     (['--global_batch_size', '10'], ['not a multiple']),
     (['--lr', '1e30', '--print_freq', '1', '--epochs', '2', '--mixup', '0'], ['loss is', 'stopped']),
     (['--use_amp', 'maybe'], ['expected true or false']),
+    (['--knn_probe', '-1'], ['--knn_probe -1', 'number of neighbours']),
 ])
 def test_main_bad_input(tmp_path, tiny_data, args, needles):
     import timm
@@ -231,3 +232,52 @@ def test_main_bad_input(tmp_path, tiny_data, args, needles):
     written = os.listdir(out) if out.exists() else []
     assert not [f for f in written if f.startswith('checkpoint-') and f != 'checkpoint-0.pth'], written
     assert not [f for f in written if f.startswith('.tmp')]
+
+
+class _Identity(torch.nn.Module):
+    """timm's feature API on flattened inputs: the features are the pixels."""
+    def forward_features(self, x):
+        return x.flatten(1)
+
+    def forward_head(self, x, pre_logits=False):
+        assert pre_logits
+        return x
+
+
+def test_knn_accuracy_matches_a_direct_weighted_vote():
+    import engine
+    g = torch.Generator().manual_seed(0)
+    bank, bank_y = torch.randn(300, 8, generator=g), torch.randint(0, 4, (300,), generator=g)
+    test, test_y = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
+    loader = lambda x, y: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    got = engine.knn_accuracy(loader(bank, bank_y), loader(test, test_y), _Identity(), torch.device('cpu'), k=7)
+    a, b = torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(test, dim=1)
+    correct = 0
+    for i in range(len(b)):
+        sims = [(float(b[i] @ a[j]), int(bank_y[j])) for j in range(len(a))]
+        votes = [0.0] * 4
+        for sim, label in sorted(sims, reverse=True)[:7]:
+            votes[label] += np.exp(sim / 0.07)
+        correct += int(np.argmax(votes) == int(test_y[i]))
+    assert got == pytest.approx(100 * correct / len(b))
+    # separable classes are found exactly
+    centers = torch.randn(4, 8, generator=g) * 10
+    noisy = lambda y: centers[y] + 0.1 * torch.randn(len(y), 8, generator=g)
+    assert engine.knn_accuracy(loader(noisy(bank_y), bank_y), loader(noisy(test_y), test_y), _Identity(),
+                               torch.device('cpu'), k=20) == 100
+
+
+def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
+    import timm
+    import weight_selection
+    teacher, ws = tmp_path / 'teacher.pth', tmp_path / 'ws.pth'
+    torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8).state_dict(), teacher)
+    weight_selection.main(['--teacher', 'vit_small_patch16_224', '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}',
+                           '--teacher_checkpoint', str(teacher), '--student', 'vit_tiny_patch16_224',
+                           '--student_kwargs', '{"img_size": 32, "patch_size": 8}', '--output', str(ws), '--quiet'])
+    out = tmp_path / 'knn'
+    stats = main.main([*VIT, *TINY, '--data_path', tiny_data, '--knn_probe', '5', '--initialize', str(ws),
+                       '--output_dir', str(out)])
+    assert stats['n_train'] == 24 and stats['n_test'] == 12 and 0 <= stats['knn_acc1'] <= 100
+    assert json.loads((out / 'knn_probe.json').read_text()) == stats
+    assert sorted(os.listdir(out)) == ['knn_probe.json']  # no training: no checkpoint, no log

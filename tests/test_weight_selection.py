@@ -300,6 +300,25 @@ def test_real_dinov2_teacher_to_vit_tiny_224():
         assert torch.isfinite(student(torch.randn(1, 3, 224, 224))).all()
 
 
+def test_selection_from_real_dinov2_carries_its_features(tmp_path):
+    """The selected ViT-T/14's features, before any training, sort real CIFAR-10 images by k-NN far above
+    random init (whose layer scale of 1e-5 leaves every image with nearly the same feature: chance).
+    Measured at 56 px, 50 training and 20 test images per class: 27.5% against 9.5%."""
+    import main
+    make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
+    teacher = shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt')
+    proc = run_script(make_imagefolder, str(tmp_path / 'c10'), '--per-class-train', '50', '--per-class-test', '20')
+    assert proc.returncode == 0, proc.stderr
+    ws.main(['--teacher', 'vit_small_patch14_dinov2', '--teacher_checkpoint', teacher, '--student',
+             'vit_tiny_patch14_dinov2', '--student_kwargs', '{"img_size": 56}', '--output', str(tmp_path / 'ws.pth'),
+             '--quiet'])
+    probe = ['--model', 'vit_tiny_patch14_dinov2', '--input_size', '56', '--data_set', 'image_folder', '--data_path',
+             str(tmp_path / 'c10'), '--device', 'cpu', '--num_workers', '0', '--knn_probe', '20']
+    selected = main.main(probe + ['--initialize', str(tmp_path / 'ws.pth')])['knn_acc1']
+    random_init = main.main(probe)['knn_acc1']
+    assert selected > random_init + 10, (selected, random_init)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope='module')
