@@ -123,6 +123,7 @@ class Study:
 
     def select(self, out, teacher, teacher_kwargs, ckpt, student, student_kwargs, layers, elements, seed=0):
         if not os.path.isfile(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
             self.run([self.python, os.path.join(HERE, 'weight_selection.py'), '--teacher', teacher,
                       '--teacher_checkpoint', ckpt, '--teacher_kwargs', json.dumps(teacher_kwargs),
                       '--student', student, '--student_kwargs', json.dumps(student_kwargs),
@@ -189,7 +190,6 @@ def run_study(args, out, study):
                     if sel is not None:
                         layers, elements = sel
                         ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
-                        os.makedirs(os.path.dirname(ws_file), exist_ok=True)
                         extra = ['--initialize', study.select(ws_file, teacher, t_kwargs, ckpt, student, s_kwargs,
                                                               layers, elements, seed)]
                     run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', name.replace(' ', '_').replace(',', ''), f'seed{seed}')
@@ -200,7 +200,6 @@ def run_study(args, out, study):
     if args.dinov2:
         size = args.dinov2_input_size
         s_kwargs = {'img_size': size}
-        os.makedirs(os.path.join(out, 'ws'), exist_ok=True)
         ws_file = study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2', {},
                                os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
