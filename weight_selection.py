@@ -17,16 +17,14 @@ or from the command line (see README.md):
 import math
 import os
 import re
-import sys
 import time
-import warnings
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 import utils
+from models.io import create_model, is_classifier, layout_of, linear_as_conv, load_pretrained
 from utils import UserError
 
 ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'magnitude')
@@ -241,41 +239,6 @@ def teacher_key(student_key, maps):
     return student_key
 
 
-# ----------------------------------------------------------------------------------------------
-# What a model's state dict alone does not say.
-
-@dataclass
-class Layout:
-    pos_prefix_tokens: int = 0   # tokens (cls, registers) that carry their own pos_embed entries
-    grid: tuple = None           # patch grid of pos_embed
-    classifier: tuple = ()       # names of classifier modules (not selected unless keep_head)
-
-
-def layout_of(model_or_state):
-    """Layout of a timm model; for a bare state dict, a square grid and a classifier named head/head.fc/fc."""
-    if isinstance(model_or_state, nn.Module):
-        m = model_or_state
-        prefix = 0 if getattr(m, 'no_embed_class', False) else getattr(m, 'num_prefix_tokens', 0)
-        grid = getattr(getattr(m, 'patch_embed', None), 'grid_size', None)
-        classifier = (getattr(m, 'pretrained_cfg', None) or {}).get('classifier', 'head')
-        classifier = tuple(classifier) if isinstance(classifier, (list, tuple)) else (classifier,)
-        return Layout(prefix, tuple(grid) if grid is not None else None, classifier)
-    pos = model_or_state.get('pos_embed')
-    layout = Layout(classifier=('head', 'head.fc', 'fc'))
-    if pos is not None:
-        n = pos.shape[1]
-        for prefix in range(0, 9):  # the fewest prefix tokens that leave a square grid
-            side = math.isqrt(n - prefix)
-            if side * side == n - prefix:
-                layout.pos_prefix_tokens, layout.grid = prefix, (side, side)
-                break
-    return layout
-
-
-def is_classifier(key, layout):
-    return any(key.startswith(c + '.') for c in layout.classifier)
-
-
 def state_of(model_or_state):
     if isinstance(model_or_state, nn.Module):
         return model_or_state.state_dict()
@@ -376,16 +339,6 @@ def map_component(key, t_val, s_val, t_layout, s_layout, selector):
     return value, action
 
 
-def linear_as_conv(tensor, shape):
-    """A Linear weight [out, in] as a 1x1 conv [out, in, 1, 1] or the reverse, to match `shape` (ConvNeXt's
-    MLP with conv_mlp False/True); any other tensor unchanged."""
-    if tensor.ndim == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
-        return tensor[:, :, None, None]
-    if tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1) and len(shape) == 2:
-        return tensor[:, :, 0, 0]
-    return tensor
-
-
 def check_not_wider(key, t_shape, s_shape):
     for dim, (t, s) in enumerate(zip(t_shape, s_shape)):
         if s > t:
@@ -427,106 +380,6 @@ def summarize(report, teacher_state):
     teacher_total = sum(v.numel() for v in teacher_state.values())
     return {'actions': counts, 'student_params': student_total, 'inherited_params': inherited,
             'teacher_params': teacher_total}
-
-
-# ----------------------------------------------------------------------------------------------
-# Building teacher and student.
-
-def check_model_name(name, flag):
-    import timm
-    import models  # noqa: F401 - registers the project's students with timm
-    if not timm.is_model(name):
-        import difflib
-        close = difflib.get_close_matches(name.split('.')[0], timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ''
-        raise UserError(f"{flag}: unknown model '{name}' (neither a timm model nor one registered in models/){hint}")
-
-
-def create_model(name, flag, **kwargs):
-    import timm
-    check_model_name(name, flag)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='Mapping deprecated model name')
-            return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise UserError(f'{flag} {name}: {e}; check the keyword arguments {kwargs}') from None
-
-
-def load_teacher(name, checkpoint=None, kwargs=None):
-    """(state_dict, Layout) of the teacher: from `checkpoint` if given, else timm's pretrained weights
-    from the hub. A checkpoint is checked key by key and shape by shape against the model."""
-    import timm
-    kwargs = dict(kwargs or {})
-    check_model_name(name, '--teacher')
-    if checkpoint is None:
-        check_hub_reachable(name)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', message='Mapping deprecated model name')
-                model = timm.create_model(name, pretrained=True, **kwargs)
-        except TypeError as e:
-            raise UserError(f'--teacher {name}: {e}; check --teacher_kwargs') from None
-        except Exception as e:  # noqa: BLE001 - any download failure
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"cannot fetch pretrained weights for '{name}' ({type(e).__name__}: {first}); "
-                            f'offline, pass --teacher_checkpoint FILE') from None
-        return model.state_dict(), layout_of(model)
-    if checkpoint.endswith('.npz'):  # the augreg ViTs' original JAX checkpoints
-        model = create_model(name, '--teacher', **kwargs)
-        if not hasattr(model, 'load_pretrained'):
-            raise UserError(f'{checkpoint}: .npz checkpoints are supported for timm ViTs only')
-        if not os.path.isfile(checkpoint):
-            raise UserError(f'checkpoint not found: {checkpoint}')
-        try:
-            model.load_pretrained(checkpoint)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f'cannot load {checkpoint} into {name}: {str(e).splitlines()[0][:200]}') from None
-        return model.state_dict(), layout_of(model)
-    state = utils.read_state_dict(checkpoint)
-    with torch.device('meta'):  # structure only: no memory, no random init
-        model = create_model(name, '--teacher', **kwargs)
-    state = fit_checkpoint(state, model, name, checkpoint)
-    return state, layout_of(model)
-
-
-def check_hub_reachable(name):
-    """Fail at once when offline, instead of the hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
-    if os.environ.get('HF_HUB_OFFLINE') == '1':
-        raise UserError(f"offline (HF_HUB_OFFLINE=1): pass --teacher_checkpoint FILE for '{name}'")
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise UserError(f"cannot reach {host} to download '{name}' (offline?); "
-                        f'pass --teacher_checkpoint FILE') from None
-
-
-def fit_checkpoint(state, model, name, path):
-    """The checkpoint as the model's own state dict, converting foreign layouts with timm's
-    checkpoint_filter_fn; a different classifier size is accepted (it is not selected by default)."""
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-        if filter_fn is not None:
-            try:
-                converted = filter_fn(dict(state), model)
-                if set(converted) == set(expected):
-                    state = converted
-            except Exception:  # noqa: BLE001 - not convertible: report the raw mismatch below
-                pass
-    layout = layout_of(model)
-    # a checkpoint without classifier (a backbone) is fine: the classifier is not selected by default
-    missing = [k for k in expected if k not in state and not is_classifier(k, layout)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape) and not is_classifier(k, layout)]
-    if missing or unexpected or wrong:
-        raise UserError(f'checkpoint {path} does not fit --teacher {name}: '
-                        f'{utils.describe_mismatch(missing, unexpected, wrong)}; check the teacher name or --teacher_kwargs')
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +442,7 @@ def main(argv=None):
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
     utils.check_writable(args.output)
     start = time.time()
-    teacher_state, teacher_layout = load_teacher(args.teacher, args.teacher_checkpoint, teacher_kwargs)
+    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs)
     torch.manual_seed(args.seed)
     if args.num_classes is not None:
         student_kwargs.setdefault('num_classes', args.num_classes)

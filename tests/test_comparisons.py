@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import losses
 import main
+from models import build
 import models  # noqa: F401
 from conftest import ROOT, run_script, write_image_folder
 from models.initializers import apply_init
@@ -137,9 +138,8 @@ def test_linear_probe_trains_only_the_head(tmp_path, data, model):
     flags = [*SMALL, *model, '--data_path', data, '--linear_probe', 'true', '--opt', 'lars', '--lr', '0.5',
              '--weight_decay', '0', '--mixup', '0', '--cutmix', '0', '--output_dir', str(tmp_path / 'probe')]
     args = main.parse_args(flags)
-    args.nb_classes = 3
     torch.manual_seed(0)
-    initial = main.prepare_linear_probe(main.build_model(args)).state_dict()
+    initial = build.prepare_linear_probe(build.build_model(args, 3)).state_dict()
     main.main(flags)
     trained = torch.load(tmp_path / 'probe' / 'checkpoint-0.pth', weights_only=False)['model']
     changed = {k for k in initial if initial[k].is_floating_point() and not torch.equal(initial[k], trained[k])}
