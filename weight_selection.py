@@ -29,7 +29,8 @@ import torch.nn as nn
 import utils
 from utils import UserError
 
-ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'magnitude')
+ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'l1_consistent',
+                      'magnitude')
 LAYER_SELECTIONS = ('first', 'uniform', 'mid', 'last')
 
 # --exclude names -> which student keys they leave at the student's own initialization (Table 10).
@@ -78,22 +79,28 @@ def random_indices(t, s, generator):
 class ElementSelector:
     """Chooses the kept indices of every dimension, as the chosen element selection prescribes.
 
-    Consistent modes (uniform, consecutive, random, l1) give one index set per pair of sizes
+    Consistent modes (uniform, consecutive, random, l1_consistent) give one index set per pair of sizes
     (teacher t, student s), so a width keeps the same channels in every tensor: the residual stream,
     q/k/v and proj, fc1 rows and fc2 columns stay aligned (Section 3.2, "random selection with
-    consistency"). random_inconsistent draws a fresh set for every tensor and dimension. l1 ranks
-    each embedding width (a size of a normalization weight) by the summed L1 norm of the teacher's
-    slices of that width, one set for all tensors; other sizes (MLP hidden, ...) are ranked per tensor.
+    consistency"). l1_consistent ranks each embedding width (a size of a normalization weight) by the
+    summed L1 norm of the teacher's slices of that width, one set for all tensors; other sizes are
+    ranked per tensor.
+    The per-tensor modes treat q, k and v of a fused qkv as three tensors: random_inconsistent draws a
+    fresh set for every tensor and dimension; l1 is Table 7's L1 pruning, every dimension of a tensor
+    ranked by that tensor's own slice L1 norms ("L1 norm inevitably breaks consistency"), except that a
+    neuron stays whole: a bias (or BatchNorm statistic) keeps the output rows its weight keeps.
     """
+    PER_TENSOR = ('random_inconsistent', 'l1')
 
     def __init__(self, mode, seed, teacher_state=None):
         if mode not in ELEMENT_SELECTIONS:
             raise UserError(f"unknown element selection '{mode}'; choose one of {', '.join(ELEMENT_SELECTIONS)}")
         self.mode, self.seed = mode, seed
+        self.teacher = teacher_state or {}
         self.cache = {}
         self.embed_widths = set()
         self.l1_scores = {}
-        if mode == 'l1':
+        if mode == 'l1_consistent':
             self._score_embed_widths(teacher_state)
 
     def _score_embed_widths(self, teacher_state):
@@ -106,11 +113,10 @@ class ElementSelector:
             v = split_qkv(key, v)
             for dim, size in enumerate(v.shape):
                 if size in scores and not (is_qkv(key) and dim == 0):
-                    other = [d for d in range(v.ndim) if d != dim]
-                    scores[size] += v.detach().abs().double().sum(dim=other) if other else v.abs().double()
+                    scores[size] += l1_norms(v.detach(), dim)
         self.l1_scores = scores
 
-    def indices(self, t, s, tensor, dim, key):
+    def indices(self, t, s, tensor, dim, key, anchor=None):
         if t == s:
             return torch.arange(t)
         if self.mode == 'uniform':
@@ -124,24 +130,66 @@ class ElementSelector:
         if self.mode == 'random_inconsistent':
             return random_indices(t, s, _generator(self.seed, key, dim))
         if self.mode == 'l1':
+            if dim == 0 and anchor is not None and anchor.shape[0] == t:
+                return top_l1(anchor, 0, s)  # a bias follows its weight's rows
+            return top_l1(tensor, dim, s)
+        if self.mode == 'l1_consistent':
             if t in self.l1_scores:
                 if (t, s) not in self.cache:
                     self.cache[t, s] = self.l1_scores[t].topk(s).indices.sort().values
                 return self.cache[t, s]
-            other = [d for d in range(tensor.ndim) if d != dim]
-            score = tensor.abs().double().sum(dim=other) if other else tensor.abs().double()
-            return score.topk(s).indices.sort().values
+            return top_l1(tensor, dim, s)
         raise AssertionError(self.mode)
 
-    def select(self, tensor, shape, key):
-        """Select `tensor` down to `shape`, one dimension after the other (Algorithm 1)."""
+    def select(self, tensor, shape, key, source=None):
+        """Select `tensor` down to `shape`, one dimension after the other (Algorithm 1). `source`: the
+        teacher key of `tensor` (default `key`), which tells l1 the weight a bias belongs to."""
         if self.mode == 'magnitude':
             return magnitude_squeeze(tensor, shape)
+        return self._select(tensor, shape, key, self.anchor(source or key, tensor))
+
+    def select_qkv(self, tensor, shape, key, source=None):
+        """A fused qkv split as [3, D, ...] (split_qkv). Per-tensor modes select q, k and v each as a
+        tensor of its own (they are three Linears fused); the others select the whole, which keeps q, k
+        and v on the width's one index set."""
+        if self.mode not in self.PER_TENSOR:
+            return self.select(tensor, shape, key, source)
+        anchor = self.anchor(source or key, tensor[0])
+        if anchor is not None:
+            anchor = split_qkv(key, anchor)
+        return torch.stack([self._select(part, shape[1:], f'{key}[{i}]', None if anchor is None else anchor[i])
+                            for i, part in enumerate(tensor)])
+
+    def anchor(self, source, tensor):
+        """Under l1, the teacher weight whose output rows the 1-D tensor `source` belongs to, else None."""
+        if self.mode != 'l1' or tensor.ndim != 1 or not source.endswith(NEURON_PARTS):
+            return None
+        weight = self.teacher.get(source.rsplit('.', 1)[0] + '.weight')
+        if weight is None or weight.ndim == 0 or not weight.is_floating_point():
+            return None
+        return weight.detach().float()
+
+    def _select(self, tensor, shape, key, anchor):
         out = tensor
         for dim, (t, s) in enumerate(zip(tensor.shape, shape)):
             if t != s:
-                out = out.index_select(dim, self.indices(t, s, tensor, dim, key))
+                out = out.index_select(dim, self.indices(t, s, tensor, dim, key, anchor))
         return out
+
+
+# 1-D tensors that belong to the output neurons of their module's weight (kept with them by l1)
+NEURON_PARTS = ('.bias', '.running_mean', '.running_var')
+
+
+def l1_norms(tensor, dim):
+    """L1 norm of every slice of `tensor` along `dim` (float64)."""
+    other = [d for d in range(tensor.ndim) if d != dim]
+    return tensor.abs().double().sum(dim=other) if other else tensor.abs().double()
+
+
+def top_l1(tensor, dim, s):
+    """The s slices along `dim` with the largest L1 norms, in increasing order."""
+    return l1_norms(tensor, dim).topk(s).indices.sort().values
 
 
 def magnitude_squeeze(tensor, shape):
@@ -323,7 +371,7 @@ def select_weights(teacher, student, layer_selection='first', element_selection=
         if is_classifier(key, s_layout) and t_val.shape[0] != s_val.shape[0]:
             raise UserError(f"--keep_head: the teacher's classifier '{src}' has {t_val.shape[0]} classes, "
                             f'the student {s_val.shape[0]}; pass --num_classes {t_val.shape[0]} or drop --keep_head')
-        value, action = map_component(key, t_val, s_val, t_layout, s_layout, selector)
+        value, action = map_component(key, t_val, s_val, t_layout, s_layout, selector, src)
         if value.shape != s_val.shape:
             raise AssertionError(f'{key}: selected {tuple(value.shape)}, student {tuple(s_val.shape)}')
         out[key] = value.to(dtype=s_val.dtype).contiguous()
@@ -342,8 +390,9 @@ def check_same_family(t_state, s_state, s_layout, keep_head):
                             f'must be of the same model family')
 
 
-def map_component(key, t_val, s_val, t_layout, s_layout, selector):
-    """One student tensor from its teacher counterpart: adapt the layout, then select elements."""
+def map_component(key, t_val, s_val, t_layout, s_layout, selector, source=None):
+    """One student tensor from its teacher counterpart (teacher key `source`, default `key`): adapt the
+    layout, then select elements."""
     action = None
     t_val = t_val.detach()
     if not t_val.is_floating_point() or t_val.ndim == 0:
@@ -367,10 +416,10 @@ def map_component(key, t_val, s_val, t_layout, s_layout, selector):
     if is_qkv(key):
         t_split, s_shape = split_qkv(key, t_val), split_qkv(key, s_val).shape
         check_not_wider(key, t_split.shape, s_shape)
-        value = selector.select(t_split, s_shape, key).reshape(s_val.shape)
+        value = selector.select_qkv(t_split, s_shape, key, source).reshape(s_val.shape)
     else:
         check_not_wider(key, t_val.shape, s_val.shape)
-        value = selector.select(t_val, s_val.shape, key)
+        value = selector.select(t_val, s_val.shape, key, source)
     if action is None:
         action = 'copied' if tuple(t_val.shape) == tuple(s_val.shape) else 'selected'
     return value, action
@@ -551,7 +600,8 @@ def get_args_parser():
     p.add_argument('--num_classes', type=int, default=None, help="the student's number of classes")
     p.add_argument('--layer_selection', default='first',
                    help='first | uniform | mid | last | explicit teacher blocks 0,2,4,... (per stage: a;b;c;d)')
-    p.add_argument('--element_selection', default='uniform', choices=ELEMENT_SELECTIONS)
+    p.add_argument('--element_selection', default='uniform', choices=ELEMENT_SELECTIONS,
+                   help='l1: per-tensor L1 pruning (Table 7); l1_consistent: one L1 ranking per embedding width')
     p.add_argument('--seed', type=int, default=0, help='seed of random selections and of the student init')
     p.add_argument('--exclude', default='', help=f'components left at random init: {",".join(COMPONENTS)}')
     p.add_argument('--keep_head', action='store_true', help="also select the classifier (student keeps the teacher's classes)")

@@ -56,3 +56,93 @@ def test_lars_zero_weight_is_not_frozen_and_create_lars_takes_a_model():
     assert [p for g in opt.param_groups for p in g['params']] == [lin.weight]
     _lars_step(opt, [lin.weight], [[[1., -2.]]])   # ||w|| = 0: ratio 1, w = -0.5 g
     torch.testing.assert_close(lin.weight.detach(), torch.tensor([[-0.5, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def tiny_vit(embed_dim, **kwargs):
+    import timm
+    torch.manual_seed(0)
+    kwargs = {'img_size': 8, 'patch_size': 4, 'depth': 1, 'num_heads': 2, 'num_classes': 3, **kwargs}
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False, embed_dim=embed_dim, **kwargs).eval()
+
+
+def zeros_like_shapes(shapes):
+    return {k: torch.zeros(shape) for k, shape in shapes.items()}
+
+
+# ---------------------------------------------------------------------------------------------- l1 pruning
+
+def l1_teacher():
+    """A hand-made teacher: a Linear 4x3 with bias, a norm of width 4, a fused qkv of width 4 (input 2)."""
+    return {
+        # row L1 norms 1, 5, 4, 0.5 -> rows 1, 2; column L1 norms 3, 7, 0.5 -> columns 0, 1
+        'lin.weight': torch.tensor([[1., 0., 0.], [0., -5., 0.], [2., 2., 0.], [0., 0., 0.5]]),
+        # on its own it would keep 0, 3 (|9|, |8|); it must keep its weight's rows 1, 2
+        'lin.bias': torch.tensor([9., 0.1, 0.2, 8.]),
+        # |w| = 3, 0.1, 0.5, 2 -> 0, 3 (another set than lin's rows of the same width)
+        'norm.weight': torch.tensor([-3., 0.1, 0.5, 2.]),
+        'norm.bias': torch.tensor([0.01, 7., 6., 0.02]),
+        # q rows' L1 1, 4, 3, 2 -> 1, 2; k 5, 1.5, 2, 6 -> 0, 3; v 1.1, 2.1, 3.1, 4.1 -> 2, 3
+        'blocks.0.attn.qkv.weight': torch.tensor([[a, 0.] for a in
+                                                  (1., 4., 3., 2., 5., 1.5, 2., 6., 1.1, 2.1, 3.1, 4.1)]),
+        'blocks.0.attn.qkv.bias': 100 + torch.arange(12.),
+    }
+
+
+L1_STUDENT = {'lin.weight': (2, 2), 'lin.bias': (2,), 'norm.weight': (2,), 'norm.bias': (2,),
+              'blocks.0.attn.qkv.weight': (6, 2), 'blocks.0.attn.qkv.bias': (6,)}
+
+
+def test_l1_pruning_ranks_each_tensor_and_keeps_bias_with_its_neurons():
+    import weight_selection as ws
+    sd, _ = ws.select_weights(l1_teacher(), zeros_like_shapes(L1_STUDENT), element_selection='l1')
+    assert sd['lin.weight'].tolist() == [[0., -5.], [2., 2.]]            # rows 1, 2; columns 0, 1
+    assert sd['lin.bias'].tolist() == pytest.approx([0.1, 0.2])          # rows 1, 2
+    assert sd['norm.weight'].tolist() == [-3., 2.]                       # 0, 3
+    assert sd['norm.bias'].tolist() == pytest.approx([0.01, 0.02])       # 0, 3
+    assert sd['blocks.0.attn.qkv.weight'][:, 0].tolist() == pytest.approx([4., 3., 5., 6., 3.1, 4.1])
+    # q rows 1, 2 -> 101, 102; k rows 0, 3 -> 104, 107; v rows 2, 3 -> 110, 111
+    assert sd['blocks.0.attn.qkv.bias'].tolist() == [101., 102., 104., 107., 110., 111.]
+
+
+def test_l1_consistent_keeps_one_ranking_per_embedding_width():
+    import weight_selection as ws
+    # summed L1 per index of width 4 over every tensor: lin rows (1, 5, 4, 0.5) + lin.bias (9, .1, .2, 8)
+    # + norm.weight (3, .1, .5, 2) + norm.bias (.01, 7, 6, .02) + q+k+v rows (7.1, 7.6, 8.1, 12.1)
+    # + q+k+v biases (312, 315, 318, 321) = 332.11, 334.8, 336.8, 343.62 -> every width-4 dimension keeps 2, 3
+    sd, _ = ws.select_weights(l1_teacher(), zeros_like_shapes(L1_STUDENT), element_selection='l1_consistent')
+    assert sd['lin.bias'].tolist() == pytest.approx([0.2, 8.])
+    assert sd['norm.weight'].tolist() == [0.5, 2.]
+    assert sd['blocks.0.attn.qkv.bias'].tolist() == [102., 103., 106., 107., 110., 111.]
+    args = ws.get_args_parser().parse_args(['--element_selection', 'l1_consistent'])
+    assert args.element_selection == 'l1_consistent'
+
+
+def test_l1_bias_follows_teacher_weight_of_the_mapped_block():
+    import weight_selection as ws
+    # student block 0 <- teacher block 1 (last layer selection): the bias follows teacher block 1's weight
+    teacher = {'blocks.0.fc.weight': torch.tensor([[5.], [0.], [0.], [4.]]), 'blocks.0.fc.bias': torch.zeros(4),
+               'blocks.1.fc.weight': torch.tensor([[0.], [3.], [2.], [0.]]), 'blocks.1.fc.bias': torch.arange(4.)}
+    student = zeros_like_shapes({'blocks.0.fc.weight': (2, 1), 'blocks.0.fc.bias': (2,)})
+    sd, _ = ws.select_weights(teacher, student, layer_selection='last', element_selection='l1')
+    assert sd['blocks.0.fc.bias'].tolist() == [1., 2.]
+
+
+# ---------------------------------------------------------------------------------------------- random without consistency
+
+def test_random_inconsistent_draws_fresh_sets_for_q_k_v_and_every_dimension():
+    import weight_selection as ws
+    teacher, student = tiny_vit(64), tiny_vit(32)
+    with torch.no_grad():
+        teacher.blocks[0].attn.qkv.bias.copy_(torch.arange(192.))
+        teacher.blocks[0].attn.proj.weight.copy_(torch.arange(64.)[:, None] * 1000 + torch.arange(64.))
+    sd, _ = ws.select_weights(teacher, student, element_selection='random_inconsistent', seed=0)
+    q, k, v = sd['blocks.0.attn.qkv.bias'].long().reshape(3, 32).tolist()
+    k, v = [i - 64 for i in k], [i - 128 for i in v]
+    for chosen in (q, k, v):
+        assert chosen == sorted(chosen) and len(set(chosen)) == 32 and 0 <= min(chosen) and max(chosen) < 64
+    assert q != k and k != v and q != v
+    proj = sd['blocks.0.attn.proj.weight']
+    rows, cols = (proj[:, 0] // 1000).long().tolist(), (proj[0] % 1000).long().tolist()
+    assert rows != cols
