@@ -14,6 +14,7 @@ or from the command line (see README.md):
     python weight_selection.py --teacher vit_small_patch16_224.augreg_in21k \
         --student vit_tiny_patch16_224 --num_classes 100 --output ws_vit_tiny.pth
 """
+import functools
 import math
 import os
 import re
@@ -44,6 +45,51 @@ COMPONENTS = {
     'layer_scale': lambda k: k.endswith(('.gamma', 'ls1.gamma', 'ls2.gamma')),
     'downsample': lambda k: '.downsample.' in k,
 }
+
+
+def _timm_layers(*names):
+    import timm.layers
+    found = (getattr(timm.layers, n, None) for n in names)
+    return tuple(t for t in found if isinstance(t, type))  # SwiGLUPacked is a partial, not a class
+
+
+@functools.lru_cache(maxsize=None)
+def component_types():
+    """Components told by the type of a module that owns the tensor, when the student is an nn.Module: a
+    name rule misses norms without 'norm' in their path (ConvNeXt's stem.1, stages.N.downsample.0)."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+             *([nn.RMSNorm] if hasattr(nn, 'RMSNorm') else []),
+             *_timm_layers('RmsNorm', 'RmsNorm2d', 'SimpleNorm', 'SimpleNorm2d', 'FrozenBatchNormAct2d',
+                           'FilterResponseNormAct2d', 'FilterResponseNormTlu2d', 'EvoNorm2dB0', 'EvoNorm2dB1',
+                           'EvoNorm2dB2', 'EvoNorm2dS0', 'EvoNorm2dS0a', 'EvoNorm2dS1', 'EvoNorm2dS1a',
+                           'EvoNorm2dS2', 'EvoNorm2dS2a'))
+    attns = (nn.MultiheadAttention, *_timm_layers('Attention', 'AttentionRope', 'DiffAttention', 'Attention2d',
+                                                  'MultiQueryAttention2d', 'MultiQueryAttentionV2'))
+    mlps = _timm_layers('Mlp', 'GluMlp', 'SwiGLU', 'SwiGLUPacked', 'GatedMlp', 'ConvMlp', 'GlobalResponseNormMlp')
+    return {'norm': norms, 'attn': attns, 'mlp': mlps}
+
+
+def owners(student, key):
+    """The student's modules on the path to `key` (innermost last), or None for a bare state dict."""
+    if not isinstance(student, nn.Module):
+        return None
+    parts = key.split('.')[:-1]
+    try:
+        return [student.get_submodule('.'.join(parts[:i])) for i in range(1, len(parts) + 1)]
+    except AttributeError:
+        return None
+
+
+def in_component(component, key, student):
+    """Whether student `key` belongs to an --exclude component. norm: by module type when the student is a
+    module, else by name; attn, mlp: by type or by name (their many classes include project-specific
+    ones, and their names '.attn.' / '.mlp.' have no known miss); the rest by name."""
+    types = component_types().get(component)
+    modules = owners(student, key) if types else None
+    if modules is None:
+        return COMPONENTS[component](key)
+    by_type = any(isinstance(m, types) for m in modules)
+    return by_type if component == 'norm' else by_type or COMPONENTS[component](key)
 
 # Block containers: ViT `blocks.N.`, ConvNeXt/Swin `stages.S.blocks.N.` (greedy: the innermost
 # `blocks` wins), ResNet `layerK.N.`.
@@ -356,7 +402,7 @@ def select_weights(teacher, student, layer_selection='first', element_selection=
     for key, s_val in s_state.items():
         entry = {'shape': list(s_val.shape)}
         report[key] = entry
-        if any(COMPONENTS[c](key) for c in exclude):
+        if any(in_component(c, key, student) for c in exclude):
             out[key], entry['action'] = s_val.clone(), 'excluded'
             continue
         if is_classifier(key, s_layout) and not keep_head:

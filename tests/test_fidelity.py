@@ -146,3 +146,40 @@ def test_random_inconsistent_draws_fresh_sets_for_q_k_v_and_every_dimension():
     proj = sd['blocks.0.attn.proj.weight']
     rows, cols = (proj[:, 0] // 1000).long().tolist(), (proj[0] % 1000).long().tolist()
     assert rows != cols
+
+
+# ---------------------------------------------------------------------------------------------- --exclude by module type
+
+def test_exclude_norm_finds_convnext_stem_and_downsample_layernorms():
+    import timm
+    import weight_selection as ws
+    torch.manual_seed(1)
+    teacher = timm.create_model('convnext_femto', pretrained=False)
+    torch.manual_seed(0)
+    student = timm.create_model('convnext_femto', pretrained=False)
+    own = {k: v.clone() for k, v in student.state_dict().items()}
+    # ConvNeXt-F: depths 2, 2, 6, 2; stage 0 has no downsample
+    norms = ['stem.1', 'stages.1.downsample.0', 'stages.2.downsample.0', 'stages.3.downsample.0', 'head.norm']
+    norms += [f'stages.{s}.blocks.{b}.norm' for s, depth in enumerate((2, 2, 6, 2)) for b in range(depth)]
+    expected = {f'{m}.{p}' for m in norms for p in ('weight', 'bias')}
+    sd, report = ws.select_weights(teacher, student, exclude=['norm'])
+    excluded = {k for k, e in report.items() if e['action'] == 'excluded'}
+    assert excluded == expected
+    for k in expected:
+        assert torch.equal(sd[k], own[k]), k
+    assert torch.equal(sd['stages.1.downsample.1.weight'], teacher.stages[1].downsample[1].weight.detach())
+
+
+def test_exclude_attn_mlp_by_type_and_bare_state_dicts_by_name():
+    import weight_selection as ws
+    teacher, student = tiny_vit(16), tiny_vit(8)
+    sd, report = ws.select_weights(teacher, student, exclude=['attn', 'mlp'])
+    excluded = {k for k, e in report.items() if e['action'] == 'excluded'}
+    assert excluded == {'blocks.0.attn.qkv.weight', 'blocks.0.attn.qkv.bias', 'blocks.0.attn.proj.weight',
+                        'blocks.0.attn.proj.bias', 'blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc1.bias',
+                        'blocks.0.mlp.fc2.weight', 'blocks.0.mlp.fc2.bias'}
+    # a bare state dict has no module types: the name rule ('norm' in a module name)
+    _, report = ws.select_weights(teacher.state_dict(), student.state_dict(), exclude=['norm'])
+    excluded = {k for k, e in report.items() if e['action'] == 'excluded'}
+    assert excluded == {'blocks.0.norm1.weight', 'blocks.0.norm1.bias', 'blocks.0.norm2.weight',
+                        'blocks.0.norm2.bias', 'norm.weight', 'norm.bias'}
