@@ -408,7 +408,7 @@ def select_weights(teacher, student, layer_selection='first', element_selection=
         if is_classifier(key, s_layout) and not keep_head:
             out[key], entry['action'] = s_val.clone(), 'skipped'
             continue
-        src = teacher_key(key, maps)
+        src = final_norm_alias(teacher_key(key, maps), t_state)
         if src not in t_state:
             raise UserError(f"student key '{key}' has no counterpart '{src}' in the teacher; "
                             f'teacher and student must be of the same model family')
@@ -430,10 +430,26 @@ def check_same_family(t_state, s_state, s_layout, keep_head):
     t_groups = block_depths(t_state.keys())
     for key in s_state:
         m = BLOCK_KEY.match(key)
-        known = m['group'] in t_groups if m else key in t_state
+        known = m['group'] in t_groups if m else final_norm_alias(key, t_state) in t_state
         if not known and (keep_head or not is_classifier(key, s_layout)):
             raise UserError(f"student key '{key}' has no counterpart in the teacher; teacher and student "
                             f'must be of the same model family')
+
+
+# A ViT with global average pooling (timm global_pool='avg') normalizes after pooling, in fc_norm, and has
+# no final norm; a class-token teacher has the final norm and no fc_norm. Both are the encoder's last
+# LayerNorm over the same width, so each takes the other's weights.
+FINAL_NORMS = (('fc_norm.', 'norm.'), ('norm.', 'fc_norm.'))
+
+
+def final_norm_alias(key, t_state):
+    """`key`, or its counterpart among norm.* / fc_norm.* when only that one is in the teacher."""
+    if key in t_state:
+        return key
+    for mine, other in FINAL_NORMS:
+        if key.startswith(mine) and other + key[len(mine):] in t_state:
+            return other + key[len(mine):]
+    return key
 
 
 def map_component(key, t_val, s_val, t_layout, s_layout, selector, source=None):

@@ -183,3 +183,28 @@ def test_exclude_attn_mlp_by_type_and_bare_state_dicts_by_name():
     excluded = {k for k, e in report.items() if e['action'] == 'excluded'}
     assert excluded == {'blocks.0.norm1.weight', 'blocks.0.norm1.bias', 'blocks.0.norm2.weight',
                         'blocks.0.norm2.bias', 'norm.weight', 'norm.bias'}
+
+
+# ---------------------------------------------------------------------------------------------- fc_norm
+
+def test_avg_pool_student_takes_the_teachers_final_norm_as_fc_norm_and_back():
+    import weight_selection as ws
+    token_teacher = tiny_vit(16)
+    with torch.no_grad():
+        token_teacher.norm.weight.copy_(torch.arange(16.))
+        token_teacher.norm.bias.copy_(-torch.arange(16.))
+    avg_student = tiny_vit(8, global_pool='avg')
+    assert 'fc_norm.weight' in avg_student.state_dict() and 'norm.weight' not in avg_student.state_dict()
+    sd, report = ws.select_weights(token_teacher, avg_student)
+    assert sd['fc_norm.weight'].tolist() == [0., 2., 4., 6., 8., 10., 12., 14.]
+    assert sd['fc_norm.bias'].tolist() == [0., -2., -4., -6., -8., -10., -12., -14.]
+    assert report['fc_norm.weight']['source'] == 'norm.weight'
+    avg_student.load_state_dict(sd)
+
+    avg_teacher = tiny_vit(16, global_pool='avg')
+    with torch.no_grad():
+        avg_teacher.fc_norm.weight.copy_(torch.arange(16.))
+    token_student = tiny_vit(8)
+    sd, report = ws.select_weights(avg_teacher, token_student)
+    assert sd['norm.weight'].tolist() == [0., 2., 4., 6., 8., 10., 12., 14.]
+    assert report['norm.weight']['source'] == 'fc_norm.weight'
