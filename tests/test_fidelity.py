@@ -208,3 +208,26 @@ def test_avg_pool_student_takes_the_teachers_final_norm_as_fc_norm_and_back():
     sd, report = ws.select_weights(avg_teacher, token_student)
     assert sd['norm.weight'].tolist() == [0., 2., 4., 6., 8., 10., 12., 14.]
     assert report['norm.weight']['source'] == 'fc_norm.weight'
+
+
+# ---------------------------------------------------------------------------------------------- best vs final
+
+def test_collect_results_reports_best_and_final_epoch(tmp_path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import collect_results
+    run = tmp_path / 'runs' / 'table9' / 'weight_selection' / 'cifar100' / 'vit_tiny' / 'seed0'
+    run.mkdir(parents=True)
+    lines = [{'epoch': 0, 'train_loss': 4.0}, {'epoch': 0, 'test_acc1': 50.0}, {'epoch': 1, 'test_acc1': 62.5},
+             {'epoch': 2, 'test_acc1': 60.0}]
+    (run / 'log.txt').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    collect_results.main([str(tmp_path / 'runs'), '--out', str(tmp_path / 'res')])
+    md = (tmp_path / 'res' / 'tables.md').read_text()
+    # Table 9 columns: convnext_femto (no runs; paper 23.6), vit_tiny (best epoch 1, final epoch 2; paper 28.2)
+    assert '| weight_selection | - / - / 23.6 | 62.5 / 60.0 / 28.2 |' in md
+    assert 'cifar100 vit_tiny (best / final / paper)' in md
+    csv_lines = (tmp_path / 'res' / 'tables.csv').read_text().splitlines()
+    assert csv_lines[0] == 'table,row,dataset,model,n,best_mean,best_std,final_mean,final_std,paper'
+    assert '9,weight_selection,cifar100,vit_tiny,1,62.50,,60.00,,28.2' in csv_lines
