@@ -153,7 +153,7 @@ def encode_teacher(teacher):
 
 
 @pytest.mark.parametrize('mode,consistent', [('uniform', True), ('consecutive', True), ('random', True),
-                                             ('l1', True), ('random_inconsistent', False)])
+                                             ('l1_consistent', True), ('random_inconsistent', False)])
 def test_consistency_property(mode, consistent):
     teacher = encode_teacher(make('vit_small_patch16_224', img_size=32, patch_size=8))
     student = make('vit_tiny_patch16_224', img_size=32, patch_size=8)
