@@ -147,8 +147,12 @@ def build_criterion(args, num_classes, teacher=None):
 
 def build_optimizer(trainable, args, device, lr):
     """AdamW (fused on CUDA) without weight decay on norms, biases, layer scales (1-D) and the model's
-    no_weight_decay() set (pos_embed, cls_token); layer-wise lr decay through timm's group matchers."""
+    no_weight_decay() set (pos_embed, cls_token); layer-wise lr decay through timm's group matchers.
+    --opt lars is MAE's LARS (lars.py): the linear probe's optimizer, trust ratio also at weight decay 0."""
     from timm.optim import create_optimizer_v2
+    if args.opt == 'lars':
+        from lars import create_lars
+        return create_lars(trainable, lr, args.weight_decay, args.momentum)
     opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
     if args.opt_betas:
         opt_kwargs['betas'] = tuple(args.opt_betas)

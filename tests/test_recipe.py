@@ -194,3 +194,10 @@ def test_tables_filter_datasets_and_models():
     env = {'DATA_PATH': '/d/c100', 'DATASETS': 'cifar100', 'MODELS': 'vit_tiny', 'OUTPUT': '/o'}
     train = [c for c in tables.commands(2, env) if not c[1].endswith('weight_selection.py')]
     assert len(train) == 2 and all(shlex.join(c).count('--data_path /d/c100') == 1 for c in train)
+
+
+def test_opt_lars_is_the_linear_probes_lars():
+    from lars import Lars
+    args = main.parse_args(['--opt', 'lars', '--weight_decay', '0', '--device', 'cpu'])
+    optimizer = recipe.build_optimizer(torch.nn.Linear(2, 1), args, torch.device('cpu'), 1.6)
+    assert isinstance(optimizer, Lars) and optimizer.param_groups[0]['lr'] == 1.6
