@@ -93,6 +93,8 @@ def markdown(r, work):
     t = r['cuda_tests']
     lines = [f"# GPU check: {r['device']['name']}", '',
              f"code {r['code_version']}, {r['date']}; {r['seconds']} s in all", '',
+             *([f"**A dry run: WS_CUDA_TEST_DEVICE={r['test_device_override']} ran the CUDA tests on that device.**", '']
+               if r['test_device_override'] else []),
              '| ' + ' | '.join(r['versions']) + ' | device | memory |',
              '|' + ' --- |' * (len(r['versions']) + 2),
              '| ' + ' | '.join(str(v) for v in r['versions'].values()) + f" | {r['device']['name']} | "

@@ -188,7 +188,8 @@ def test_sigkill_then_resume_is_exact_deterministic(tmp_path, data):
     """--deterministic true, bf16, the GPU data path: killed after its first mid-epoch checkpoint and
     restarted, the run ends with bit-identical weights, EMA and log lines (as on the CPU, test_reliability)."""
     flags = [*VIT, *TINY, '--data_path', data, '--epochs', '2', '--deterministic', 'true', '--use_amp', 'true',
-             '--gpu_data', 'true', '--save_every_steps', '1', '--model_ema', 'true', '--model_ema_decay', '0.9']
+             '--gpu_data', 'true', '--save_every_steps', '1', '--model_ema', 'true', '--model_ema_decay', '0.9',
+             '--batch_size', '2']  # 12 steps an epoch, each checkpointed: time to kill it on a fast GPU
     reference, killed = tmp_path / 'reference', tmp_path / 'killed'
     proc = run_script('main.py', *flags, '--output_dir', str(reference))
     assert proc.returncode == 0, proc.stderr[-3000:]
