@@ -22,9 +22,10 @@ def read(path, default=''):
 def versions():
     import platform
     out = {'python': platform.python_version()}
-    for name in ('torch', 'torchvision', 'timm'):
+    for name, module in (('torch', 'torch'), ('torchvision', 'torchvision'), ('timm', 'timm'), ('numpy', 'numpy'),
+                         ('pillow', 'PIL')):
         try:
-            out[name] = __import__(name).__version__
+            out[name] = __import__(module).__version__
         except Exception as e:  # a missing package is a finding, not a reason to write no report
             out[name] = f'not importable: {e}'
     try:
@@ -93,7 +94,7 @@ def markdown(r, work):
     t = r['cuda_tests']
     lines = [f"# GPU check: {r['device']['name']}", '',
              f"code {r['code_version']}, {r['date']}; {r['seconds']} s in all", '',
-             *([f"**A dry run: WS_CUDA_TEST_DEVICE={r['test_device_override']} ran the CUDA tests on that device.**", '']
+             *([f"**A dry run: WS_CUDA_TEST_DEVICE={r['test_device_override']} ran the CUDA tests there.**", '']
                if r['test_device_override'] else []),
              '| ' + ' | '.join(r['versions']) + ' | device | memory |',
              '|' + ' --- |' * (len(r['versions']) + 2),
