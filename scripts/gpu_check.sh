@@ -3,13 +3,18 @@
 # (pytest -m cuda tests/test_cuda.py), then scripts/benchmark.sh's throughput grid in the time left. Writes
 # OUT_DIR/gpu_check.json, gpu_check.md, gpu_check.log (every part's output) and OUT_DIR/benchmark/ (8 files).
 # A part that fails or runs out of time is recorded and the next one runs.
-#   bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]
+#   bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]
 # DATA_DIR: CIFAR-10 as an ImageFolder (default /tmp/c10); made from .carry/cifar10 (a copy of
-# ../shared/data/cifar10) when it does not exist. Environment: PYTHON (default python3), GPU_CHECK_BUDGET
-# (seconds in all, 540), GPU_CHECK_TEST_LIMIT (seconds for the tests, 300), GPU_CHECK_BENCHMARK=0 (skip the
-# benchmark), BENCHMARK_FLAGS (benchmark.py's own flags, default '--warmup 10 --steps 50').
+# ../shared/data/cifar10) when it does not exist. Environment:
+#   PYTHON                    the interpreter (default python3)
+#   GPU_CHECK_BUDGET          seconds for everything (540); GPU_CHECK_TEST_LIMIT: for the tests (300)
+#   GPU_CHECK_BENCHMARK=0     as --no-benchmark
+#   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
+#   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 12';
+#                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [DATA_DIR]}
+if [ "${1:-}" = --no-benchmark ]; then export GPU_CHECK_BENCHMARK=0; shift; fi
+out=${1:?usage: bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]}
 data=${2:-/tmp/c10}
 start=$(date +%s)
 budget=${GPU_CHECK_BUDGET:-540}
@@ -39,7 +44,7 @@ part cuda_tests "${GPU_CHECK_TEST_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests
   -p no:cacheprovider --junitxml "$work/pytest.xml"
 cp "$work/cuda_tests.log" "$work/pytest.log"
 if [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ]; then
-  skip benchmark 'GPU_CHECK_BENCHMARK=0'
+  skip benchmark '--no-benchmark'
 else
   if [ ! -d "$data/train" ]; then
     if [ -f .carry/cifar10/make_imagefolder.py ]; then
@@ -54,7 +59,8 @@ else
     skip benchmark "$(left) s left of the ${budget} s budget"
   else
     export BENCHMARK_FLAGS=${BENCHMARK_FLAGS:---warmup 10 --steps 50}
-    part benchmark $(($(left) - 20)) bash scripts/benchmark.sh "$data" "$out/benchmark" --num_workers 12
+    part benchmark $(($(left) - 20)) bash scripts/benchmark.sh "$data" "$out/benchmark" \
+      ${GPU_CHECK_BENCHMARK_ARGS:---num_workers 12}
   fi
 fi
 echo $(($(date +%s) - start)) > "$work/elapsed"

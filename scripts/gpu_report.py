@@ -111,6 +111,7 @@ def markdown(r, work):
     if b['summary_md']:
         lines.append(b['summary_md'])
     elif b['settings']:
+        lines += [f"No summary.md (the benchmark stopped early); {len(b['settings'])} of 4 settings measured:", '']
         lines += [f"- {k}: images/s {v['images_per_sec']}, ratios {v['ratios']}" for k, v in b['settings'].items()]
     else:
         lines.append('no result')
