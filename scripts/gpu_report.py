@@ -100,12 +100,16 @@ def markdown(r, work):
              '|' + ' --- |' * (len(r['versions']) + 2),
              '| ' + ' | '.join(str(v) for v in r['versions'].values()) + f" | {r['device']['name']} | "
              f"{r['device']['memory_gib'] or '-'} GiB |", '',
+             f"nvidia-smi: {r['device']['nvidia_smi'] or '-'}", '',
              '| part | status | seconds | note |', '| --- | --- | ---: | --- |']
     lines += [f"| {k} | {p['status']} | {p['seconds']} | {p['note']} |" for k, p in r['parts'].items()]
     lines += ['', f"## CUDA tests (tests/test_cuda.py)", '',
               f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
               f"(from {t['source']}); pytest: {t['summary']}", '']
     lines += [f"- {x['outcome']}: `{x['name']}` {x['message']}" for x in t['tests'] if x['outcome'] != 'passed']
+    slowest = sorted((x for x in t['tests'] if x.get('seconds')), key=lambda x: -x['seconds'])[:5]
+    if slowest:
+        lines += ['', 'Slowest: ' + ', '.join(f"`{x['name']}` {x['seconds']:.0f} s" for x in slowest)]
     lines += ['', '## Throughput (scripts/benchmark.sh)', '']
     b = r['benchmark']
     if b['summary_md']:
