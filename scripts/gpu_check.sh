@@ -40,8 +40,10 @@ left() { echo $((budget - ($(date +%s) - start))); }
 
 part nvidia_smi 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tail -n +2 "$work/nvidia_smi.log" > "$work/nvidia_smi.txt"
+per_test=()  # with pytest-timeout, a hung test costs 150 s and the others still run
+"$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 150)
 part cuda_tests "${GPU_CHECK_TEST_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
-  -p no:cacheprovider --junitxml "$work/pytest.xml"
+  -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
 cp "$work/cuda_tests.log" "$work/pytest.log"
 if [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ]; then
   skip benchmark '--no-benchmark'
