@@ -19,10 +19,12 @@ import torch
 
 import main
 import gpu_transforms as gt
-import datasets as gpu_data  # the GPU loader's home (GpuLoader, build_gpu_loaders, gpu_data_fits): one line to change
-from conftest import ROOT, run_script, write_image_folder
+import datasets
+import gpu_data
+import recipe
+from conftest import ROOT, free_port, run_script, write_image_folder
 from test_gpu_data import FILL, natural_image, to_tensor
-from test_reliability import _free_port, checkpoint_names, final_weights, log_lines
+from test_reliability import checkpoint_names, final_weights, log_lines
 from utils import UserError
 
 DEVICE = os.environ.get('WS_CUDA_TEST_DEVICE', 'cuda')
@@ -108,8 +110,8 @@ def test_gpu_loaders_on_device_match_cpu_tensors(data):
     channels_last batches on the device, and evaluation images within 1 level."""
     def build(device):
         args = main.parse_args([*VIT, *TINY, '--data_path', data, '--device', device, '--channels_last', 'true'])
-        args.rank, args.world_size = 0, 1
-        return gpu_data.build_gpu_loaders(args, torch.device(device))
+        train, val, _, how = gpu_data.build_loaders(args, torch.device(device), 0, 1, datasets.eval_plan(args, 1))
+        return train, val, how
     (train_dev, val_dev, how), (train_cpu, val_cpu, _) = build(DEVICE), build('cpu')
     assert f'on {DEVICE}' in how
     for epoch in (0, 1):
@@ -137,7 +139,7 @@ def check_bf16_step(tmp_path, data, model, compile):
     moments = [s['exp_avg'] for s in ckpt['optimizer']['state'].values()]
     assert moments and all(torch.isfinite(m).all() for m in moments) and any(m.abs().sum() > 0 for m in moments)
     if DEVICE == 'cuda':
-        assert main.build_amp(main.parse_args(['--use_amp', 'true']), torch.device('cuda'))[0] == torch.bfloat16
+        assert recipe.build_amp(main.parse_args(['--use_amp', 'true']), torch.device('cuda'))[0] == torch.bfloat16
 
 
 @pytest.mark.parametrize('model', [VIT, CONVNEXT], ids=['vit_tiny', 'convnext_femto'])
@@ -151,13 +153,13 @@ import torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import main, utils
 args = main.parse_args(['--device', {device!r}])
-args.rank, args.world_size, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+rank, world_size, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
 device = torch.device({device!r}, local) if {device!r} == 'cuda' else torch.device('cpu')
 if device.type == 'cuda':
     torch.cuda.set_device(device)
-store = utils._restart_safe_store(args, datetime.timedelta(minutes=2))  # main.py's store under torchrun
-dist.init_process_group({backend!r}, init_method=None if store else 'env://', store=store, rank=args.rank,
-                        world_size=args.world_size)
+store = utils._restart_safe_store(args.dist_url, rank, world_size, datetime.timedelta(minutes=2))  # main.py's
+dist.init_process_group({backend!r}, init_method=None if store else 'env://', store=store, rank=rank,
+                        world_size=world_size)
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4).to(device),
                                                   device_ids=[local] if device.type == 'cuda' else None)
 with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -177,7 +179,7 @@ def test_torchrun_one_process_nccl(tmp_path, data):
     all_reduce; main.py itself trains on LOCAL_RANK's device (with one process it makes no process group)."""
     script = tmp_path / 'nccl_check.py'
     script.write_text(NCCL_SCRIPT.format(root=ROOT, device=DEVICE, backend=BACKEND))
-    torchrun = ['-m', 'torch.distributed.run', '--nproc_per_node=1', f'--master_port={_free_port()}']
+    torchrun = ['-m', 'torch.distributed.run', '--nproc_per_node=1', f'--master_port={free_port()}']
     proc = run_script(*torchrun, str(script), timeout=LIMIT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f'backend {BACKEND} ' in proc.stdout and 'all_reduce [2.0, 2.0, 2.0] grad finite True' in proc.stdout
@@ -251,12 +253,12 @@ def test_gpu_data_fits_rule_on_device(data, monkeypatch, tmp_path):
     the free memory; --gpu_data true stops with one line when they do not fit."""
     args = main.parse_args([*VIT, *TINY, '--data_path', data])
     device = torch.device(DEVICE, 0) if DEVICE == 'cuda' else torch.device(DEVICE)
-    assert gpu_data.gpu_data_fits(args, device)  # the real free memory
+    assert gpu_data.fits(args, device)  # the real free memory
     need = (24 + 9) * 3 * 36 * 36
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * need, 10 ** 12))
-    assert gpu_data.gpu_data_fits(args, device)
+    assert gpu_data.fits(args, device)
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * need - 2, 10 ** 12))
-    assert not gpu_data.gpu_data_fits(args, device)
+    assert not gpu_data.fits(args, device)
     with pytest.raises(UserError, match='does not fit in half of the free GPU memory'):
         train(data, tmp_path / 'run', '--gpu_data', 'true')
 
