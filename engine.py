@@ -23,8 +23,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
                     amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
                     log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None):
     """One epoch. `schedule(optimizer, step)` sets the lr (and weight decay) of an optimizer step;
-    `start_step` is the optimizer step count at which this call starts; `partial` the state of an epoch interrupted after some steps ({'loss_sum', 'micro',
-    'seen'}, as given to `on_step`), whose remaining batches `loader` yields. After each optimizer step
+    `start_step` is the optimizer step count at which this call starts; `partial` the state of an epoch
+    interrupted after some steps ({'loss_sum', 'micro', 'seen'}, as given to `on_step`), whose remaining
+    batches `loader` yields. After each optimizer step
     `on_step(step, get_partial)` is called (mid-epoch checkpoints). Returns the epoch's mean loss, last lr
     and throughput."""
     model.train()
@@ -59,16 +60,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
         seen += images.shape[0]
         seen_here += images.shape[0]
         if final_micro:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, clip_grad)
             if model_ema is not None:
                 model_ema.update(utils.unwrap_model(model), step=step)
             step += 1
@@ -77,24 +69,43 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
                 on_step(step, lambda: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
                                        for k, v in state.items()})
         if micro % print_freq == 0 or micro == num_micro - 1:
-            value = loss.item()  # the only host synchronisation, once every print_freq steps
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopped, '
-                                    f'the last good checkpoint is kept (lower --lr or enable --clip_grad)')
             elapsed = time.time() - start
-            eta = elapsed / (i + 1) * (num_micro - micro - 1)
-            lr = optimizer.param_groups[0]['lr']
-            utils.print_main(f'epoch {epoch} [{micro + 1}/{num_micro}] loss {value:.4f} lr {lr:.3e} '
-                             f'{seen_here * utils.world_size() / max(elapsed, 1e-9):.0f} img/s eta {eta:.0f}s')
-            if log_writer is not None:
-                log_writer.add_scalar('train/loss', value, step)
-                log_writer.add_scalar('train/lr', lr, step)
+            log_progress(loss, optimizer, epoch, step, micro, num_micro, seen_here / max(elapsed, 1e-9),
+                         elapsed / (i + 1) * (num_micro - micro - 1), log_writer)
     loss_mean = utils.all_reduce_mean(loss_sum / max(num_steps * update_freq, 1)).item()
     if not math.isfinite(loss_mean):
         raise NonFiniteLoss(f'mean loss is {loss_mean} at epoch {epoch}; stopped, the last good checkpoint is kept')
     elapsed = time.time() - start
     return {'loss': loss_mean, 'lr': optimizer.param_groups[0]['lr'], 'steps': step - start_step,
             'images_per_sec': seen_here * utils.world_size() / max(elapsed, 1e-9), 'train_seconds': elapsed}
+
+
+def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
+    """Unscale (fp16), clip, step and zero the gradients of one optimizer step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def log_progress(loss, optimizer, epoch, step, micro, num_micro, images_per_sec, eta, log_writer=None):
+    """The progress line (and TensorBoard scalars); stops the run on a non-finite loss."""
+    value = loss.item()  # the only host synchronisation, once every print_freq steps
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopped, '
+                            f'the last good checkpoint is kept (lower --lr or enable --clip_grad)')
+    lr = optimizer.param_groups[0]['lr']
+    utils.print_main(f'epoch {epoch} [{micro + 1}/{num_micro}] loss {value:.4f} lr {lr:.3e} '
+                     f'{images_per_sec * utils.world_size():.0f} img/s eta {eta:.0f}s')
+    if log_writer is not None:
+        log_writer.add_scalar('train/loss', value, step)
+        log_writer.add_scalar('train/lr', lr, step)
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def train_throughput(setup, loader_of, warmup, steps):
     return stats['images_per_sec']
 
 
-def main(argv=None):
+def parse(argv):
     p = utils.ArgumentParser('benchmark.py', description=__doc__.split('\n\n')[0])
     p.add_argument('--output', required=True, help='JSON file for the results')
     p.add_argument('--warmup', type=int, default=20, help='batches before timing (per measurement)')
@@ -81,46 +81,51 @@ def main(argv=None):
     p.add_argument('--epochs_projected', type=int, default=300)
     p.add_argument('main_args', nargs=argparse.REMAINDER, help="-- then main.py's flags")
     bench = p.parse_args(argv)
-    main_argv = bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args
-    args = trainer.parse_args(main_argv)
+    args = trainer.parse_args(bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise utils.UserError('no CUDA device here; pass --device cpu (with small settings) to try the benchmark')
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    utils.seed_everything(args.seed)
+    return bench, args
 
+
+def measure(bench, args, device):
+    """{measurement: images per second}, the GPU-path loaders and the AMP dtype, with main.py's recipe."""
     lr = recipe.learning_rate(args, trainer.resolve_batch(args, 1)[1])
     gpu = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'true'}), device)
-    gpu_train, gpu_val = gpu.train, gpu.val
     model = build.build_model(args, gpu.num_classes).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     mixup_fn, criterion = recipe.build_criterion(args, gpu.num_classes)
     optimizer = recipe.build_optimizer(model, args, device, lr)
-    scheduler = recipe.build_schedule(args, lr, len(gpu_train), args.epochs)
+    scheduler = recipe.build_schedule(args, lr, len(gpu.train), args.epochs)
     amp_dtype, _ = recipe.build_amp(args, device)
-    train_model = torch.compile(model) if args.compile else model
-    setup = (train_model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype)
-    results = {}
-
-    gpu_train.sampler.set_epoch(0)
-    images, targets = next(iter(gpu_train))
-    results['model_only'] = train_throughput(setup, lambda n, e: Repeat((images, targets), n), bench.warmup, bench.steps)
-    results['gpu_path'] = train_throughput(setup, lambda n, e: Take(gpu_train, n, e), bench.warmup, bench.steps)
-    if gpu_val is not None:
-        engine.evaluate(Take(gpu_val, 2), model, device, amp_dtype)  # warm up
+    setup = (torch.compile(model) if args.compile else model, criterion, optimizer, scheduler, mixup_fn, device,
+             amp_dtype)
+    gpu.train.sampler.set_epoch(0)
+    batch = next(iter(gpu.train))
+    results = {'model_only': train_throughput(setup, lambda n, e: Repeat(batch, n), bench.warmup, bench.steps),
+               'gpu_path': train_throughput(setup, lambda n, e: Take(gpu.train, n, e), bench.warmup, bench.steps)}
+    if gpu.val is not None:
+        engine.evaluate(Take(gpu.val, 2), model, device, amp_dtype)  # warm up
         start = time.time()
-        stats = engine.evaluate(gpu_val, model, device, amp_dtype)
+        stats = engine.evaluate(gpu.val, model, device, amp_dtype)
         results['eval_gpu_path'] = stats['n'] / (time.time() - start)
     if not bench.skip_cpu_loader:
         cpu_train = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'false'}), device).train
         results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), bench.warmup, bench.steps)
+    return results, gpu, amp_dtype
 
+
+def main(argv=None):
+    bench, args = parse(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    utils.seed_everything(args.seed)
+    results, gpu, amp_dtype = measure(bench, args, device)
     ratios = {'gpu_path / model_only': results['gpu_path'] / results['model_only']}
     if 'cpu_loader' in results:
         ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']
     n_train = gpu.num_train
-    n_val = len(gpu_val.labels) if gpu_val is not None else 0
+    n_val = len(gpu.val.labels) if gpu.val is not None else 0
     epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0)
     import timm
     import torchvision
