@@ -69,6 +69,7 @@ def test_feature_distillation_is_l1_to_teacher_pre_logits():
     torch.testing.assert_close(crit(x, (logits, projected), y), expected)
 
 
+@pytest.mark.slow
 def test_distillation_runs_end_to_end(tmp_path, data):
     t3 = tmp_path / 't3.pth'
     torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, num_classes=3).state_dict(), t3)
@@ -195,6 +196,7 @@ def test_collector_on_fixture_logs(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- figures
 
+@pytest.mark.slow
 def test_figures_are_written(tmp_path):
     pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
     runs = []

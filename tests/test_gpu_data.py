@@ -273,6 +273,7 @@ def data(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp('data'), seed=2, varied_sizes=True)
 
 
+@pytest.mark.slow
 def test_gpu_path_trains_with_varied_sizes(tmp_path, data):
     proc = run_script('main.py', *SMALL, '--data_path', data, '--output_dir', str(tmp_path), '--epochs', '1',
                       '--input_size', '40', '--gpu_data_size', '44')
@@ -281,6 +282,7 @@ def test_gpu_path_trains_with_varied_sizes(tmp_path, data):
     assert '"test_acc1"' in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_path_kill_and_resume_is_exact(tmp_path, data):
     flags = ['--input_size', '32', '--epochs', '2', '--save_every_steps', '1', '--data_path', data]
     reference, killed = tmp_path / 'reference', tmp_path / 'killed'
@@ -301,6 +303,7 @@ def test_gpu_path_kill_and_resume_is_exact(tmp_path, data):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_gpu_path_rejects_policies_it_does_not_implement(tmp_path, data):
     from conftest import assert_clean_failure
     proc = run_script('main.py', *SMALL, '--data_path', data, '--output_dir', str(tmp_path / 'x'), '--epochs', '1',
@@ -309,6 +312,7 @@ def test_gpu_path_rejects_policies_it_does_not_implement(tmp_path, data):
     assert not (tmp_path / 'x').exists() or not any(f.startswith('checkpoint') for f in os.listdir(tmp_path / 'x'))
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_on_cpu(tmp_path, data):
     """scripts/benchmark.py end to end with tiny settings: all three measurements and the JSON record."""
     import json
@@ -326,6 +330,7 @@ def test_benchmark_smoke_on_cpu(tmp_path, data):
     assert report['projected_300_epoch_minutes'] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_cuda_without_a_gpu(tmp_path, data):
     from conftest import assert_clean_failure
     if torch.cuda.is_available():

@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, assert_clean_failure, free_port, run_script, write_image_folder
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 # A 2-block ViT at 32 px: small checkpoints, quick steps.
 SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
          '--data_set', 'image_folder', '--device', 'cpu', '--print_freq', '1', '--warmup_epochs', '1']

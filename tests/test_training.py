@@ -30,6 +30,7 @@ def read_log(folder):
 
 
 @pytest.mark.parametrize('model', [VIT, CONVNEXT], ids=['vit_tiny', 'convnext_femto'])
+@pytest.mark.slow
 def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model):
     out = str(tmp_path / 'run')
     main.main([*model, *TINY, '--data_path', tiny_data, '--epochs', '2', '--output_dir', out,
@@ -48,6 +49,7 @@ def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model)
     assert args.model == model[1] and args.epochs == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_data):
     full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
     common = [*VIT, *TINY, '--data_path', tiny_data, '--epochs', '2', '--mixup', '0.8']
@@ -129,6 +131,7 @@ def test_update_freq_from_global_batch():
         main.resolve_batch(args, 3)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, tiny_data):
     out = str(tmp_path / 'ddp')
     proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'main.py',
@@ -140,6 +143,7 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_data):
     assert len(log) == 1 and np.isfinite(log[0]['train_loss'])
 
 
+@pytest.mark.slow
 def test_eval_only_prints_accuracy(tmp_path, tiny_data):
     out = str(tmp_path / 'run')
     main.main([*VIT, *TINY, '--data_path', tiny_data, '--epochs', '1', '--output_dir', out])
@@ -149,6 +153,7 @@ def test_eval_only_prints_accuracy(tmp_path, tiny_data):
     assert 'acc@1' in proc.stdout and 'acc@5' in proc.stdout and 'on 12 test images' in proc.stdout
 
 
+@pytest.mark.slow
 def test_official_readme_commands_parse_and_start(tmp_path, tiny_data):
     """The paper README's commands, with local paths, tiny data, one epoch, through the legacy launcher."""
     teacher = tmp_path / 'vit_s.pth'
@@ -213,6 +218,7 @@ def test_main_bad_input(tmp_path, tiny_data, capsys, args, needles):
     assert not [f for f in written if f.startswith('.tmp')]
 
 
+@pytest.mark.slow
 def test_main_cli_error_is_one_line_without_traceback(tmp_path, tiny_data):
     """The catalogue above runs in process; this is the real command line: one line, exit 1."""
     proc = run_script('main.py', *VIT, *TINY, '--data_path', str(tmp_path / 'nope'))

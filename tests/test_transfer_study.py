@@ -3,7 +3,11 @@ every selection, students on the target subset, the DINOv2 student, the report."
 import json
 import os
 
+import pytest
+
 from conftest import run_script, shared_path
+
+pytestmark = pytest.mark.slow  # end-to-end runs
 
 
 def test_transfer_study_smoke(tmp_path):

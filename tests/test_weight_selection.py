@@ -300,6 +300,7 @@ def test_real_dinov2_teacher_to_vit_tiny_224():
         assert torch.isfinite(student(torch.randn(1, 3, 224, 224))).all()
 
 
+@pytest.mark.slow
 def test_selection_from_real_dinov2_carries_its_features(tmp_path):
     """The selected ViT-T/14's features, before any training, sort real CIFAR-10 images by k-NN far above
     random init (whose layer scale of 1e-5 leaves every image with nearly the same feature: chance).
@@ -332,6 +333,7 @@ SMALL = ['--teacher_kwargs', '{"img_size": 32, "patch_size": 8}']
 SMALL_STUDENT = ['--student', 'vit_tiny_patch16_224', '--student_kwargs', '{"img_size": 32, "patch_size": 8}']
 
 
+@pytest.mark.slow
 def test_cli_writes_selection_with_meta(tmp_path, teacher_file):
     out = tmp_path / 'ws.pth'
     proc = run_script('weight_selection.py', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint',
@@ -349,6 +351,7 @@ def test_cli_writes_selection_with_meta(tmp_path, teacher_file):
     student.load_state_dict(ckpt['model'])
 
 
+@pytest.mark.slow
 def test_cli_official_interface(tmp_path, teacher_file):
     proc = run_script('weight_selection.py', '--model_type', 'vit', '--pretrained_model', 'vit_small_patch16_224',
                       '--teacher_checkpoint', teacher_file, *SMALL, '--student_kwargs',
@@ -392,6 +395,7 @@ def test_cli_bad_input(tmp_path, teacher_file, capsys, args, needles):
     assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     """The catalogue above runs in process; this is the real command line: one line, exit 1, no file."""
     proc = run_script('weight_selection.py', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint',
