@@ -1,0 +1,281 @@
+"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2 and GPT-2
+teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip('transformers', reason='the Hugging Face tests need transformers '
+                                                          '(pip install -r requirements-hf.txt)')
+
+import hf_selection  # noqa: E402
+import weight_selection  # noqa: E402
+from conftest import assert_clean_failure, run_script  # noqa: E402
+from utils import UserError  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+EVEN16 = list(range(0, 32, 2))    # Algorithm 1 on 32 -> 16: 32 // 16 = 2, so 0, 2, 4, ..., 30
+INTER_48_20 = [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37, 40, 42, 45, 47]  # round(linspace(0, 47, 20))
+INTER_128_48 = [0, 3, 5, 8, 11, 14, 16, 19, 22, 24, 27, 30, 32, 35, 38, 41, 43, 46, 49, 51, 54, 57, 59, 62, 65, 68,
+                70, 73, 76, 78, 81, 84, 86, 89, 92, 95, 97, 100, 103, 105, 108, 111, 113, 116, 119, 122, 124, 127]
+
+
+def rows(heads, head_dim=4):
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+             vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False)
+# head_dim 4 is kept: 4 query heads in 2 KV groups of 2
+LLAMA_STUDENT = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2)
+
+
+def save_teacher(folder, model):
+    model.save_pretrained(folder, max_shard_size='20KB')
+    return str(folder)
+
+
+@pytest.fixture(scope='module')
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    return save_teacher(tmp_path_factory.mktemp('llama'), model), model.state_dict()
+
+
+@pytest.fixture(scope='module')
+def gpt2(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=4, n_positions=64, vocab_size=64,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    return save_teacher(tmp_path_factory.mktemp('gpt2'), model), model.state_dict()
+
+
+def load_strict(folder):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    return model.eval()
+
+
+def pick(tensor, *index_lists):
+    for dim, idx in enumerate(index_lists):
+        if idx is not None:
+            tensor = tensor.index_select(dim, torch.tensor(idx))
+    return tensor
+
+
+def forward_finite(model):
+    logits = model(torch.tensor([[1, 5, 9, 3]]), use_cache=False).logits
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------- LLaMA
+
+@pytest.mark.parametrize('selection,layers', [('first', [0, 1, 2]), ('uniform', [0, 2, 4]), ('mid', [1, 2, 3]),
+                                              ('last', [3, 4, 5]), ('5,0,3', [5, 0, 3])])
+def test_llama_gqa_every_tensor(llama, tmp_path, selection, layers):
+    folder, t = llama
+    report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), layer_selection=selection,
+                                    max_shard_size='10KB')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert os.path.isfile(tmp_path / 's' / 'model.safetensors.index.json')  # 10KB shards: several files
+    h, inter = EVEN16, INTER_48_20
+    # heads: KV groups 0 and 2 of 4 (Algorithm 1 on 4 -> 2), each with both of its query heads
+    q, kv = rows([0, 1, 4, 5]), rows([0, 2])
+    expected = {'model.embed_tokens.weight': pick(t['model.embed_tokens.weight'], None, h),
+                'lm_head.weight': pick(t['lm_head.weight'], None, h), 'model.norm.weight': pick(t['model.norm.weight'], h)}
+    for j, i in enumerate(layers):
+        src, dst = f'model.layers.{i}.', f'model.layers.{j}.'
+        for name, idx in [('self_attn.q_proj.weight', (q, h)), ('self_attn.k_proj.weight', (kv, h)),
+                          ('self_attn.v_proj.weight', (kv, h)), ('self_attn.o_proj.weight', (h, q)),
+                          ('mlp.gate_proj.weight', (inter, h)), ('mlp.up_proj.weight', (inter, h)),
+                          ('mlp.down_proj.weight', (h, inter)), ('input_layernorm.weight', (h,)),
+                          ('post_attention_layernorm.weight', (h,))]:
+            expected[dst + name] = pick(t[src + name], *idx)
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+    assert report['meta']['layer_map'] == layers
+    assert report['tensors']['model.layers.0.self_attn.q_proj.weight']['source'] == \
+        f'model.layers.{layers[0]}.self_attn.q_proj.weight'
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_llama_reads_only_selected_layers(llama, tmp_path):
+    folder, _ = llama
+    report = hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 's'), layer_selection='last')
+    layers_read = {int(k.split('.')[2]) for k in report['keys_read'] if k.startswith('model.layers.')}
+    assert layers_read == {4, 5}
+    assert report['meta']['teacher_bytes_read'] < report['meta']['teacher_bytes'] / 2
+    # a student under the default 5GB max_shard_size: a single model.safetensors, as transformers writes it
+    assert sorted(os.listdir(tmp_path / 's')) == ['config.json', 'model.safetensors', 'selection.json']
+
+
+def test_llama_dims_mode(llama, tmp_path):
+    folder, t = llama
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), head_selection='dims')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    q, kv = EVEN16, list(range(0, 16, 2))  # per dimension: 32 -> 16 and 16 -> 8, stride 2 (mixes heads)
+    assert torch.equal(s['model.layers.0.self_attn.q_proj.weight'], pick(t['model.layers.0.self_attn.q_proj.weight'], q, EVEN16))
+    assert torch.equal(s['model.layers.0.self_attn.k_proj.weight'], pick(t['model.layers.0.self_attn.k_proj.weight'], kv, EVEN16))
+    assert torch.equal(s['model.layers.0.self_attn.o_proj.weight'], pick(t['model.layers.0.self_attn.o_proj.weight'], EVEN16, q))
+
+
+def test_heads_stay_whole_and_with_their_kv_group(llama, tmp_path):
+    """Each student query head equals one whole teacher query head, and its KV head is that teacher head's own."""
+    folder, t = llama
+    hf_selection.select_hf(folder, dict(LLAMA_STUDENT, num_attention_heads=2, num_key_value_heads=2, head_dim=4),
+                           str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    wq_t = pick(t['model.layers.0.self_attn.q_proj.weight'], None, EVEN16).reshape(8, 4, 16)
+    wk_t = pick(t['model.layers.0.self_attn.k_proj.weight'], None, EVEN16).reshape(4, 4, 16)
+    wq_s = s['model.layers.0.self_attn.q_proj.weight'].reshape(2, 4, 16)
+    wk_s = s['model.layers.0.self_attn.k_proj.weight'].reshape(2, 4, 16)
+    found = []
+    for hs in range(2):
+        ht = [h for h in range(8) if torch.equal(wq_s[hs], wq_t[h])]
+        assert len(ht) == 1, 'a student query head is not one whole teacher head'
+        assert torch.equal(wk_s[hs], wk_t[ht[0] // 2]), 'a query head lost its own KV head'
+        found.append(ht[0])
+    assert found == [0, 4]  # KV groups 0 and 2, the first query head of each (Algorithm 1 on 2 -> 1)
+
+
+def test_same_width_shallower_student_is_the_truncated_teacher(llama, tmp_path):
+    folder, _ = llama
+    hf_selection.select_hf(folder, {'num_hidden_layers': 3}, str(tmp_path / 's'), layer_selection='uniform')
+    student = load_strict(str(tmp_path / 's'))
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    teacher.model.layers = torch.nn.ModuleList([teacher.model.layers[i] for i in (0, 2, 4)])
+    teacher.config.num_hidden_layers = 3
+    with torch.no_grad():
+        assert torch.equal(forward_finite(student), forward_finite(teacher))
+
+
+def test_qwen2_tied_teacher_untied_student_with_biases(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=4, vocab_size=64, tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(config)
+    t = model.state_dict()
+    folder = save_teacher(tmp_path / 't', model)
+    report = hf_selection.select_hf(folder, dict(LLAMA_STUDENT, num_hidden_layers=1, tie_word_embeddings=False),
+                                    str(tmp_path / 's'), exclude=['mlp'])
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert torch.equal(s['lm_head.weight'], pick(t['model.embed_tokens.weight'], None, EVEN16))
+    assert torch.equal(s['model.layers.0.self_attn.q_proj.bias'], pick(t['model.layers.0.self_attn.q_proj.bias'], rows([0, 1, 4, 5])))
+    assert torch.equal(s['model.layers.0.self_attn.k_proj.bias'], pick(t['model.layers.0.self_attn.k_proj.bias'], rows([0, 2])))
+    assert report['tensors']['model.layers.0.mlp.up_proj.weight']['action'] == 'excluded'
+    assert not torch.equal(s['model.layers.0.mlp.up_proj.weight'], pick(t['model.layers.0.mlp.up_proj.weight'], INTER_48_20, EVEN16))
+    assert json.load(open(tmp_path / 's' / 'config.json'))['layer_types'] == ['full_attention']
+
+
+# ---------------------------------------------------------------------------------------------- GPT-2
+
+def test_gpt2_every_tensor(gpt2, tmp_path):
+    folder, t = gpt2
+    student = dict(n_embd=16, n_head=2, n_layer=2, n_positions=32, n_inner=48)
+    weight_selection.main(['--teacher', folder, '--student_config', json.dumps(student),  # the CLI, in process
+                           '--layer_selection', 'last', '--output', str(tmp_path / 's')])
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    h, inter = EVEN16, INTER_128_48
+    qkv = h + [32 + i for i in h] + [64 + i for i in h]  # Conv1D [in, out]: q, k, v each take the width's indices
+    expected = {'transformer.wte.weight': pick(t['transformer.wte.weight'], None, h),
+                'transformer.wpe.weight': pick(t['transformer.wpe.weight'], list(range(32)), h),
+                'transformer.ln_f.weight': pick(t['transformer.ln_f.weight'], h),
+                'transformer.ln_f.bias': pick(t['transformer.ln_f.bias'], h)}
+    for j, i in enumerate([2, 3]):
+        src, dst = f'transformer.h.{i}.', f'transformer.h.{j}.'
+        for name, idx in [('ln_1.weight', (h,)), ('ln_1.bias', (h,)), ('ln_2.weight', (h,)), ('ln_2.bias', (h,)),
+                          ('attn.c_attn.weight', (h, qkv)), ('attn.c_attn.bias', (qkv,)),
+                          ('attn.c_proj.weight', (h, h)), ('attn.c_proj.bias', (h,)),
+                          ('mlp.c_fc.weight', (h, inter)), ('mlp.c_fc.bias', (inter,)),
+                          ('mlp.c_proj.weight', (inter, h)), ('mlp.c_proj.bias', (h,))]:
+            expected[dst + name] = pick(t[src + name], *idx)
+    expected['lm_head.weight'] = expected['transformer.wte.weight']  # tied
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt2_same_width_shallower_is_the_truncated_teacher(gpt2, tmp_path):
+    folder, _ = gpt2
+    hf_selection.select_hf(folder, {'n_layer': 2}, str(tmp_path / 's'), layer_selection='first')
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    teacher.transformer.h = teacher.transformer.h[:2]
+    teacher.config.n_layer = 2
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 's'))), forward_finite(teacher))
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+
+def broken_copy(folder, tmp_path, damage):
+    copy = tmp_path / 'teacher'
+    shutil.copytree(folder, copy)
+    damage(copy)
+    return str(copy)
+
+
+def shard_of(folder, key):
+    with open(os.path.join(folder, 'model.safetensors.index.json')) as f:
+        return json.load(f)['weight_map'][key]
+
+
+SHARD_L1 = 'model.layers.1.mlp.up_proj.weight'  # its shard is removed or cut in the tests below
+
+
+def remove_shard(copy):
+    os.remove(copy / shard_of(copy, SHARD_L1))
+
+
+def truncate_shard(copy):
+    path = copy / shard_of(copy, SHARD_L1)
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - 100)
+
+
+def set_model_type(copy):
+    config = json.load(open(copy / 'config.json'))
+    json.dump(dict(config, model_type='bert'), open(copy / 'config.json', 'w'))
+
+
+@pytest.mark.parametrize('damage,overrides,match', [
+    (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
+    (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
+    (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
+    (set_model_type, {}, "unknown architecture model_type 'bert'.*supports llama, mistral, qwen2, gpt2"),
+    (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
+    (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
+    (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
+    (None, {'num_hidden_layers': 7}, 'no deeper than its teacher'),
+    (None, {'hiden_size': 16}, "'hiden_size' is not a field"),
+])
+def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, overrides, match):
+    folder, _ = llama
+    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
+    out = tmp_path / 'out' / 's'
+    out.parent.mkdir()
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(teacher, overrides, str(out))
+    assert os.listdir(out.parent) == []  # no student, no temporary left behind
+
+
+def test_hub_id_offline_names_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(UserError, match='offline.*pass a local folder'):
+        hf_selection.select_hf('someone/tiny-llama', {}, str(tmp_path / 's'))
+
+
+def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
+    folder, _ = llama
+    teacher = broken_copy(folder, tmp_path, remove_shard)
+    proc = run_script('weight_selection.py', '--teacher', teacher, '--student_config', '{"num_hidden_layers": 2}',
+                      '--output', str(tmp_path / 's'), timeout=120)
+    assert_clean_failure(proc, shard_of(folder, SHARD_L1), 'missing')
+    assert proc.returncode == 1 and not os.path.exists(tmp_path / 's')
