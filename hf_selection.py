@@ -49,6 +49,7 @@ class Family:
     tensors: dict         # key without block prefix (or top-level key) -> axis names, one per dimension
     rotary: bool          # rotary position embeddings: heads are kept whole by default
     conv1d: bool = False  # GPT-2's Conv1D stores weights [in, out]
+    tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
 
 
 _LLAMA_LAYER = {
@@ -87,7 +88,7 @@ GPT2 = Family(
         'wte.weight': ('vocab', 'hidden'), 'wpe.weight': ('pos', 'hidden'),
         'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}.items()},
              'lm_head.weight': ('vocab', 'hidden'), **_GPT2_LAYER},
-    rotary=False, conv1d=True)
+    rotary=False, conv1d=True, tied_default=True)
 
 FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'gpt2': GPT2}
 
@@ -605,7 +606,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     head_mode = head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
     axes = axis_indices(t, s, family, head_mode, chooser)
     shards = TeacherShards(folder)
-    tied = s_cfg.get('tie_word_embeddings', True)
+    tied = s_cfg.get('tie_word_embeddings', family.tied_default)
     planned = plan_tensors(shards, family, t, axes, layer_map, tied, set(exclude))
     std = s_cfg.get('initializer_range', 0.02)
     report = {'meta': {
