@@ -21,6 +21,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -283,13 +284,14 @@ def read_header(path):
             raise UserError(f'{path}: truncated or not a safetensors file (header cut off)')
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+            header.pop('__metadata__', None)
+            tensors = {k: (v['dtype'], tuple(v['shape']), tuple(v['data_offsets'])) for k, v in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f'{path}: not a safetensors file (unreadable header)') from None
-    header.pop('__metadata__', None)
-    end = max((v['data_offsets'][1] for v in header.values()), default=0)
+    end = max((offsets[1] for _, _, offsets in tensors.values()), default=0)
     if 8 + n + end > size:
         raise UserError(f'{path}: truncated ({size} bytes, its header describes {8 + n + end}); download it again')
-    return {k: (v['dtype'], tuple(v['shape']), tuple(v['data_offsets'])) for k, v in header.items()}
+    return tensors
 
 
 class TeacherShards:
@@ -305,8 +307,9 @@ class TeacherShards:
         self.handles, self.bytes_read, self.keys_read = {}, 0, []
 
     def read(self, key, indices):
-        """The tensor `key` with only `indices[d]` kept along dimension d (None: all). Only the rows from the
-        first to the last kept one are read from the file (memory-mapped), then the kept ones picked."""
+        """The tensor `key` with only `indices[d]` kept along dimension d (None: all). Rows are read from the
+        file (memory-mapped) only from the first to the last kept one, and evenly spaced rows (Algorithm 1
+        when the sizes divide) only themselves: the pages of rows in between are never touched."""
         from safetensors import safe_open
         name = self.where[key]
         if name not in self.handles:
@@ -315,6 +318,8 @@ class TeacherShards:
         rows = indices[0] if indices else None
         if rows is None or len(rows) == 0:
             tensor, rows = sl[:], None
+        elif len(rows) > 1 and bool((rows.diff() == rows[1] - rows[0]).all()) and rows[1] > rows[0]:
+            tensor, rows = sl[int(rows[0]):int(rows[-1]) + 1:int(rows[1] - rows[0])], None
         else:
             lo, hi = int(rows.min()), int(rows.max()) + 1
             tensor, rows = sl[lo:hi], rows - lo
@@ -662,3 +667,29 @@ def run(args):
           f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "
           f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's {meta['teacher_bytes'] / 1e6:.1f} MB; "
           f"wrote {args.output} ({len(meta['files'])} shard(s)) in {time.time() - start:.1f}s", file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm teachers in a .safetensors file: a state dict whose tensors are read when looked up.
+
+class SafetensorsStateDict(Mapping):
+    """A read-only {key: tensor} over a .safetensors file. Keys and completeness come from the header;
+    a tensor is read (memory-mapped) only when looked up, so weight_selection.select_weights holds one
+    teacher tensor at a time instead of the whole teacher. Every lookup reads again: nothing is cached."""
+
+    def __init__(self, path):
+        self.path, self.header, self._file = path, read_header(path), None
+
+    def __getitem__(self, key):
+        if key not in self.header:
+            raise KeyError(key)
+        if self._file is None:
+            from safetensors import safe_open
+            self._file = safe_open(self.path, framework='pt')
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.header)
+
+    def __len__(self):
+        return len(self.header)
