@@ -279,3 +279,33 @@ def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
                       '--output', str(tmp_path / 's'), timeout=120)
     assert_clean_failure(proc, shard_of(folder, SHARD_L1), 'missing')
     assert proc.returncode == 1 and not os.path.exists(tmp_path / 's')
+
+
+# ---------------------------------------------------------------------------------------------- timm teachers in .safetensors
+
+def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    import utils
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_tiny_patch16_224', depth=3, img_size=32, patch_size=8, num_classes=5)
+    student = timm.create_model('vit_tiny_patch16_224', depth=2, img_size=32, patch_size=8, num_classes=5,
+                                embed_dim=96)
+    path = str(tmp_path / 'teacher.safetensors')
+    save_file(teacher.state_dict(), path)
+    lazy = utils.read_state_dict(path)
+    assert isinstance(lazy, hf_selection.SafetensorsStateDict) and set(lazy) == set(teacher.state_dict())
+    looked_up = []
+    get = hf_selection.SafetensorsStateDict.__getitem__
+    lazy_counting = type('Counting', (hf_selection.SafetensorsStateDict,),
+                         {'__getitem__': lambda self, k: looked_up.append(k) or get(self, k)})(path)
+    layout = weight_selection.layout_of(teacher)
+    got, _ = weight_selection.select_weights(lazy_counting, student, teacher_layout=layout)
+    want, _ = weight_selection.select_weights(load_file(path), student, teacher_layout=layout)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(k.startswith('blocks.2.') for k in looked_up)  # the dropped block is never read
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(UserError, match='truncated'):
+        utils.read_state_dict(path)
