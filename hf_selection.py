@@ -660,37 +660,46 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     head_mode = head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
     axes = axis_indices(t, s, family, head_mode, chooser)
     shards = TeacherShards(folder)
-    tied = s_cfg.get('tie_word_embeddings', family.tied_default)
-    planned = plan_tensors(shards, family, t, axes, layer_map, tied, set(exclude))
-    std = s_cfg.get('initializer_range', 0.02)
+    planned = plan_tensors(shards, family, t, axes, layer_map, s_cfg.get('tie_word_embeddings', family.tied_default),
+                           set(exclude))
     report = {'meta': {
         'teacher': teacher, 'teacher_folder': os.path.abspath(folder), 'family': family.name,
         'student_config': s_cfg, 'student_overrides': overrides,
         'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
                      'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
         'layer_map': layer_map, 'versions': versions()}}
+    if head_mode == 'heads':  # which teacher heads the student's heads are, in order
+        report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
+                                   'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}
     report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source, 'teacher_shape': list(p.teacher_shape),
                                  'shape': list(p.shape)} for p in planned}
-    tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(os.path.abspath(output)) + '-',
-                           dir=os.path.dirname(os.path.abspath(output)))
     try:
-        write_json(os.path.join(tmp, 'config.json'), s_cfg)
-        following = {p.key: q for p, q in zip(planned, planned[1:])}  # write_student makes them in this order
-        report['meta']['files'] = write_student(tmp, planned, max_bytes,
-                                                lambda p: produce(p, shards, std, seed, following.get(p.key)))
-        report['meta']['teacher_bytes_read'] = shards.bytes_read
-        report['meta']['teacher_bytes'] = sum(os.path.getsize(os.path.join(folder, n)) for n in shards.files)
-        write_json(os.path.join(tmp, 'selection.json'), report)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (checked above)
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_output(output, s_cfg, planned, shards, max_bytes, seed, report)
     finally:
         shards.close()
     report['keys_read'] = shards.keys_read
     return report
+
+
+def write_output(output, s_cfg, planned, shards, max_bytes, seed, report):
+    """The student folder, written under a temporary name beside `output` and renamed when complete."""
+    tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(os.path.abspath(output)) + '-',
+                           dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        write_json(os.path.join(tmp, 'config.json'), s_cfg)
+        std = s_cfg.get('initializer_range', 0.02)
+        following = {p.key: q for p, q in zip(planned, planned[1:])}  # write_student makes them in this order
+        report['meta']['files'] = write_student(tmp, planned, max_bytes,
+                                                lambda p: produce(p, shards, std, seed, following.get(p.key)))
+        report['meta']['teacher_bytes_read'] = shards.bytes_read
+        report['meta']['teacher_bytes'] = sum(os.path.getsize(os.path.join(shards.folder, n)) for n in shards.files)
+        write_json(os.path.join(tmp, 'selection.json'), report)
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty (checked before)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def action_of(p):

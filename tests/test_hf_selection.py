@@ -143,6 +143,8 @@ def test_heads_stay_whole_and_with_their_kv_group(llama, tmp_path):
         assert torch.equal(wk_s[hs], wk_t[ht[0] // 2]), 'a query head lost its own KV head'
         found.append(ht[0])
     assert found == [0, 4]  # KV groups 0 and 2, the first query head of each (Algorithm 1 on 2 -> 1)
+    meta = json.load(open(tmp_path / 's' / 'selection.json'))['meta']
+    assert meta['heads'] == {'query': [0, 4], 'key_value': [0, 2]} and meta['settings']['head_selection'] == 'heads'
 
 
 def test_same_width_shallower_student_is_the_truncated_teacher(llama, tmp_path):
