@@ -311,3 +311,45 @@ def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
         f.truncate(os.path.getsize(path) - 10)
     with pytest.raises(UserError, match='truncated'):
         utils.read_state_dict(path)
+
+
+# ---------------------------------------------------------------------------------------------- other modes
+
+def test_llama_consecutive_and_random_are_consistent(llama, tmp_path):
+    folder, t = llama
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'c'), element_selection='consecutive')
+    s = load_strict(str(tmp_path / 'c')).state_dict()
+    # the first 16 dims, 20 MLP channels, KV groups 0 and 1 with their query heads 0-3
+    assert torch.equal(s['model.layers.0.self_attn.q_proj.weight'],
+                       pick(t['model.layers.0.self_attn.q_proj.weight'], rows([0, 1, 2, 3]), list(range(16))))
+    assert torch.equal(s['model.layers.0.mlp.down_proj.weight'],
+                       pick(t['model.layers.0.mlp.down_proj.weight'], list(range(16)), list(range(20))))
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'r'), element_selection='random', seed=3)
+    s = load_strict(str(tmp_path / 'r')).state_dict()
+    # one random set of 16 of the 32 dims, recovered from the embedding's columns, explains every tensor
+    emb_t, emb_s = t['model.embed_tokens.weight'], s['model.embed_tokens.weight']
+    hidden = [next(j for j in range(32) if torch.equal(emb_t[:, j], emb_s[:, i])) for i in range(16)]
+    assert hidden == sorted(hidden) and hidden != EVEN16 and hidden != list(range(16))
+    wq_t = pick(t['model.layers.1.self_attn.q_proj.weight'], None, hidden).reshape(8, 4, 16)
+    wq_s = s['model.layers.1.self_attn.q_proj.weight'].reshape(4, 4, 16)
+    q_heads = [next(h for h in range(8) if torch.equal(wq_s[i], wq_t[h])) for i in range(4)]
+    assert q_heads in ([0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7], [2, 3, 4, 5], [2, 3, 6, 7], [4, 5, 6, 7])  # whole groups
+    for key, idx in [('lm_head.weight', (None, hidden)), ('model.norm.weight', (hidden,)),
+                     ('model.layers.1.self_attn.o_proj.weight', (hidden, rows(q_heads)))]:
+        assert torch.equal(s[key], pick(t[key], *idx)), key
+    # 20 of 48 MLP channels, recovered from down_proj's columns, are gate_proj's rows
+    down_t = pick(t['model.layers.1.mlp.down_proj.weight'], hidden, None)
+    down_s = s['model.layers.1.mlp.down_proj.weight']
+    inter = [next(j for j in range(48) if torch.equal(down_t[:, j], down_s[:, i])) for i in range(20)]
+    assert inter == sorted(inter) and inter != INTER_48_20
+    assert torch.equal(s['model.layers.1.mlp.gate_proj.weight'], pick(t['model.layers.1.mlp.gate_proj.weight'], inter, hidden))
+
+
+def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
+    folder, t = gpt2
+    hf_selection.select_hf(folder, dict(n_embd=16, n_head=2, n_layer=1), str(tmp_path / 's'), head_selection='heads')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    heads = rows([0, 2], head_dim=8)  # 2 of 4 heads of 8 dims, Algorithm 1 on 4 -> 2
+    cols = heads + [32 + i for i in heads] + [64 + i for i in heads]
+    assert torch.equal(s['transformer.h.0.attn.c_attn.weight'], pick(t['transformer.h.0.attn.c_attn.weight'], EVEN16, cols))
+    assert torch.equal(s['transformer.h.0.attn.c_proj.weight'], pick(t['transformer.h.0.attn.c_proj.weight'], heads, EVEN16))
