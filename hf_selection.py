@@ -8,7 +8,7 @@ and only the ones the student needs (a layer that layer selection drops is never
 tensor is written to its output shard as soon as it is produced. Memory stays near the largest teacher
 tensor, whatever the size of the model or of a shard.
 
-Supported families: LLaMA-style (llama, mistral, qwen2) and GPT-2. This module needs torch and
+Supported families: LLaMA-style (llama, mistral, qwen2), GPT-2 and BERT. This module needs torch and
 safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
@@ -49,7 +49,9 @@ class Family:
     block: re.Pattern     # teacher key -> (prefix, layer, rest)
     tensors: dict         # key without block prefix (or top-level key) -> axis names, one per dimension
     rotary: bool          # rotary position embeddings: heads are kept whole by default
-    conv1d: bool = False  # GPT-2's Conv1D stores weights [in, out]
+    embed: tuple          # kinds of the input embedding
+    head: str             # the output embedding (tied to the input one unless tie_word_embeddings is false)
+    attn_is_hidden: bool = False  # attention width = model width (GPT-2, BERT): per dimension, q, k, v take its set
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
 
 
@@ -70,7 +72,7 @@ LLAMA = Family(
     block=re.compile(r'^(model\.layers)\.(\d+)\.(.+)$'),
     tensors={'model.embed_tokens.weight': ('vocab', 'hidden'), 'lm_head.weight': ('vocab', 'hidden'),
              'model.norm.weight': ('hidden',), **_LLAMA_LAYER},
-    rotary=True)
+    rotary=True, embed=('model.embed_tokens.weight',), head='lm_head.weight')
 
 _GPT2_LAYER = {
     'ln_1.weight': ('hidden',), 'ln_1.bias': ('hidden',), 'ln_2.weight': ('hidden',), 'ln_2.bias': ('hidden',),
@@ -89,14 +91,51 @@ GPT2 = Family(
         'wte.weight': ('vocab', 'hidden'), 'wpe.weight': ('pos', 'hidden'),
         'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}.items()},
              'lm_head.weight': ('vocab', 'hidden'), **_GPT2_LAYER},
-    rotary=False, conv1d=True, tied_default=True)
+    rotary=False, embed=('wte.weight', 'transformer.wte.weight'), head='lm_head.weight', attn_is_hidden=True,
+    tied_default=True)
 
-FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'gpt2': GPT2}
+_BERT_LAYER = {
+    'attention.self.query.weight': ('q', 'hidden'), 'attention.self.query.bias': ('q',),
+    'attention.self.key.weight': ('kv', 'hidden'), 'attention.self.key.bias': ('kv',),
+    'attention.self.value.weight': ('kv', 'hidden'), 'attention.self.value.bias': ('kv',),
+    'attention.output.dense.weight': ('hidden', 'q'), 'attention.output.dense.bias': ('hidden',),
+    'attention.output.LayerNorm.weight': ('hidden',), 'attention.output.LayerNorm.bias': ('hidden',),
+    'intermediate.dense.weight': ('inter', 'hidden'), 'intermediate.dense.bias': ('inter',),
+    'output.dense.weight': ('hidden', 'inter'), 'output.dense.bias': ('hidden',),
+    'output.LayerNorm.weight': ('hidden',), 'output.LayerNorm.bias': ('hidden',),
+}
+# 'same': an axis the student keeps whole (token types, next-sentence and classifier outputs)
+_BERT_TOP = {
+    'embeddings.word_embeddings.weight': ('vocab', 'hidden'), 'embeddings.position_embeddings.weight': ('pos', 'hidden'),
+    'embeddings.token_type_embeddings.weight': ('same', 'hidden'),
+    'embeddings.LayerNorm.weight': ('hidden',), 'embeddings.LayerNorm.bias': ('hidden',),
+    'pooler.dense.weight': ('hidden', 'hidden'), 'pooler.dense.bias': ('hidden',),
+}
+_BERT_HEADS = {
+    'cls.predictions.bias': ('vocab',), 'cls.predictions.decoder.weight': ('vocab', 'hidden'),
+    'cls.predictions.decoder.bias': ('vocab',),
+    'cls.predictions.transform.dense.weight': ('hidden', 'hidden'), 'cls.predictions.transform.dense.bias': ('hidden',),
+    'cls.predictions.transform.LayerNorm.weight': ('hidden',), 'cls.predictions.transform.LayerNorm.bias': ('hidden',),
+    'cls.seq_relationship.weight': ('same', 'hidden'), 'cls.seq_relationship.bias': ('same',),
+    'classifier.weight': ('same', 'hidden'), 'classifier.bias': ('same',),
+}
+# BertModel checkpoints name keys without the `bert.` prefix of BertFor* models; both work.
+BERT = Family(
+    'bert',
+    fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads', layers='num_hidden_layers',
+                vocab='vocab_size', positions='max_position_embeddings'),
+    block=re.compile(r'^((?:bert\.)?encoder\.layer)\.(\d+)\.(.+)$'),
+    tensors={**{p + k: v for p in ('', 'bert.') for k, v in _BERT_TOP.items()}, **_BERT_HEADS, **_BERT_LAYER},
+    rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
+    head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True)
+
+FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'gpt2': GPT2, 'bert': BERT}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
-DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$')  # not c_attn.bias
+DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
 
-EMBED_KEYS = ('embed_tokens.weight', 'lm_head.weight', 'wte.weight', 'wpe.weight')
+EMBED_KEYS = ('embed_tokens.weight', 'lm_head.weight', 'wte.weight', 'wpe.weight', 'word_embeddings.weight',
+              'position_embeddings.weight', 'token_type_embeddings.weight', 'decoder.weight')
 
 
 def family_of(config, where):
@@ -246,7 +285,7 @@ def axis_indices(t, s, family, head_mode, chooser):
     if head_mode == 'heads':
         q_heads, kv_heads = head_selection(t, s, chooser)
         axes['q'], axes['kv'] = expand_heads(q_heads, t.head_dim), expand_heads(kv_heads, t.head_dim)
-    elif family.conv1d:  # GPT-2: attention width = model width, so q, k, v each take its index set
+    elif family.attn_is_hidden:  # GPT-2, BERT: attention width = model width, so q, k, v each take its index set
         axes['q'] = axes['kv'] = hidden
     else:
         axes['q'] = chooser.pick(t.heads * t.head_dim, s.heads * s.head_dim)
@@ -419,11 +458,11 @@ class Planned:
 def component_of(key):
     if key.endswith(EMBED_KEYS):
         return 'embed'
-    if 'norm' in key or re.search(r'(^|\.)ln_', key):
+    if 'norm' in key.lower() or re.search(r'(^|\.)ln_', key):
         return 'norm'
-    if 'attn' in key:
+    if 'attn' in key or 'attention.' in key:
         return 'attn'
-    return 'mlp' if 'mlp.' in key else None
+    return 'mlp' if re.search(r'(mlp|intermediate|output)\.', key) else None
 
 
 def student_keys(key, family, layer_map):
@@ -449,36 +488,36 @@ def teacher_axis_sizes(t):
 def plan_one(s_key, t_key, kind, teacher, family, t, axes, excluded):
     dtype, t_shape, _ = teacher.header[t_key]
     names = family.tensors[kind]
-    expected = tuple(teacher_axis_sizes(t)[a] for a in names)
-    if t_shape != expected:
+    sizes = teacher_axis_sizes(t)
+    expected = tuple(n if a == 'same' else sizes[a] for a, n in zip(names, t_shape))
+    if t_shape != expected or len(t_shape) != len(names):
         raise UserError(f"teacher tensor '{t_key}' has shape {t_shape}, its config.json implies {expected}; "
                         f'the checkpoint does not match its config')
-    shape = tuple(len(axes[a]) for a in names)
+    shape = tuple(n if a == 'same' else len(axes[a]) for a, n in zip(names, t_shape))
     if excluded:
         return Planned(s_key, None, shape, dtype, t_shape)
-    indices = [None if len(axes[a]) == n else axes[a] for a, n in zip(names, t_shape)]
+    indices = [None if a == 'same' or len(axes[a]) == n else axes[a] for a, n in zip(names, t_shape)]
     return Planned(s_key, t_key, shape, dtype, t_shape, indices)
 
 
 def plan_tensors(teacher, family, t, axes, layer_map, tied, exclude):
     """Planned student tensors in the teacher's file order (reads go forward through each shard)."""
     order = sorted(teacher.header, key=lambda k: (teacher.where[k], teacher.header[k][2][0]))
-    planned, embed_key = [], None
+    planned, embed_key, embed_kind = [], None, None
     for t_key in order:
         if DROPPED.search(t_key):
             continue
         s_keys, kind = student_keys(t_key, family, layer_map)
-        if kind.endswith(('embed_tokens.weight', 'wte.weight')):
-            embed_key = t_key
-        if kind == 'lm_head.weight' and tied:
+        if kind in family.embed:
+            embed_key, embed_kind = t_key, kind
+        if kind == family.head and tied:
             continue  # a tied student shares the embedding
         for s_key in s_keys:
             planned.append(plan_one(s_key, t_key, kind, teacher, family, t, axes,
                                     component_of(s_key) in exclude))
-    if not tied and not any(p.key == 'lm_head.weight' for p in planned) and embed_key is not None:
+    if not tied and not any(p.key == family.head for p in planned) and embed_key is not None:
         # an untied student of a tied teacher: its output layer starts as the shared embedding
-        kind = 'model.embed_tokens.weight' if family is LLAMA else 'wte.weight'
-        planned.append(plan_one('lm_head.weight', embed_key, kind, teacher, family, t, axes, 'embed' in exclude))
+        planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, axes, 'embed' in exclude))
     return planned
 
 

@@ -1,4 +1,4 @@
-"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2 and GPT-2
+"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2, GPT-2 and BERT
 teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
 import json
 import os
@@ -244,14 +244,14 @@ def truncate_shard(copy):
 
 def set_model_type(copy):
     config = json.load(open(copy / 'config.json'))
-    json.dump(dict(config, model_type='bert'), open(copy / 'config.json', 'w'))
+    json.dump(dict(config, model_type='t5'), open(copy / 'config.json', 'w'))
 
 
 @pytest.mark.parametrize('damage,overrides,match', [
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
-    (set_model_type, {}, "unknown architecture model_type 'bert'.*supports llama, mistral, qwen2, gpt2"),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, gpt2, bert"),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
     (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
@@ -353,3 +353,58 @@ def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
     cols = heads + [32 + i for i in heads] + [64 + i for i in heads]
     assert torch.equal(s['transformer.h.0.attn.c_attn.weight'], pick(t['transformer.h.0.attn.c_attn.weight'], EVEN16, cols))
     assert torch.equal(s['transformer.h.0.attn.c_proj.weight'], pick(t['transformer.h.0.attn.c_proj.weight'], heads, EVEN16))
+
+
+# ---------------------------------------------------------------------------------------------- BERT
+
+@pytest.fixture(scope='module')
+def bert(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                     vocab_size=64, max_position_embeddings=40)
+    model = transformers.BertForMaskedLM(config).eval()
+    return save_teacher(tmp_path_factory.mktemp('bert'), model), model.state_dict()
+
+
+def load_masked_lm(folder):
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    return model.eval()
+
+
+def test_bert_every_tensor(bert, tmp_path):
+    folder, t = bert
+    hf_selection.select_hf(folder, dict(hidden_size=16, num_attention_heads=2, intermediate_size=20, num_hidden_layers=2,
+                                        max_position_embeddings=24), str(tmp_path / 's'), layer_selection='uniform')
+    s = load_masked_lm(str(tmp_path / 's')).state_dict()
+    h, inter = EVEN16, INTER_48_20  # per dimension (no rotary): query, key, value take the width's set
+    expected = {'bert.embeddings.word_embeddings.weight': (None, h), 'bert.embeddings.position_embeddings.weight':
+                (list(range(24)), h), 'bert.embeddings.token_type_embeddings.weight': (None, h),
+                'bert.embeddings.LayerNorm.weight': (h,), 'bert.embeddings.LayerNorm.bias': (h,),
+                'cls.predictions.bias': (None,), 'cls.predictions.transform.dense.weight': (h, h),
+                'cls.predictions.transform.dense.bias': (h,), 'cls.predictions.transform.LayerNorm.weight': (h,),
+                'cls.predictions.transform.LayerNorm.bias': (h,)}
+    expected = {k: pick(t[k], *idx) for k, idx in expected.items()}
+    for j, i in enumerate([0, 2]):  # Algorithm 1 on 3 -> 2: round(linspace(0, 2, 2))
+        src, dst = f'bert.encoder.layer.{i}.', f'bert.encoder.layer.{j}.'
+        for name, idx in [('attention.self.query', (h, h)), ('attention.self.key', (h, h)), ('attention.self.value', (h, h)),
+                          ('attention.output.dense', (h, h)), ('attention.output.LayerNorm', (h,)),
+                          ('intermediate.dense', (inter, h)), ('output.dense', (h, inter)), ('output.LayerNorm', (h,))]:
+            expected[dst + name + '.weight'] = pick(t[src + name + '.weight'], *idx)
+            expected[dst + name + '.bias'] = pick(t[src + name + '.bias'], idx[0])
+    expected['cls.predictions.decoder.weight'] = expected['bert.embeddings.word_embeddings.weight']  # tied
+    expected['cls.predictions.decoder.bias'] = expected['cls.predictions.bias']  # the same parameter in the model
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+
+
+def test_bert_same_width_shallower_is_the_truncated_teacher(bert, tmp_path):
+    folder, _ = bert
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 's'))
+    teacher = transformers.AutoModelForMaskedLM.from_pretrained(folder).eval()
+    teacher.bert.encoder.layer = teacher.bert.encoder.layer[:2]
+    ids = torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        got, want = load_masked_lm(str(tmp_path / 's'))(ids).logits, teacher(ids).logits
+    assert torch.isfinite(got).all() and torch.equal(got, want)
