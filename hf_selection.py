@@ -37,6 +37,9 @@ EXCLUDABLE = ('embed', 'attn', 'mlp', 'norm')
 ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
              'U8': torch.uint8, 'BOOL': torch.bool}
+ST_DTYPES.update({name: getattr(torch, attr) for name, attr in [  # where this torch has them
+    ('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'), ('U16', 'uint16'), ('U32', 'uint32'), ('U64', 'uint64')]
+    if hasattr(torch, attr)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,12 +161,20 @@ class Widths:
     positions: int = 0
 
 
+def check_whole_numbers(config, family, where):
+    bad = [name for name in list(family.fields.values()) + ['head_dim'] if config.get(name) is not None
+           and (isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0)]
+    if bad:
+        raise UserError(f"{where}: {bad[0]} must be a whole number, got {config[bad[0]]!r}")
+
+
 def widths_of(config, family, where):
     """The sizes that name every tensor's axes, read from a config.json dict."""
     f = family.fields
     missing = [name for key, name in f.items() if key not in ('inter', 'kv_heads') and name not in config]
     if missing:
         raise UserError(f"{where}: config has no {', '.join(missing)}")
+    check_whole_numbers(config, family, where)
     hidden, heads = config[f['hidden']], config[f['heads']]
     kv_heads = config.get(f.get('kv_heads', ''), None) or heads
     inter = config.get(f['inter']) or 4 * hidden  # GPT-2's n_inner null means 4 * n_embd
@@ -193,7 +204,8 @@ def read_overrides(spec):
 def student_config(t_cfg, overrides, family, layer_map_fn):
     """The teacher's config with the overrides; per-layer lists (layer_types) follow layer selection, and
     head_dim is written out when the teacher's was explicit, so both sides agree on it."""
-    unknown = [k for k in overrides if k not in t_cfg and k not in family.fields.values() and k != 'head_dim']
+    extra = ('head_dim',) if family.rotary else ()  # LLaMA-style models honour an explicit head_dim
+    unknown = [k for k in overrides if k not in t_cfg and k not in family.fields.values() and k not in extra]
     if unknown:
         raise UserError(f"--student_config: '{unknown[0]}' is not a field of the teacher's config.json "
                         f'({t_cfg.get("model_type")}); check its spelling')
@@ -201,6 +213,8 @@ def student_config(t_cfg, overrides, family, layer_map_fn):
         raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
                         f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
     s_cfg = {**t_cfg, **overrides}
+    check_whole_numbers(t_cfg, family, 'teacher')
+    check_whole_numbers(s_cfg, family, 'student')
     t_hd = t_cfg.get('head_dim')
     derived_t = t_cfg[family.fields['hidden']] // max(t_cfg[family.fields['heads']], 1)
     if 'head_dim' not in overrides and t_hd is not None and t_hd == derived_t:
@@ -329,6 +343,11 @@ def read_header(path):
                        for k, v in header.items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f'{path}: not a safetensors file (unreadable header)') from None
+    for key, (dtype, shape, (begin, end)) in tensors.items():
+        if dtype not in ST_DTYPES:
+            raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
+        if end - begin != math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dtype]).element_size():
+            raise UserError(f"{path}: the header's size of '{key}' does not match its shape {list(shape)}; corrupt file")
     end = max((offsets[1] for _, _, offsets in tensors.values()), default=8 + n)
     if end > size:
         raise UserError(f'{path}: truncated ({size} bytes, its header describes {end}); download it again')

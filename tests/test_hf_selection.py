@@ -257,6 +257,8 @@ def set_model_type(copy):
     (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
     (None, {'num_hidden_layers': 7}, 'no deeper than its teacher'),
     (None, {'hiden_size': 16}, "'hiden_size' is not a field"),
+    (None, {'hidden_size': '16'}, 'hidden_size must be a whole number'),
+    (None, {'vocab_size': 32}, 'vocab_size 32, the teacher 64'),
 ])
 def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, overrides, match):
     folder, _ = llama
@@ -266,6 +268,18 @@ def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, over
     with pytest.raises(UserError, match=match):
         hf_selection.select_hf(teacher, overrides, str(out))
     assert os.listdir(out.parent) == []  # no student, no temporary left behind
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    ({'element_selection': 'l1'}, 'l1 is not supported for Hugging Face teachers'),
+    ({'exclude': ['patch_embed']}, "unknown component to exclude 'patch_embed'; choose from embed, attn, mlp, norm"),
+    ({'max_shard_size': 'lots'}, 'write a size such as 5GB'),
+    ({'layer_selection': '0,9,1'}, r'give 3 teacher layers in 0\.\.5'),
+])
+def test_bad_settings(llama, tmp_path, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(llama[0], LLAMA_STUDENT, str(tmp_path / 's'), **kwargs)
+    assert os.listdir(tmp_path) == []
 
 
 def test_hub_id_offline_names_what_to_pass(tmp_path, monkeypatch):
