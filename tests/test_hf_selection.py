@@ -35,6 +35,11 @@ LLAMA_STUDENT = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=3, 
 
 
 def save_teacher(folder, model):
+    """Every parameter drawn at random first: a fresh model's norms are all ones and its biases all zeros,
+    which any selection would reproduce."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
     model.save_pretrained(folder, max_shard_size='20KB')
     return str(folder)
 
@@ -163,8 +168,8 @@ def test_qwen2_tied_teacher_untied_student_with_biases(tmp_path):
     config = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
                                       num_key_value_heads=4, vocab_size=64, tie_word_embeddings=True)
     model = transformers.Qwen2ForCausalLM(config)
-    t = model.state_dict()
     folder = save_teacher(tmp_path / 't', model)
+    t = model.state_dict()
     report = hf_selection.select_hf(folder, dict(LLAMA_STUDENT, num_hidden_layers=1, tie_word_embeddings=False),
                                     str(tmp_path / 's'), exclude=['mlp'])
     s = load_strict(str(tmp_path / 's')).state_dict()
