@@ -379,13 +379,19 @@ class TeacherShards:
             return int(rows.min()), int(rows.max()) + 1
         return 0, shape[0] if shape else 1
 
-    def will_need(self, key, indices):
-        """Start reading the rows of `key` that read() will want, in the background (the kernel's readahead),
-        so that the disk works while the current tensor is selected and written."""
-        name, (_, shape, (begin, end)) = self.where[key], self.header[key]
-        lo, hi = self.row_span(key, indices)
+    def will_need(self, p):
+        """Ask the kernel to start reading the rows plan p will want (its readahead, in the background).
+        Its own descriptor: the reading thread owns the open files."""
+        if p.source is None:
+            return
+        name, (_, shape, (begin, end)) = self.where[p.source], self.header[p.source]
+        lo, hi = self.row_span(p.source, p.indices)
         row = (end - begin) // max(shape[0], 1) if shape else end - begin
-        os.posix_fadvise(self.file(name).fileno(), begin + lo * row, (hi - lo) * row, os.POSIX_FADV_WILLNEED)
+        fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, begin + lo * row, (hi - lo) * row, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def read_rows(self, key, lo, hi):
         """Rows lo..hi-1 of `key`, read with one plain read of their bytes (the header gives where they
@@ -540,15 +546,11 @@ def plan_tensors(teacher, family, t, axes, layer_map, tied, exclude):
     return planned
 
 
-def produce(p, teacher, std, seed, following=None):
+def produce(p, teacher, std, seed):
     """The student tensor of a plan: the teacher's kept elements, or a fresh init when excluded
-    (as transformers initializes these models: norms 1, biases 0, weights N(0, initializer_range)).
-    `following`, the next plan, is read ahead in the background while this one is selected and written."""
+    (as transformers initializes these models: norms 1, biases 0, weights N(0, initializer_range))."""
     if p.source is not None:
-        value = teacher.read(p.source, p.indices)
-        if following is not None and following.source is not None:
-            teacher.will_need(following.source, following.indices)
-        return value.contiguous()
+        return teacher.read(p.source, p.indices).contiguous()
     if p.key.endswith('.bias'):
         value = torch.zeros(p.shape)
     elif component_of(p.key) == 'norm':
@@ -556,6 +558,30 @@ def produce(p, teacher, std, seed, following=None):
     else:
         value = torch.empty(p.shape).normal_(0, std, generator=_generator(seed, p.key))
     return value.to(ST_DTYPES[p.dtype])
+
+
+class ReadAhead:
+    """make(p) for the plans in their order, one ahead in a worker thread: while the caller writes tensor i,
+    the worker reads and selects tensor i+1 (file reads and torch copies release the GIL) and the kernel is
+    asked to fetch tensor i+2. Besides the tensor being written, only the one being made is held."""
+
+    def __init__(self, planned, make, hint):
+        from concurrent.futures import ThreadPoolExecutor
+        self.make, self.hint = make, hint
+        self.following = {p.key: q for p, q in zip(planned, planned[1:])}
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), {}
+
+    def __call__(self, p):
+        future = self.pending.pop(p.key, None) or self.pool.submit(self.make, p)
+        q = self.following.get(p.key)
+        if q is not None:
+            self.pending[q.key] = self.pool.submit(self.make, q)
+            if q.key in self.following:
+                self.hint(self.following[q.key])
+        return future.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,9 +772,11 @@ def write_output(output, s_cfg, planned, shards, max_bytes, seed, report):
     try:
         write_json(os.path.join(tmp, 'config.json'), s_cfg)
         std = s_cfg.get('initializer_range', 0.02)
-        following = {p.key: q for p, q in zip(planned, planned[1:])}  # write_student makes them in this order
-        report['meta']['files'] = write_student(tmp, planned, max_bytes,
-                                                lambda p: produce(p, shards, std, seed, following.get(p.key)))
+        ahead = ReadAhead(planned, lambda p: produce(p, shards, std, seed), shards.will_need)
+        try:
+            report['meta']['files'] = write_student(tmp, planned, max_bytes, ahead)
+        finally:
+            ahead.close()
         report['meta']['teacher_bytes_read'] = shards.bytes_read
         report['meta']['teacher_bytes'] = sum(os.path.getsize(os.path.join(shards.folder, n)) for n in shards.files)
         write_json(os.path.join(tmp, 'selection.json'), report)
