@@ -151,36 +151,54 @@ def shard_paths(folder):
     return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith('.safetensors')]
 
 
+def timed_read(paths):
+    evict(paths)
+    start, io0 = time.time(), io_read_bytes()
+    with PeakRssAnon() as mem:
+        nbytes = sequential_read(paths)
+    return {'s': round(time.time() - start, 2), 'bytes': nbytes, 'disk_bytes': io_read_bytes() - io0,
+            'peak_rss_anon': mem.peak, 'loadavg': load_average()}
+
+
+def timed_select(paths, teacher, overrides, student, layer_selection):
+    evict(paths)
+    shutil.rmtree(student, ignore_errors=True)
+    baseline = PeakRssAnon().read()
+    start, io0 = time.time(), io_read_bytes()
+    with PeakRssAnon() as mem:
+        report = hf_selection.select_hf(teacher, overrides, student, layer_selection=layer_selection)
+    out = {'s': round(time.time() - start, 2), 'bytes_requested': report['meta']['teacher_bytes_read'],
+           'disk_bytes': io_read_bytes() - io0, 'peak_rss_anon': mem.peak, 'rss_anon_before': baseline,
+           'student_bytes': sum(os.path.getsize(p) for p in shard_paths(student)), 'loadavg': load_average(),
+           'layer_map': report['meta']['layer_map']}
+    shutil.rmtree(student)
+    return out
+
+
+def load_average():
+    """The 1-minute load average: the machine is shared, so timings say little without it."""
+    with open('/proc/loadavg') as f:
+        return float(f.read().split()[0])
+
+
 def bench_hf(args):
+    """Sequential read and selection, alternating --repeat times (the machine's load varies)."""
     t_cfg, s_over = SIZES[args.size]
     teacher = os.path.join(args.cache, f'llama_{args.size}_teacher')
     start = time.time()
     made = make_teacher(teacher, {**LLAMA_BASE, **t_cfg})
     made_s = time.time() - start
     paths = shard_paths(teacher)
-    evict(paths)
-    start, io0 = time.time(), io_read_bytes()
-    with PeakRssAnon() as mem_read:
-        nbytes = sequential_read(paths)
-    read_s, read_io = time.time() - start, io_read_bytes() - io0
     student = os.path.join(args.cache, f'llama_{args.size}_student')
-    shutil.rmtree(student, ignore_errors=True)
-    evict(paths)
-    baseline = PeakRssAnon().read()
-    start, io0 = time.time(), io_read_bytes()
-    with PeakRssAnon() as mem:
-        report = hf_selection.select_hf(teacher, s_over, student, layer_selection=args.layer_selection)
-    select_s, select_io = time.time() - start, io_read_bytes() - io0
-    out_bytes = sum(os.path.getsize(p) for p in shard_paths(student))
-    shutil.rmtree(student)
+    reads, selections = [], []
+    for _ in range(args.repeat):
+        reads.append(timed_read(paths))
+        selections.append(timed_select(paths, teacher, s_over, student, args.layer_selection))
     if args.delete_teacher:
         shutil.rmtree(teacher)
-    return {'path': 'hf', 'size': args.size, 'teacher_bytes': nbytes, 'student_bytes': out_bytes,
-            'teacher_made_s': round(made_s, 1) if made else None, 'sequential_read_s': round(read_s, 2),
-            'sequential_read_disk_bytes': read_io, 'sequential_read_peak_rss_anon': mem_read.peak,
-            'select_s': round(select_s, 2), 'select_bytes_requested': report['meta']['teacher_bytes_read'],
-            'select_disk_bytes': select_io, 'select_peak_rss_anon': mem.peak, 'rss_anon_before': baseline,
-            'layer_map': report['meta']['layer_map'], 'teacher_config': t_cfg, 'student_overrides': s_over}
+    return {'path': 'hf', 'size': args.size, 'teacher_config': t_cfg, 'student_overrides': s_over,
+            'teacher_made_s': round(made_s, 1) if made else None, 'sequential_reads': reads, 'selections': selections,
+            'select_over_read': [round(s['s'] / r['s'], 2) for r, s in zip(reads, selections)]}
 
 
 def bench_timm(args):
@@ -219,6 +237,7 @@ def main():
     p.add_argument('--size', choices=sorted(SIZES), default='7b')
     p.add_argument('--layer_selection', default='uniform')
     p.add_argument('--delete_teacher', action='store_true', help='remove the synthetic teacher afterwards')
+    p.add_argument('--repeat', type=int, default=1, help='alternate read and selection this many times')
     p.add_argument('--vit', action='store_true', help='also the timm path on a random ViT-L (.safetensors)')
     p.add_argument('--output', default=None, help='write the results as JSON here')
     args = p.parse_args()
