@@ -109,7 +109,8 @@ _BERT_LAYER = {
 }
 # 'same': an axis the student keeps whole (token types, next-sentence and classifier outputs)
 _BERT_TOP = {
-    'embeddings.word_embeddings.weight': ('vocab', 'hidden'), 'embeddings.position_embeddings.weight': ('pos', 'hidden'),
+    'embeddings.word_embeddings.weight': ('vocab', 'hidden'),
+    'embeddings.position_embeddings.weight': ('pos', 'hidden'),
     'embeddings.token_type_embeddings.weight': ('same', 'hidden'),
     'embeddings.LayerNorm.weight': ('hidden',), 'embeddings.LayerNorm.bias': ('hidden',),
     'pooler.dense.weight': ('hidden', 'hidden'), 'pooler.dense.bias': ('hidden',),
@@ -125,8 +126,8 @@ _BERT_HEADS = {
 # BertModel checkpoints name keys without the `bert.` prefix of BertFor* models; both work.
 BERT = Family(
     'bert',
-    fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads', layers='num_hidden_layers',
-                vocab='vocab_size', positions='max_position_embeddings'),
+    fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
+                layers='num_hidden_layers', vocab='vocab_size', positions='max_position_embeddings'),
     block=re.compile(r'^((?:bert\.)?encoder\.layer)\.(\d+)\.(.+)$'),
     tensors={**{p + k: v for p in ('', 'bert.') for k, v in _BERT_TOP.items()}, **_BERT_HEADS, **_BERT_LAYER},
     rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
@@ -347,7 +348,8 @@ def read_header(path):
         if dtype not in ST_DTYPES:
             raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
         if end - begin != math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dtype]).element_size():
-            raise UserError(f"{path}: the header's size of '{key}' does not match its shape {list(shape)}; corrupt file")
+            raise UserError(f"{path}: the header's size of '{key}' does not match its shape {list(shape)}; "
+                            f'corrupt file')
     end = max((offsets[1] for _, _, offsets in tensors.values()), default=8 + n)
     if end > size:
         raise UserError(f'{path}: truncated ({size} bytes, its header describes {end}); download it again')
@@ -797,8 +799,9 @@ def action_of(p):
 def run(args):
     """weight_selection.py's command line with a Hugging Face teacher (see its --help)."""
     if not args.student_config:
-        raise UserError(f'--teacher {args.teacher} is a Hugging Face folder: describe the student with --student_config '
-                        f"'{{\"hidden_size\": ..., \"num_hidden_layers\": ...}}' (or a config.json file)")
+        raise UserError(f'--teacher {args.teacher} is a Hugging Face folder: describe the student with '
+                        f"--student_config '{{\"hidden_size\": ..., \"num_hidden_layers\": ...}}' "
+                        f'(or a config.json file)')
     if not args.teacher or not args.output:
         raise UserError('missing --teacher or --output; e.g. --teacher HF_FOLDER --student_config '
                         "'{\"num_hidden_layers\": 4}' --output OUT_FOLDER")
@@ -813,7 +816,8 @@ def run(args):
     acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
     print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}, "
           f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "
-          f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's {meta['teacher_bytes'] / 1e6:.1f} MB; "
+          f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's "
+          f"{meta['teacher_bytes'] / 1e6:.1f} MB; "
           f"wrote {args.output} ({len(meta['files'])} shard(s)) in {time.time() - start:.1f}s", file=sys.stdout)
 
 

@@ -242,7 +242,8 @@ def main():
     p.add_argument('--output', default=None, help='write the results as JSON here')
     args = p.parse_args()
     os.makedirs(args.cache, exist_ok=True)
-    results = {'machine': f'{os.cpu_count()} CPU cores, {os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30:.0f} GiB',
+    memory = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+    results = {'machine': f'{os.cpu_count()} CPU cores, {memory:.0f} GiB',
                'python': platform.python_version(), 'torch': torch.__version__, 'runs': [bench_hf(args)]}
     if args.vit:
         results['runs'].append(bench_timm(args))

@@ -73,6 +73,11 @@ def pick(tensor, *index_lists):
     return tensor
 
 
+def selected(s, t, key, *index_lists):
+    """The student's tensor `key` is the teacher's with these indices kept along each dimension."""
+    return torch.equal(s[key], pick(t[key], *index_lists))
+
+
 def forward_finite(model):
     logits = model(torch.tensor([[1, 5, 9, 3]]), use_cache=False).logits
     assert torch.isfinite(logits).all()
@@ -93,7 +98,8 @@ def test_llama_gqa_every_tensor(llama, tmp_path, selection, layers):
     # heads: KV groups 0 and 2 of 4 (Algorithm 1 on 4 -> 2), each with both of its query heads
     q, kv = rows([0, 1, 4, 5]), rows([0, 2])
     expected = {'model.embed_tokens.weight': pick(t['model.embed_tokens.weight'], None, h),
-                'lm_head.weight': pick(t['lm_head.weight'], None, h), 'model.norm.weight': pick(t['model.norm.weight'], h)}
+                'lm_head.weight': pick(t['lm_head.weight'], None, h),
+                'model.norm.weight': pick(t['model.norm.weight'], h)}
     for j, i in enumerate(layers):
         src, dst = f'model.layers.{i}.', f'model.layers.{j}.'
         for name, idx in [('self_attn.q_proj.weight', (q, h)), ('self_attn.k_proj.weight', (kv, h)),
@@ -126,9 +132,9 @@ def test_llama_dims_mode(llama, tmp_path):
     hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), head_selection='dims')
     s = load_strict(str(tmp_path / 's')).state_dict()
     q, kv = EVEN16, list(range(0, 16, 2))  # per dimension: 32 -> 16 and 16 -> 8, stride 2 (mixes heads)
-    assert torch.equal(s['model.layers.0.self_attn.q_proj.weight'], pick(t['model.layers.0.self_attn.q_proj.weight'], q, EVEN16))
-    assert torch.equal(s['model.layers.0.self_attn.k_proj.weight'], pick(t['model.layers.0.self_attn.k_proj.weight'], kv, EVEN16))
-    assert torch.equal(s['model.layers.0.self_attn.o_proj.weight'], pick(t['model.layers.0.self_attn.o_proj.weight'], EVEN16, q))
+    assert selected(s, t, 'model.layers.0.self_attn.q_proj.weight', q, EVEN16)
+    assert selected(s, t, 'model.layers.0.self_attn.k_proj.weight', kv, EVEN16)
+    assert selected(s, t, 'model.layers.0.self_attn.o_proj.weight', EVEN16, q)
 
 
 def test_heads_stay_whole_and_with_their_kv_group(llama, tmp_path):
@@ -174,10 +180,10 @@ def test_qwen2_tied_teacher_untied_student_with_biases(tmp_path):
                                     str(tmp_path / 's'), exclude=['mlp'])
     s = load_strict(str(tmp_path / 's')).state_dict()
     assert torch.equal(s['lm_head.weight'], pick(t['model.embed_tokens.weight'], None, EVEN16))
-    assert torch.equal(s['model.layers.0.self_attn.q_proj.bias'], pick(t['model.layers.0.self_attn.q_proj.bias'], rows([0, 1, 4, 5])))
-    assert torch.equal(s['model.layers.0.self_attn.k_proj.bias'], pick(t['model.layers.0.self_attn.k_proj.bias'], rows([0, 2])))
+    assert selected(s, t, 'model.layers.0.self_attn.q_proj.bias', rows([0, 1, 4, 5]))
+    assert selected(s, t, 'model.layers.0.self_attn.k_proj.bias', rows([0, 2]))
     assert report['tensors']['model.layers.0.mlp.up_proj.weight']['action'] == 'excluded'
-    assert not torch.equal(s['model.layers.0.mlp.up_proj.weight'], pick(t['model.layers.0.mlp.up_proj.weight'], INTER_48_20, EVEN16))
+    assert not selected(s, t, 'model.layers.0.mlp.up_proj.weight', INTER_48_20, EVEN16)
     assert json.load(open(tmp_path / 's' / 'config.json'))['layer_types'] == ['full_attention']
 
 
@@ -302,7 +308,7 @@ def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
     assert proc.returncode == 1 and not os.path.exists(tmp_path / 's')
 
 
-# ---------------------------------------------------------------------------------------------- timm teachers in .safetensors
+# ---------------------------------------------------------------------------------------------- timm, .safetensors
 
 def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
     import timm
@@ -352,7 +358,8 @@ def test_llama_consecutive_and_random_are_consistent(llama, tmp_path):
     wq_t = pick(t['model.layers.1.self_attn.q_proj.weight'], None, hidden).reshape(8, 4, 16)
     wq_s = s['model.layers.1.self_attn.q_proj.weight'].reshape(4, 4, 16)
     q_heads = [next(h for h in range(8) if torch.equal(wq_s[i], wq_t[h])) for i in range(4)]
-    assert q_heads in ([0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7], [2, 3, 4, 5], [2, 3, 6, 7], [4, 5, 6, 7])  # whole groups
+    # whole KV groups of two query heads each
+    assert q_heads in ([0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7], [2, 3, 4, 5], [2, 3, 6, 7], [4, 5, 6, 7])
     for key, idx in [('lm_head.weight', (None, hidden)), ('model.norm.weight', (hidden,)),
                      ('model.layers.1.self_attn.o_proj.weight', (hidden, rows(q_heads)))]:
         assert torch.equal(s[key], pick(t[key], *idx)), key
@@ -361,7 +368,7 @@ def test_llama_consecutive_and_random_are_consistent(llama, tmp_path):
     down_s = s['model.layers.1.mlp.down_proj.weight']
     inter = [next(j for j in range(48) if torch.equal(down_t[:, j], down_s[:, i])) for i in range(20)]
     assert inter == sorted(inter) and inter != INTER_48_20
-    assert torch.equal(s['model.layers.1.mlp.gate_proj.weight'], pick(t['model.layers.1.mlp.gate_proj.weight'], inter, hidden))
+    assert selected(s, t, 'model.layers.1.mlp.gate_proj.weight', inter, hidden)
 
 
 def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
@@ -370,8 +377,8 @@ def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
     s = load_strict(str(tmp_path / 's')).state_dict()
     heads = rows([0, 2], head_dim=8)  # 2 of 4 heads of 8 dims, Algorithm 1 on 4 -> 2
     cols = heads + [32 + i for i in heads] + [64 + i for i in heads]
-    assert torch.equal(s['transformer.h.0.attn.c_attn.weight'], pick(t['transformer.h.0.attn.c_attn.weight'], EVEN16, cols))
-    assert torch.equal(s['transformer.h.0.attn.c_proj.weight'], pick(t['transformer.h.0.attn.c_proj.weight'], heads, EVEN16))
+    assert selected(s, t, 'transformer.h.0.attn.c_attn.weight', EVEN16, cols)
+    assert selected(s, t, 'transformer.h.0.attn.c_proj.weight', heads, EVEN16)
 
 
 # ---------------------------------------------------------------------------------------------- BERT
@@ -393,8 +400,9 @@ def load_masked_lm(folder):
 
 def test_bert_every_tensor(bert, tmp_path):
     folder, t = bert
-    hf_selection.select_hf(folder, dict(hidden_size=16, num_attention_heads=2, intermediate_size=20, num_hidden_layers=2,
-                                        max_position_embeddings=24), str(tmp_path / 's'), layer_selection='uniform')
+    student = dict(hidden_size=16, num_attention_heads=2, intermediate_size=20, num_hidden_layers=2,
+                   max_position_embeddings=24)
+    hf_selection.select_hf(folder, student, str(tmp_path / 's'), layer_selection='uniform')
     s = load_masked_lm(str(tmp_path / 's')).state_dict()
     h, inter = EVEN16, INTER_48_20  # per dimension (no rotary): query, key, value take the width's set
     expected = {'bert.embeddings.word_embeddings.weight': (None, h), 'bert.embeddings.position_embeddings.weight':
@@ -406,7 +414,8 @@ def test_bert_every_tensor(bert, tmp_path):
     expected = {k: pick(t[k], *idx) for k, idx in expected.items()}
     for j, i in enumerate([0, 2]):  # Algorithm 1 on 3 -> 2: round(linspace(0, 2, 2))
         src, dst = f'bert.encoder.layer.{i}.', f'bert.encoder.layer.{j}.'
-        for name, idx in [('attention.self.query', (h, h)), ('attention.self.key', (h, h)), ('attention.self.value', (h, h)),
+        for name, idx in [('attention.self.query', (h, h)), ('attention.self.key', (h, h)),
+                          ('attention.self.value', (h, h)),
                           ('attention.output.dense', (h, h)), ('attention.output.LayerNorm', (h,)),
                           ('intermediate.dense', (inter, h)), ('output.dense', (h, inter)), ('output.LayerNorm', (h,))]:
             expected[dst + name + '.weight'] = pick(t[src + name + '.weight'], *idx)
