@@ -13,6 +13,7 @@ Splits (train -> evaluated on):
   image_folder       ImageFolder DATA_PATH/train -> DATA_PATH/val (or DATA_PATH/test); classes from folders
 """
 import os
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import ConcatDataset, Subset
@@ -40,7 +41,7 @@ def build_dataset(is_train, args):
     transform = build_transform(is_train, args)
     if name in ('IMNET', 'image_folder'):
         return image_folder(root, is_train, transform, allow_test=name == 'image_folder')
-    download = bool(getattr(args, 'download', False))
+    download = bool(args.download)
     try:
         return torchvision_dataset(name, root, is_train, transform, download)
     except (RuntimeError, FileNotFoundError, OSError) as e:
@@ -110,7 +111,7 @@ def image_folder(root, is_train, transform, allow_test):
     return dataset, len(dataset.classes)
 
 
-def _posterize_keeping_zero_bits():
+def install_posterize_shim():
     """timm's RandAugment 'PosterizeIncreasing' at full magnitude keeps 0 bits; Pillow < 13 turned that
     into a black image, Pillow 13 raises "bits must be between or equal to 1 and 8". Keep the old
     meaning so the recipe runs with either Pillow."""
@@ -132,10 +133,8 @@ def _posterize_keeping_zero_bits():
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-_posterize_keeping_zero_bits()
 
-
-def _mean_std(args):
+def mean_std(args):
     return ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
             else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
 
@@ -143,8 +142,9 @@ def _mean_std(args):
 def build_transform(is_train, args):
     """timm's create_transform at input_size (RandAugment, random erasing; bicubic), or, for inputs of
     32 px or less, the CIFAR path: random crop with padding 4 instead of a random resized crop."""
+    install_posterize_shim()
     size = args.input_size
-    mean, std = _mean_std(args)
+    mean, std = mean_std(args)
     if is_train:
         t = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
                              auto_augment=args.aa if args.aa not in (None, '', 'none') else None,
@@ -212,29 +212,6 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-# ------------------------------------------------------------------------------------ the GPU data path
-NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}  # one size per dataset
-_RAW = {}
-
-
-def raw_dataset(is_train, args):
-    """The split as build_dataset returns it, without transforms (PIL images); built once per process
-    (--gpu_data auto counts an image folder's files, then the GPU path decodes them)."""
-    from types import SimpleNamespace
-    key = (is_train, args.data_set, args.data_path)
-    if key not in _RAW:
-        no_transform = SimpleNamespace(**{**vars(args), 'input_size': 32, 'aa': None, 'reprob': 0})
-        dataset, classes = build_dataset(is_train, no_transform)
-        set_transform(dataset, None)
-        _RAW[key] = dataset, classes
-    return _RAW[key]
-
-
-def gpu_side(args):
-    """The short side to which --gpu_data resizes datasets of varied image sizes."""
-    return args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
-
-
 def set_transform(dataset, transform):
     """Replace the transform of a dataset build_dataset returned (through its Subset/ConcatDataset)."""
     if isinstance(dataset, ConcatDataset):
@@ -246,162 +223,69 @@ def set_transform(dataset, transform):
         dataset.transform = transform
 
 
-def _array_of(dataset):
-    """The uint8 (N, 3, H, W) array and labels torchvision already holds in memory, or None."""
-    import numpy as np
-    if isinstance(dataset, (datasets.CIFAR10, datasets.CIFAR100)):
-        return torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))), torch.tensor(dataset.targets)
-    if isinstance(dataset, (datasets.SVHN, datasets.STL10)):
-        return torch.from_numpy(np.ascontiguousarray(dataset.data)), torch.as_tensor(dataset.labels).long()
-    return None
+# ------------------------------------------------------------------------------------ loaders of a run
+@dataclass
+class EvalPlan:
+    """Whether a run evaluates, whether each process evaluates its own shard (summed), and at what batch."""
+    wanted: bool
+    sharded: bool
+    batch_size: int
 
 
-def _image_sizes(dataset):
-    """(width, height) of every image of an ImageFolder, read from the file headers."""
-    from PIL import Image
-    sizes = set()
-    for path, _ in dataset.samples:
-        with Image.open(path) as im:
-            sizes.add(im.size)
-    return sizes
+def eval_plan(args, world_size):
+    return EvalPlan(wanted=args.eval or not args.disable_eval, sharded=args.dist_eval and world_size > 1,
+                    batch_size=max(args.batch_size, 64))
 
 
-class _ToFixedUint8:
-    """PIL image -> uint8 (3, S, S): unchanged if already S x S, else the short side resized to S
-    (bicubic, antialiased) and centre-cropped; with S None, the image at its own size."""
-
-    def __init__(self, side):
-        self.side = side
-
-    def __call__(self, img):
-        img = img.convert('RGB')
-        if self.side is not None and img.size != (self.side, self.side):
-            img = transforms.CenterCrop(self.side)(transforms.Resize(self.side, transforms.InterpolationMode.BICUBIC)(img))
-        return transforms.functional.pil_to_tensor(img)
+@dataclass
+class Loaders:
+    train: object          # a DataLoader over EpochSampler, or gpu_data.GpuLoader
+    val: object            # the same kind, or None without evaluation
+    num_classes: int
+    num_train: int         # training images of the whole dataset
+    eval_sharded: bool     # each process evaluates its shard: the engine sums over processes
+    how: str               # one line saying where the data is held
 
 
-def decode_to_uint8(is_train, args):
-    """(images uint8 (N, 3, H, W) on the CPU, labels (N,), number of classes, how they were stored).
-    Datasets of one image size keep their native resolution; others are resized once to a short side of
-    --gpu_data_size (default input_size / crop_pct) and centre-cropped to a square."""
-    dataset, classes = raw_dataset(is_train, args)
-    held = _array_of(dataset)
-    if held is not None:
-        return held[0], held[1], classes, 'native resolution'
-    side = None
-    if args.data_set not in NATIVE_SIDE:
-        sizes = _image_sizes(dataset) if isinstance(dataset, datasets.ImageFolder) else {None, 'varied'}
-        if len(sizes) > 1:
-            side = gpu_side(args)
-    decode = _ToFixedUint8(side)
-    loader = torch.utils.data.DataLoader(_Mapped(dataset, decode), batch_size=256, shuffle=False,
-                                         num_workers=args.num_workers)
-    images, labels = [], []
-    for x, y in loader:
-        images.append(x)
-        labels.append(y)
-    how = 'native resolution' if side is None else f'short side resized to {side}, centre-cropped'
-    return torch.cat(images), torch.cat(labels).long(), classes, how
+def build_loaders(args, device, rank=0, world_size=1):
+    """The training and evaluation loaders of a run: the GPU data path where gpu_data.choose takes it,
+    else workers decoding and augmenting on the CPU."""
+    import gpu_data
+    plan = eval_plan(args, world_size)
+    step = args.batch_size * world_size
+    if gpu_data.choose(args, device):
+        train, val, classes, how = gpu_data.build_loaders(args, device, rank, world_size, plan)
+        num_train = len(train.labels)
+    else:
+        train, val, classes, num_train = cpu_loaders(args, device, rank, world_size, plan)
+        how = f'CPU loader, {args.num_workers} workers per process'
+    if len(train) == 0:
+        raise UserError(f'{num_train} training images are fewer than one global step of {step}; lower --batch_size')
+    return Loaders(train, val, classes, num_train, plan.sharded, how)
 
 
-class _Mapped(torch.utils.data.Dataset):
-    def __init__(self, dataset, fn):
-        self.dataset, self.fn = dataset, fn
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        img, label = self.dataset[i]
-        return self.fn(img), label
-
-
-class GpuLoader:
-    """Batches of a uint8 image tensor resident on the device, transformed on the device.
-
-    Training: the same per-epoch shuffle and per-process share as EpochSampler (drop_last), and batch k of
-    an epoch augmented with a generator seeded by (seed, epoch, rank, k): a run resumed mid-epoch sees the
-    batches an uninterrupted one sees. Evaluation: this process's shard in order, every image once."""
-
-    def __init__(self, images, labels, batch_size, transform, *, train, seed=0, rank=0, world_size=1,
-                 channels_last=False):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.transform, self.train, self.seed, self.rank = transform, train, seed, rank
-        self.channels_last = channels_last
-        self.dataset = labels  # len(loader.dataset): the number of images
-        self.sharded = world_size > 1
-        if train:
-            self.sampler = EpochSampler(range(len(labels)), num_replicas=world_size, rank=rank, seed=seed)
-        else:
-            self.order = torch.arange(rank, len(labels), world_size, device=labels.device)
-
-    def __len__(self):
-        if self.train:
-            return len(self.sampler) // self.batch_size
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        device = self.images.device
-        if not self.train:
-            for start in range(0, len(self.order), self.batch_size):
-                idx = self.order[start:start + self.batch_size]
-                yield self._layout(self.transform(self.images[idx])), self.labels[idx]
-            return
-        n = len(self.labels)
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).remainder_(n).to(device)  # once per epoch
-        epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
-        for k in range(len(order) // self.batch_size):
-            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            seed = ((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k
-            yield self._layout(self.transform(self.images[idx], seed)), self.labels[idx]
-
-    def _layout(self, x):
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-# train + test images per dataset (the table above); image folders are counted
-IMAGES = {'CIFAR10': 60_000, 'CIFAR100': 60_000, 'flowers': 8_189, 'pets': 7_349, 'stl10': 13_000,
-          'food101': 101_000, 'dtd': 5_640, 'svhn': 99_289, 'eurosat': 27_000, 'IMNET': 1_331_167}
-
-
-def gpu_data_fits(args, device):
-    """Whether both splits, as uint8 squares of their native side (or gpu_side), take at most half of the
-    device's free memory: the default of --gpu_data auto."""
-    if device.type != 'cuda':
-        return False
-    side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
-    count = IMAGES.get(args.data_set) or sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
-    free, _ = torch.cuda.mem_get_info(device)
-    return count * 3 * side * side <= free // 2
-
-
-def gpu_train_transform(args):
-    """The GPU path's training transform; ValueError names a setting it does not implement."""
-    import gpu_transforms
-    return gpu_transforms.GpuTrainTransform(args.input_size, *_mean_std(args), aa=args.aa,
-                                            interpolation=args.train_interpolation, reprob=args.reprob,
-                                            remode=args.remode, recount=args.recount)
-
-
-def build_gpu_loaders(args, device):
-    """(train loader, eval loader or None, a line saying how the data is held) for --gpu_data."""
-    import gpu_transforms
-    mean, std = _mean_std(args)
-    try:
-        train_tf = gpu_train_transform(args)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    images, labels, args.nb_classes, how = decode_to_uint8(True, args)
-    total = images.numel()
-    train = GpuLoader(images.to(device), labels.to(device), args.batch_size, train_tf, train=True, seed=args.seed,
-                      rank=args.rank, world_size=args.world_size, channels_last=args.channels_last)
+def cpu_loaders(args, device, rank, world_size, plan):
+    train_set, classes = build_dataset(True, args)
+    val_set = build_dataset(False, args)[0] if plan.wanted else None
+    # One code path for 1 and N processes: a seeded shuffle per epoch, each sample's augmentation
+    # seeded by (seed, epoch, index), so that a resumed run sees exactly the same batches.
+    num_train = len(train_set)
+    train_set = PerSampleSeed(train_set, args.seed)
+    sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
+                  persistent_workers=args.num_workers > 0)
+    train = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, drop_last=True,
+                                        generator=torch.Generator().manual_seed(args.seed), **common)
     val = None
-    if not (args.disable_eval and not args.eval):
-        v_images, v_labels, _, _ = decode_to_uint8(False, args)
-        total += v_images.numel()
-        sharded = args.dist_eval and args.world_size > 1
-        val = GpuLoader(v_images.to(device), v_labels.to(device), max(args.batch_size, 64),
-                        gpu_transforms.GpuEvalTransform(args.input_size, mean, std, args.crop_pct), train=False,
-                        rank=args.rank if sharded else 0, world_size=args.world_size if sharded else 1,
-                        channels_last=args.channels_last)
-    return train, val, f'GPU data path: {total / 2 ** 30:.2f} GiB of uint8 images on {device} ({how})'
+    if val_set is not None:
+        if plan.sharded:  # an exact shard per process (no padding duplicates)
+            val_set = Subset(val_set, range(rank, len(val_set), world_size))
+        val = torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False, **common)
+    return train, val, classes, num_train
+
+
+def knn_sets(args):
+    """(training split, test split, number of classes) for --knn_probe, both with the evaluation transform."""
+    train_set, classes = build_dataset(True, args)
+    set_transform(train_set, build_transform(False, args))
+    return train_set, build_dataset(False, args)[0], classes

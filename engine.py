@@ -19,11 +19,11 @@ def autocast(device, amp_dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_scheduler, *, update_freq=1,
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule, *, update_freq=1,
                     amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
-                    wd_schedule=None, log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None):
-    """One epoch. `start_step` is the optimizer step count at which this call starts (for the per-step
-    schedules); `partial` the state of an epoch interrupted after some steps ({'loss_sum', 'micro',
+                    log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None):
+    """One epoch. `schedule(optimizer, step)` sets the lr (and weight decay) of an optimizer step;
+    `start_step` is the optimizer step count at which this call starts; `partial` the state of an epoch interrupted after some steps ({'loss_sum', 'micro',
     'seen'}, as given to `on_step`), whose remaining batches `loader` yields. After each optimizer step
     `on_step(step, get_partial)` is called (mid-epoch checkpoints). Returns the epoch's mean loss, last lr
     and throughput."""
@@ -41,11 +41,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
             break  # an incomplete accumulation window at the end of the epoch is dropped
         final_micro = (micro + 1) % update_freq == 0
         if micro % update_freq == 0:  # the lr (and wd) of this optimizer step, set per step
-            lr_scheduler.step_update(step)
-            if wd_schedule is not None:
-                for group in optimizer.param_groups:
-                    if group['weight_decay'] > 0:
-                        group['weight_decay'] = wd_schedule[min(step, len(wd_schedule) - 1)]
+            schedule(optimizer, step)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -102,8 +98,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
 
 
 @torch.no_grad()
-def evaluate(loader, model, device, amp_dtype=None):
-    """Top-1/top-5 accuracy and loss over the loader; with a sharded loader, summed over processes."""
+def evaluate(loader, model, device, amp_dtype=None, sharded=False):
+    """Top-1/top-5 accuracy and loss over the loader; `sharded`: each process holds its own shard, and the
+    totals are summed over processes."""
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, correct@1, correct@5, n
     for images, targets in loader:
@@ -117,7 +114,7 @@ def evaluate(loader, model, device, amp_dtype=None):
         totals += torch.stack([torch.nn.functional.cross_entropy(output, targets, reduction='sum').double(),
                                correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
                                torch.tensor(float(targets.shape[0]), device=device, dtype=torch.float64)])
-    if dist.is_available() and dist.is_initialized() and getattr(loader, 'sharded', False):
+    if sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss, c1, c5, n = totals.tolist()
     n = max(n, 1)

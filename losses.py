@@ -32,13 +32,31 @@ class FeatureDistillStudent(nn.Module):
         return {f'model.{name}' for name in inner}
 
 
-class TrainingLoss(nn.Module):
-    """criterion(images, outputs, targets): the base loss on the logits, plus the distillation term."""
+class Renormalize(nn.Module):
+    """Images normalized with the student's mean/std, re-normalized with the teacher's own (its timm
+    pretrained_cfg): the augreg ViTs expect mean = std = 0.5 where the recipe feeds ImageNet's."""
 
-    def __init__(self, base, mode='none', teacher=None, alpha=1.0, tau=1.0):
+    def __init__(self, student_mean_std, teacher_mean_std):
+        super().__init__()
+        (s_mean, s_std), (t_mean, t_std) = student_mean_std, teacher_mean_std
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        # x_t = (x_s * s_std + s_mean - t_mean) / t_std = x_s * scale + shift, per channel
+        self.register_buffer('scale', as_tensor(s_std) / as_tensor(t_std), persistent=False)
+        self.register_buffer('shift', (as_tensor(s_mean) - as_tensor(t_mean)) / as_tensor(t_std), persistent=False)
+
+    def forward(self, x):
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+class TrainingLoss(nn.Module):
+    """criterion(images, outputs, targets): the base loss on the logits, plus the distillation term.
+    `teacher_input` maps the batch to what the teacher expects (Renormalize), default unchanged."""
+
+    def __init__(self, base, mode='none', teacher=None, alpha=1.0, tau=1.0, teacher_input=None):
         super().__init__()
         assert mode in DISTILL_MODES and (mode == 'none') == (teacher is None)
         self.base, self.mode, self.teacher, self.alpha, self.tau = base, mode, teacher, alpha, tau
+        self.teacher_input = teacher_input if teacher_input is not None else nn.Identity()
         self.last_terms = {}
 
     def forward(self, images, outputs, targets):
@@ -48,6 +66,7 @@ class TrainingLoss(nn.Module):
             return loss
         with torch.no_grad():
             self.teacher.eval()
+            images = self.teacher_input(images)
             if self.mode == 'logit':
                 target = self.teacher(images)
             else:

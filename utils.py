@@ -1,19 +1,18 @@
-"""Small single-purpose helpers shared by weight_selection.py and main.py.
+"""Small single-purpose helpers shared by every entry point.
 
-Command-line helpers (one-line errors), checkpoint reading and atomic writing, distributed set-up,
-logging and checkpoint bookkeeping. Nothing here knows about weight selection or the recipe.
+Command-line helpers (one-line errors), atomic file writing, distributed set-up, random states.
+Nothing here knows about models, weight selection or the recipe.
 """
 import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,10 +74,7 @@ def parse_json_dict(text, flag):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints.
-
-WRAPPER_KEYS = ('model', 'state_dict', 'module', 'model_ema', 'state_dict_ema')
-
+# Files.
 
 def sha256_file(path):
     h = hashlib.sha256()
@@ -86,63 +82,6 @@ def sha256_file(path):
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
-
-
-def torch_load(path):
-    """torch.load on the CPU with a clear error for missing, truncated or unreadable files."""
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint not found: {path}')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure to read is the user's file
-        if 'Weights only load failed' in str(e):
-            # Checkpoints of the official DeiT/MAE/ConvNeXt scripts also pickle their argparse
-            # Namespace; these are the user's own files, so fall back to a full unpickle.
-            try:
-                return torch.load(path, map_location='cpu', weights_only=False)
-            except Exception as e2:  # noqa: BLE001
-                e = e2
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {first}') from None
-
-
-def unwrap_state_dict(obj, path='checkpoint'):
-    """A flat {name: tensor} dict from a raw state dict or one wrapped under model/state_dict/...
-
-    `module.` prefixes left by DistributedDataParallel are removed."""
-    if isinstance(obj, dict):
-        for key in WRAPPER_KEYS:
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(f'{path} holds no state dict (expected a dict of tensors, possibly under '
-                        f"one of the keys {', '.join(WRAPPER_KEYS)})")
-    if all(k.startswith('module.') for k in obj):
-        obj = {k[len('module.'):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def read_state_dict(path):
-    """Weights from .pth/.pt/.bin (flat or wrapped) or .safetensors, as a flat state dict (for .safetensors a
-    read-only mapping that reads each tensor when it is looked up)."""
-    if path.endswith('.safetensors'):
-        if not os.path.isfile(path):
-            raise UserError(f'checkpoint not found: {path}')
-        # a lazy mapping: a tensor is read when selected, so a big teacher is never whole in memory
-        from hf_selection import SafetensorsStateDict
-        return SafetensorsStateDict(path)
-    return unwrap_state_dict(torch_load(path), path)
-
-
-def describe_mismatch(missing, unexpected, wrong):
-    """'missing a, b, c (+N more); unexpected ...; shape k (x) vs (y)' for key lists of two state dicts."""
-    def first(keys, n, sep=', '):
-        return sep.join(keys[:n]) + (f' (+{len(keys) - n} more)' if len(keys) > n else '')
-    parts = [f'missing {first(missing, 3)}' if missing else '',
-             f'unexpected {first(unexpected, 3)}' if unexpected else '',
-             f'shape {first(wrong, 2, "; ")}' if wrong else '']
-    return '; '.join(p for p in parts if p)
 
 
 def check_writable(path):
@@ -195,34 +134,42 @@ def code_version():
 # Distributed set-up: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM, the legacy
 # torch.distributed.launch (--local-rank), or a single process with no process group.
 
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0          # the GPU of this process
+    distributed: bool = False    # a process group is set up
+
+
 def init_distributed(args):
+    """Join the process group the launcher describes; returns this process's place in it."""
     env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env:
-        args.rank, args.world_size = int(env['RANK']), int(env['WORLD_SIZE'])
-        args.gpu = int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
+        rank, world = int(env['RANK']), int(env['WORLD_SIZE'])
+        local = int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
     elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-        args.rank, args.world_size = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
-        args.gpu = int(env.get('SLURM_LOCALID', args.rank % max(torch.cuda.device_count(), 1)))
+        rank, world = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        local = int(env.get('SLURM_LOCALID', rank % max(torch.cuda.device_count(), 1)))
         if args.dist_url == 'env://':
             env.setdefault('MASTER_ADDR', _slurm_master())
             env.setdefault('MASTER_PORT', '29500')
     else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        return
-    args.distributed = args.world_size > 1
-    if not args.distributed:
-        return
+        return Dist()
+    if world == 1:
+        return Dist(rank, world, local, False)
     use_cuda = args.device.startswith('cuda') and torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
+        torch.cuda.set_device(local)
     timeout = datetime.timedelta(minutes=30)
-    store = _restart_safe_store(args, timeout)
+    store = _restart_safe_store(args.dist_url, rank, world, timeout)
     dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=None if store else args.dist_url,
-                            store=store, world_size=args.world_size, rank=args.rank, timeout=timeout)
+                            store=store, world_size=world, rank=rank, timeout=timeout)
     dist.barrier()
+    return Dist(rank, world, local, True)
 
 
-def _restart_safe_store(args, timeout):
+def _restart_safe_store(dist_url, rank, world, timeout):
     """Under single-node torchrun, the rendezvous store with one key prefix per restart attempt.
 
     torchrun's default (static) rendezvous keeps one agent store across `--max_restarts` attempts, and the
@@ -231,10 +178,10 @@ def _restart_safe_store(args, timeout):
     the agent's restart count, so the prefix agrees across ranks; on several nodes the counts can differ
     (torch counts restarts per node), and torch's own store handling is kept."""
     env = os.environ
-    if not (args.dist_url == 'env://' and env.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    if not (dist_url == 'env://' and env.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
             and env.get('GROUP_WORLD_SIZE') == '1' and 'TORCHELASTIC_RESTART_COUNT' in env):
         return None
-    store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size, timeout=timeout))
+    store, _, _ = next(dist.rendezvous(dist_url, rank, world, timeout=timeout))
     return dist.PrefixStore(f'weight_selection/attempt_{env["TORCHELASTIC_RESTART_COUNT"]}', store)
 
 
@@ -280,58 +227,7 @@ def all_reduce_mean(tensor):
 
 
 # ----------------------------------------------------------------------------------------------
-# Run outputs: log.txt (a JSON line per epoch), checkpoints (atomic, the last K kept).
-
-def append_log(output_dir, record):
-    if output_dir and is_main_process():
-        with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
-
-
-CHECKPOINT_NAME = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
-
-
-def list_checkpoints(output_dir):
-    """Resumable checkpoints in output_dir, oldest first: checkpoint-<epoch>.pth (the epoch complete) and
-    checkpoint-<epoch>-step<k>.pth (k optimizer steps of that epoch done)."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        m = CHECKPOINT_NAME.match(name)
-        if m:
-            progress = (int(m[1]), int(m[2]) if m[2] else math.inf)
-            found.append((progress, os.path.join(output_dir, name)))
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(output_dir, name, state, keep_last=None):
-    """Write output_dir/name atomically (main process only); keep the newest `keep_last` resumable ones."""
-    if not is_main_process():
-        return
-    atomic_save(state, os.path.join(output_dir, name))
-    if keep_last:
-        for path in list_checkpoints(output_dir)[:-keep_last]:
-            os.remove(path)
-
-
-def remove_stale_temporaries(output_dir):
-    """Half-written files of a run killed while saving (atomic_save's temporaries)."""
-    if output_dir and os.path.isdir(output_dir) and is_main_process():
-        for name in os.listdir(output_dir):
-            if name.startswith('.tmp-'):
-                os.remove(os.path.join(output_dir, name))
-
-
-def truncate_log(output_dir, first_epoch):
-    """Drop log.txt lines of epochs >= first_epoch (a resumed run writes them again)."""
-    path = os.path.join(output_dir or '', 'log.txt')
-    if not output_dir or not os.path.isfile(path) or not is_main_process():
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < first_epoch]
-    atomic_write(path, lambda f: f.writelines(lines), binary=False)
-
+# Random states.
 
 def seed_everything(seed):
     """torch, numpy (timm's Mixup) and Python's random."""

@@ -14,22 +14,22 @@ or from the command line (see README.md):
     python weight_selection.py --teacher vit_small_patch16_224.augreg_in21k \
         --student vit_tiny_patch16_224 --num_classes 100 --output ws_vit_tiny.pth
 """
+import functools
 import math
 import os
 import re
-import sys
 import time
-import warnings
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 import utils
+from models.io import create_model, is_classifier, layout_of, linear_as_conv, load_pretrained
 from utils import UserError
 
-ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'magnitude')
+ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'l1_consistent',
+                      'magnitude')
 LAYER_SELECTIONS = ('first', 'uniform', 'mid', 'last')
 
 # --exclude names -> which student keys they leave at the student's own initialization (Table 10).
@@ -43,6 +43,51 @@ COMPONENTS = {
     'layer_scale': lambda k: k.endswith(('.gamma', 'ls1.gamma', 'ls2.gamma')),
     'downsample': lambda k: '.downsample.' in k,
 }
+
+
+def _timm_layers(*names):
+    import timm.layers
+    found = (getattr(timm.layers, n, None) for n in names)
+    return tuple(t for t in found if isinstance(t, type))  # SwiGLUPacked is a partial, not a class
+
+
+@functools.lru_cache(maxsize=None)
+def component_types():
+    """Components told by the type of a module that owns the tensor, when the student is an nn.Module: a
+    name rule misses norms without 'norm' in their path (ConvNeXt's stem.1, stages.N.downsample.0)."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+             *([nn.RMSNorm] if hasattr(nn, 'RMSNorm') else []),
+             *_timm_layers('RmsNorm', 'RmsNorm2d', 'SimpleNorm', 'SimpleNorm2d', 'FrozenBatchNormAct2d',
+                           'FilterResponseNormAct2d', 'FilterResponseNormTlu2d', 'EvoNorm2dB0', 'EvoNorm2dB1',
+                           'EvoNorm2dB2', 'EvoNorm2dS0', 'EvoNorm2dS0a', 'EvoNorm2dS1', 'EvoNorm2dS1a',
+                           'EvoNorm2dS2', 'EvoNorm2dS2a'))
+    attns = (nn.MultiheadAttention, *_timm_layers('Attention', 'AttentionRope', 'DiffAttention', 'Attention2d',
+                                                  'MultiQueryAttention2d', 'MultiQueryAttentionV2'))
+    mlps = _timm_layers('Mlp', 'GluMlp', 'SwiGLU', 'SwiGLUPacked', 'GatedMlp', 'ConvMlp', 'GlobalResponseNormMlp')
+    return {'norm': norms, 'attn': attns, 'mlp': mlps}
+
+
+def owners(student, key):
+    """The student's modules on the path to `key` (innermost last), or None for a bare state dict."""
+    if not isinstance(student, nn.Module):
+        return None
+    parts = key.split('.')[:-1]
+    try:
+        return [student.get_submodule('.'.join(parts[:i])) for i in range(1, len(parts) + 1)]
+    except AttributeError:
+        return None
+
+
+def in_component(component, key, student):
+    """Whether student `key` belongs to an --exclude component. norm: by module type when the student is a
+    module, else by name; attn, mlp: by type or by name (their many classes include project-specific
+    ones, and their names '.attn.' / '.mlp.' have no known miss); the rest by name."""
+    types = component_types().get(component)
+    modules = owners(student, key) if types else None
+    if modules is None:
+        return COMPONENTS[component](key)
+    by_type = any(isinstance(m, types) for m in modules)
+    return by_type if component == 'norm' else by_type or COMPONENTS[component](key)
 
 # Block containers: ViT `blocks.N.`, ConvNeXt/Swin `stages.S.blocks.N.` (greedy: the innermost
 # `blocks` wins), ResNet `layerK.N.`.
@@ -78,22 +123,28 @@ def random_indices(t, s, generator):
 class ElementSelector:
     """Chooses the kept indices of every dimension, as the chosen element selection prescribes.
 
-    Consistent modes (uniform, consecutive, random, l1) give one index set per pair of sizes
+    Consistent modes (uniform, consecutive, random, l1_consistent) give one index set per pair of sizes
     (teacher t, student s), so a width keeps the same channels in every tensor: the residual stream,
     q/k/v and proj, fc1 rows and fc2 columns stay aligned (Section 3.2, "random selection with
-    consistency"). random_inconsistent draws a fresh set for every tensor and dimension. l1 ranks
-    each embedding width (a size of a normalization weight) by the summed L1 norm of the teacher's
-    slices of that width, one set for all tensors; other sizes (MLP hidden, ...) are ranked per tensor.
+    consistency"). l1_consistent ranks each embedding width (a size of a normalization weight) by the
+    summed L1 norm of the teacher's slices of that width, one set for all tensors; other sizes are
+    ranked per tensor.
+    The per-tensor modes treat q, k and v of a fused qkv as three tensors: random_inconsistent draws a
+    fresh set for every tensor and dimension; l1 is Table 7's L1 pruning, every dimension of a tensor
+    ranked by that tensor's own slice L1 norms ("L1 norm inevitably breaks consistency"), except that a
+    neuron stays whole: a bias (or BatchNorm statistic) keeps the output rows its weight keeps.
     """
+    PER_TENSOR = ('random_inconsistent', 'l1')
 
     def __init__(self, mode, seed, teacher_state=None):
         if mode not in ELEMENT_SELECTIONS:
             raise UserError(f"unknown element selection '{mode}'; choose one of {', '.join(ELEMENT_SELECTIONS)}")
         self.mode, self.seed = mode, seed
+        self.teacher = teacher_state or {}
         self.cache = {}
         self.embed_widths = set()
         self.l1_scores = {}
-        if mode == 'l1':
+        if mode == 'l1_consistent':
             self._score_embed_widths(teacher_state)
 
     def _score_embed_widths(self, teacher_state):
@@ -106,11 +157,10 @@ class ElementSelector:
             v = split_qkv(key, v)
             for dim, size in enumerate(v.shape):
                 if size in scores and not (is_qkv(key) and dim == 0):
-                    other = [d for d in range(v.ndim) if d != dim]
-                    scores[size] += v.detach().abs().double().sum(dim=other) if other else v.abs().double()
+                    scores[size] += l1_norms(v.detach(), dim)
         self.l1_scores = scores
 
-    def indices(self, t, s, tensor, dim, key):
+    def indices(self, t, s, tensor, dim, key, anchor=None):
         if t == s:
             return torch.arange(t)
         if self.mode == 'uniform':
@@ -124,24 +174,66 @@ class ElementSelector:
         if self.mode == 'random_inconsistent':
             return random_indices(t, s, _generator(self.seed, key, dim))
         if self.mode == 'l1':
+            if dim == 0 and anchor is not None and anchor.shape[0] == t:
+                return top_l1(anchor, 0, s)  # a bias follows its weight's rows
+            return top_l1(tensor, dim, s)
+        if self.mode == 'l1_consistent':
             if t in self.l1_scores:
                 if (t, s) not in self.cache:
                     self.cache[t, s] = self.l1_scores[t].topk(s).indices.sort().values
                 return self.cache[t, s]
-            other = [d for d in range(tensor.ndim) if d != dim]
-            score = tensor.abs().double().sum(dim=other) if other else tensor.abs().double()
-            return score.topk(s).indices.sort().values
+            return top_l1(tensor, dim, s)
         raise AssertionError(self.mode)
 
-    def select(self, tensor, shape, key):
-        """Select `tensor` down to `shape`, one dimension after the other (Algorithm 1)."""
+    def select(self, tensor, shape, key, source=None):
+        """Select `tensor` down to `shape`, one dimension after the other (Algorithm 1). `source`: the
+        teacher key of `tensor` (default `key`), which tells l1 the weight a bias belongs to."""
         if self.mode == 'magnitude':
             return magnitude_squeeze(tensor, shape)
+        return self._select(tensor, shape, key, self.anchor(source or key, tensor))
+
+    def select_qkv(self, tensor, shape, key, source=None):
+        """A fused qkv split as [3, D, ...] (split_qkv). Per-tensor modes select q, k and v each as a
+        tensor of its own (they are three Linears fused); the others select the whole, which keeps q, k
+        and v on the width's one index set."""
+        if self.mode not in self.PER_TENSOR:
+            return self.select(tensor, shape, key, source)
+        anchor = self.anchor(source or key, tensor[0])
+        if anchor is not None:
+            anchor = split_qkv(key, anchor)
+        return torch.stack([self._select(part, shape[1:], f'{key}[{i}]', None if anchor is None else anchor[i])
+                            for i, part in enumerate(tensor)])
+
+    def anchor(self, source, tensor):
+        """Under l1, the teacher weight whose output rows the 1-D tensor `source` belongs to, else None."""
+        if self.mode != 'l1' or tensor.ndim != 1 or not source.endswith(NEURON_PARTS):
+            return None
+        weight = self.teacher.get(source.rsplit('.', 1)[0] + '.weight')
+        if weight is None or weight.ndim == 0 or not weight.is_floating_point():
+            return None
+        return weight.detach().float()
+
+    def _select(self, tensor, shape, key, anchor):
         out = tensor
         for dim, (t, s) in enumerate(zip(tensor.shape, shape)):
             if t != s:
-                out = out.index_select(dim, self.indices(t, s, tensor, dim, key))
+                out = out.index_select(dim, self.indices(t, s, tensor, dim, key, anchor))
         return out
+
+
+# 1-D tensors that belong to the output neurons of their module's weight (kept with them by l1)
+NEURON_PARTS = ('.bias', '.running_mean', '.running_var')
+
+
+def l1_norms(tensor, dim):
+    """L1 norm of every slice of `tensor` along `dim` (float64)."""
+    other = [d for d in range(tensor.ndim) if d != dim]
+    return tensor.abs().double().sum(dim=other) if other else tensor.abs().double()
+
+
+def top_l1(tensor, dim, s):
+    """The s slices along `dim` with the largest L1 norms, in increasing order."""
+    return l1_norms(tensor, dim).topk(s).indices.sort().values
 
 
 def magnitude_squeeze(tensor, shape):
@@ -241,41 +333,6 @@ def teacher_key(student_key, maps):
     return student_key
 
 
-# ----------------------------------------------------------------------------------------------
-# What a model's state dict alone does not say.
-
-@dataclass
-class Layout:
-    pos_prefix_tokens: int = 0   # tokens (cls, registers) that carry their own pos_embed entries
-    grid: tuple = None           # patch grid of pos_embed
-    classifier: tuple = ()       # names of classifier modules (not selected unless keep_head)
-
-
-def layout_of(model_or_state):
-    """Layout of a timm model; for a bare state dict, a square grid and a classifier named head/head.fc/fc."""
-    if isinstance(model_or_state, nn.Module):
-        m = model_or_state
-        prefix = 0 if getattr(m, 'no_embed_class', False) else getattr(m, 'num_prefix_tokens', 0)
-        grid = getattr(getattr(m, 'patch_embed', None), 'grid_size', None)
-        classifier = (getattr(m, 'pretrained_cfg', None) or {}).get('classifier', 'head')
-        classifier = tuple(classifier) if isinstance(classifier, (list, tuple)) else (classifier,)
-        return Layout(prefix, tuple(grid) if grid is not None else None, classifier)
-    pos = model_or_state.get('pos_embed')
-    layout = Layout(classifier=('head', 'head.fc', 'fc'))
-    if pos is not None:
-        n = pos.shape[1]
-        for prefix in range(0, 9):  # the fewest prefix tokens that leave a square grid
-            side = math.isqrt(n - prefix)
-            if side * side == n - prefix:
-                layout.pos_prefix_tokens, layout.grid = prefix, (side, side)
-                break
-    return layout
-
-
-def is_classifier(key, layout):
-    return any(key.startswith(c + '.') for c in layout.classifier)
-
-
 def state_of(model_or_state):
     if isinstance(model_or_state, nn.Module):
         return model_or_state.state_dict()
@@ -308,13 +365,13 @@ def select_weights(teacher, student, layer_selection='first', element_selection=
     for key, s_val in s_state.items():
         entry = {'shape': list(s_val.shape)}
         report[key] = entry
-        if any(COMPONENTS[c](key) for c in exclude):
+        if any(in_component(c, key, student) for c in exclude):
             out[key], entry['action'] = s_val.clone(), 'excluded'
             continue
         if is_classifier(key, s_layout) and not keep_head:
             out[key], entry['action'] = s_val.clone(), 'skipped'
             continue
-        src = teacher_key(key, maps)
+        src = final_norm_alias(teacher_key(key, maps), t_state)
         if src not in t_state:
             raise UserError(f"student key '{key}' has no counterpart '{src}' in the teacher; "
                             f'teacher and student must be of the same model family')
@@ -323,7 +380,7 @@ def select_weights(teacher, student, layer_selection='first', element_selection=
         if is_classifier(key, s_layout) and t_val.shape[0] != s_val.shape[0]:
             raise UserError(f"--keep_head: the teacher's classifier '{src}' has {t_val.shape[0]} classes, "
                             f'the student {s_val.shape[0]}; pass --num_classes {t_val.shape[0]} or drop --keep_head')
-        value, action = map_component(key, t_val, s_val, t_layout, s_layout, selector)
+        value, action = map_component(key, t_val, s_val, t_layout, s_layout, selector, src)
         if value.shape != s_val.shape:
             raise AssertionError(f'{key}: selected {tuple(value.shape)}, student {tuple(s_val.shape)}')
         out[key] = value.to(dtype=s_val.dtype).contiguous()
@@ -336,14 +393,31 @@ def check_same_family(t_state, s_state, s_layout, keep_head):
     t_groups = block_depths(t_state.keys())
     for key in s_state:
         m = BLOCK_KEY.match(key)
-        known = m['group'] in t_groups if m else key in t_state
+        known = m['group'] in t_groups if m else final_norm_alias(key, t_state) in t_state
         if not known and (keep_head or not is_classifier(key, s_layout)):
             raise UserError(f"student key '{key}' has no counterpart in the teacher; teacher and student "
                             f'must be of the same model family')
 
 
-def map_component(key, t_val, s_val, t_layout, s_layout, selector):
-    """One student tensor from its teacher counterpart: adapt the layout, then select elements."""
+# A ViT with global average pooling (timm global_pool='avg') normalizes after pooling, in fc_norm, and has
+# no final norm; a class-token teacher has the final norm and no fc_norm. Both are the encoder's last
+# LayerNorm over the same width, so each takes the other's weights.
+FINAL_NORMS = (('fc_norm.', 'norm.'), ('norm.', 'fc_norm.'))
+
+
+def final_norm_alias(key, t_state):
+    """`key`, or its counterpart among norm.* / fc_norm.* when only that one is in the teacher."""
+    if key in t_state:
+        return key
+    for mine, other in FINAL_NORMS:
+        if key.startswith(mine) and other + key[len(mine):] in t_state:
+            return other + key[len(mine):]
+    return key
+
+
+def map_component(key, t_val, s_val, t_layout, s_layout, selector, source=None):
+    """One student tensor from its teacher counterpart (teacher key `source`, default `key`): adapt the
+    layout, then select elements."""
     action = None
     t_val = t_val.detach()
     if not t_val.is_floating_point() or t_val.ndim == 0:
@@ -367,23 +441,13 @@ def map_component(key, t_val, s_val, t_layout, s_layout, selector):
     if is_qkv(key):
         t_split, s_shape = split_qkv(key, t_val), split_qkv(key, s_val).shape
         check_not_wider(key, t_split.shape, s_shape)
-        value = selector.select(t_split, s_shape, key).reshape(s_val.shape)
+        value = selector.select_qkv(t_split, s_shape, key, source).reshape(s_val.shape)
     else:
         check_not_wider(key, t_val.shape, s_val.shape)
-        value = selector.select(t_val, s_val.shape, key)
+        value = selector.select(t_val, s_val.shape, key, source)
     if action is None:
         action = 'copied' if tuple(t_val.shape) == tuple(s_val.shape) else 'selected'
     return value, action
-
-
-def linear_as_conv(tensor, shape):
-    """A Linear weight [out, in] as a 1x1 conv [out, in, 1, 1] or the reverse, to match `shape` (ConvNeXt's
-    MLP with conv_mlp False/True); any other tensor unchanged."""
-    if tensor.ndim == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
-        return tensor[:, :, None, None]
-    if tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1) and len(shape) == 2:
-        return tensor[:, :, 0, 0]
-    return tensor
 
 
 def check_not_wider(key, t_shape, s_shape):
@@ -430,106 +494,6 @@ def summarize(report, teacher_state):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building teacher and student.
-
-def check_model_name(name, flag):
-    import timm
-    import models  # noqa: F401 - registers the project's students with timm
-    if not timm.is_model(name):
-        import difflib
-        close = difflib.get_close_matches(name.split('.')[0], timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ''
-        raise UserError(f"{flag}: unknown model '{name}' (neither a timm model nor one registered in models/){hint}")
-
-
-def create_model(name, flag, **kwargs):
-    import timm
-    check_model_name(name, flag)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='Mapping deprecated model name')
-            return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise UserError(f'{flag} {name}: {e}; check the keyword arguments {kwargs}') from None
-
-
-def load_teacher(name, checkpoint=None, kwargs=None):
-    """(state_dict, Layout) of the teacher: from `checkpoint` if given, else timm's pretrained weights
-    from the hub. A checkpoint is checked key by key and shape by shape against the model."""
-    import timm
-    kwargs = dict(kwargs or {})
-    check_model_name(name, '--teacher')
-    if checkpoint is None:
-        check_hub_reachable(name)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', message='Mapping deprecated model name')
-                model = timm.create_model(name, pretrained=True, **kwargs)
-        except TypeError as e:
-            raise UserError(f'--teacher {name}: {e}; check --teacher_kwargs') from None
-        except Exception as e:  # noqa: BLE001 - any download failure
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"cannot fetch pretrained weights for '{name}' ({type(e).__name__}: {first}); "
-                            f'offline, pass --teacher_checkpoint FILE') from None
-        return model.state_dict(), layout_of(model)
-    if checkpoint.endswith('.npz'):  # the augreg ViTs' original JAX checkpoints
-        model = create_model(name, '--teacher', **kwargs)
-        if not hasattr(model, 'load_pretrained'):
-            raise UserError(f'{checkpoint}: .npz checkpoints are supported for timm ViTs only')
-        if not os.path.isfile(checkpoint):
-            raise UserError(f'checkpoint not found: {checkpoint}')
-        try:
-            model.load_pretrained(checkpoint)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f'cannot load {checkpoint} into {name}: {str(e).splitlines()[0][:200]}') from None
-        return model.state_dict(), layout_of(model)
-    state = utils.read_state_dict(checkpoint)
-    with torch.device('meta'):  # structure only: no memory, no random init
-        model = create_model(name, '--teacher', **kwargs)
-    state = fit_checkpoint(state, model, name, checkpoint)
-    return state, layout_of(model)
-
-
-def check_hub_reachable(name):
-    """Fail at once when offline, instead of the hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
-    if os.environ.get('HF_HUB_OFFLINE') == '1':
-        raise UserError(f"offline (HF_HUB_OFFLINE=1): pass --teacher_checkpoint FILE for '{name}'")
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise UserError(f"cannot reach {host} to download '{name}' (offline?); "
-                        f'pass --teacher_checkpoint FILE') from None
-
-
-def fit_checkpoint(state, model, name, path):
-    """The checkpoint as the model's own state dict, converting foreign layouts with timm's
-    checkpoint_filter_fn; a different classifier size is accepted (it is not selected by default)."""
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-        if filter_fn is not None:
-            try:
-                converted = filter_fn(dict(state), model)
-                if set(converted) == set(expected):
-                    state = converted
-            except Exception:  # noqa: BLE001 - not convertible: report the raw mismatch below
-                pass
-    layout = layout_of(model)
-    # a checkpoint without classifier (a backbone) is fine: the classifier is not selected by default
-    missing = [k for k in expected if k not in state and not is_classifier(k, layout)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape) and not is_classifier(k, layout)]
-    if missing or unexpected or wrong:
-        raise UserError(f'checkpoint {path} does not fit --teacher {name}: '
-                        f'{utils.describe_mismatch(missing, unexpected, wrong)}; check the teacher name or --teacher_kwargs')
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line.
 
 # The official release's interface: --model_type picks the paper's student and default teacher.
@@ -551,7 +515,8 @@ def get_args_parser():
     p.add_argument('--num_classes', type=int, default=None, help="the student's number of classes")
     p.add_argument('--layer_selection', default='first',
                    help='first | uniform | mid | last | explicit teacher blocks 0,2,4,... (per stage: a;b;c;d)')
-    p.add_argument('--element_selection', default='uniform', choices=ELEMENT_SELECTIONS)
+    p.add_argument('--element_selection', default='uniform', choices=ELEMENT_SELECTIONS,
+                   help='l1: per-tensor L1 pruning (Table 7); l1_consistent: one L1 ranking per embedding width')
     p.add_argument('--seed', type=int, default=0, help='seed of random selections and of the student init')
     p.add_argument('--exclude', default='', help=f'components left at random init: {",".join(COMPONENTS)}')
     p.add_argument('--keep_head', action='store_true', help="also select the classifier (student keeps the teacher's classes)")
@@ -600,7 +565,7 @@ def main(argv=None):
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
     utils.check_writable(args.output)
     start = time.time()
-    teacher_state, teacher_layout = load_teacher(args.teacher, args.teacher_checkpoint, teacher_kwargs)
+    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs)
     torch.manual_seed(args.seed)
     if args.num_classes is not None:
         student_kwargs.setdefault('num_classes', args.num_classes)

@@ -26,7 +26,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import datasets  # noqa: E402
 import main as trainer  # noqa: E402
+import recipe  # noqa: E402
+from models import build  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -35,7 +38,6 @@ class Take:
 
     def __init__(self, loader, n, epoch=0):
         self.loader, self.n, self.epoch = loader, n, epoch
-        self.dataset = getattr(loader, 'dataset', None)
 
     def __len__(self):
         return self.n
@@ -81,22 +83,22 @@ def main(argv=None):
     bench = p.parse_args(argv)
     main_argv = bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args
     args = trainer.parse_args(main_argv)
-    args.rank, args.world_size, args.distributed, args.gpu = 0, 1, False, 0
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise utils.UserError('no CUDA device here; pass --device cpu (with small settings) to try the benchmark')
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     utils.seed_everything(args.seed)
 
-    args.gpu_data = 'true'
-    gpu_train, gpu_val = trainer.build_loaders(args, device)
-    model = trainer.build_model(args).to(device)
+    lr = recipe.learning_rate(args, trainer.resolve_batch(args, 1)[1])
+    gpu = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'true'}), device)
+    gpu_train, gpu_val = gpu.train, gpu.val
+    model = build.build_model(args, gpu.num_classes).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    mixup_fn, criterion = trainer.build_criterion(args)
-    optimizer = trainer.build_optimizer(model, args, device)
-    scheduler, _ = trainer.build_schedules(optimizer, args, len(gpu_train))
-    amp_dtype, _ = trainer.build_amp(args, device)
+    mixup_fn, criterion = recipe.build_criterion(args, gpu.num_classes)
+    optimizer = recipe.build_optimizer(model, args, device, lr)
+    scheduler = recipe.build_schedule(args, lr, len(gpu_train), args.epochs)
+    amp_dtype, _ = recipe.build_amp(args, device)
     train_model = torch.compile(model) if args.compile else model
     setup = (train_model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype)
     results = {}
@@ -111,15 +113,14 @@ def main(argv=None):
         stats = engine.evaluate(gpu_val, model, device, amp_dtype)
         results['eval_gpu_path'] = stats['n'] / (time.time() - start)
     if not bench.skip_cpu_loader:
-        args.gpu_data = 'false'
-        cpu_train, _ = trainer.build_loaders(args, device)
+        cpu_train = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'false'}), device).train
         results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), bench.warmup, bench.steps)
 
     ratios = {'gpu_path / model_only': results['gpu_path'] / results['model_only']}
     if 'cpu_loader' in results:
         ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']
-    n_train = len(gpu_train.dataset)
-    n_val = len(gpu_val.dataset) if gpu_val is not None else 0
+    n_train = gpu.num_train
+    n_val = len(gpu_val.labels) if gpu_val is not None else 0
     epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0)
     import timm
     import torchvision

@@ -2,27 +2,35 @@
 # Issue 4's measurement on one GPU: ViT-T and the paper's ConvNeXt-F (Linear MLP), eager and compiled,
 # the recipe of configs/<model>_cifar10.yaml at 224 px, batch 256, bf16, channels_last, on CIFAR-10 held as
 # an ImageFolder (python ../shared/data/cifar10/make_imagefolder.py DATA). Writes one JSON per setting and
-# summary.md into OUT_DIR.
+# summary.md into OUT_DIR. A setting that fails is reported and the others still run (exit status 1 then).
 #   bash scripts/benchmark.sh DATA OUT_DIR [more main.py flags, e.g. --num_workers 15]
+# BENCHMARK_FLAGS holds benchmark.py's own flags, e.g. BENCHMARK_FLAGS='--warmup 10 --steps 50' for a shorter run;
+# PYTHON the interpreter (default python).
 set -euo pipefail
 data=${1:?usage: bash scripts/benchmark.sh DATA OUT_DIR [main.py flags]}
 out=${2:?usage: bash scripts/benchmark.sh DATA OUT_DIR [main.py flags]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
+failed=0
+py=${PYTHON:-python}
 for model in vit_tiny convnext_femto; do
   name=$([ $model = vit_tiny ] && echo vit_tiny_patch16_224 || echo convnext_femto_linear)
   for compile in false true; do
-    python scripts/benchmark.py --output "$out/${model}_compile_${compile}.json" -- \
+    "$py" scripts/benchmark.py ${BENCHMARK_FLAGS:-} --output "$out/${model}_compile_${compile}.json" -- \
       --config configs/${model}_cifar10.yaml --model "$name" --data_set image_folder --data_path "$data" \
-      --batch_size 256 --use_amp true --channels_last true --compile $compile --device cuda "$@"
+      --batch_size 256 --use_amp true --channels_last true --compile $compile --device cuda "$@" \
+      || { echo "benchmark.sh: $model compile $compile failed" >&2; failed=1; }
   done
 done
-python - "$out" <<'PY'
+"$py" - "$out" <<'PY'
 import glob, json, os, sys
+paths = sorted(glob.glob(os.path.join(sys.argv[1], '*.json')))
+if not paths:
+    sys.exit('benchmark.sh: no setting produced a result')
 rows = ['| setting | model only | GPU path | CPU loader | GPU/model | GPU/CPU | eval (GPU) | 300 epochs |',
         '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
-for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
+for path in paths:
     r = json.load(open(path)); ips = r['images_per_sec']; ratio = r['ratios']
     rows.append(f"| {os.path.basename(path)[:-5]} | {ips['model_only']:.0f} | {ips['gpu_path']:.0f} | "
                 f"{ips.get('cpu_loader', float('nan')):.0f} | {ratio['gpu_path / model_only']:.2f} | "
@@ -33,3 +41,4 @@ head = f"Images per second; device {r['device']}; {r['versions']}; code {r['code
 open(os.path.join(sys.argv[1], 'summary.md'), 'w').write(head + '\n'.join(rows) + '\n')
 print(head + '\n'.join(rows))
 PY
+exit $failed

@@ -2,9 +2,10 @@
 
     python scripts/collect_results.py runs --out results     # writes results/tables.md and results/tables.csv
 
-Reads OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/log.txt as scripts/tables.py lays them out. A run's
-accuracy is its best test acc@1 over epochs (--metric best, as ConvNeXt's code reports "max accuracy")
-or that of its last epoch (--metric last).
+Reads OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/log.txt as scripts/tables.py lays them out. Each run
+gives two accuracies, reported side by side: "best", the highest test acc@1 over epochs (what the official
+code reports as "max accuracy", chosen on the test set), and "final", the last epoch's, which involves no
+choice made on the test set.
 """
 import argparse
 import csv
@@ -62,17 +63,18 @@ PAPER = {
 }
 
 
-def run_accuracy(log_path, metric):
+def run_accuracies(log_path):
+    """(best, final) test acc@1 of one run's log.txt, or None when it logged no test accuracy."""
     with open(log_path) as f:
         accs = [json.loads(line).get('test_acc1') for line in f if line.strip()]
     accs = [a for a in accs if a is not None]
     if not accs:
         return None
-    return max(accs) if metric == 'best' else accs[-1]
+    return max(accs), accs[-1]
 
 
-def collect(root, metric='best'):
-    """{(table, row, dataset, model): [accuracy per seed]} from root/table<N>/<row>/<dataset>/<model>/seed<S>/."""
+def collect(root):
+    """{(table, row, dataset, model): [(best, final) per seed]} from root/table<N>/<row>/<dataset>/<model>/seed<S>/."""
     results = {}
     for dirpath, _, files in os.walk(root):
         if 'log.txt' not in files:
@@ -80,10 +82,10 @@ def collect(root, metric='best'):
         parts = os.path.relpath(dirpath, root).split(os.sep)
         if len(parts) != 5 or not parts[0].startswith('table') or not parts[4].startswith('seed'):
             continue
-        acc = run_accuracy(os.path.join(dirpath, 'log.txt'), metric)
-        if acc is not None:
+        accs = run_accuracies(os.path.join(dirpath, 'log.txt'))
+        if accs is not None:
             key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
-            results.setdefault(key, []).append(acc)
+            results.setdefault(key, []).append(accs)
     return results
 
 
@@ -95,27 +97,37 @@ def fmt(values):
     return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})'
 
 
+def _stats(values):
+    """(mean, std) as CSV text; std empty for a single run."""
+    if not values:
+        return '', ''
+    return f'{statistics.mean(values):.2f}', f'{statistics.stdev(values):.2f}' if len(values) > 1 else ''
+
+
 def write_tables(results, out):
     os.makedirs(out, exist_ok=True)
     tables = sorted({k[0] for k in results})
-    md = ['# Results\n', 'Test acc@1 (%): ours as mean ± std over seeds, and the paper\'s.\n']
-    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'mean', 'std', 'paper')]
+    md = ['# Results\n', 'Test acc@1 (%) as "best / final / paper": ours as mean ± std over seeds of each run\'s '
+          'best epoch (the official code\'s "max accuracy", picked on the test set) and of its final epoch, '
+          'then the paper\'s number.\n']
+    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'best_mean', 'best_std', 'final_mean', 'final_std', 'paper')]
     for t in tables:
         keys = sorted({k[1:] for k in results if k[0] == t} | set(PAPER.get(t, {})))
         columns = sorted({(d, m) for _, d, m in keys})
         row_names = list(dict.fromkeys(r for r, _, _ in keys))
         md.append(f'\n## Table {t}\n')
-        md.append('| row | ' + ' | '.join(f'{d} {m} (ours / paper)' for d, m in columns) + ' |')
+        md.append('| row | ' + ' | '.join(f'{d} {m} (best / final / paper)' for d, m in columns) + ' |')
         md.append('|---' * (len(columns) + 1) + '|')
         for r in row_names:
             cells = []
             for d, m in columns:
-                ours = results.get((t, r, d, m), [])
+                runs = results.get((t, r, d, m), [])
+                best, final = [b for b, _ in runs], [f for _, f in runs]
                 paper = PAPER.get(t, {}).get((r, d, m))
-                cells.append(f"{fmt(ours)} / {paper if paper is not None else '-'}")
-                if ours or paper is not None:
-                    rows_csv.append((t, r, d, m, len(ours), f'{statistics.mean(ours):.2f}' if ours else '',
-                                     f'{statistics.stdev(ours):.2f}' if len(ours) > 1 else '', paper if paper is not None else ''))
+                cells.append(f"{fmt(best)} / {fmt(final)} / {paper if paper is not None else '-'}")
+                if runs or paper is not None:
+                    rows_csv.append((t, r, d, m, len(runs), *_stats(best), *_stats(final),
+                                     paper if paper is not None else ''))
             md.append(f'| {r} | ' + ' | '.join(cells) + ' |')
     with open(os.path.join(out, 'tables.md'), 'w') as f:
         f.write('\n'.join(md) + '\n')
@@ -127,12 +139,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('root', help='the OUTPUT folder of scripts/tables.py')
     p.add_argument('--out', default='results')
-    p.add_argument('--metric', choices=('best', 'last'), default='best')
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
         print(f'error: {args.root} is not a folder; pass the OUTPUT folder of scripts/tables.py', file=sys.stderr)
         sys.exit(1)
-    results = collect(args.root, args.metric)
+    results = collect(args.root)
     if not results:
         print(f'error: no runs under {args.root} (expected table<N>/<row>/<dataset>/<model>/seed<S>/log.txt)',
               file=sys.stderr)

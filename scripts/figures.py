@@ -95,13 +95,13 @@ def plot_attention(args):
     import torch
     import models  # noqa: F401
     import utils
-    import weight_selection as ws
+    from models import io
     plt = _plt()
-    teacher_state, _ = ws.load_teacher(args.teacher, args.teacher_checkpoint,
+    teacher_state, _ = io.load_pretrained(args.teacher, args.teacher_checkpoint,
                                        utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs'))
     torch.manual_seed(0)
     student = timm.create_model(args.student, **utils.parse_json_dict(args.student_kwargs, '--student_kwargs'))
-    selected = utils.read_state_dict(args.selection)
+    selected = io.read_state_dict(args.selection)
     panels = [('random init', student.state_dict(), student.blocks[0].attn.num_heads),
               ('teacher', teacher_state, int(args.teacher_heads)),
               ('weight selection', selected, student.blocks[0].attn.num_heads)]

@@ -2,12 +2,17 @@
 
     DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row, SEEDS seeds
     DRY_RUN=1 DATA_ROOT=/data python scripts/tables.py 10         # print the commands only
+    DATA_PATH=/data/cifar100 DATASETS=cifar100 python scripts/tables.py 2   # one dataset (scripts/cifar100.sh)
 
 Runs go to OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/ (log.txt, checkpoints), selections to
 OUTPUT/ws/; scripts/collect_results.py turns OUTPUT into the tables. Environment: DATA_ROOT (one folder
 per dataset: DATA_ROOT/cifar100, ...), NGPUS [1], OUTPUT [runs], SEEDS [0] (e.g. "0 1 2"),
-EXTRA (more main.py flags), DRY_RUN=1, and TEACHER_DIR: a folder of local teacher checkpoints named
-<timm name>.pth, used instead of the hub when present (offline).
+EXTRA (more main.py flags), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
+<timm name>.pth, used instead of the hub when present (offline); DATASETS and MODELS keep only some
+columns (e.g. DATASETS=cifar100 MODELS=vit_tiny); DATA_PATH: the dataset's folder when DATASETS names one.
+
+A row whose table changes the recipe passes a second --config (main.py: a later file overrides an
+earlier one), e.g. Table 9's linear probe and Table 11's 600 epochs.
 """
 import os
 import re
@@ -16,10 +21,10 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VIT_S = 'vit_small_patch16_224.augreg_in21k'
-CONVNEXT_T = 'convnext_tiny.fb_in22k'
-STUDENT = {'vit_tiny': 'vit_tiny_patch16_224', 'convnext_femto': 'convnext_femto_linear'}
-TEACHER = {'vit_tiny': VIT_S, 'convnext_femto': CONVNEXT_T}
+sys.path.insert(0, HERE)
+from recipe import DATA_SETS, STUDENTS as STUDENT, TEACHERS as TEACHER  # noqa: E402 - the one place naming them
+
+VIT_S, CONVNEXT_T = TEACHER['vit_tiny'], TEACHER['convnext_femto']
 ALL = ['imagenet', 'svhn', 'food101', 'eurosat', 'cifar10', 'cifar100', 'stl10', 'flowers', 'pets', 'dtd']
 
 
@@ -99,15 +104,35 @@ def slug(text):
     return re.sub('_+', '_', ''.join(c if c.isalnum() else '_' for c in text.lower())).strip('_')
 
 
+def selected_rows(n, env):
+    """table(n), keeping the datasets and models that DATASETS and MODELS name (all by default)."""
+    keep = {}
+    for var, known in (('DATASETS', DATA_SETS), ('MODELS', STUDENT)):
+        names = env.get(var, '').split()
+        for name in names:
+            if name not in known:
+                raise SystemExit(f"error: unknown {var[:-1].lower()} '{name}' in {var}; choose from {' '.join(known)}")
+        keep[var] = set(names) or set(known)
+    return [r for r in table(n) if r[1] in keep['DATASETS'] and r[2] in keep['MODELS']]
+
+
+def data_path(dataset, env):
+    """DATA_ROOT/<dataset>, or DATA_PATH when DATASETS names this one dataset."""
+    if env.get('DATA_PATH') and env.get('DATASETS', '').split() == [dataset]:
+        return env['DATA_PATH']
+    if not env.get('DATA_ROOT'):
+        raise SystemExit('error: set DATA_ROOT to the folder that holds one sub-folder per dataset '
+                         '(or DATA_PATH with DATASETS naming one dataset)')
+    return os.path.join(env['DATA_ROOT'], dataset)
+
+
 def commands(n, env):
-    out, root = env.get('OUTPUT', 'runs'), env.get('DATA_ROOT')
-    if not root:
-        raise SystemExit('error: set DATA_ROOT to the folder that holds one sub-folder per dataset')
+    out = env.get('OUTPUT', 'runs')
     seeds = env.get('SEEDS', '0').split()
     teacher_dir, ngpus = env.get('TEACHER_DIR'), env.get('NGPUS', '1')
     py = sys.executable if not env.get('PYTHON') else env['PYTHON']
     cmds, selected = [], set()
-    for row, dataset, model, sel, flags in table(n):
+    for row, dataset, model, sel, flags in selected_rows(n, env):
         config = os.path.join(HERE, 'configs', f'{model}_{dataset}.yaml')
         placeholders = {'{linear_probe}': os.path.join(HERE, 'configs', f'linear_probe_{model}_{dataset}.yaml'),
                         '{config_600ep}': os.path.join(HERE, 'configs', f'{model}_{dataset}_600ep.yaml')}
@@ -136,9 +161,10 @@ def commands(n, env):
                     cmds.append(cmd)
                 init = ['--initialize', ws_file]
             run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, f'seed{seed}')
+            download = ['--download', 'true'] if env.get('DOWNLOAD') == 'true' else []
             cmd = [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}', os.path.join(HERE, 'main.py'),
-                   '--config', config, '--data_path', os.path.join(root, dataset), '--output_dir', run_dir,
-                   '--seed', seed, *flags, *init, *shlex.split(env.get('EXTRA', ''))]
+                   '--config', config, '--data_path', data_path(dataset, env), '--output_dir', run_dir,
+                   '--seed', seed, *flags, *init, *download, *shlex.split(env.get('EXTRA', ''))]
             if teacher_dir and '--distill_teacher' in flags:
                 name = flags[flags.index('--distill_teacher') + 1]
                 if os.path.exists(os.path.join(teacher_dir, name + '.pth')):

@@ -42,6 +42,30 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
+def free_port():
+    """A TCP port nobody listens on now (torchrun's --master_port)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def expect_cli_error(main_fn, argv, capsys, *needles):
+    """An expected mistake, in process, through the same utils.run_cli that the CLIs use: a non-zero exit
+    and one error line naming the problem (argparse's usage errors included). Returns that line."""
+    import utils
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main_fn, argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if 'error' in line.lower()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def assert_clean_failure(proc, *needles):
     """An expected mistake: non-zero exit, no traceback, one error line naming the problem."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

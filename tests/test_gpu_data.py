@@ -1,4 +1,4 @@
-"""The GPU data path (gpu_transforms.py, datasets.GpuLoader) against its CPU counterparts (PIL, timm,
+"""The GPU data path (gpu_transforms.py, gpu_data.GpuLoader) against its CPU counterparts (PIL, timm,
 torchvision), run on CPU tensors: per-op parity bounds, sampling distributions, and training with it."""
 import math
 import os
@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, run_script, write_image_folder
-import datasets  # noqa: F401 - installs the Pillow-13 posterize shim used by the references below
+import datasets
+import gpu_data
 import gpu_transforms as gt
 from timm.data import auto_augment as aa
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -82,6 +83,7 @@ def run_op(img, name, level, sign):
 
 
 def pil_reference(img, name, level, sign):
+    datasets.install_posterize_shim()  # Pillow 13 refuses 0 bits; the recipe's meaning of it
     m = level / 10
     factor = max(0.1, 1.0 + sign * m * 0.9)
     geo = dict(resample=BICUBIC, fillcolor=FILL)
@@ -241,7 +243,7 @@ def test_gpu_loader_shards_and_reshuffles():
     images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
     labels = torch.arange(20)
     tf = lambda x, seed=None: x.float() + (0 if seed is None else seed % 7)
-    ranks = [datasets.GpuLoader(images, labels, 5, tf, train=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [gpu_data.GpuLoader(images, labels, 5, tf, train=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
     seen = {}
     for epoch in (0, 1):
         for loader in ranks:
@@ -256,7 +258,7 @@ def test_gpu_loader_shards_and_reshuffles():
     resumed = list(ranks[0])
     assert len(resumed) == len(full) - 1
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[1:], resumed))
-    evals = [datasets.GpuLoader(images, labels, 3, lambda x: x.float(), train=False, rank=r, world_size=2)
+    evals = [gpu_data.GpuLoader(images, labels, 3, lambda x: x.float(), train=False, rank=r, world_size=2)
              for r in (0, 1)]
     assert sorted(torch.cat([y for e in evals for _, y in e]).tolist()) == list(range(20))
 
@@ -341,10 +343,10 @@ def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     cuda = torch.device('cuda')
     cifar_bytes = 60_000 * 3 * 32 * 32
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * cifar_bytes, 10 ** 12))
-    assert datasets.gpu_data_fits(args, cuda)
+    assert gpu_data.fits(args, cuda)
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * cifar_bytes - 2, 10 ** 12))
-    assert not datasets.gpu_data_fits(args, cuda)
-    assert not datasets.gpu_data_fits(args, torch.device('cpu'))
+    assert not gpu_data.fits(args, cuda)
+    assert not gpu_data.fits(args, torch.device('cpu'))
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (80 * 2 ** 30, 10 ** 12))
-    assert datasets.gpu_data_fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)  # 256 px: 19.9 GB
-    assert not datasets.gpu_data_fits(SimpleNamespace(**{**vars(args), 'data_set': 'IMNET'}), cuda)
+    assert gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)  # 256 px: 19.9 GB
+    assert not gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'IMNET'}), cuda)

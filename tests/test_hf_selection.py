@@ -314,14 +314,14 @@ def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
     import timm
     from safetensors.torch import load_file, save_file
 
-    import utils
+    from models import io
     torch.manual_seed(0)
     teacher = timm.create_model('vit_tiny_patch16_224', depth=3, img_size=32, patch_size=8, num_classes=5)
     student = timm.create_model('vit_tiny_patch16_224', depth=2, img_size=32, patch_size=8, num_classes=5,
                                 embed_dim=96)
     path = str(tmp_path / 'teacher.safetensors')
     save_file(teacher.state_dict(), path)
-    lazy = utils.read_state_dict(path)
+    lazy = io.read_state_dict(path)
     assert isinstance(lazy, hf_selection.SafetensorsStateDict) and set(lazy) == set(teacher.state_dict())
     looked_up = []
     get = hf_selection.SafetensorsStateDict.__getitem__
@@ -335,7 +335,7 @@ def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
     with open(path, 'r+b') as f:
         f.truncate(os.path.getsize(path) - 10)
     with pytest.raises(UserError, match='truncated'):
-        utils.read_state_dict(path)
+        io.read_state_dict(path)
 
 
 # ---------------------------------------------------------------------------------------------- other modes

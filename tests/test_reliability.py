@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_clean_failure, run_script, write_image_folder
+from conftest import ROOT, assert_clean_failure, free_port, run_script, write_image_folder
 
 # A 2-block ViT at 32 px: small checkpoints, quick steps.
 SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
@@ -112,7 +112,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, data):
     proc = run_script(*main_cmd(data, one, *common)[1:])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'update_freq 2 = 4' in proc.stdout
-    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29561',
+    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
                       *main_cmd(data, two, *common)[1:])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'world_size 2 x batch_size 2 x update_freq 1 = 4' in proc.stdout
@@ -142,19 +142,12 @@ def _workers(pid):
     return out
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_max_restarts_with_auto_resume(tmp_path, data):
     # Before utils._restart_safe_store, about half of these runs failed or hung: restarted gloo workers read
     # the dead attempt's peer addresses from torchrun's reused store.
     out = tmp_path / 'elastic'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--max_restarts=2',
-           f'--master_port={_free_port()}',
+           f'--master_port={free_port()}',
            *main_cmd(data, out, '--epochs', '3', '--batch_size', '2', '--num_workers', '0')[1:]]
     job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)

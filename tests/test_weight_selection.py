@@ -8,7 +8,8 @@ from timm.layers import resample_abs_pos_embed
 
 import models  # noqa: F401
 import weight_selection as ws
-from conftest import assert_clean_failure, run_script, shared_path
+from models import io
+from conftest import assert_clean_failure, expect_cli_error, run_script, shared_path
 from utils import UserError
 
 
@@ -29,13 +30,12 @@ def test_uniform_indices_paper_example():
 
 @pytest.mark.parametrize('t,s,expected', [
     (4, 2, [0, 2]), (6, 3, [0, 2, 4]), (384, 192, list(range(0, 384, 2))),
-    (7, 3, [0, 3, 6]), (10, 4, [0, 3, 6, 9]), (384, 240, None), (5, 5, [0, 1, 2, 3, 4]),
+    (7, 3, [0, 3, 6]), (10, 4, [0, 3, 6, 9]), (5, 5, [0, 1, 2, 3, 4]),
+    # not divisible: round(linspace(0, t - 1, s)), worked by hand; 3.5 rounds to the even 4
+    (8, 3, [0, 4, 7]), (9, 4, [0, 3, 5, 8]), (11, 4, [0, 3, 7, 10]),
 ])
 def test_uniform_indices(t, s, expected):
     idx = ws.uniform_indices(t, s)
-    if expected is None:  # non-divisible: round(linspace(0, t-1, s))
-        expected = torch.linspace(0, t - 1, s).round().long().tolist()
-        assert idx[0] == 0 and idx[-1] == t - 1
     assert idx.tolist() == expected
     assert len(set(idx.tolist())) == s
 
@@ -153,7 +153,7 @@ def encode_teacher(teacher):
 
 
 @pytest.mark.parametrize('mode,consistent', [('uniform', True), ('consecutive', True), ('random', True),
-                                             ('l1', True), ('random_inconsistent', False)])
+                                             ('l1_consistent', True), ('random_inconsistent', False)])
 def test_consistency_property(mode, consistent):
     teacher = encode_teacher(make('vit_small_patch16_224', img_size=32, patch_size=8))
     student = make('vit_tiny_patch16_224', img_size=32, patch_size=8)
@@ -289,7 +289,7 @@ def test_register_tokens_and_layer_scale():
 
 def test_real_dinov2_teacher_to_vit_tiny_224():
     path = shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt')
-    state, layout = ws.load_teacher('vit_small_patch14_dinov2', path)
+    state, layout = io.load_pretrained('vit_small_patch14_dinov2', path)
     assert layout.grid == (37, 37) and layout.pos_prefix_tokens == 1
     student = make('vit_tiny_patch14_dinov2', img_size=224, num_classes=10)
     sd, report = ws.select_weights(state, student, teacher_layout=layout)
@@ -373,7 +373,7 @@ def test_cli_official_interface(tmp_path, teacher_file):
     (['--output', '/nonexistent_dir/ws.pth'], ['does not exist']),
     (['--teacher_checkpoint', None], ['--teacher_checkpoint']),
 ])
-def test_cli_bad_input(tmp_path, teacher_file, args, needles):
+def test_cli_bad_input(tmp_path, teacher_file, capsys, args, needles):
     base = {'--teacher': 'vit_small_patch16_224', '--teacher_checkpoint': teacher_file,
             '--student': 'vit_tiny_patch16_224', '--student_kwargs': '{"img_size": 32, "patch_size": 8}',
             '--output': str(tmp_path / 'ws.pth')}
@@ -383,11 +383,19 @@ def test_cli_bad_input(tmp_path, teacher_file, args, needles):
     torch.save(make('convnext_atto').state_dict(), special['CONVNEXT'])
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = str(special.get(value, value)) if value is not None else None
-    argv = ['weight_selection.py'] + SMALL
+    argv = list(SMALL)
     for flag, value in base.items():
         if value is not None:
             argv += [flag, value]
-    proc = run_script(*argv)
-    assert_clean_failure(proc, *needles)
+    expect_cli_error(ws.main, argv, capsys, *needles)
     assert not os.path.exists(tmp_path / 'ws.pth')
     assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    """The catalogue above runs in process; this is the real command line: one line, exit 1, no file."""
+    proc = run_script('weight_selection.py', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint',
+                      str(tmp_path / 'missing.pth'), '--student', 'vit_tiny_patch16_224', '--output', str(tmp_path / 'o.pth'))
+    assert proc.returncode == 1
+    assert_clean_failure(proc, 'checkpoint not found')
+    assert not os.path.exists(tmp_path / 'o.pth')

@@ -1,0 +1,196 @@
+"""Checkpoints of a training run: what they hold, saving with retention, and resuming (--resume, or
+--auto_resume from the newest one in --output_dir).
+
+Files in --output_dir (written atomically by the main process):
+  checkpoint-<epoch>.pth            after an epoch; the last --save_ckpt_num are kept
+  checkpoint-<epoch>-step<k>.pth    inside an epoch, after k optimizer steps (--save_every_steps)
+  checkpoint-best.pth, checkpoint-best-ema.pth    weights only, of the best test acc@1
+  log.txt                           a JSON line per epoch; a resumed run drops the lines it will redo
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+import utils
+from models.io import check_fits, torch_load
+from utils import UserError
+
+CHECKPOINT_NAME = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores besides the random states."""
+    model: torch.nn.Module            # the plain model (no DDP or compile wrapper)
+    optimizer: torch.optim.Optimizer
+    scaler: object = None             # fp16 GradScaler
+    model_ema: object = None          # timm ModelEmaV3
+    projector: torch.nn.Module = None  # feature distillation's projector
+
+    def state_dict(self, args, epoch, best):
+        state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
+                 'args': vars(args), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
+        for name in ('scaler', 'projector'):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name).state_dict()
+        if self.model_ema is not None:
+            state['model_ema'] = self.model_ema.module.state_dict()
+        return state
+
+    def load_state_dict(self, ckpt):
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        if self.scaler is not None and 'scaler' in ckpt:
+            self.scaler.load_state_dict(ckpt['scaler'])
+        if self.model_ema is not None and 'model_ema' in ckpt:
+            self.model_ema.module.load_state_dict(ckpt['model_ema'])
+        if self.projector is not None and 'projector' in ckpt:
+            self.projector.load_state_dict(ckpt['projector'])
+        if 'rng' in ckpt:
+            utils.set_rng_state(ckpt['rng'])
+
+
+@dataclass
+class Resumed:
+    start_epoch: int = 0
+    best: dict = None          # {'acc1', 'epoch', 'ema_acc1'} so far
+    step_in_epoch: int = 0     # optimizer steps of start_epoch already done (a mid-epoch checkpoint)
+    partial: dict = None       # the engine's running sums of that epoch
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving.
+
+def save_epoch(args, epoch, record, best, train_state):
+    """Checkpoints after an epoch: the last K epochs, plus the best (and best EMA) by test acc@1.
+    Returns the updated best-so-far record."""
+    if not (args.output_dir and args.save_ckpt):
+        return best
+    acc = record.get('test_acc1')
+    best = dict(best)
+    improved = acc is not None and acc > best.get('acc1', -1.0)
+    if improved:
+        best.update(acc1=acc, epoch=epoch)
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        save_checkpoint(args.output_dir, f'checkpoint-{epoch}.pth', train_state.state_dict(args, epoch, best),
+                        keep_last=args.save_ckpt_num)
+    if improved:
+        save_checkpoint(args.output_dir, 'checkpoint-best.pth', {'model': train_state.model.state_dict(),
+                                                                 'epoch': epoch, 'acc1': acc, 'model_name': args.model})
+    ema_acc = record.get('test_acc1_ema')
+    if ema_acc is not None and ema_acc > best.get('ema_acc1', -1.0):
+        best['ema_acc1'] = ema_acc
+        save_checkpoint(args.output_dir, 'checkpoint-best-ema.pth',
+                        {'model': train_state.model_ema.module.state_dict(), 'epoch': epoch, 'acc1': ema_acc,
+                         'model_name': args.model})
+    return best
+
+
+def save_mid_epoch(args, epoch, step_in_epoch, partial, best, train_state):
+    """checkpoint-<epoch>-step<k>.pth: enough to finish the epoch exactly as an uninterrupted run would."""
+    state = train_state.state_dict(args, epoch, best)
+    state.update(step_in_epoch=step_in_epoch, partial=partial)
+    save_checkpoint(args.output_dir, f'checkpoint-{epoch}-step{step_in_epoch}.pth', state,
+                    keep_last=args.save_ckpt_num)
+
+
+def list_checkpoints(output_dir):
+    """Resumable checkpoints in output_dir, oldest first: checkpoint-<epoch>.pth (the epoch complete) and
+    checkpoint-<epoch>-step<k>.pth (k optimizer steps of that epoch done)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CHECKPOINT_NAME.match(name)
+        if m:
+            progress = (int(m[1]), int(m[2]) if m[2] else math.inf)
+            found.append((progress, os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(output_dir, name, state, keep_last=None):
+    """Write output_dir/name atomically (main process only); keep the newest `keep_last` resumable ones."""
+    if not utils.is_main_process():
+        return
+    utils.atomic_save(state, os.path.join(output_dir, name))
+    if keep_last:
+        for path in list_checkpoints(output_dir)[:-keep_last]:
+            os.remove(path)
+
+
+def remove_stale_temporaries(output_dir):
+    """Half-written files of a run killed while saving (atomic_save's temporaries)."""
+    if output_dir and os.path.isdir(output_dir) and utils.is_main_process():
+        for name in os.listdir(output_dir):
+            if name.startswith('.tmp-'):
+                os.remove(os.path.join(output_dir, name))
+
+
+def append_log(output_dir, record):
+    if output_dir and utils.is_main_process():
+        with open(os.path.join(output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def truncate_log(output_dir, first_epoch):
+    """Drop log.txt lines of epochs >= first_epoch (a resumed run writes them again)."""
+    path = os.path.join(output_dir or '', 'log.txt')
+    if not output_dir or not os.path.isfile(path) or not utils.is_main_process():
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < first_epoch]
+    utils.atomic_write(path, lambda f: f.writelines(lines), binary=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming.
+
+def find_checkpoint(args):
+    """(checkpoint, path) to resume from, or (None, None): with --auto_resume the newest readable one in
+    --output_dir (it takes precedence over --resume and --initialize; an unreadable newest one is skipped
+    with a warning), else --resume."""
+    if args.auto_resume and args.output_dir:
+        for path in reversed(list_checkpoints(args.output_dir)):
+            try:
+                ckpt = torch_load(path)
+            except UserError as e:
+                utils.print_main(f'warning: skipping unreadable checkpoint ({e}); trying the previous one')
+                continue
+            utils.print_main(f'auto-resume from {path}' + (' (it takes precedence over --initialize)'
+                                                            if args.initialize else ''))
+            return ckpt, path
+    if args.resume:
+        return torch_load(args.resume), args.resume
+    return None, None
+
+
+def load_model_weights(ckpt, path, model, model_name):
+    """The checkpoint's model weights into `model`, which must be the same architecture."""
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        raise UserError(f'--resume {path} is not a checkpoint of main.py (no "model" entry)')
+    own, theirs = model.state_dict(), ckpt['model']
+    check_fits(theirs, own, f"--resume {path} holds a checkpoint of {ckpt.get('model_name', 'another model')}, "
+                            f'not of --model {model_name}')
+    model.load_state_dict(theirs)
+
+
+def resume(args, train_state):
+    """Restore a run from its checkpoint (find_checkpoint); returns where to continue."""
+    ckpt, path = find_checkpoint(args)
+    if ckpt is None:
+        return Resumed(start_epoch=args.start_epoch, best={})
+    load_model_weights(ckpt, path, train_state.model, args.model)
+    if 'optimizer' not in ckpt:  # weights only (checkpoint-best.pth): a fresh start from them
+        return Resumed(start_epoch=args.start_epoch, best={})
+    train_state.load_state_dict(ckpt)
+    if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch
+        resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], ckpt['partial'])
+    else:
+        resumed = Resumed(ckpt['epoch'] + 1, ckpt.get('best', {}))
+    truncate_log(args.output_dir, resumed.start_epoch)
+    where = f', step {resumed.step_in_epoch} of the epoch' if resumed.step_in_epoch else ''
+    utils.print_main(f'resumed from {path}: continuing at epoch {resumed.start_epoch}{where}')
+    return resumed

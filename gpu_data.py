@@ -1,0 +1,235 @@
+"""The GPU data path (--gpu_data): a dataset decoded once to uint8, held on the device, and augmented there
+in batches by gpu_transforms.py with the recipe's transforms.
+
+decode_to_uint8 stores a split; GpuLoader yields its batches (the CPU loader's per-epoch shuffle and
+per-process share, seeded per batch so that mid-epoch resume is exact); fits / train_transform decide
+whether --gpu_data auto can use it.
+"""
+import torch
+from torchvision import datasets, transforms
+
+from datasets import EpochSampler, build_dataset, mean_std, set_transform
+from utils import UserError
+
+NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}  # one size per dataset
+_RAW = {}
+
+
+def raw_dataset(is_train, args):
+    """The split as build_dataset returns it, without transforms (PIL images); built once per process
+    (--gpu_data auto counts an image folder's files, then the GPU path decodes them)."""
+    from types import SimpleNamespace
+    key = (is_train, args.data_set, args.data_path)
+    if key not in _RAW:
+        no_transform = SimpleNamespace(**{**vars(args), 'input_size': 32, 'aa': None, 'reprob': 0})
+        dataset, classes = build_dataset(is_train, no_transform)
+        set_transform(dataset, None)
+        _RAW[key] = dataset, classes
+    return _RAW[key]
+
+
+def gpu_side(args):
+    """The short side to which --gpu_data resizes datasets of varied image sizes."""
+    return args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
+
+
+def _array_of(dataset):
+    """The uint8 (N, 3, H, W) array and labels torchvision already holds in memory, or None."""
+    import numpy as np
+    if isinstance(dataset, (datasets.CIFAR10, datasets.CIFAR100)):
+        return torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))), torch.tensor(dataset.targets)
+    if isinstance(dataset, (datasets.SVHN, datasets.STL10)):
+        return torch.from_numpy(np.ascontiguousarray(dataset.data)), torch.as_tensor(dataset.labels).long()
+    return None
+
+
+def _image_sizes(dataset):
+    """(width, height) of every image of an ImageFolder, read from the file headers."""
+    from PIL import Image
+    sizes = set()
+    for path, _ in dataset.samples:
+        with Image.open(path) as im:
+            sizes.add(im.size)
+    return sizes
+
+
+class _ToFixedUint8:
+    """PIL image -> uint8 (3, S, S): unchanged if already S x S, else the short side resized to S
+    (bicubic, antialiased) and centre-cropped; with S None, the image at its own size."""
+
+    def __init__(self, side):
+        self.side = side
+
+    def __call__(self, img):
+        img = img.convert('RGB')
+        if self.side is not None and img.size != (self.side, self.side):
+            img = transforms.CenterCrop(self.side)(transforms.Resize(self.side, transforms.InterpolationMode.BICUBIC)(img))
+        return transforms.functional.pil_to_tensor(img)
+
+
+def decode_to_uint8(is_train, args):
+    """(images uint8 (N, 3, H, W) on the CPU, labels (N,), number of classes, how they were stored).
+    Datasets of one image size keep their native resolution; others are resized once to a short side of
+    --gpu_data_size (default input_size / crop_pct) and centre-cropped to a square."""
+    dataset, classes = raw_dataset(is_train, args)
+    held = _array_of(dataset)
+    if held is not None:
+        return held[0], held[1], classes, 'native resolution'
+    side = None
+    if args.data_set not in NATIVE_SIDE:
+        sizes = _image_sizes(dataset) if isinstance(dataset, datasets.ImageFolder) else {None, 'varied'}
+        if len(sizes) > 1:
+            side = gpu_side(args)
+    decode = _ToFixedUint8(side)
+    loader = torch.utils.data.DataLoader(_Mapped(dataset, decode), batch_size=256, shuffle=False,
+                                         num_workers=args.num_workers)
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+    how = 'native resolution' if side is None else f'short side resized to {side}, centre-cropped'
+    return torch.cat(images), torch.cat(labels).long(), classes, how
+
+
+class _Mapped(torch.utils.data.Dataset):
+    def __init__(self, dataset, fn):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return self.fn(img), label
+
+
+class GpuLoader:
+    """Batches of a uint8 image tensor resident on the device, transformed on the device.
+
+    Training: the same per-epoch shuffle and per-process share as EpochSampler (drop_last), and batch k of
+    an epoch augmented with a generator seeded by (seed, epoch, rank, k): a run resumed mid-epoch sees the
+    batches an uninterrupted one sees. Evaluation: this process's shard in order, every image once."""
+
+    def __init__(self, images, labels, batch_size, transform, *, train, seed=0, rank=0, world_size=1,
+                 channels_last=False):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.transform, self.train, self.seed, self.rank = transform, train, seed, rank
+        self.channels_last = channels_last
+        if train:
+            self.sampler = EpochSampler(range(len(labels)), num_replicas=world_size, rank=rank, seed=seed)
+        else:
+            self.order = torch.arange(rank, len(labels), world_size, device=labels.device)
+
+    def __len__(self):
+        if self.train:
+            return len(self.sampler) // self.batch_size
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        device = self.images.device
+        if not self.train:
+            for start in range(0, len(self.order), self.batch_size):
+                idx = self.order[start:start + self.batch_size]
+                yield self._layout(self.transform(self.images[idx])), self.labels[idx]
+            return
+        n = len(self.labels)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).remainder_(n).to(device)  # once per epoch
+        epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
+        for k in range(len(order) // self.batch_size):
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            seed = ((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k
+            yield self._layout(self.transform(self.images[idx], seed)), self.labels[idx]
+
+    def _layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+# train + test images per dataset (datasets.py's table); image folders are counted
+IMAGES = {'CIFAR10': 60_000, 'CIFAR100': 60_000, 'flowers': 8_189, 'pets': 7_349, 'stl10': 13_000,
+          'food101': 101_000, 'dtd': 5_640, 'svhn': 99_289, 'eurosat': 27_000, 'IMNET': 1_331_167}
+# Datasets whose images differ in size: the GPU path stores them pre-cropped to a square of gpu_side, so
+# its random resized crops see less of each image than the CPU path's do.
+VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd', 'IMNET')
+
+
+def fits(args, device):
+    """Whether both splits, as uint8 squares of their native side (or gpu_side), take at most half of the
+    device's free memory: the default of --gpu_data auto."""
+    if device.type != 'cuda':
+        return False
+    side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
+    count = IMAGES.get(args.data_set) or sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
+    free, _ = torch.cuda.mem_get_info(device)
+    return count * 3 * side * side <= free // 2
+
+
+def varied_sizes(args):
+    """Whether the dataset's images differ in size (then the GPU path changes the recipe's crops)."""
+    if args.data_set in NATIVE_SIDE or args.data_set not in VARIED_SIZES + ('image_folder',):
+        return False
+    if args.data_set == 'image_folder':
+        return len(_image_sizes(raw_dataset(True, args)[0])) > 1
+    return True
+
+
+def train_transform(args):
+    """The GPU path's training transform; ValueError names a setting it does not implement."""
+    import gpu_transforms
+    if args.aa in (None, '', 'none') and args.color_jitter:
+        # timm applies colour jitter only without RandAugment; the GPU path has no colour jitter
+        raise ValueError(f'--color_jitter {args.color_jitter} with --aa none is not implemented on the GPU '
+                         f'data path; pass --color_jitter 0 or --gpu_data false')
+    return gpu_transforms.GpuTrainTransform(args.input_size, *mean_std(args), aa=args.aa,
+                                            interpolation=args.train_interpolation, reprob=args.reprob,
+                                            remode=args.remode, recount=args.recount)
+
+
+def choose(args, device):
+    """Whether to use the GPU path, printing why not where --gpu_data auto declines it. auto takes it only
+    on CUDA, when the data fits, when the recipe's transforms are implemented, and when it reproduces the
+    CPU path's crops; --gpu_data true takes it where it runs at all, and says what differs."""
+    if args.gpu_data == 'false':
+        return False
+    if args.gpu_data == 'true' and device.type == 'cuda' and not fits(args, device):
+        raise UserError(f'--gpu_data true: {args.data_set} does not fit in half of the free GPU memory; pass '
+                        f'--gpu_data false (or a smaller --gpu_data_size)')
+    if args.gpu_data == 'auto' and not fits(args, device):
+        return False
+    try:
+        train_transform(args)
+    except ValueError as e:
+        if args.gpu_data == 'true':
+            raise UserError(str(e)) from None
+        print(f'--gpu_data auto: using the CPU loader ({e})', flush=True)
+        return False
+    if varied_sizes(args):
+        if args.gpu_data == 'auto':
+            print(f'--gpu_data auto: using the CPU loader ({args.data_set} has images of varied sizes, which the '
+                  f'GPU path pre-crops to {gpu_side(args)} px squares; --gpu_data true to use it anyway)', flush=True)
+            return False
+        print(f'--gpu_data true: {args.data_set} images are pre-cropped to {gpu_side(args)} px squares before '
+              f'the random resized crop, which the CPU path takes from the whole image', flush=True)
+    return True
+
+
+def build_loaders(args, device, rank, world_size, plan):
+    """(train loader, eval loader or None, number of classes, a line saying how the data is held).
+    `plan` is datasets.EvalPlan: whether to evaluate, sharded or not, at which batch size."""
+    import gpu_transforms
+    try:
+        train_tf = train_transform(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    images, labels, classes, how = decode_to_uint8(True, args)
+    total = images.numel()
+    train = GpuLoader(images.to(device), labels.to(device), args.batch_size, train_tf, train=True, seed=args.seed,
+                      rank=rank, world_size=world_size, channels_last=args.channels_last)
+    val = None
+    if plan.wanted:
+        v_images, v_labels, _, _ = decode_to_uint8(False, args)
+        total += v_images.numel()
+        val = GpuLoader(v_images.to(device), v_labels.to(device), plan.batch_size,
+                        gpu_transforms.GpuEvalTransform(args.input_size, *mean_std(args), args.crop_pct), train=False,
+                        rank=rank if plan.sharded else 0, world_size=world_size if plan.sharded else 1,
+                        channels_last=args.channels_last)
+    return train, val, classes, f'GPU data path: {total / 2 ** 30:.2f} GiB of uint8 images on {device} ({how})'

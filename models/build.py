@@ -1,0 +1,99 @@
+"""The models of a training run, from its flags: the student (--model, with the recipe's drop path and
+layer scale), its initial weights (--init, --initialize), the linear probe's head (--linear_probe), and
+the frozen teacher of --distill."""
+import os
+
+import torch
+
+import utils
+from models import io
+from utils import UserError
+
+
+def build_model(args, num_classes):
+    """The model of --model with the recipe's drop path (and ConvNeXt's layer scale and head init scale)."""
+    name = io.MODEL_ALIASES.get(args.model, args.model)
+    if name != args.model:
+        utils.print_main(f'model {args.model} is the official release name of timm {name}')
+    kwargs = {'num_classes': num_classes, 'drop_path_rate': args.drop_path,
+              **utils.parse_json_dict(args.model_kwargs, '--model_kwargs')}
+    if 'convnext' in name:
+        kwargs.setdefault('ls_init_value', args.layer_scale_init_value)
+        kwargs.setdefault('head_init_scale', args.head_init_scale)
+    kwargs.setdefault('img_size', args.input_size)
+    return io.create_model(name, '--model', **kwargs)
+
+
+def load_initialization(model, path, args):
+    """Load a weight-selection file (or any state dict) into the model. Classifier tensors of another
+    shape are left at their init; any other missing, unexpected or mismatched key is an error."""
+    if os.path.isdir(path):  # the official README passes the folder weight_selection.py wrote into
+        path = os.path.join(path, f"{'vit' if 'vit' in args.model else 'convnext'}.pth")
+    state = io.read_state_dict(path, keys=tuple(args.model_key.split('|')), prefix=args.model_prefix)
+    own, layout = model.state_dict(), io.layout_of(model)
+    dropped, fitted = [], {}
+    for k, v in state.items():
+        if k in own and v.shape != own[k].shape:
+            if io.is_classifier(k, layout):
+                dropped.append(k)
+                continue
+            v = io.linear_as_conv(v, own[k].shape)  # Linear <-> 1x1 conv MLP
+        fitted[k] = v
+    io.check_fits(fitted, own, f'--initialize {path} does not fit --model {args.model}', ignore=dropped.__contains__)
+    model.load_state_dict(fitted, strict=False)
+    utils.print_main(f'initialized {len(fitted)} tensors from {path}'
+                     + (f'; kept the model\'s own {", ".join(dropped)} (other number of classes)' if dropped else ''))
+    return path
+
+
+def initialize(model, args):
+    """--init (a classic scheme) or --initialize (a selection); then --linear_probe's frozen backbone."""
+    if args.init != 'timm':
+        if args.initialize:
+            raise UserError(f'--init {args.init} and --initialize both set the initial weights; choose one')
+        from models.initializers import apply_init
+        apply_init(model, args.init)
+    if args.initialize:
+        load_initialization(model, args.initialize, args)
+    if args.linear_probe:
+        prepare_linear_probe(model)
+    return model
+
+
+def prepare_linear_probe(model):
+    """MAE's linear probe: a frozen backbone, then BatchNorm without affine parameters and a new linear
+    classifier (trunc-normal std 0.01), the only trained parameters."""
+    from timm.layers import trunc_normal_
+    path = io.layout_of(model).classifier[0]
+    head = model.get_submodule(path)
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6),
+                                torch.nn.Linear(head.in_features, head.out_features))
+    trunc_normal_(probe[1].weight, std=0.01)
+    torch.nn.init.zeros_(probe[1].bias)
+    for p in model.parameters():
+        p.requires_grad = False
+    parent, _, name = path.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, name, probe)
+    return model
+
+
+def build_distill_teacher(args, num_classes, device):
+    """The frozen teacher of --distill (any timm name; hub weights or --distill_teacher_checkpoint)."""
+    if args.distill == 'none':
+        return None
+    if not args.distill_teacher:
+        raise UserError(f'--distill {args.distill} needs --distill_teacher NAME')
+    kwargs = utils.parse_json_dict(args.distill_teacher_kwargs, '--distill_teacher_kwargs')
+    state, layout = io.load_pretrained(args.distill_teacher, args.distill_teacher_checkpoint, kwargs,
+                                       flag='--distill_teacher')
+    head = [v for k, v in state.items() if io.is_classifier(k, layout) and k.endswith('weight')]
+    kwargs.setdefault('num_classes', head[0].shape[0] if head else 0)  # the checkpoint's classes, or none
+    teacher = io.create_model(args.distill_teacher, '--distill_teacher', **kwargs)
+    teacher.load_state_dict(state)
+    if args.distill == 'logit' and teacher.num_classes != num_classes:
+        raise UserError(f'--distill logit needs a teacher with the dataset\'s {num_classes} classes; '
+                        f'{args.distill_teacher} has {teacher.num_classes} (use --distill feature)')
+    for p in teacher.parameters():
+        p.requires_grad = False
+    utils.print_main(f'distillation ({args.distill}, alpha {args.distill_alpha}) from {args.distill_teacher}')
+    return teacher.eval().to(device)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one-call GPU check (issue 14), about 9 minutes on an H100: versions and device, the CUDA tests
+# (pytest -m cuda tests/test_cuda.py), then scripts/benchmark.sh's throughput grid in the time left. Writes
+# OUT_DIR/gpu_check.json, gpu_check.md, gpu_check.log (every part's output) and OUT_DIR/benchmark/ (8 files).
+# A part that fails or runs out of time is recorded and the next one runs.
+#   bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]
+# DATA_DIR: CIFAR-10 as an ImageFolder (default /tmp/c10); made from .carry/cifar10 (a copy of
+# ../shared/data/cifar10) when it does not exist. Environment:
+#   PYTHON                    the interpreter (default python3)
+#   GPU_CHECK_BUDGET          seconds for everything (540); GPU_CHECK_TEST_LIMIT: for the tests (300)
+#   GPU_CHECK_BENCHMARK=0     as --no-benchmark
+#   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
+#   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 12';
+#                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
+set -uo pipefail
+if [ "${1:-}" = --no-benchmark ]; then export GPU_CHECK_BENCHMARK=0; shift; fi
+out=${1:?usage: bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]}
+data=${2:-/tmp/c10}
+start=$(date +%s)
+budget=${GPU_CHECK_BUDGET:-540}
+export PYTHON=${PYTHON:-$(command -v python3 || command -v python)} PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.." || exit 1
+mkdir -p "$out" || exit 1
+out=$(cd "$out" && pwd)
+work=$(mktemp -d)
+: > "$work/parts.tsv"
+
+part() {  # part NAME LIMIT_SECONDS COMMAND...: run it with its output in WORK/NAME.log; record status and time
+  local name=$1 limit=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  echo "== $name: $*" | tee "$work/$name.log"
+  timeout -k 10 "$limit" "$@" >> "$work/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >> "$work/parts.tsv"
+  echo "== $name: exit status $rc"
+}
+skip() { printf '%s\tskip\t0\t%s\n' "$1" "$2" >> "$work/parts.tsv"; echo "== $1: skipped ($2)"; }
+left() { echo $((budget - ($(date +%s) - start))); }
+
+part nvidia_smi 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+tail -n +2 "$work/nvidia_smi.log" > "$work/nvidia_smi.txt"
+per_test=()  # with pytest-timeout, a hung test costs 150 s and the others still run
+"$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 150)
+part cuda_tests "${GPU_CHECK_TEST_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
+  -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
+cp "$work/cuda_tests.log" "$work/pytest.log"
+if [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ]; then
+  skip benchmark '--no-benchmark'
+else
+  if [ ! -d "$data/train" ]; then
+    if [ -f .carry/cifar10/make_imagefolder.py ]; then
+      part imagefolder 120 "$PYTHON" .carry/cifar10/make_imagefolder.py "$data"
+    else
+      skip imagefolder "no $data/train and no .carry/cifar10 (cp -r ../shared/data/cifar10 .carry/)"
+    fi
+  fi
+  if [ ! -d "$data/train" ]; then
+    skip benchmark "no ImageFolder at $data"
+  elif [ "$(left)" -lt 90 ]; then
+    skip benchmark "$(left) s left of the ${budget} s budget"
+  else
+    export BENCHMARK_FLAGS=${BENCHMARK_FLAGS:---warmup 10 --steps 50}
+    part benchmark $(($(left) - 20)) bash scripts/benchmark.sh "$data" "$out/benchmark" \
+      ${GPU_CHECK_BENCHMARK_ARGS:---num_workers 12}
+  fi
+fi
+echo $(($(date +%s) - start)) > "$work/elapsed"
+cat "$work"/nvidia_smi.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
+  > "$out/gpu_check.log" 2>/dev/null
+"$PYTHON" scripts/gpu_report.py "$out" "$work"

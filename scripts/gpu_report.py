@@ -1,0 +1,147 @@
+"""Build OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md from what scripts/gpu_check.sh left in WORK_DIR:
+parts.tsv (part, exit status, seconds), pytest.xml (junit) or pytest.log, nvidia_smi.txt and <part>.log;
+the benchmark's JSONs and summary.md in OUT_DIR/benchmark.
+
+    python scripts/gpu_report.py OUT_DIR WORK_DIR
+"""
+import glob
+import json
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTCOMES = ('passed', 'failed', 'errors', 'skipped')
+
+
+def read(path, default=''):
+    return open(path).read() if os.path.isfile(path) else default
+
+
+def versions():
+    import platform
+    out = {'python': platform.python_version()}
+    for name, module in (('torch', 'torch'), ('torchvision', 'torchvision'), ('timm', 'timm'), ('numpy', 'numpy'),
+                         ('pillow', 'PIL')):
+        try:
+            out[name] = __import__(module).__version__
+        except Exception as e:  # a missing package is a finding, not a reason to write no report
+            out[name] = f'not importable: {e}'
+    try:
+        import torch
+        out['cuda'] = torch.version.cuda
+        out['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except Exception:
+        pass
+    return out
+
+
+def device(work):
+    info = {'name': 'none', 'memory_gib': None, 'nvidia_smi': read(os.path.join(work, 'nvidia_smi.txt')).strip()}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info.update(name=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1),
+                        capability='.'.join(map(str, torch.cuda.get_device_capability(0))))
+    except Exception as e:
+        info['error'] = str(e)
+    return info
+
+
+def cuda_tests(work):
+    """Counts and per-test outcomes from pytest's junit XML; from its -v lines if pytest was stopped."""
+    log = read(os.path.join(work, 'pytest.log'))
+    summary = [line.strip('= ') for line in log.splitlines() if re.match(r'=+ .*\d+ \w+.* in [\d.]+s', line)]
+    tests = []
+    try:
+        root = ET.parse(os.path.join(work, 'pytest.xml')).getroot()
+        for case in root.iter('testcase'):
+            outcome, message = 'passed', ''
+            for tag, name in (('failure', 'failed'), ('error', 'errors'), ('skipped', 'skipped')):
+                node = case.find(tag)
+                if node is not None:
+                    outcome, message = name, (node.get('message') or '').split('\n')[0][:300]
+            tests.append({'name': case.get('name'), 'outcome': outcome, 'seconds': float(case.get('time', 0)),
+                          'message': message})
+        source = 'junit xml'
+    except (OSError, ET.ParseError):
+        for name, word in re.findall(r'^tests/\S+::(\S+) (PASSED|FAILED|SKIPPED|ERROR)', log, re.M):
+            tests.append({'name': name, 'outcome': {'ERROR': 'errors'}.get(word, word.lower()), 'message': ''})
+        source = 'pytest -v lines (no junit xml: pytest did not finish)'
+    counts = {k: sum(t['outcome'] == k for t in tests) for k in OUTCOMES}
+    return {**counts, 'total': len(tests), 'source': source, 'summary': summary[-1] if summary else None,
+            'tests': tests}
+
+
+def benchmark(out):
+    folder = os.path.join(out, 'benchmark')
+    settings = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, '*.json')))}
+    return {'settings': settings, 'summary_md': read(os.path.join(folder, 'summary.md')) or None}
+
+
+def parts(work):
+    out = {}
+    for line in read(os.path.join(work, 'parts.tsv')).splitlines():
+        name, rc, seconds, *note = line.split('\t')
+        status = {'0': 'ok', '124': 'timed out', '127': 'not found', 'skip': 'skipped'}.get(rc, 'failed')
+        out[name] = {'status': status, 'exit_status': rc, 'seconds': int(seconds), 'note': note[0] if note else ''}
+    return out
+
+
+def markdown(r, work):
+    t = r['cuda_tests']
+    lines = [f"# GPU check: {r['device']['name']}", '',
+             f"code {r['code_version']}, {r['date']}; {r['seconds']} s in all", '',
+             *([f"**A dry run: WS_CUDA_TEST_DEVICE={r['test_device_override']} ran the CUDA tests there.**", '']
+               if r['test_device_override'] else []),
+             '| ' + ' | '.join(r['versions']) + ' | device | memory |',
+             '|' + ' --- |' * (len(r['versions']) + 2),
+             '| ' + ' | '.join(str(v) for v in r['versions'].values()) + f" | {r['device']['name']} | "
+             f"{r['device']['memory_gib'] or '-'} GiB |", '',
+             f"nvidia-smi: {r['device']['nvidia_smi'] or '-'}", '',
+             '| part | status | seconds | note |', '| --- | --- | ---: | --- |']
+    lines += [f"| {k} | {p['status']} | {p['seconds']} | {p['note']} |" for k, p in r['parts'].items()]
+    lines += ['', f"## CUDA tests (tests/test_cuda.py)", '',
+              f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
+              f"(from {t['source']}); pytest: {t['summary']}", '']
+    lines += [f"- {x['outcome']}: `{x['name']}` {x['message']}" for x in t['tests'] if x['outcome'] != 'passed']
+    slowest = sorted((x for x in t['tests'] if x.get('seconds')), key=lambda x: -x['seconds'])[:5]
+    if slowest:
+        lines += ['', 'Slowest: ' + ', '.join(f"`{x['name']}` {x['seconds']:.0f} s" for x in slowest)]
+    lines += ['', '## Throughput (scripts/benchmark.sh)', '']
+    b = r['benchmark']
+    if b['summary_md']:
+        lines.append(b['summary_md'])
+    elif b['settings']:
+        lines += [f"No summary.md (the benchmark stopped early); {len(b['settings'])} of 4 settings measured:", '']
+        lines += [f"- {k}: images/s {v['images_per_sec']}, ratios {v['ratios']}" for k, v in b['settings'].items()]
+    else:
+        lines.append('no result')
+    for name, p in r['parts'].items():  # the end of each failed part's output
+        if p['status'] not in ('ok', 'skipped'):
+            tail = read(os.path.join(work, f'{name}.log')).splitlines()[-20:]
+            lines += ['', f'## {name}: {p["status"]} (last lines)', '', '```', *tail, '```']
+    return '\n'.join(lines) + '\n'
+
+
+def main(out, work):
+    sys.path.insert(0, ROOT)
+    import time
+    import utils
+    r = {'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'code_version': utils.code_version(),
+         'seconds': int(read(os.path.join(work, 'elapsed'), '0') or 0), 'versions': versions(),
+         'device': device(work), 'test_device_override': os.environ.get('WS_CUDA_TEST_DEVICE'),
+         'parts': parts(work), 'cuda_tests': cuda_tests(work), 'benchmark': benchmark(out)}
+    with open(os.path.join(out, 'gpu_check.json'), 'w') as f:
+        json.dump(r, f, indent=1)
+    with open(os.path.join(out, 'gpu_check.md'), 'w') as f:
+        f.write(markdown(r, work))
+    print(markdown(r, work))
+
+
+if __name__ == '__main__':
+    if len(sys.argv) != 3:
+        sys.exit('usage: python scripts/gpu_report.py OUT_DIR WORK_DIR')
+    main(*sys.argv[1:])

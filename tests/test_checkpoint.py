@@ -1,0 +1,60 @@
+"""checkpoint.py on a Linear(2, 1): retention, best-so-far, resume bookkeeping; milliseconds, no training."""
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+
+import checkpoint
+
+
+def run_args(out, **overrides):
+    values = dict(output_dir=str(out), save_ckpt=True, save_ckpt_freq=1, save_ckpt_num=2, epochs=5, model='linear',
+                  auto_resume=True, resume='', initialize=None, start_epoch=0)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def train_state():
+    model = torch.nn.Linear(2, 1)
+    return checkpoint.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_retention_keeps_the_last_k_and_the_best(tmp_path):
+    args, state, best = run_args(tmp_path), train_state(), {}
+    accs = [10.0, 30.0, 20.0, 25.0, 5.0]
+    for epoch, acc in enumerate(accs):
+        best = checkpoint.save_epoch(args, epoch, {'test_acc1': acc}, best, state)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-3.pth', 'checkpoint-4.pth', 'checkpoint-best.pth']
+    assert best == {'acc1': 30.0, 'epoch': 1}
+    assert torch.load(tmp_path / 'checkpoint-best.pth')['epoch'] == 1
+
+
+def test_mid_epoch_checkpoints_count_in_the_retention_order(tmp_path):
+    args, state = run_args(tmp_path, save_ckpt_num=3), train_state()
+    checkpoint.save_epoch(args, 0, {}, {}, state)
+    for k in (1, 2):
+        checkpoint.save_mid_epoch(args, 1, k, {'loss_sum': torch.zeros(())}, {}, state)
+    checkpoint.save_epoch(args, 1, {}, {}, state)
+    names = [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))]
+    assert names == ['checkpoint-1-step1.pth', 'checkpoint-1-step2.pth', 'checkpoint-1.pth']
+
+
+def test_resume_restores_weights_optimizer_and_log(tmp_path):
+    args, state = run_args(tmp_path), train_state()
+    state.model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+    for epoch in range(3):
+        checkpoint.append_log(str(tmp_path), {'epoch': epoch})
+    checkpoint.save_epoch(args, 1, {'test_acc1': 50.0}, {}, state)
+    fresh = train_state()
+    resumed = checkpoint.resume(args, fresh)
+    assert (resumed.start_epoch, resumed.best, resumed.step_in_epoch) == (2, {'acc1': 50.0, 'epoch': 1}, 0)
+    assert torch.equal(fresh.model.weight, state.model.weight)
+    assert fresh.optimizer.state_dict()['param_groups'] == state.optimizer.state_dict()['param_groups']
+    epochs = [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert epochs == [0, 1]  # epoch 2 is redone, its line dropped
+
+
+def test_no_checkpoint_starts_at_start_epoch(tmp_path):
+    resumed = checkpoint.resume(run_args(tmp_path, start_epoch=4), train_state())
+    assert (resumed.start_epoch, resumed.best) == (4, {})

@@ -1,0 +1,58 @@
+"""scripts/gpu_check.sh without a GPU: the CUDA tests skip, the benchmark is left out, and the report still
+holds versions, device 'none', each part's status and pytest's counts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def gpu_check(out, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != 'WS_CUDA_TEST_DEVICE'}
+    full_env.update(PYTHON=sys.executable, **env)
+    return subprocess.run(['bash', 'scripts/gpu_check.sh', '--no-benchmark', str(out)], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_gpu_check_without_gpu_reports_versions_and_skipped_cuda_tests(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is present: the CUDA tests would run')
+    collected = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', '-m', 'cuda',
+                                '-p', 'no:cacheprovider', 'tests/test_cuda.py'], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120).stdout
+    n = sum('test_cuda.py::' in line for line in collected.splitlines())
+    out = tmp_path / 'check'
+    proc = gpu_check(out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / 'gpu_check.json').read_text())
+    assert report['versions']['torch'] == torch.__version__
+    assert {'python', 'torchvision', 'timm', 'cuda', 'cudnn'} <= set(report['versions'])
+    assert report['device']['name'] == 'none'
+    tests = report['cuda_tests']
+    assert n >= 10 and tests['skipped'] == tests['total'] == n and tests['passed'] == tests['failed'] == 0
+    assert tests['summary'].startswith(f'{n} skipped')
+    assert report['parts']['cuda_tests']['status'] == 'ok'
+    assert report['parts']['benchmark'] == {'status': 'skipped', 'exit_status': 'skip', 'seconds': 0, 'note': '--no-benchmark'}
+    assert f'{n} skipped' in (out / 'gpu_check.md').read_text()
+    assert sorted(os.listdir(out)) == ['gpu_check.json', 'gpu_check.log', 'gpu_check.md']
+
+
+@pytest.mark.slow
+def test_gpu_check_records_a_part_that_runs_out_of_time(tmp_path):
+    out = tmp_path / 'check'
+    proc = gpu_check(out, GPU_CHECK_TEST_LIMIT='1')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / 'gpu_check.json').read_text())
+    assert report['parts']['cuda_tests']['status'] == 'timed out'
+    assert 'no junit xml' in report['cuda_tests']['source']
+    assert '## cuda_tests: timed out' in (out / 'gpu_check.md').read_text()
+
+
+def test_gpu_check_usage():
+    proc = subprocess.run(['bash', 'scripts/gpu_check.sh'], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and 'usage: bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]' in proc.stderr

@@ -1,0 +1,203 @@
+"""recipe.py and what each table's commands resolve to, against the paper (Appendix A, Tables 13-15) and the
+official release's defaults, written out here by hand."""
+import os
+import shlex
+import sys
+
+import pytest
+import torch
+
+import main
+import recipe
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import tables  # noqa: E402
+
+
+def test_configs_are_generated_from_the_recipe():
+    """configs/*.yaml are exactly what `python recipe.py --write_configs` writes: one source of truth."""
+    files = recipe.config_files()
+    assert sorted(files) == sorted(os.listdir(os.path.join(ROOT, 'configs')))
+    for name, (values, about) in files.items():
+        with open(os.path.join(ROOT, 'configs', name)) as f:
+            assert f.read() == recipe.render_config(name, values, about), f'{name}: run python recipe.py --write_configs'
+
+
+# (global batch, warmup epochs, epochs, drop path) copied from the paper's Tables 14 and 15.
+PAPER_T14 = {'cifar10': (1024, 50, 300, 0.1), 'pets': (128, 100, 600, 0.1), 'stl10': (128, 50, 300, 0.0),
+             'dtd': (128, 100, 600, 0.2), 'svhn': (1024, 10, 50, 0.1), 'eurosat': (512, 50, 300, 0.1),
+             'imagenet': (4096, 50, 300, 0.0)}
+PAPER_T15 = {'cifar100': (512, 50, 300), 'flowers': (512, 100, 600), 'svhn': (512, 10, 50), 'imagenet': (4096, 50, 300)}
+
+
+def test_configs_hold_tables_13_to_15():
+    def parsed(name):
+        return main.parse_args(['--config', os.path.join(ROOT, 'configs', name)])
+    for dataset, (batch, warmup, epochs, drop_path) in PAPER_T14.items():
+        a = parsed(f'convnext_femto_{dataset}.yaml')
+        assert (a.global_batch_size, a.warmup_epochs, a.epochs, a.drop_path, a.lr) == (batch, warmup, epochs, drop_path, 4e-3)
+    for dataset, (batch, warmup, epochs) in PAPER_T15.items():
+        a = parsed(f'vit_tiny_{dataset}.yaml')
+        lr = 4e-3 if dataset == 'imagenet' else 2e-3
+        assert (a.global_batch_size, a.warmup_epochs, a.epochs, a.lr) == (batch, warmup, epochs, lr)
+    a = parsed('vit_tiny_cifar10.yaml')  # Table 13
+    assert (a.opt, a.weight_decay, a.aa, a.mixup, a.cutmix, a.reprob, a.smoothing, a.layer_scale_init_value) == \
+        ('adamw', 0.05, 'rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.25, 0.1, 1e-6)
+
+
+# The official release's main.py defaults (github.com/OscarXZQ/weight-selection, main.py), by hand.
+OFFICIAL_DEFAULTS = {
+    'batch_size': 64, 'epochs': 300, 'update_freq': 1, 'model': 'convnext_tiny', 'input_size': 224,
+    'layer_scale_init_value': 1e-6, 'model_ema': False, 'model_ema_decay': 0.9999, 'model_ema_force_cpu': False,
+    'model_ema_eval': False, 'opt': 'adamw', 'opt_eps': 1e-8, 'opt_betas': None, 'clip_grad': None, 'momentum': 0.9,
+    'weight_decay': 0.05, 'weight_decay_end': None, 'lr': 4e-3, 'layer_decay': 1.0, 'min_lr': 1e-6,
+    'warmup_epochs': 50, 'warmup_steps': -1, 'drop_path': 0.0, 'color_jitter': 0.4, 'aa': 'rand-m9-mstd0.5-inc1',
+    'smoothing': 0.1, 'train_interpolation': 'bicubic', 'crop_pct': None, 'reprob': 0.25, 'remode': 'pixel',
+    'recount': 1, 'mixup': 0.8, 'cutmix': 1.0, 'cutmix_minmax': None, 'mixup_prob': 1.0, 'mixup_switch_prob': 0.5,
+    'mixup_mode': 'batch', 'head_init_scale': 1.0, 'model_key': 'model|module', 'model_prefix': '',
+    'imagenet_default_mean_and_std': True, 'data_set': 'IMNET', 'output_dir': '', 'log_dir': None, 'device': 'cuda',
+    'seed': 0, 'resume': '', 'auto_resume': True, 'save_ckpt': True, 'save_ckpt_freq': 1, 'save_ckpt_num': 3,
+    'start_epoch': 0, 'eval': False, 'dist_eval': True, 'disable_eval': False, 'num_workers': 10, 'pin_mem': True,
+    'local_rank': -1, 'dist_url': 'env://', 'use_amp': False,
+}
+# Official flags whose default differs here, and why (README, "Differences from the official release").
+DIFFERENT = {'data_path': None,       # theirs is a path on their cluster; ours must be given
+             'initialize': None,      # '' there: no initialization either way
+             'nb_classes': None, 'world_size': None, 'resplit': None,   # no effect here: a warning when given
+             'enable_wandb': None, 'project': None, 'wandb_ckpt': None, 'dist_on_itp': None, 'eval_data_path': None}
+
+
+def test_defaults_match_the_official_release():
+    args = vars(main.parse_args([]))
+    for flag, value in {**OFFICIAL_DEFAULTS, **DIFFERENT}.items():
+        assert flag in args, f'official flag --{flag} is missing'
+        assert args[flag] == value, (flag, args[flag], value)
+
+
+def test_every_flag_is_read_or_warns():
+    """Each flag's name is read somewhere as args.<flag> (or is a no-effect flag that warns)."""
+    source = ''
+    for name in ('main.py', 'datasets.py', 'gpu_data.py', 'recipe.py', 'checkpoint.py', 'utils.py',
+                 os.path.join('models', 'build.py')):
+        with open(os.path.join(ROOT, name)) as f:
+            source += f.read()
+    for action in main.get_args_parser()._actions:
+        if action.dest in ('help', 'config') or action.dest in main.NO_EFFECT:
+            continue
+        assert f'args.{action.dest}' in source, f'--{action.dest} is never read'
+
+
+def resolved(table):
+    """[(row, dataset, model, parsed main.py args, selection command or None)] of a table's commands."""
+    env = {'DATA_ROOT': '/data', 'OUTPUT': '/out', 'SEEDS': '0'}
+    cmds = tables.commands(table, env)
+    selections = {c[c.index('--output') + 1]: c for c in cmds if c[1].endswith('weight_selection.py')}
+    rows = []
+    for c in cmds:
+        if not c[1].endswith('weight_selection.py'):
+            argv = c[c.index(os.path.join(tables.HERE, 'main.py')) + 1:]
+            args = main.parse_args(argv)
+            _, row, dataset, model, _ = args.output_dir[len('/out/'):].split('/')
+            rows.append((row, dataset, model, args, selections.get(args.initialize)))
+    return rows
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1] if cmd and name in cmd else None
+
+
+def test_table9_rows_are_linear_probes():
+    rows = resolved(9)
+    assert len(rows) == 4
+    for row, dataset, model, args, sel in rows:
+        assert (args.linear_probe, args.opt, args.epochs, args.weight_decay, args.mixup, args.cutmix) == \
+            (True, 'lars', 90, 0.0, 0.0, 0.0), row
+        assert (sel is not None) == (row == 'weight_selection')
+
+
+def test_table11_longer_rows_train_600_epochs():
+    for row, dataset, model, args, sel in resolved(11):
+        longer = row.endswith('longer_training')
+        assert (args.epochs, args.mixup, args.cutmix) == ((600, 0.3, 0.3) if longer else (300, 0.8, 1.0)), row
+        assert args.data_set == 'IMNET' and args.warmup_epochs == 50
+
+
+def test_table2_rows_run_their_dataset_recipe():
+    rows = resolved(2)
+    assert len(rows) == 40
+    for row, dataset, model, args, sel in rows:
+        table = PAPER_T14 if model == 'convnext_femto' else PAPER_T15
+        if dataset in table:
+            assert (args.global_batch_size, args.warmup_epochs, args.epochs) == table[dataset][:3], (dataset, model)
+        assert args.data_path == f'/data/{dataset}'
+        if row == 'weight_selection':
+            assert flag(sel, '--teacher') == {'vit_tiny': 'vit_small_patch16_224.augreg_in21k',
+                                              'convnext_femto': 'convnext_tiny.fb_in22k'}[model]
+        else:
+            assert sel is None and args.initialize is None
+
+
+def test_table3_table4_table6_rows():
+    inits = {row: (args.init, flag(sel, '--element_selection')) for row, _, m, args, sel in resolved(3) if m == 'vit_tiny'}
+    assert inits == {'timm_default': ('timm', None), 'xavier': ('xavier', None), 'kaiming': ('kaiming', None),
+                     'ws_uniform': ('timm', 'uniform'), 'ws_consecutive': ('timm', 'consecutive'),
+                     'ws_random': ('timm', 'random'), 'ws_random_w_o_consistency': ('timm', 'random_inconsistent')}
+    for row, dataset, model, args, sel in resolved(4):
+        distills = row.startswith('distill')
+        assert args.distill == ('none' if not distills else 'logit' if dataset == 'imagenet' else 'feature')
+        if distills:
+            assert args.distill_teacher == ('deit_small_patch16_224.fb_in1k' if dataset == 'imagenet'
+                                            else 'vit_small_patch16_224.augreg_in21k')
+        if sel is not None and dataset == 'imagenet':
+            assert flag(sel, '--teacher') == 'deit_small_patch16_224.fb_in1k'
+    for row, dataset, model, args, sel in resolved(6):
+        if model == 'vit_tiny':
+            assert args.model == 'vit_a_patch16_224' and (sel is None or flag(sel, '--student') == 'vit_a_patch16_224')
+        if row == 'uniform_layer_selection':
+            assert flag(sel, '--layer_selection') == 'uniform'
+
+
+def test_a_later_config_overrides_an_earlier_one(tmp_path):
+    a, b = tmp_path / 'a.yaml', tmp_path / 'b.yaml'
+    a.write_text('epochs: 7\nlr: 0.1\n')
+    b.write_text('epochs: 9\n')
+    args = main.parse_args(['--config', str(a), '--config', str(b)])
+    assert (args.epochs, args.lr) == (9, 0.1)
+    assert main.parse_args(['--config', str(a), '--config', str(b), '--epochs', '3']).epochs == 3
+
+
+def test_blr_scales_with_the_global_batch():
+    args = main.parse_args(['--blr', '1e-3', '--batch_size', '32', '--global_batch_size', '2048'])
+    assert recipe.learning_rate(args, main.resolve_batch(args, 2)[1]) == pytest.approx(4e-3)
+    assert recipe.learning_rate(main.parse_args(['--lr', '3e-4']), 4096) == 3e-4
+
+
+def test_schedule_values_by_hand():
+    """Warmup from 0, then cosine to min_lr; layer-decay scales and a weight-decay cosine, written out."""
+    args = main.parse_args(['--min_lr', '0', '--weight_decay', '0.1', '--weight_decay_end', '0.3',
+                            '--warmup_epochs', '1'])
+    p = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.AdamW([{'params': [p[0]], 'lr_scale': 0.5, 'weight_decay': 0.1},
+                             {'params': [p[1]], 'weight_decay': 0.0}], lr=1.0)
+    sched = recipe.build_schedule(args, 2.0, steps_per_epoch=4, epochs=3)  # 12 steps, 4 of warmup
+    sched(opt, 2)
+    assert [g['lr'] for g in opt.param_groups] == [0.5, 1.0]  # halfway up the warmup: 1.0, scaled by 0.5
+    sched(opt, 8)  # cosine at 4 of 8 steps: 2 * 0.5 = 1.0; wd at 8 of 12: 0.3 - 0.2 * 0.5 * (1 + cos(2pi/3)) = 0.25
+    assert opt.param_groups[1]['lr'] == pytest.approx(1.0)
+    assert opt.param_groups[0]['weight_decay'] == pytest.approx(0.25) and opt.param_groups[1]['weight_decay'] == 0
+    sched(opt, 12)
+    assert opt.param_groups[1]['lr'] == 0.0
+
+
+def test_tables_filter_datasets_and_models():
+    env = {'DATA_PATH': '/d/c100', 'DATASETS': 'cifar100', 'MODELS': 'vit_tiny', 'OUTPUT': '/o'}
+    train = [c for c in tables.commands(2, env) if not c[1].endswith('weight_selection.py')]
+    assert len(train) == 2 and all(shlex.join(c).count('--data_path /d/c100') == 1 for c in train)
+
+
+def test_opt_lars_is_the_linear_probes_lars():
+    from lars import Lars
+    args = main.parse_args(['--opt', 'lars', '--weight_decay', '0', '--device', 'cpu'])
+    optimizer = recipe.build_optimizer(torch.nn.Linear(2, 1), args, torch.device('cpu'), 1.6)
+    assert isinstance(optimizer, Lars) and optimizer.param_groups[0]['lr'] == 1.6
