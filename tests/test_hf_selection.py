@@ -127,6 +127,18 @@ def test_llama_reads_only_selected_layers(llama, tmp_path):
     assert sorted(os.listdir(tmp_path / 's')) == ['config.json', 'model.safetensors', 'selection.json']
 
 
+def test_student_config_from_a_file(llama, tmp_path):
+    folder, t = llama
+    config = dict(json.load(open(os.path.join(folder, 'config.json'))), **LLAMA_STUDENT)
+    json.dump(config, open(tmp_path / 'student.json', 'w'))
+    hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'student.json')), str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert selected(s, t, 'model.layers.2.mlp.up_proj.weight', INTER_48_20, EVEN16)
+    json.dump(dict(config, model_type='mistral'), open(tmp_path / 'other.json', 'w'))
+    with pytest.raises(UserError, match="model_type 'mistral' differs from the teacher's 'llama'"):
+        hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'other.json')), str(tmp_path / 'o'))
+
+
 def test_llama_dims_mode(llama, tmp_path):
     folder, t = llama
     hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), head_selection='dims')
