@@ -522,6 +522,13 @@ def get_args_parser():
     p.add_argument('--keep_head', action='store_true', help="also select the classifier (student keeps the teacher's classes)")
     p.add_argument('--output', default=None, help='file to write {"model": state_dict, "meta": {...}}')
     p.add_argument('--quiet', action='store_true', help='print only the summary line')
+    hf = p.add_argument_group('Hugging Face teachers (--teacher a folder with config.json; see hf_selection.py)')
+    hf.add_argument('--student_config', default=None,
+                    help='JSON overrides of the teacher\'s config, e.g. {"hidden_size": 1024, "num_hidden_layers": 8}, '
+                         'or a config.json file; --output is then a folder')
+    hf.add_argument('--head_selection', default='auto', choices=('auto', 'heads', 'dims'),
+                    help='attention: whole heads (GQA groups intact) or per dimension; auto: heads for rotary models')
+    hf.add_argument('--max_shard_size', default='5GB', help='largest output shard, e.g. 5GB, 500MB')
     official = p.add_argument_group("the official release's interface")
     official.add_argument('--model_type', choices=sorted(OFFICIAL), default=None,
                           help='vit: ViT-T from ViT-S; convnext: ConvNeXt-F (Linear MLP) from ConvNeXt-T')
@@ -548,7 +555,11 @@ def resolve_args(args):
 
 
 def main(argv=None):
-    args = resolve_args(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    import hf_selection
+    if args.student_config or hf_selection.is_hf_teacher(args.teacher):
+        return hf_selection.run(args)
+    args = resolve_args(args)
     teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
     student_kwargs = utils.parse_json_dict(args.student_kwargs, '--student_kwargs')
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]

@@ -92,15 +92,14 @@ def unwrap_state_dict(obj, path='checkpoint', keys=WRAPPER_KEYS, prefix=''):
 
 
 def read_state_dict(path, keys=WRAPPER_KEYS, prefix=''):
-    """Weights from .pth/.pt/.bin (flat or wrapped) or .safetensors, as a flat state dict."""
+    """Weights from .pth/.pt/.bin (flat or wrapped) or .safetensors, as a flat state dict (for .safetensors a
+    read-only mapping that reads each tensor when it is looked up)."""
     if path.endswith('.safetensors'):
         if not os.path.isfile(path):
             raise UserError(f'checkpoint not found: {path}')
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device='cpu')
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f'cannot read safetensors file {path} (truncated?): {e}') from None
+        # a lazy mapping: a tensor is read when selected, so a big teacher is never whole in memory
+        from hf_selection import SafetensorsStateDict
+        return SafetensorsStateDict(path)
     return unwrap_state_dict(torch_load(path), path, keys, prefix)
 
 

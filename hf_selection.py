@@ -1,0 +1,847 @@
+"""Weight selection for Hugging Face transformers checkpoints, streamed from (sharded) safetensors.
+
+A student is described by its config.json (the teacher's config with overrides such as a smaller
+hidden_size or fewer layers). Every student tensor is planned before anything is read: which teacher
+tensor it comes from (layer selection), and which indices it keeps along each dimension (element
+selection, one consistent index set per width). The teacher's tensors are then read one at a time,
+and only the ones the student needs (a layer that layer selection drops is never read); each student
+tensor is written to its output shard as soon as it is produced. Memory stays near the largest teacher
+tensor, whatever the size of the model or of a shard.
+
+Supported families: LLaMA-style (llama, mistral, qwen2), GPT-2 and BERT. This module needs torch and
+safetensors only; transformers is not imported (configs are JSON).
+
+    python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
+"""
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+import utils
+from utils import UserError
+from weight_selection import LAYER_SELECTIONS, _generator, layer_indices, random_indices, uniform_indices
+
+HF_ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random')
+HEAD_SELECTIONS = ('auto', 'heads', 'dims')
+EXCLUDABLE = ('embed', 'attn', 'mlp', 'norm')
+
+ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+             'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+             'U8': torch.uint8, 'BOOL': torch.bool}
+ST_DTYPES.update({name: getattr(torch, attr) for name, attr in [  # where this torch has them
+    ('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'), ('U16', 'uint16'), ('U32', 'uint32'), ('U64', 'uint64')]
+    if hasattr(torch, attr)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Families: config fields, block names, and the axes ("widths") of every tensor.
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    fields: dict          # width -> config.json field
+    block: re.Pattern     # teacher key -> (prefix, layer, rest)
+    tensors: dict         # key without block prefix (or top-level key) -> axis names, one per dimension
+    rotary: bool          # rotary position embeddings: heads are kept whole by default
+    embed: tuple          # kinds of the input embedding
+    head: str             # the output embedding (tied to the input one unless tie_word_embeddings is false)
+    attn_is_hidden: bool = False  # attention width = model width (GPT-2, BERT): per dimension, q, k, v take its set
+    tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
+
+
+_LLAMA_LAYER = {
+    'self_attn.q_proj.weight': ('q', 'hidden'), 'self_attn.q_proj.bias': ('q',),
+    'self_attn.k_proj.weight': ('kv', 'hidden'), 'self_attn.k_proj.bias': ('kv',),
+    'self_attn.v_proj.weight': ('kv', 'hidden'), 'self_attn.v_proj.bias': ('kv',),
+    'self_attn.o_proj.weight': ('hidden', 'q'), 'self_attn.o_proj.bias': ('hidden',),
+    'mlp.gate_proj.weight': ('inter', 'hidden'), 'mlp.gate_proj.bias': ('inter',),
+    'mlp.up_proj.weight': ('inter', 'hidden'), 'mlp.up_proj.bias': ('inter',),
+    'mlp.down_proj.weight': ('hidden', 'inter'), 'mlp.down_proj.bias': ('hidden',),
+    'input_layernorm.weight': ('hidden',), 'post_attention_layernorm.weight': ('hidden',),
+}
+LLAMA = Family(
+    'llama',
+    fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
+                kv_heads='num_key_value_heads', layers='num_hidden_layers', vocab='vocab_size'),
+    block=re.compile(r'^(model\.layers)\.(\d+)\.(.+)$'),
+    tensors={'model.embed_tokens.weight': ('vocab', 'hidden'), 'lm_head.weight': ('vocab', 'hidden'),
+             'model.norm.weight': ('hidden',), **_LLAMA_LAYER},
+    rotary=True, embed=('model.embed_tokens.weight',), head='lm_head.weight')
+
+_GPT2_LAYER = {
+    'ln_1.weight': ('hidden',), 'ln_1.bias': ('hidden',), 'ln_2.weight': ('hidden',), 'ln_2.bias': ('hidden',),
+    'attn.c_attn.weight': ('hidden', 'qkv'), 'attn.c_attn.bias': ('qkv',),
+    'attn.c_proj.weight': ('q', 'hidden'), 'attn.c_proj.bias': ('hidden',),
+    'mlp.c_fc.weight': ('hidden', 'inter'), 'mlp.c_fc.bias': ('inter',),
+    'mlp.c_proj.weight': ('inter', 'hidden'), 'mlp.c_proj.bias': ('hidden',),
+}
+# The hub's original gpt2 checkpoints name keys without the `transformer.` prefix; both load.
+GPT2 = Family(
+    'gpt2',
+    fields=dict(hidden='n_embd', inter='n_inner', heads='n_head', layers='n_layer', vocab='vocab_size',
+                positions='n_positions'),
+    block=re.compile(r'^((?:transformer\.)?h)\.(\d+)\.(.+)$'),
+    tensors={**{p + k: v for p in ('', 'transformer.') for k, v in {
+        'wte.weight': ('vocab', 'hidden'), 'wpe.weight': ('pos', 'hidden'),
+        'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}.items()},
+             'lm_head.weight': ('vocab', 'hidden'), **_GPT2_LAYER},
+    rotary=False, embed=('wte.weight', 'transformer.wte.weight'), head='lm_head.weight', attn_is_hidden=True,
+    tied_default=True)
+
+_BERT_LAYER = {
+    'attention.self.query.weight': ('q', 'hidden'), 'attention.self.query.bias': ('q',),
+    'attention.self.key.weight': ('kv', 'hidden'), 'attention.self.key.bias': ('kv',),
+    'attention.self.value.weight': ('kv', 'hidden'), 'attention.self.value.bias': ('kv',),
+    'attention.output.dense.weight': ('hidden', 'q'), 'attention.output.dense.bias': ('hidden',),
+    'attention.output.LayerNorm.weight': ('hidden',), 'attention.output.LayerNorm.bias': ('hidden',),
+    'intermediate.dense.weight': ('inter', 'hidden'), 'intermediate.dense.bias': ('inter',),
+    'output.dense.weight': ('hidden', 'inter'), 'output.dense.bias': ('hidden',),
+    'output.LayerNorm.weight': ('hidden',), 'output.LayerNorm.bias': ('hidden',),
+}
+# 'same': an axis the student keeps whole (token types, next-sentence and classifier outputs)
+_BERT_TOP = {
+    'embeddings.word_embeddings.weight': ('vocab', 'hidden'),
+    'embeddings.position_embeddings.weight': ('pos', 'hidden'),
+    'embeddings.token_type_embeddings.weight': ('same', 'hidden'),
+    'embeddings.LayerNorm.weight': ('hidden',), 'embeddings.LayerNorm.bias': ('hidden',),
+    'pooler.dense.weight': ('hidden', 'hidden'), 'pooler.dense.bias': ('hidden',),
+}
+_BERT_HEADS = {
+    'cls.predictions.bias': ('vocab',), 'cls.predictions.decoder.weight': ('vocab', 'hidden'),
+    'cls.predictions.decoder.bias': ('vocab',),
+    'cls.predictions.transform.dense.weight': ('hidden', 'hidden'), 'cls.predictions.transform.dense.bias': ('hidden',),
+    'cls.predictions.transform.LayerNorm.weight': ('hidden',), 'cls.predictions.transform.LayerNorm.bias': ('hidden',),
+    'cls.seq_relationship.weight': ('same', 'hidden'), 'cls.seq_relationship.bias': ('same',),
+    'classifier.weight': ('same', 'hidden'), 'classifier.bias': ('same',),
+}
+# BertModel checkpoints name keys without the `bert.` prefix of BertFor* models; both work.
+BERT = Family(
+    'bert',
+    fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
+                layers='num_hidden_layers', vocab='vocab_size', positions='max_position_embeddings'),
+    block=re.compile(r'^((?:bert\.)?encoder\.layer)\.(\d+)\.(.+)$'),
+    tensors={**{p + k: v for p in ('', 'bert.') for k, v in _BERT_TOP.items()}, **_BERT_HEADS, **_BERT_LAYER},
+    rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
+    head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True)
+
+FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'gpt2': GPT2, 'bert': BERT}
+
+# Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
+DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
+
+EMBED_KEYS = ('embed_tokens.weight', 'lm_head.weight', 'wte.weight', 'wpe.weight', 'word_embeddings.weight',
+              'position_embeddings.weight', 'token_type_embeddings.weight', 'decoder.weight')
+
+
+def family_of(config, where):
+    model_type = config.get('model_type')
+    if model_type not in FAMILIES:
+        raise UserError(f"{where}: unknown architecture model_type '{model_type}'; weight selection for Hugging Face "
+                        f"checkpoints supports {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+@dataclass(frozen=True)
+class Widths:
+    hidden: int
+    inter: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    positions: int = 0
+
+
+def check_whole_numbers(config, family, where):
+    bad = [name for name in list(family.fields.values()) + ['head_dim'] if config.get(name) is not None
+           and (isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0)]
+    if bad:
+        raise UserError(f"{where}: {bad[0]} must be a whole number, got {config[bad[0]]!r}")
+
+
+def widths_of(config, family, where):
+    """The sizes that name every tensor's axes, read from a config.json dict."""
+    f = family.fields
+    missing = [name for key, name in f.items() if key not in ('inter', 'kv_heads') and name not in config]
+    if missing:
+        raise UserError(f"{where}: config has no {', '.join(missing)}")
+    check_whole_numbers(config, family, where)
+    hidden, heads = config[f['hidden']], config[f['heads']]
+    kv_heads = config.get(f.get('kv_heads', ''), None) or heads
+    inter = config.get(f['inter']) or 4 * hidden  # GPT-2's n_inner null means 4 * n_embd
+    head_dim = config.get('head_dim') or hidden // max(heads, 1)
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise UserError(f'{where}: {heads} attention heads do not divide into {kv_heads} key/value heads')
+    if 'head_dim' not in config and hidden % heads:
+        raise UserError(f'{where}: hidden size {hidden} does not divide into {heads} attention heads')
+    return Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], config[f['vocab']],
+                  config.get(f.get('positions', ''), 0) or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The student's config.
+
+def read_overrides(spec):
+    """--student_config: a JSON object, or the path of a config.json."""
+    text = spec.strip()
+    if not text.startswith('{'):
+        if not os.path.isfile(spec):
+            raise UserError(f'--student_config {spec}: neither a JSON object nor an existing config.json file')
+        with open(spec) as f:
+            text = f.read()
+    return utils.parse_json_dict(text, '--student_config')
+
+
+def student_config(t_cfg, overrides, family, layer_map_fn):
+    """The teacher's config with the overrides; per-layer lists (layer_types) follow layer selection, and
+    head_dim is written out when the teacher's was explicit, so both sides agree on it."""
+    extra = ('head_dim',) if family.rotary else ()  # LLaMA-style models honour an explicit head_dim
+    unknown = [k for k in overrides if k not in t_cfg and k not in family.fields.values() and k not in extra]
+    if unknown:
+        raise UserError(f"--student_config: '{unknown[0]}' is not a field of the teacher's config.json "
+                        f'({t_cfg.get("model_type")}); check its spelling')
+    if overrides.get('model_type', t_cfg.get('model_type')) != t_cfg.get('model_type'):
+        raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
+                        f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
+    s_cfg = {**t_cfg, **overrides}
+    check_whole_numbers(t_cfg, family, 'teacher')
+    check_whole_numbers(s_cfg, family, 'student')
+    t_hd = t_cfg.get('head_dim')
+    derived_t = t_cfg[family.fields['hidden']] // max(t_cfg[family.fields['heads']], 1)
+    if 'head_dim' not in overrides and t_hd is not None and t_hd == derived_t:
+        # the teacher's head_dim only restated hidden/heads: the student's follows its own hidden/heads
+        hidden, heads = s_cfg[family.fields['hidden']], s_cfg[family.fields['heads']]
+        if heads <= 0 or hidden % heads:
+            raise UserError(f'student: hidden size {hidden} does not divide into {heads} attention heads')
+        s_cfg['head_dim'] = hidden // heads
+    n_t, n_s = t_cfg[family.fields['layers']], s_cfg[family.fields['layers']]
+    layer_map = layer_map_fn(n_t, n_s)
+    if isinstance(t_cfg.get('layer_types'), list) and 'layer_types' not in overrides \
+            and len(t_cfg['layer_types']) == n_t:
+        s_cfg['layer_types'] = [t_cfg['layer_types'][i] for i in layer_map]
+    return s_cfg, layer_map
+
+
+def layer_map_for(selection):
+    def layer_map(n_t, n_s):
+        if selection in LAYER_SELECTIONS:
+            return layer_indices(selection, n_t, n_s)
+        try:
+            chosen = [int(i) for i in selection.split(',') if i.strip()]
+        except ValueError:
+            return layer_indices(selection, n_t, n_s)  # raises the unknown-mode error
+        if len(chosen) != n_s or not all(0 <= i < n_t for i in chosen):
+            raise UserError(f'--layer_selection {selection}: give {n_s} teacher layers in 0..{n_t - 1}')
+        return chosen
+    return layer_map
+
+
+# ----------------------------------------------------------------------------------------------
+# Element selection: one index set per axis.
+
+class IndexChooser:
+    """Indices of t kept for s, as --element_selection prescribes; consistent: one set per (t, s)."""
+
+    def __init__(self, mode, seed):
+        if mode not in HF_ELEMENT_SELECTIONS:
+            raise UserError(f"--element_selection {mode} is not supported for Hugging Face teachers; choose one of "
+                            f"{', '.join(HF_ELEMENT_SELECTIONS)}")
+        self.mode, self.seed, self.cache = mode, seed, {}
+
+    def pick(self, t, s):
+        if t == s:
+            return torch.arange(t)
+        if self.mode == 'uniform':
+            return uniform_indices(t, s)
+        if self.mode == 'consecutive':
+            return torch.arange(s)
+        if (t, s) not in self.cache:  # the same generator as weight_selection's random mode
+            self.cache[t, s] = random_indices(t, s, _generator(self.seed, t, s))
+        return self.cache[t, s]
+
+
+def expand_heads(heads, head_dim):
+    """Rows of whole heads: head h covers rows h*head_dim .. (h+1)*head_dim - 1."""
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
+
+
+def head_selection(t, s, chooser):
+    """(query heads, key/value heads) the student keeps, whole. Under GQA the key/value heads are chosen
+    first and each keeps query heads of its own group, so every query head keeps its own KV head."""
+    if s.head_dim != t.head_dim:
+        raise UserError(f'--head_selection heads keeps whole heads of {t.head_dim} dims, but the student\'s heads '
+                        f'have {s.head_dim}; choose num_attention_heads so that hidden/heads = {t.head_dim} '
+                        f'(or set head_dim), or pass --head_selection dims')
+    g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads
+    if g_s > g_t:
+        raise UserError(f'--head_selection heads: the student has {g_s} query heads per key/value head, the teacher '
+                        f'{g_t}; a query head cannot keep its own key/value head; use fewer query heads per '
+                        f'key/value head or --head_selection dims')
+    kv = chooser.pick(t.kv_heads, s.kv_heads).tolist()
+    within = chooser.pick(g_t, g_s).tolist()
+    return [k * g_t + j for k in kv for j in within], kv
+
+
+def axis_indices(t, s, family, head_mode, chooser):
+    """{axis name: teacher indices kept} for every axis of the family."""
+    hidden = chooser.pick(t.hidden, s.hidden)
+    axes = {'hidden': hidden, 'inter': chooser.pick(t.inter, s.inter), 'vocab': torch.arange(s.vocab),
+            'pos': torch.arange(s.positions)}  # fewer positions: the first ones
+    if head_mode == 'heads':
+        q_heads, kv_heads = head_selection(t, s, chooser)
+        axes['q'], axes['kv'] = expand_heads(q_heads, t.head_dim), expand_heads(kv_heads, t.head_dim)
+    elif family.attn_is_hidden:  # GPT-2, BERT: attention width = model width, so q, k, v each take its index set
+        axes['q'] = axes['kv'] = hidden
+    else:
+        axes['q'] = chooser.pick(t.heads * t.head_dim, s.heads * s.head_dim)
+        axes['kv'] = chooser.pick(t.kv_heads * t.head_dim, s.kv_heads * s.head_dim)
+    q_t, kv_t = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    axes['qkv'] = torch.cat([axes['q'], q_t + axes['kv'], q_t + kv_t + axes['kv']])  # GPT-2's fused c_attn
+    return axes
+
+
+def check_not_wider(t, s):
+    sizes = [('hidden', 'hidden size'), ('inter', 'intermediate size'), ('heads', 'attention heads'),
+             ('kv_heads', 'key/value heads'), ('positions', 'positions')]
+    for name, words in sizes:
+        if getattr(s, name) > getattr(t, name):
+            raise UserError(f'the student has {words} {getattr(s, name)} where the teacher has {getattr(t, name)}; '
+                            f'weight selection needs a student no wider than its teacher')
+    if s.heads * s.head_dim > t.heads * t.head_dim:
+        raise UserError(f'the student\'s attention width {s.heads}x{s.head_dim} exceeds the teacher\'s '
+                        f'{t.heads}x{t.head_dim}; weight selection needs a student no wider than its teacher')
+    if s.vocab != t.vocab:
+        raise UserError(f'the student has vocab_size {s.vocab}, the teacher {t.vocab}; the student keeps the '
+                        f"teacher's tokenizer, so leave vocab_size as it is")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the teacher: shard headers parsed up front (shapes, dtypes, completeness), tensors on demand.
+
+def read_header(path):
+    """{key: (dtype, shape, (begin, end))} of a safetensors file, begin and end as offsets in the file;
+    a clear error when it is truncated."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        raw = f.read(8)
+        n = struct.unpack('<Q', raw)[0] if len(raw) == 8 else None
+        if n is None or 8 + n > size:
+            raise UserError(f'{path}: truncated or not a safetensors file (header cut off)')
+        try:
+            header = json.loads(f.read(n))
+            header.pop('__metadata__', None)
+            tensors = {k: (v['dtype'], tuple(v['shape']), (8 + n + v['data_offsets'][0], 8 + n + v['data_offsets'][1]))
+                       for k, v in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f'{path}: not a safetensors file (unreadable header)') from None
+    for key, (dtype, shape, (begin, end)) in tensors.items():
+        if dtype not in ST_DTYPES:
+            raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
+        if end - begin != math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dtype]).element_size():
+            raise UserError(f"{path}: the header's size of '{key}' does not match its shape {list(shape)}; "
+                            f'corrupt file')
+    end = max((offsets[1] for _, _, offsets in tensors.values()), default=8 + n)
+    if end > size:
+        raise UserError(f'{path}: truncated ({size} bytes, its header describes {end}); download it again')
+    return tensors
+
+
+class TeacherShards:
+    """The teacher's tensors across its shards; reads a tensor (or a range of its rows) only when asked."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.files = shard_files(folder)
+        self.where, self.header = {}, {}
+        for name in self.files:
+            for key, info in read_header(os.path.join(folder, name)).items():
+                self.where[key], self.header[key] = name, info
+        self.fds, self.bytes_read, self.keys_read = {}, 0, []
+
+    def file(self, name):
+        if name not in self.fds:
+            self.fds[name] = open(os.path.join(self.folder, name), 'rb', buffering=0)
+        return self.fds[name]
+
+    def row_span(self, key, indices):
+        """(lo, hi): the rows from the first to the last one kept (all rows when indices[0] is None)."""
+        shape = self.header[key][1]
+        rows = indices[0] if indices else None
+        if rows is not None and len(rows):
+            return int(rows.min()), int(rows.max()) + 1
+        return 0, shape[0] if shape else 1
+
+    def will_need(self, p):
+        """Ask the kernel to start reading the rows plan p will want (its readahead, in the background).
+        Its own descriptor: the reading thread owns the open files."""
+        if p.source is None:
+            return
+        name, (_, shape, (begin, end)) = self.where[p.source], self.header[p.source]
+        lo, hi = self.row_span(p.source, p.indices)
+        row = (end - begin) // max(shape[0], 1) if shape else end - begin
+        fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, begin + lo * row, (hi - lo) * row, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def read_rows(self, key, lo, hi):
+        """Rows lo..hi-1 of `key`, read with one plain read of their bytes (the header gives where they
+        lie): several times faster than faulting a memory map in page by page."""
+        name, (dtype, shape, (begin, end)) = self.where[key], self.header[key]
+        f = self.file(name)
+        row = (end - begin) // max(shape[0], 1) if shape else end - begin
+        buf = torch.empty((hi - lo) * row, dtype=torch.uint8)
+        f.seek(begin + lo * row)
+        view, got = memoryview(buf.numpy()), 0
+        while got < len(view):  # one read returns at most ~2 GB
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got != buf.numel():
+            raise UserError(f'{os.path.join(self.folder, name)}: truncated while reading {key}')
+        self.bytes_read += got
+        return buf.view(ST_DTYPES[dtype]).reshape(hi - lo, *shape[1:]) if shape else buf.view(ST_DTYPES[dtype])[0]
+
+    def read(self, key, indices):
+        """The tensor `key` with only `indices[d]` kept along dimension d (None: all). Only the rows from
+        the first to the last kept one are read from the file; the kept elements are then taken, by a
+        strided slice where they are evenly spaced (Algorithm 1 when the sizes divide), else by index."""
+        lo, hi = self.row_span(key, indices)
+        tensor = self.read_rows(key, lo, hi)
+        self.keys_read.append(key)
+        for dim, idx in enumerate(indices):
+            if idx is not None:
+                tensor = take(tensor, dim, idx - lo if dim == 0 else idx)
+        return tensor
+
+    def close(self):
+        for f in self.fds.values():
+            f.close()
+        self.fds = {}
+
+
+def take(tensor, dim, idx):
+    """tensor's slices idx along dim (a view when idx is evenly spaced)."""
+    if len(idx) == tensor.shape[dim] and torch.equal(idx, torch.arange(len(idx))):
+        return tensor
+    if len(idx) > 1 and idx[1] > idx[0] and bool((idx.diff() == idx[1] - idx[0]).all()):
+        return tensor.narrow(dim, int(idx[0]), int(idx[-1] - idx[0]) + 1)[
+            (slice(None),) * dim + (slice(None, None, int(idx[1] - idx[0])),)]
+    return tensor.index_select(dim, idx)
+
+
+def shard_files(folder):
+    """Shard file names: those of model.safetensors.index.json, or model.safetensors; checked to exist."""
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)['weight_map']
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f'{index}: not a safetensors index (no weight_map)') from None
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
+        files = ['model.safetensors']
+    else:
+        other = [n for n in os.listdir(folder) if n.endswith(('.bin', '.pt', '.pth'))]
+        hint = f' (found {other[0]}: convert it to safetensors first)' if other else ''
+        raise UserError(f'{folder} holds no model.safetensors nor model.safetensors.index.json{hint}')
+    missing = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise UserError(f'{folder}: shard {missing[0]} named in model.safetensors.index.json is missing'
+                        + (f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''))
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: every student tensor, its source and its indices, decided before anything is read.
+
+@dataclass
+class Planned:
+    key: str                 # student key
+    source: str              # teacher key; None when excluded (initialized instead)
+    shape: tuple
+    dtype: str               # safetensors dtype, the teacher's
+    teacher_shape: tuple = ()
+    indices: list = field(default_factory=list)  # per dimension: teacher indices kept, or None for all
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * torch.empty((), dtype=ST_DTYPES[self.dtype]).element_size()
+
+
+def component_of(key):
+    if key.endswith(EMBED_KEYS):
+        return 'embed'
+    if 'norm' in key.lower() or re.search(r'(^|\.)ln_', key):
+        return 'norm'
+    if 'attn' in key or 'attention.' in key:
+        return 'attn'
+    return 'mlp' if re.search(r'(mlp|intermediate|output)\.', key) else None
+
+
+def student_keys(key, family, layer_map):
+    """The student keys a teacher key becomes: none when its layer is dropped, one per student layer
+    that selects it otherwise."""
+    m = family.block.match(key)
+    if m is None:
+        if key not in family.tensors:
+            raise UserError(f"teacher tensor '{key}' is not one this selector knows for {family.name} models")
+        return [key], key
+    prefix, layer, rest = m[1], int(m[2]), m[3]
+    if rest not in family.tensors:
+        raise UserError(f"teacher tensor '{key}' is not one this selector knows for {family.name} models")
+    return [f'{prefix}.{j}.{rest}' for j, i in enumerate(layer_map) if i == layer], rest
+
+
+def teacher_axis_sizes(t):
+    q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    return {'hidden': t.hidden, 'inter': t.inter, 'vocab': t.vocab, 'pos': t.positions, 'q': q, 'kv': kv,
+            'qkv': q + 2 * kv}
+
+
+def plan_one(s_key, t_key, kind, teacher, family, t, axes, excluded):
+    dtype, t_shape, _ = teacher.header[t_key]
+    names = family.tensors[kind]
+    sizes = teacher_axis_sizes(t)
+    expected = tuple(n if a == 'same' else sizes[a] for a, n in zip(names, t_shape))
+    if t_shape != expected or len(t_shape) != len(names):
+        raise UserError(f"teacher tensor '{t_key}' has shape {t_shape}, its config.json implies {expected}; "
+                        f'the checkpoint does not match its config')
+    shape = tuple(n if a == 'same' else len(axes[a]) for a, n in zip(names, t_shape))
+    if excluded:
+        return Planned(s_key, None, shape, dtype, t_shape)
+    indices = [None if a == 'same' or len(axes[a]) == n else axes[a] for a, n in zip(names, t_shape)]
+    return Planned(s_key, t_key, shape, dtype, t_shape, indices)
+
+
+def plan_tensors(teacher, family, t, axes, layer_map, tied, exclude):
+    """Planned student tensors in the teacher's file order (reads go forward through each shard)."""
+    order = sorted(teacher.header, key=lambda k: (teacher.where[k], teacher.header[k][2][0]))
+    planned, embed_key, embed_kind = [], None, None
+    for t_key in order:
+        if DROPPED.search(t_key):
+            continue
+        s_keys, kind = student_keys(t_key, family, layer_map)
+        if kind in family.embed:
+            embed_key, embed_kind = t_key, kind
+        if kind == family.head and tied:
+            continue  # a tied student shares the embedding
+        for s_key in s_keys:
+            planned.append(plan_one(s_key, t_key, kind, teacher, family, t, axes,
+                                    component_of(s_key) in exclude))
+    if not tied and not any(p.key == family.head for p in planned) and embed_key is not None:
+        # an untied student of a tied teacher: its output layer starts as the shared embedding
+        planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, axes, 'embed' in exclude))
+    return planned
+
+
+def produce(p, teacher, std, seed):
+    """The student tensor of a plan: the teacher's kept elements, or a fresh init when excluded
+    (as transformers initializes these models: norms 1, biases 0, weights N(0, initializer_range))."""
+    if p.source is not None:
+        return teacher.read(p.source, p.indices).contiguous()
+    if p.key.endswith('.bias'):
+        value = torch.zeros(p.shape)
+    elif component_of(p.key) == 'norm':
+        value = torch.ones(p.shape)
+    else:
+        value = torch.empty(p.shape).normal_(0, std, generator=_generator(seed, p.key))
+    return value.to(ST_DTYPES[p.dtype])
+
+
+class ReadAhead:
+    """make(p) for the plans in their order, one ahead in a worker thread: while the caller writes tensor i,
+    the worker reads and selects tensor i+1 (file reads and torch copies release the GIL) and the kernel is
+    asked to fetch tensor i+2. Besides the tensor being written, only the one being made is held."""
+
+    def __init__(self, planned, make, hint):
+        from concurrent.futures import ThreadPoolExecutor
+        self.make, self.hint = make, hint
+        self.following = {p.key: q for p, q in zip(planned, planned[1:])}
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), {}
+
+    def __call__(self, p):
+        future = self.pending.pop(p.key, None) or self.pool.submit(self.make, p)
+        q = self.following.get(p.key)
+        if q is not None:
+            self.pending[q.key] = self.pool.submit(self.make, q)
+            if q.key in self.following:
+                self.hint(self.following[q.key])
+        return future.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: safetensors shards whose headers are known up front, so tensors stream straight to disk.
+
+def parse_size(text):
+    """'5GB' -> 5e9 bytes, as transformers' max_shard_size ('500MB', '2GiB' or a number of bytes)."""
+    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*', str(text), re.IGNORECASE)
+    if m is None:
+        raise UserError(f"--max_shard_size {text}: write a size such as 5GB, 500MB or 2GiB")
+    unit = (m[2] or 'B').upper()
+    base = 1024 if 'I' in unit else 1000
+    return int(float(m[1]) * base ** 'BKMGT'.index(unit[0]))
+
+
+def split_shards(planned, max_bytes):
+    shards, size = [[]], 0
+    for p in planned:
+        if shards[-1] and size + p.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def write_shard(path, shard, make):
+    """One safetensors file: header (dtypes, shapes, offsets, all known from the plan), then each tensor's
+    bytes as soon as make(p) produces it."""
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for p in shard:
+        header[p.key] = {'dtype': p.dtype, 'shape': list(p.shape), 'data_offsets': [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(',', ':')).encode()
+    raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(raw)))
+        f.write(raw)
+        for p in shard:
+            value = make(p)
+            if tuple(value.shape) != p.shape or value.dtype != ST_DTYPES[p.dtype]:
+                raise AssertionError(f'{p.key}: made {tuple(value.shape)} {value.dtype}, planned {p.shape} {p.dtype}')
+            f.write(value.reshape(-1).view(torch.uint8).numpy())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_student(folder, planned, max_bytes, make):
+    """model.safetensors, or model-0000i-of-0000n.safetensors with model.safetensors.index.json."""
+    shards = split_shards(planned, max_bytes)
+    n = len(shards)
+    names = ['model.safetensors'] if n == 1 else [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
+    for name, shard in zip(names, shards):
+        write_shard(os.path.join(folder, name), shard, make)
+    if n > 1:
+        index = {'metadata': {'total_size': sum(p.nbytes for p in planned)},
+                 'weight_map': {p.key: name for name, shard in zip(names, shards) for p in shard}}
+        write_json(os.path.join(folder, 'model.safetensors.index.json'), index)
+    return names
+
+
+def write_json(path, obj):
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+        f.write('\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher folder (or hub id), output folder, and the whole selection.
+
+def is_hf_teacher(name):
+    return bool(name) and os.path.isfile(os.path.join(name, 'config.json'))
+
+
+def resolve_teacher(name):
+    """A local folder holding config.json; a hub id is downloaded when online."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, 'config.json')):
+            raise UserError(f'--teacher {name} has no config.json; a Hugging Face teacher is a folder with config.json '
+                            f'and model.safetensors (or shards and model.safetensors.index.json)')
+        return name
+    if os.path.exists(name) or not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', name):
+        raise UserError(f'--teacher {name}: not a folder holding config.json and safetensors, nor a hub id')
+    return download(name)
+
+
+def download(repo_id):
+    hint = 'pass a local folder holding config.json and the *.safetensors files as --teacher'
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
+        raise UserError(f"offline (HF_HUB_OFFLINE=1): cannot fetch '{repo_id}'; {hint}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"'{repo_id}' is not a local folder and huggingface_hub is not installed; {hint}") from None
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise UserError(f"cannot reach {host} to fetch '{repo_id}' (offline?); {hint}") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=['config.json', '*.safetensors',
+                                                          'model.safetensors.index.json'])
+    except Exception as e:  # noqa: BLE001 - any download failure is reported in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot fetch '{repo_id}' ({type(e).__name__}: {first}); {hint}") from None
+
+
+def read_config(folder):
+    path = os.path.join(folder, 'config.json')
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise UserError(f'{path} is not valid JSON ({e})') from None
+    if not isinstance(config, dict):
+        raise UserError(f'{path} is not a JSON object')
+    return config
+
+
+def check_output(path):
+    """The output folder must be new (or empty), in an existing folder: nothing is overwritten."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f'cannot write {path}: folder {parent} does not exist; create it first')
+    if os.path.isfile(path):
+        raise UserError(f'--output {path} is a file; a Hugging Face student is written to a folder')
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f'--output {path} exists and is not empty; choose a new folder')
+
+
+def versions():
+    import platform
+    import safetensors
+    return {'torch': torch.__version__, 'safetensors': safetensors.__version__,
+            'python': platform.python_version(), 'code': utils.code_version()}
+
+
+def select_hf(teacher, student_overrides, output, layer_selection='first', element_selection='uniform', seed=0,
+              exclude=(), head_selection='auto', max_shard_size='5GB'):
+    """Write a student folder (config.json, safetensors, selection.json) selected from a Hugging Face teacher
+    folder (or hub id). Everything is checked before the first byte is written; the folder appears whole
+    (written under a temporary name, then renamed) or not at all. Returns selection.json's content."""
+    check_output(output)
+    unknown = [c for c in exclude if c not in EXCLUDABLE]
+    if unknown:
+        raise UserError(f"unknown component to exclude '{unknown[0]}'; choose from {', '.join(EXCLUDABLE)}")
+    if head_selection not in HEAD_SELECTIONS:
+        raise UserError(f"--head_selection {head_selection}: choose one of {', '.join(HEAD_SELECTIONS)}")
+    max_bytes = parse_size(max_shard_size)
+    chooser = IndexChooser(element_selection, seed)
+    folder = resolve_teacher(teacher)
+    t_cfg = read_config(folder)
+    family = family_of(t_cfg, os.path.join(folder, 'config.json'))
+    overrides = student_overrides if isinstance(student_overrides, dict) else read_overrides(student_overrides)
+    s_cfg, layer_map = student_config(t_cfg, overrides, family, layer_map_for(layer_selection))
+    t, s = widths_of(t_cfg, family, 'teacher'), widths_of(s_cfg, family, 'student')
+    check_not_wider(t, s)
+    head_mode = head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
+    axes = axis_indices(t, s, family, head_mode, chooser)
+    shards = TeacherShards(folder)
+    planned = plan_tensors(shards, family, t, axes, layer_map, s_cfg.get('tie_word_embeddings', family.tied_default),
+                           set(exclude))
+    report = {'meta': {
+        'teacher': teacher, 'teacher_folder': os.path.abspath(folder), 'family': family.name,
+        'student_config': s_cfg, 'student_overrides': overrides,
+        'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
+                     'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
+        'layer_map': layer_map, 'versions': versions()}}
+    if head_mode == 'heads':  # which teacher heads the student's heads are, in order
+        report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
+                                   'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}
+    report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source, 'teacher_shape': list(p.teacher_shape),
+                                 'shape': list(p.shape)} for p in planned}
+    try:
+        write_output(output, s_cfg, planned, shards, max_bytes, seed, report)
+    finally:
+        shards.close()
+    report['keys_read'] = shards.keys_read
+    return report
+
+
+def write_output(output, s_cfg, planned, shards, max_bytes, seed, report):
+    """The student folder, written under a temporary name beside `output` and renamed when complete."""
+    tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(os.path.abspath(output)) + '-',
+                           dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        write_json(os.path.join(tmp, 'config.json'), s_cfg)
+        std = s_cfg.get('initializer_range', 0.02)
+        ahead = ReadAhead(planned, lambda p: produce(p, shards, std, seed), shards.will_need)
+        try:
+            report['meta']['files'] = write_student(tmp, planned, max_bytes, ahead)
+        finally:
+            ahead.close()
+        report['meta']['teacher_bytes_read'] = shards.bytes_read
+        report['meta']['teacher_bytes'] = sum(os.path.getsize(os.path.join(shards.folder, n)) for n in shards.files)
+        write_json(os.path.join(tmp, 'selection.json'), report)
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty (checked before)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def action_of(p):
+    if p.source is None:
+        return 'excluded'
+    return 'copied' if p.shape == p.teacher_shape else 'selected'
+
+
+def run(args):
+    """weight_selection.py's command line with a Hugging Face teacher (see its --help)."""
+    if not args.student_config:
+        raise UserError(f'--teacher {args.teacher} is a Hugging Face folder: describe the student with '
+                        f"--student_config '{{\"hidden_size\": ..., \"num_hidden_layers\": ...}}' "
+                        f'(or a config.json file)')
+    if not args.teacher or not args.output:
+        raise UserError('missing --teacher or --output; e.g. --teacher HF_FOLDER --student_config '
+                        "'{\"num_hidden_layers\": 4}' --output OUT_FOLDER")
+    import time
+    start = time.time()
+    exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
+    report = select_hf(args.teacher, read_overrides(args.student_config), args.output, args.layer_selection,
+                       args.element_selection, args.seed, exclude, args.head_selection, args.max_shard_size)
+    meta, counts = report['meta'], {}
+    for entry in report['tensors'].values():
+        counts[entry['action']] = counts.get(entry['action'], 0) + 1
+    acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
+    print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}, "
+          f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "
+          f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's "
+          f"{meta['teacher_bytes'] / 1e6:.1f} MB; "
+          f"wrote {args.output} ({len(meta['files'])} shard(s)) in {time.time() - start:.1f}s", file=sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm teachers in a .safetensors file: a state dict whose tensors are read when looked up.
+
+class SafetensorsStateDict(Mapping):
+    """A read-only {key: tensor} over a .safetensors file. Keys and completeness come from the header;
+    a tensor is read (memory-mapped) only when looked up, so weight_selection.select_weights holds one
+    teacher tensor at a time instead of the whole teacher. Every lookup reads again: nothing is cached."""
+
+    def __init__(self, path):
+        self.path, self.header, self._file = path, read_header(path), None
+
+    def __getitem__(self, key):
+        if key not in self.header:
+            raise KeyError(key)
+        if self._file is None:
+            from safetensors import safe_open
+            self._file = safe_open(self.path, framework='pt')
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.header)
+
+    def __len__(self):
+        return len(self.header)

@@ -1,0 +1,450 @@
+"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2, GPT-2 and BERT
+teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip('transformers', reason='the Hugging Face tests need transformers '
+                                                          '(pip install -r requirements-hf.txt)')
+
+import hf_selection  # noqa: E402
+import weight_selection  # noqa: E402
+from conftest import assert_clean_failure, run_script  # noqa: E402
+from utils import UserError  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+EVEN16 = list(range(0, 32, 2))    # Algorithm 1 on 32 -> 16: 32 // 16 = 2, so 0, 2, 4, ..., 30
+INTER_48_20 = [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37, 40, 42, 45, 47]  # round(linspace(0, 47, 20))
+INTER_128_48 = [0, 3, 5, 8, 11, 14, 16, 19, 22, 24, 27, 30, 32, 35, 38, 41, 43, 46, 49, 51, 54, 57, 59, 62, 65, 68,
+                70, 73, 76, 78, 81, 84, 86, 89, 92, 95, 97, 100, 103, 105, 108, 111, 113, 116, 119, 122, 124, 127]
+
+
+def rows(heads, head_dim=4):
+    return [h * head_dim + d for h in heads for d in range(head_dim)]
+
+
+LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+             vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False)
+# head_dim 4 is kept: 4 query heads in 2 KV groups of 2
+LLAMA_STUDENT = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2)
+
+
+def save_teacher(folder, model):
+    """Every parameter drawn at random first: a fresh model's norms are all ones and its biases all zeros,
+    which any selection would reproduce."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model.save_pretrained(folder, max_shard_size='20KB')
+    return str(folder)
+
+
+@pytest.fixture(scope='module')
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    return save_teacher(tmp_path_factory.mktemp('llama'), model), model.state_dict()
+
+
+@pytest.fixture(scope='module')
+def gpt2(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=4, n_positions=64, vocab_size=64,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    return save_teacher(tmp_path_factory.mktemp('gpt2'), model), model.state_dict()
+
+
+def load_strict(folder):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    return model.eval()
+
+
+def pick(tensor, *index_lists):
+    for dim, idx in enumerate(index_lists):
+        if idx is not None:
+            tensor = tensor.index_select(dim, torch.tensor(idx))
+    return tensor
+
+
+def selected(s, t, key, *index_lists):
+    """The student's tensor `key` is the teacher's with these indices kept along each dimension."""
+    return torch.equal(s[key], pick(t[key], *index_lists))
+
+
+def forward_finite(model):
+    logits = model(torch.tensor([[1, 5, 9, 3]]), use_cache=False).logits
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------- LLaMA
+
+@pytest.mark.parametrize('selection,layers', [('first', [0, 1, 2]), ('uniform', [0, 2, 4]), ('mid', [1, 2, 3]),
+                                              ('last', [3, 4, 5]), ('5,0,3', [5, 0, 3])])
+def test_llama_gqa_every_tensor(llama, tmp_path, selection, layers):
+    folder, t = llama
+    report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), layer_selection=selection,
+                                    max_shard_size='10KB')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert os.path.isfile(tmp_path / 's' / 'model.safetensors.index.json')  # 10KB shards: several files
+    h, inter = EVEN16, INTER_48_20
+    # heads: KV groups 0 and 2 of 4 (Algorithm 1 on 4 -> 2), each with both of its query heads
+    q, kv = rows([0, 1, 4, 5]), rows([0, 2])
+    expected = {'model.embed_tokens.weight': pick(t['model.embed_tokens.weight'], None, h),
+                'lm_head.weight': pick(t['lm_head.weight'], None, h),
+                'model.norm.weight': pick(t['model.norm.weight'], h)}
+    for j, i in enumerate(layers):
+        src, dst = f'model.layers.{i}.', f'model.layers.{j}.'
+        for name, idx in [('self_attn.q_proj.weight', (q, h)), ('self_attn.k_proj.weight', (kv, h)),
+                          ('self_attn.v_proj.weight', (kv, h)), ('self_attn.o_proj.weight', (h, q)),
+                          ('mlp.gate_proj.weight', (inter, h)), ('mlp.up_proj.weight', (inter, h)),
+                          ('mlp.down_proj.weight', (h, inter)), ('input_layernorm.weight', (h,)),
+                          ('post_attention_layernorm.weight', (h,))]:
+            expected[dst + name] = pick(t[src + name], *idx)
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+    assert report['meta']['layer_map'] == layers
+    assert report['tensors']['model.layers.0.self_attn.q_proj.weight']['source'] == \
+        f'model.layers.{layers[0]}.self_attn.q_proj.weight'
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_llama_reads_only_selected_layers(llama, tmp_path):
+    folder, _ = llama
+    report = hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 's'), layer_selection='last')
+    layers_read = {int(k.split('.')[2]) for k in report['keys_read'] if k.startswith('model.layers.')}
+    assert layers_read == {4, 5}
+    assert report['meta']['teacher_bytes_read'] < report['meta']['teacher_bytes'] / 2
+    # a student under the default 5GB max_shard_size: a single model.safetensors, as transformers writes it
+    assert sorted(os.listdir(tmp_path / 's')) == ['config.json', 'model.safetensors', 'selection.json']
+
+
+def test_student_config_from_a_file(llama, tmp_path):
+    folder, t = llama
+    config = dict(json.load(open(os.path.join(folder, 'config.json'))), **LLAMA_STUDENT)
+    json.dump(config, open(tmp_path / 'student.json', 'w'))
+    hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'student.json')), str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert selected(s, t, 'model.layers.2.mlp.up_proj.weight', INTER_48_20, EVEN16)
+    json.dump(dict(config, model_type='mistral'), open(tmp_path / 'other.json', 'w'))
+    with pytest.raises(UserError, match="model_type 'mistral' differs from the teacher's 'llama'"):
+        hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'other.json')), str(tmp_path / 'o'))
+
+
+def test_llama_dims_mode(llama, tmp_path):
+    folder, t = llama
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), head_selection='dims')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    q, kv = EVEN16, list(range(0, 16, 2))  # per dimension: 32 -> 16 and 16 -> 8, stride 2 (mixes heads)
+    assert selected(s, t, 'model.layers.0.self_attn.q_proj.weight', q, EVEN16)
+    assert selected(s, t, 'model.layers.0.self_attn.k_proj.weight', kv, EVEN16)
+    assert selected(s, t, 'model.layers.0.self_attn.o_proj.weight', EVEN16, q)
+
+
+def test_heads_stay_whole_and_with_their_kv_group(llama, tmp_path):
+    """Each student query head equals one whole teacher query head, and its KV head is that teacher head's own."""
+    folder, t = llama
+    hf_selection.select_hf(folder, dict(LLAMA_STUDENT, num_attention_heads=2, num_key_value_heads=2, head_dim=4),
+                           str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    wq_t = pick(t['model.layers.0.self_attn.q_proj.weight'], None, EVEN16).reshape(8, 4, 16)
+    wk_t = pick(t['model.layers.0.self_attn.k_proj.weight'], None, EVEN16).reshape(4, 4, 16)
+    wq_s = s['model.layers.0.self_attn.q_proj.weight'].reshape(2, 4, 16)
+    wk_s = s['model.layers.0.self_attn.k_proj.weight'].reshape(2, 4, 16)
+    found = []
+    for hs in range(2):
+        ht = [h for h in range(8) if torch.equal(wq_s[hs], wq_t[h])]
+        assert len(ht) == 1, 'a student query head is not one whole teacher head'
+        assert torch.equal(wk_s[hs], wk_t[ht[0] // 2]), 'a query head lost its own KV head'
+        found.append(ht[0])
+    assert found == [0, 4]  # KV groups 0 and 2, the first query head of each (Algorithm 1 on 2 -> 1)
+    meta = json.load(open(tmp_path / 's' / 'selection.json'))['meta']
+    assert meta['heads'] == {'query': [0, 4], 'key_value': [0, 2]} and meta['settings']['head_selection'] == 'heads'
+
+
+def test_same_width_shallower_student_is_the_truncated_teacher(llama, tmp_path):
+    folder, _ = llama
+    hf_selection.select_hf(folder, {'num_hidden_layers': 3}, str(tmp_path / 's'), layer_selection='uniform')
+    student = load_strict(str(tmp_path / 's'))
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    teacher.model.layers = torch.nn.ModuleList([teacher.model.layers[i] for i in (0, 2, 4)])
+    teacher.config.num_hidden_layers = 3
+    with torch.no_grad():
+        assert torch.equal(forward_finite(student), forward_finite(teacher))
+
+
+def test_qwen2_tied_teacher_untied_student_with_biases(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=4, vocab_size=64, tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(config)
+    folder = save_teacher(tmp_path / 't', model)
+    t = model.state_dict()
+    report = hf_selection.select_hf(folder, dict(LLAMA_STUDENT, num_hidden_layers=1, tie_word_embeddings=False),
+                                    str(tmp_path / 's'), exclude=['mlp'])
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert torch.equal(s['lm_head.weight'], pick(t['model.embed_tokens.weight'], None, EVEN16))
+    assert selected(s, t, 'model.layers.0.self_attn.q_proj.bias', rows([0, 1, 4, 5]))
+    assert selected(s, t, 'model.layers.0.self_attn.k_proj.bias', rows([0, 2]))
+    assert report['tensors']['model.layers.0.mlp.up_proj.weight']['action'] == 'excluded'
+    assert not selected(s, t, 'model.layers.0.mlp.up_proj.weight', INTER_48_20, EVEN16)
+    assert json.load(open(tmp_path / 's' / 'config.json'))['layer_types'] == ['full_attention']
+
+
+# ---------------------------------------------------------------------------------------------- GPT-2
+
+def test_gpt2_every_tensor(gpt2, tmp_path):
+    folder, t = gpt2
+    student = dict(n_embd=16, n_head=2, n_layer=2, n_positions=32, n_inner=48)
+    weight_selection.main(['--teacher', folder, '--student_config', json.dumps(student),  # the CLI, in process
+                           '--layer_selection', 'last', '--output', str(tmp_path / 's')])
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    h, inter = EVEN16, INTER_128_48
+    qkv = h + [32 + i for i in h] + [64 + i for i in h]  # Conv1D [in, out]: q, k, v each take the width's indices
+    expected = {'transformer.wte.weight': pick(t['transformer.wte.weight'], None, h),
+                'transformer.wpe.weight': pick(t['transformer.wpe.weight'], list(range(32)), h),
+                'transformer.ln_f.weight': pick(t['transformer.ln_f.weight'], h),
+                'transformer.ln_f.bias': pick(t['transformer.ln_f.bias'], h)}
+    for j, i in enumerate([2, 3]):
+        src, dst = f'transformer.h.{i}.', f'transformer.h.{j}.'
+        for name, idx in [('ln_1.weight', (h,)), ('ln_1.bias', (h,)), ('ln_2.weight', (h,)), ('ln_2.bias', (h,)),
+                          ('attn.c_attn.weight', (h, qkv)), ('attn.c_attn.bias', (qkv,)),
+                          ('attn.c_proj.weight', (h, h)), ('attn.c_proj.bias', (h,)),
+                          ('mlp.c_fc.weight', (h, inter)), ('mlp.c_fc.bias', (inter,)),
+                          ('mlp.c_proj.weight', (inter, h)), ('mlp.c_proj.bias', (h,))]:
+            expected[dst + name] = pick(t[src + name], *idx)
+    expected['lm_head.weight'] = expected['transformer.wte.weight']  # tied
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt2_same_width_shallower_is_the_truncated_teacher(gpt2, tmp_path):
+    folder, _ = gpt2
+    hf_selection.select_hf(folder, {'n_layer': 2}, str(tmp_path / 's'), layer_selection='first')
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    teacher.transformer.h = teacher.transformer.h[:2]
+    teacher.config.n_layer = 2
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 's'))), forward_finite(teacher))
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+
+def broken_copy(folder, tmp_path, damage):
+    copy = tmp_path / 'teacher'
+    shutil.copytree(folder, copy)
+    damage(copy)
+    return str(copy)
+
+
+def shard_of(folder, key):
+    with open(os.path.join(folder, 'model.safetensors.index.json')) as f:
+        return json.load(f)['weight_map'][key]
+
+
+SHARD_L1 = 'model.layers.1.mlp.up_proj.weight'  # its shard is removed or cut in the tests below
+
+
+def remove_shard(copy):
+    os.remove(copy / shard_of(copy, SHARD_L1))
+
+
+def truncate_shard(copy):
+    path = copy / shard_of(copy, SHARD_L1)
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - 100)
+
+
+def set_model_type(copy):
+    config = json.load(open(copy / 'config.json'))
+    json.dump(dict(config, model_type='t5'), open(copy / 'config.json', 'w'))
+
+
+@pytest.mark.parametrize('damage,overrides,match', [
+    (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
+    (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
+    (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, gpt2, bert"),
+    (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
+    (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
+    (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
+    (None, {'num_hidden_layers': 7}, 'no deeper than its teacher'),
+    (None, {'hiden_size': 16}, "'hiden_size' is not a field"),
+    (None, {'hidden_size': '16'}, 'hidden_size must be a whole number'),
+    (None, {'vocab_size': 32}, 'vocab_size 32, the teacher 64'),
+])
+def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, overrides, match):
+    folder, _ = llama
+    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
+    out = tmp_path / 'out' / 's'
+    out.parent.mkdir()
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(teacher, overrides, str(out))
+    assert os.listdir(out.parent) == []  # no student, no temporary left behind
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    ({'element_selection': 'l1'}, 'l1 is not supported for Hugging Face teachers'),
+    ({'exclude': ['patch_embed']}, "unknown component to exclude 'patch_embed'; choose from embed, attn, mlp, norm"),
+    ({'max_shard_size': 'lots'}, 'write a size such as 5GB'),
+    ({'layer_selection': '0,9,1'}, r'give 3 teacher layers in 0\.\.5'),
+])
+def test_bad_settings(llama, tmp_path, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(llama[0], LLAMA_STUDENT, str(tmp_path / 's'), **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_hub_id_offline_names_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(UserError, match='offline.*pass a local folder'):
+        hf_selection.select_hf('someone/tiny-llama', {}, str(tmp_path / 's'))
+
+
+def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
+    folder, _ = llama
+    teacher = broken_copy(folder, tmp_path, remove_shard)
+    proc = run_script('weight_selection.py', '--teacher', teacher, '--student_config', '{"num_hidden_layers": 2}',
+                      '--output', str(tmp_path / 's'), timeout=120)
+    assert_clean_failure(proc, shard_of(folder, SHARD_L1), 'missing')
+    assert proc.returncode == 1 and not os.path.exists(tmp_path / 's')
+
+
+# ---------------------------------------------------------------------------------------------- timm, .safetensors
+
+def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    from models import io
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_tiny_patch16_224', depth=3, img_size=32, patch_size=8, num_classes=5)
+    student = timm.create_model('vit_tiny_patch16_224', depth=2, img_size=32, patch_size=8, num_classes=5,
+                                embed_dim=96)
+    path = str(tmp_path / 'teacher.safetensors')
+    save_file(teacher.state_dict(), path)
+    lazy = io.read_state_dict(path)
+    assert isinstance(lazy, hf_selection.SafetensorsStateDict) and set(lazy) == set(teacher.state_dict())
+    looked_up = []
+    get = hf_selection.SafetensorsStateDict.__getitem__
+    lazy_counting = type('Counting', (hf_selection.SafetensorsStateDict,),
+                         {'__getitem__': lambda self, k: looked_up.append(k) or get(self, k)})(path)
+    layout = weight_selection.layout_of(teacher)
+    got, _ = weight_selection.select_weights(lazy_counting, student, teacher_layout=layout)
+    want, _ = weight_selection.select_weights(load_file(path), student, teacher_layout=layout)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(k.startswith('blocks.2.') for k in looked_up)  # the dropped block is never read
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(UserError, match='truncated'):
+        io.read_state_dict(path)
+
+
+# ---------------------------------------------------------------------------------------------- other modes
+
+def test_llama_consecutive_and_random_are_consistent(llama, tmp_path):
+    folder, t = llama
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'c'), element_selection='consecutive')
+    s = load_strict(str(tmp_path / 'c')).state_dict()
+    # the first 16 dims, 20 MLP channels, KV groups 0 and 1 with their query heads 0-3
+    assert torch.equal(s['model.layers.0.self_attn.q_proj.weight'],
+                       pick(t['model.layers.0.self_attn.q_proj.weight'], rows([0, 1, 2, 3]), list(range(16))))
+    assert torch.equal(s['model.layers.0.mlp.down_proj.weight'],
+                       pick(t['model.layers.0.mlp.down_proj.weight'], list(range(16)), list(range(20))))
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'r'), element_selection='random', seed=3)
+    s = load_strict(str(tmp_path / 'r')).state_dict()
+    # one random set of 16 of the 32 dims, recovered from the embedding's columns, explains every tensor
+    emb_t, emb_s = t['model.embed_tokens.weight'], s['model.embed_tokens.weight']
+    hidden = [next(j for j in range(32) if torch.equal(emb_t[:, j], emb_s[:, i])) for i in range(16)]
+    assert hidden == sorted(hidden) and hidden != EVEN16 and hidden != list(range(16))
+    wq_t = pick(t['model.layers.1.self_attn.q_proj.weight'], None, hidden).reshape(8, 4, 16)
+    wq_s = s['model.layers.1.self_attn.q_proj.weight'].reshape(4, 4, 16)
+    q_heads = [next(h for h in range(8) if torch.equal(wq_s[i], wq_t[h])) for i in range(4)]
+    # whole KV groups of two query heads each
+    assert q_heads in ([0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7], [2, 3, 4, 5], [2, 3, 6, 7], [4, 5, 6, 7])
+    for key, idx in [('lm_head.weight', (None, hidden)), ('model.norm.weight', (hidden,)),
+                     ('model.layers.1.self_attn.o_proj.weight', (hidden, rows(q_heads)))]:
+        assert torch.equal(s[key], pick(t[key], *idx)), key
+    # 20 of 48 MLP channels, recovered from down_proj's columns, are gate_proj's rows
+    down_t = pick(t['model.layers.1.mlp.down_proj.weight'], hidden, None)
+    down_s = s['model.layers.1.mlp.down_proj.weight']
+    inter = [next(j for j in range(48) if torch.equal(down_t[:, j], down_s[:, i])) for i in range(20)]
+    assert inter == sorted(inter) and inter != INTER_48_20
+    assert selected(s, t, 'model.layers.1.mlp.gate_proj.weight', inter, hidden)
+
+
+def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
+    folder, t = gpt2
+    hf_selection.select_hf(folder, dict(n_embd=16, n_head=2, n_layer=1), str(tmp_path / 's'), head_selection='heads')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    heads = rows([0, 2], head_dim=8)  # 2 of 4 heads of 8 dims, Algorithm 1 on 4 -> 2
+    cols = heads + [32 + i for i in heads] + [64 + i for i in heads]
+    assert selected(s, t, 'transformer.h.0.attn.c_attn.weight', EVEN16, cols)
+    assert selected(s, t, 'transformer.h.0.attn.c_proj.weight', heads, EVEN16)
+
+
+# ---------------------------------------------------------------------------------------------- BERT
+
+@pytest.fixture(scope='module')
+def bert(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                     vocab_size=64, max_position_embeddings=40)
+    model = transformers.BertForMaskedLM(config).eval()
+    return save_teacher(tmp_path_factory.mktemp('bert'), model), model.state_dict()
+
+
+def load_masked_lm(folder):
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    return model.eval()
+
+
+def test_bert_every_tensor(bert, tmp_path):
+    folder, t = bert
+    student = dict(hidden_size=16, num_attention_heads=2, intermediate_size=20, num_hidden_layers=2,
+                   max_position_embeddings=24)
+    hf_selection.select_hf(folder, student, str(tmp_path / 's'), layer_selection='uniform')
+    s = load_masked_lm(str(tmp_path / 's')).state_dict()
+    h, inter = EVEN16, INTER_48_20  # per dimension (no rotary): query, key, value take the width's set
+    expected = {'bert.embeddings.word_embeddings.weight': (None, h), 'bert.embeddings.position_embeddings.weight':
+                (list(range(24)), h), 'bert.embeddings.token_type_embeddings.weight': (None, h),
+                'bert.embeddings.LayerNorm.weight': (h,), 'bert.embeddings.LayerNorm.bias': (h,),
+                'cls.predictions.bias': (None,), 'cls.predictions.transform.dense.weight': (h, h),
+                'cls.predictions.transform.dense.bias': (h,), 'cls.predictions.transform.LayerNorm.weight': (h,),
+                'cls.predictions.transform.LayerNorm.bias': (h,)}
+    expected = {k: pick(t[k], *idx) for k, idx in expected.items()}
+    for j, i in enumerate([0, 2]):  # Algorithm 1 on 3 -> 2: round(linspace(0, 2, 2))
+        src, dst = f'bert.encoder.layer.{i}.', f'bert.encoder.layer.{j}.'
+        for name, idx in [('attention.self.query', (h, h)), ('attention.self.key', (h, h)),
+                          ('attention.self.value', (h, h)),
+                          ('attention.output.dense', (h, h)), ('attention.output.LayerNorm', (h,)),
+                          ('intermediate.dense', (inter, h)), ('output.dense', (h, inter)), ('output.LayerNorm', (h,))]:
+            expected[dst + name + '.weight'] = pick(t[src + name + '.weight'], *idx)
+            expected[dst + name + '.bias'] = pick(t[src + name + '.bias'], idx[0])
+    expected['cls.predictions.decoder.weight'] = expected['bert.embeddings.word_embeddings.weight']  # tied
+    expected['cls.predictions.decoder.bias'] = expected['cls.predictions.bias']  # the same parameter in the model
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+
+
+def test_bert_same_width_shallower_is_the_truncated_teacher(bert, tmp_path):
+    folder, _ = bert
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 's'))
+    teacher = transformers.AutoModelForMaskedLM.from_pretrained(folder).eval()
+    teacher.bert.encoder.layer = teacher.bert.encoder.layer[:2]
+    ids = torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        got, want = load_masked_lm(str(tmp_path / 's'))(ids).logits, teacher(ids).logits
+    assert torch.isfinite(got).all() and torch.equal(got, want)
