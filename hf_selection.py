@@ -21,26 +21,18 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 import utils
 from utils import UserError
+from safetensors_io import ST_DTYPES, read_header
 from weight_selection import LAYER_SELECTIONS, _generator, layer_indices, random_indices, uniform_indices
 
 HF_ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random')
 HEAD_SELECTIONS = ('auto', 'heads', 'dims')
 EXCLUDABLE = ('embed', 'attn', 'mlp', 'norm')
-
-ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-             'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
-             'U8': torch.uint8, 'BOOL': torch.bool}
-ST_DTYPES.update({name: getattr(torch, attr) for name, attr in [  # where this torch has them
-    ('F8_E4M3', 'float8_e4m3fn'), ('F8_E5M2', 'float8_e5m2'), ('U16', 'uint16'), ('U32', 'uint32'), ('U64', 'uint64')]
-    if hasattr(torch, attr)})
-
 
 # ----------------------------------------------------------------------------------------------
 # Families: config fields, block names, and the axes ("widths") of every tensor.
@@ -327,34 +319,6 @@ def check_not_wider(t, s):
 
 # ----------------------------------------------------------------------------------------------
 # Reading the teacher: shard headers parsed up front (shapes, dtypes, completeness), tensors on demand.
-
-def read_header(path):
-    """{key: (dtype, shape, (begin, end))} of a safetensors file, begin and end as offsets in the file;
-    a clear error when it is truncated."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        raw = f.read(8)
-        n = struct.unpack('<Q', raw)[0] if len(raw) == 8 else None
-        if n is None or 8 + n > size:
-            raise UserError(f'{path}: truncated or not a safetensors file (header cut off)')
-        try:
-            header = json.loads(f.read(n))
-            header.pop('__metadata__', None)
-            tensors = {k: (v['dtype'], tuple(v['shape']), (8 + n + v['data_offsets'][0], 8 + n + v['data_offsets'][1]))
-                       for k, v in header.items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f'{path}: not a safetensors file (unreadable header)') from None
-    for key, (dtype, shape, (begin, end)) in tensors.items():
-        if dtype not in ST_DTYPES:
-            raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
-        if end - begin != math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dtype]).element_size():
-            raise UserError(f"{path}: the header's size of '{key}' does not match its shape {list(shape)}; "
-                            f'corrupt file')
-    end = max((offsets[1] for _, _, offsets in tensors.values()), default=8 + n)
-    if end > size:
-        raise UserError(f'{path}: truncated ({size} bytes, its header describes {end}); download it again')
-    return tensors
-
 
 class TeacherShards:
     """The teacher's tensors across its shards; reads a tensor (or a range of its rows) only when asked."""
@@ -819,29 +783,3 @@ def run(args):
           f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's "
           f"{meta['teacher_bytes'] / 1e6:.1f} MB; "
           f"wrote {args.output} ({len(meta['files'])} shard(s)) in {time.time() - start:.1f}s", file=sys.stdout)
-
-
-# ----------------------------------------------------------------------------------------------
-# timm teachers in a .safetensors file: a state dict whose tensors are read when looked up.
-
-class SafetensorsStateDict(Mapping):
-    """A read-only {key: tensor} over a .safetensors file. Keys and completeness come from the header;
-    a tensor is read (memory-mapped) only when looked up, so weight_selection.select_weights holds one
-    teacher tensor at a time instead of the whole teacher. Every lookup reads again: nothing is cached."""
-
-    def __init__(self, path):
-        self.path, self.header, self._file = path, read_header(path), None
-
-    def __getitem__(self, key):
-        if key not in self.header:
-            raise KeyError(key)
-        if self._file is None:
-            from safetensors import safe_open
-            self._file = safe_open(self.path, framework='pt')
-        return self._file.get_tensor(key)
-
-    def __iter__(self):
-        return iter(self.header)
-
-    def __len__(self):
-        return len(self.header)

@@ -98,7 +98,7 @@ def read_state_dict(path, keys=WRAPPER_KEYS, prefix=''):
         if not os.path.isfile(path):
             raise UserError(f'checkpoint not found: {path}')
         # a lazy mapping: a tensor is read when selected, so a big teacher is never whole in memory
-        from hf_selection import SafetensorsStateDict
+        from safetensors_io import SafetensorsStateDict
         return SafetensorsStateDict(path)
     return unwrap_state_dict(torch_load(path), path, keys, prefix)
 

@@ -11,6 +11,7 @@ transformers = pytest.importorskip('transformers', reason='the Hugging Face test
                                                           '(pip install -r requirements-hf.txt)')
 
 import hf_selection  # noqa: E402
+import safetensors_io  # noqa: E402
 import weight_selection  # noqa: E402
 from conftest import assert_clean_failure, run_script  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -334,10 +335,10 @@ def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
     path = str(tmp_path / 'teacher.safetensors')
     save_file(teacher.state_dict(), path)
     lazy = io.read_state_dict(path)
-    assert isinstance(lazy, hf_selection.SafetensorsStateDict) and set(lazy) == set(teacher.state_dict())
+    assert isinstance(lazy, safetensors_io.SafetensorsStateDict) and set(lazy) == set(teacher.state_dict())
     looked_up = []
-    get = hf_selection.SafetensorsStateDict.__getitem__
-    lazy_counting = type('Counting', (hf_selection.SafetensorsStateDict,),
+    get = safetensors_io.SafetensorsStateDict.__getitem__
+    lazy_counting = type('Counting', (safetensors_io.SafetensorsStateDict,),
                          {'__getitem__': lambda self, k: looked_up.append(k) or get(self, k)})(path)
     layout = weight_selection.layout_of(teacher)
     got, _ = weight_selection.select_weights(lazy_counting, student, teacher_layout=layout)
