@@ -61,8 +61,10 @@ def gpt2(tmp_path_factory):
     return save_teacher(tmp_path_factory.mktemp('gpt2'), model), model.state_dict()
 
 
-def load_strict(folder):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+def load_strict(folder, auto=None):
+    """from_pretrained with no missing, unexpected or mismatched key (a causal LM unless `auto` says)."""
+    auto = auto or transformers.AutoModelForCausalLM
+    model, info = auto.from_pretrained(folder, output_loading_info=True)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
     return model.eval()
 
@@ -405,18 +407,12 @@ def bert(tmp_path_factory):
     return save_teacher(tmp_path_factory.mktemp('bert'), model), model.state_dict()
 
 
-def load_masked_lm(folder):
-    model, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
-    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
-    return model.eval()
-
-
 def test_bert_every_tensor(bert, tmp_path):
     folder, t = bert
     student = dict(hidden_size=16, num_attention_heads=2, intermediate_size=20, num_hidden_layers=2,
                    max_position_embeddings=24)
     hf_selection.select_hf(folder, student, str(tmp_path / 's'), layer_selection='uniform')
-    s = load_masked_lm(str(tmp_path / 's')).state_dict()
+    s = load_strict(str(tmp_path / 's'), transformers.AutoModelForMaskedLM).state_dict()
     h, inter = EVEN16, INTER_48_20  # per dimension (no rotary): query, key, value take the width's set
     expected = {'bert.embeddings.word_embeddings.weight': (None, h), 'bert.embeddings.position_embeddings.weight':
                 (list(range(24)), h), 'bert.embeddings.token_type_embeddings.weight': (None, h),
@@ -447,5 +443,5 @@ def test_bert_same_width_shallower_is_the_truncated_teacher(bert, tmp_path):
     teacher.bert.encoder.layer = teacher.bert.encoder.layer[:2]
     ids = torch.tensor([[2, 7, 9, 3]])
     with torch.no_grad():
-        got, want = load_masked_lm(str(tmp_path / 's'))(ids).logits, teacher(ids).logits
+        got, want = load_strict(str(tmp_path / 's'), transformers.AutoModelForMaskedLM)(ids).logits, teacher(ids).logits
     assert torch.isfinite(got).all() and torch.equal(got, want)
