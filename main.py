@@ -130,6 +130,8 @@ def get_args_parser():
     a('--knn_probe', type=int, default=0, metavar='K',
       help='only measure the initial model (--initialize, --init) by a K-nearest-neighbour vote of its features: '
            'training images (eval transform) as neighbours, accuracy on the test split; no training')
+    a('--knn_features', default='model', choices=('model', 'pixels'),
+      help="--knn_probe's features: the model's pre-logits, or the raw normalized pixels (a baseline)")
     a('--dist_eval', type=str2bool, default=True, help='shard evaluation over processes')
     a('--disable_eval', type=str2bool, default=False)
     a('--print_freq', default=50, type=int)
@@ -387,13 +389,16 @@ def knn_probe(run):
     """--knn_probe K: the k-NN accuracy of the initial model's features, printed and (with --output_dir) saved."""
     args = run.args
     train_set, test_set, classes = datasets.knn_sets(args)
-    model = build.initialize(build.build_model(args, classes), args).to(run.device)
+    if args.knn_features == 'pixels':
+        model = build.PixelFeatures()
+    else:
+        model = build.initialize(build.build_model(args, classes), args).to(run.device)
     loaders = [torch.utils.data.DataLoader(d, batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
                for d in (train_set, test_set)]
     amp_dtype, _ = recipe.build_amp(args, run.device)
     acc = engine.knn_accuracy(*loaders, model, run.device, k=args.knn_probe, amp_dtype=amp_dtype)
     stats = {'knn_acc1': acc, 'k': args.knn_probe, 'n_train': len(train_set), 'n_test': len(test_set),
-             'initialize': args.initialize, 'init': args.init}
+             'initialize': args.initialize, 'init': args.init, 'features': args.knn_features}
     utils.print_main(f'k-NN (k={args.knn_probe}) acc@1 {acc:.2f} on {stats["n_test"]} test images, '
                      f'{stats["n_train"]} training images as neighbours')
     if args.output_dir and utils.is_main_process():

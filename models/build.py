@@ -97,3 +97,14 @@ def build_distill_teacher(args, num_classes, device):
         p.requires_grad = False
     utils.print_main(f'distillation ({args.distill}, alpha {args.distill_alpha}) from {args.distill_teacher}')
     return teacher.eval().to(device)
+
+
+class PixelFeatures(torch.nn.Module):
+    """timm's feature API over the raw (normalized) pixels: the baseline of a k-NN probe (--knn_features pixels),
+    what a model's features must beat to count as features at all."""
+
+    def forward_features(self, x):
+        return x.flatten(1)
+
+    def forward_head(self, x, pre_logits=False):
+        return x

@@ -236,6 +236,19 @@ class _Identity(torch.nn.Module):
         return x
 
 
+def direct_vote(bank, bank_y, test, test_y, k, classes):
+    """k-NN accuracy (%) written out plainly: cosine similarities, the k nearest, votes exp(sim / 0.07)."""
+    a, b = torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(test, dim=1)
+    correct = 0
+    for i in range(len(b)):
+        sims = [(float(b[i] @ a[j]), int(bank_y[j])) for j in range(len(a))]
+        votes = [0.0] * classes
+        for sim, label in sorted(sims, reverse=True)[:k]:
+            votes[label] += np.exp(sim / 0.07)
+        correct += int(np.argmax(votes) == int(test_y[i]))
+    return 100 * correct / len(b)
+
+
 def test_knn_accuracy_matches_a_direct_weighted_vote():
     import engine
     g = torch.Generator().manual_seed(0)
@@ -243,20 +256,22 @@ def test_knn_accuracy_matches_a_direct_weighted_vote():
     test, test_y = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
     loader = lambda x, y: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     got = engine.knn_accuracy(loader(bank, bank_y), loader(test, test_y), _Identity(), torch.device('cpu'), k=7)
-    a, b = torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(test, dim=1)
-    correct = 0
-    for i in range(len(b)):
-        sims = [(float(b[i] @ a[j]), int(bank_y[j])) for j in range(len(a))]
-        votes = [0.0] * 4
-        for sim, label in sorted(sims, reverse=True)[:7]:
-            votes[label] += np.exp(sim / 0.07)
-        correct += int(np.argmax(votes) == int(test_y[i]))
-    assert got == pytest.approx(100 * correct / len(b))
+    assert got == pytest.approx(direct_vote(bank, bank_y, test, test_y, 7, 4))
     # separable classes are found exactly
     centers = torch.randn(4, 8, generator=g) * 10
     noisy = lambda y: centers[y] + 0.1 * torch.randn(len(y), 8, generator=g)
     assert engine.knn_accuracy(loader(noisy(bank_y), bank_y), loader(noisy(test_y), test_y), _Identity(),
                                torch.device('cpu'), k=20) == 100
+
+
+def test_knn_probe_of_raw_pixels_is_a_vote_over_the_images(tiny_data):
+    """--knn_features pixels: the baseline a model's features must beat, the images themselves."""
+    import datasets
+    stats = main.main([*VIT, *TINY, '--data_path', tiny_data, '--knn_probe', '5', '--knn_features', 'pixels'])
+    train_set, test_set, _ = datasets.knn_sets(main.parse_args([*VIT, *TINY, '--data_path', tiny_data]))
+    flat = lambda ds: (torch.stack([x.flatten() for x, _ in ds]), torch.tensor([y for _, y in ds]))  # noqa: E731
+    assert stats['features'] == 'pixels'
+    assert stats['knn_acc1'] == pytest.approx(direct_vote(*flat(train_set), *flat(test_set), 5, 3))
 
 
 def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
