@@ -6,11 +6,13 @@ Files in --output_dir (written atomically by the main process):
   checkpoint-<epoch>-step<k>.pth    inside an epoch, after k optimizer steps (--save_every_steps)
   checkpoint-best.pth, checkpoint-best-ema.pth    weights only, of the best test acc@1
   log.txt                           a JSON line per epoch; a resumed run drops the lines it will redo
+  config.yaml, run_info.json        the flags (reusable as --config), code version, versions, derived values
 """
 import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +145,20 @@ def truncate_log(output_dir, first_epoch):
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < first_epoch]
     utils.atomic_write(path, lambda f: f.writelines(lines), binary=False)
+
+
+def save_run_config(args, derived):
+    """config.yaml (the flags, reusable as --config) and run_info.json (code version, versions, device)."""
+    import yaml
+    import timm
+    values = {k: v for k, v in vars(args).items() if k != 'config'}
+    with open(os.path.join(args.output_dir, 'config.yaml'), 'w') as f:
+        yaml.safe_dump(values, f, sort_keys=True)
+    info = {'code_version': utils.code_version(), 'torch': torch.__version__, 'timm': timm.__version__,
+            'command': sys.argv, **derived,
+            'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
+    with open(os.path.join(args.output_dir, 'run_info.json'), 'w') as f:
+        json.dump(info, f, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------

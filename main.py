@@ -318,7 +318,8 @@ def train(run):
         os.makedirs(args.log_dir, exist_ok=True)
         log_writer = SummaryWriter(log_dir=args.log_dir)
     if args.output_dir and utils.is_main_process():
-        save_config(args, run)
+        checkpoint.save_run_config(args, {'world_size': run.dist.world_size, 'update_freq': run.update_freq,
+                                          'global_batch': run.global_batch, 'lr': run.lr})
     utils.print_main(f'training epochs {resumed.start_epoch}..{args.epochs - 1}')
     best, record = resumed.best, {}
     for epoch in range(resumed.start_epoch, args.epochs):
@@ -405,21 +406,6 @@ def knn_probe(run):
         utils.atomic_write(os.path.join(args.output_dir, 'knn_probe.json'),
                            lambda f: f.write(json.dumps(stats) + '\n'), binary=False)
     return stats
-
-
-def save_config(args, run):
-    """config.yaml (the flags, reusable as --config) and run_info.json (code version, versions, device)."""
-    import yaml
-    import timm
-    values = {k: v for k, v in vars(args).items() if k != 'config'}
-    with open(os.path.join(args.output_dir, 'config.yaml'), 'w') as f:
-        yaml.safe_dump(values, f, sort_keys=True)
-    info = {'code_version': utils.code_version(), 'torch': torch.__version__, 'timm': timm.__version__,
-            'command': sys.argv, 'world_size': run.dist.world_size, 'update_freq': run.update_freq,
-            'global_batch': run.global_batch, 'lr': run.lr,
-            'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
-    with open(os.path.join(args.output_dir, 'run_info.json'), 'w') as f:
-        json.dump(info, f, indent=1)
 
 
 def main(argv=None):
