@@ -133,7 +133,6 @@ def install_posterize_shim():
             auto_augment.NAME_TO_OP[name] = posterize
 
 
-
 def mean_std(args):
     return ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
             else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
@@ -259,7 +258,7 @@ def build_loaders(args, device, rank=0, world_size=1):
     else:
         train, val, classes, num_train = cpu_loaders(args, device, rank, world_size, plan)
         how = f'CPU loader, {args.num_workers} workers per process'
-    if len(train) == 0:
+    if num_train < step:
         raise UserError(f'{num_train} training images are fewer than one global step of {step}; lower --batch_size')
     return Loaders(train, val, classes, num_train, plan.sharded, how)
 

@@ -9,6 +9,7 @@ import torch
 from torchvision import datasets, transforms
 
 from datasets import EpochSampler, build_dataset, mean_std, set_transform
+import utils
 from utils import UserError
 
 NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}  # one size per dataset
@@ -200,15 +201,16 @@ def choose(args, device):
     except ValueError as e:
         if args.gpu_data == 'true':
             raise UserError(str(e)) from None
-        print(f'--gpu_data auto: using the CPU loader ({e})', flush=True)
+        utils.print_main(f'--gpu_data auto: using the CPU loader ({e})')
         return False
     if varied_sizes(args):
         if args.gpu_data == 'auto':
-            print(f'--gpu_data auto: using the CPU loader ({args.data_set} has images of varied sizes, which the '
-                  f'GPU path pre-crops to {gpu_side(args)} px squares; --gpu_data true to use it anyway)', flush=True)
+            utils.print_main(f'--gpu_data auto: using the CPU loader ({args.data_set} has images of varied sizes, '
+                             f'which the GPU path pre-crops to {gpu_side(args)} px squares; --gpu_data true to use '
+                             f'it anyway)')
             return False
-        print(f'--gpu_data true: {args.data_set} images are pre-cropped to {gpu_side(args)} px squares before '
-              f'the random resized crop, which the CPU path takes from the whole image', flush=True)
+        utils.print_main(f'--gpu_data true: {args.data_set} images are pre-cropped to {gpu_side(args)} px squares '
+                         f'before the random resized crop, which the CPU path takes from the whole image')
     return True
 
 

@@ -197,7 +197,7 @@ def load_config(path, parser):
             raise UserError(f'--config {path} is not valid YAML: {str(e).splitlines()[0]}') from None
     if not isinstance(values, dict):
         raise UserError(f'--config {path} must map flag names to values')
-    valid = {action.dest for action in parser._actions}
+    valid = {action.dest for action in parser._actions} - {'help', 'config'}  # a config names no other config
     for key in values:
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=3)
@@ -274,9 +274,7 @@ class Training:
 def build_training(run):
     args, device = run.args, run.device
     data = datasets.build_loaders(args, device, run.dist.rank, run.dist.world_size)
-    model = build.initialize(build.build_model(args, data.num_classes), args).to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = build.place(build.initialize(build.build_model(args, data.num_classes), args), args, device)
     teacher = build.build_distill_teacher(args, data.num_classes, device)
     # what the optimizer updates: the model, with feature distillation also its projector
     trainable = losses.FeatureDistillStudent(model, teacher.num_features).to(device) if args.distill == 'feature' \
@@ -376,9 +374,7 @@ def evaluate_only(run):
     if args.linear_probe:
         build.prepare_linear_probe(model)
     checkpoint.load_model_weights(io.torch_load(args.resume), args.resume, model, args.model)
-    model.to(run.device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    build.place(model, args, run.device)
     amp_dtype, _ = recipe.build_amp(args, run.device)
     stats = engine.evaluate(data.val, model, run.device, amp_dtype, data.eval_sharded)
     utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
@@ -393,8 +389,9 @@ def knn_probe(run):
     if args.knn_features == 'pixels':
         model = build.PixelFeatures()
     else:
-        model = build.initialize(build.build_model(args, classes), args).to(run.device)
-    loaders = [torch.utils.data.DataLoader(d, batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
+        model = build.place(build.initialize(build.build_model(args, classes), args), args, run.device)
+    batch_size = datasets.eval_plan(args, run.dist.world_size).batch_size
+    loaders = [torch.utils.data.DataLoader(d, batch_size=batch_size, num_workers=args.num_workers)
                for d in (train_set, test_set)]
     amp_dtype, _ = recipe.build_amp(args, run.device)
     acc = engine.knn_accuracy(*loaders, model, run.device, k=args.knn_probe, amp_dtype=amp_dtype)

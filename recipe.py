@@ -137,9 +137,8 @@ def build_criterion(args, num_classes, teacher=None):
     teacher_input = None
     if teacher is not None:
         import datasets
-        cfg = teacher.pretrained_cfg or {}
-        teacher_input = losses.Renormalize(datasets.mean_std(args), (cfg.get('mean', datasets.mean_std(args)[0]),
-                                                                      cfg.get('std', datasets.mean_std(args)[1])))
+        cfg, (mean, std) = teacher.pretrained_cfg or {}, datasets.mean_std(args)
+        teacher_input = losses.Renormalize((mean, std), (cfg.get('mean', mean), cfg.get('std', std)))
         teacher_input.to(next(teacher.parameters()).device)
     return mixup_fn, losses.TrainingLoss(criterion, args.distill, teacher, args.distill_alpha, args.distill_tau,
                                          teacher_input)

@@ -20,8 +20,9 @@ def build_model(args, num_classes):
     if 'convnext' in name:
         kwargs.setdefault('ls_init_value', args.layer_scale_init_value)
         kwargs.setdefault('head_init_scale', args.head_init_scale)
-    kwargs.setdefault('img_size', args.input_size)
-    return io.create_model(name, '--model', **kwargs)
+    # --input_size reaches the models that take an image size (ViTs); an explicit img_size must fit the model
+    default_img_size = None if 'img_size' in kwargs else args.input_size
+    return io.create_model(name, '--model', default_img_size=default_img_size, **kwargs)
 
 
 def load_initialization(model, path, args):
@@ -29,7 +30,8 @@ def load_initialization(model, path, args):
     shape are left at their init; any other missing, unexpected or mismatched key is an error."""
     if os.path.isdir(path):  # the official README passes the folder weight_selection.py wrote into
         path = os.path.join(path, f"{'vit' if 'vit' in args.model else 'convnext'}.pth")
-    state = io.read_state_dict(path, keys=tuple(args.model_key.split('|')), prefix=args.model_prefix)
+    keys = tuple(dict.fromkeys([*args.model_key.split('|'), *io.WRAPPER_KEYS]))  # --model_key first, then the usual ones
+    state = io.read_state_dict(path, keys=keys, prefix=args.model_prefix)
     own, layout = model.state_dict(), io.layout_of(model)
     dropped, fitted = [], {}
     for k, v in state.items():
@@ -57,6 +59,14 @@ def initialize(model, args):
         load_initialization(model, args.initialize, args)
     if args.linear_probe:
         prepare_linear_probe(model)
+    return model
+
+
+def place(model, args, device):
+    """The model on its device, channels-last with --channels_last."""
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     return model
 
 

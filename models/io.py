@@ -33,16 +33,16 @@ def check_model_name(name, flag):
         raise UserError(f"{flag}: unknown model '{name}' (neither a timm model nor one registered in models/){hint}")
 
 
-def create_model(name, flag, pretrained=False, img_size=None, **kwargs):
+def create_model(name, flag, pretrained=False, default_img_size=None, **kwargs):
     """timm.create_model with our students registered; a keyword the model does not take is one error line.
-    `img_size` is passed only to models that take it (ViTs do, ConvNeXt does not)."""
+    `default_img_size` is passed as img_size only to models that take it (ViTs do, ConvNeXt does not)."""
     import timm
     check_model_name(name, flag)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Mapping deprecated model name')
-        if img_size is not None:
+        if default_img_size is not None:
             try:
-                return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+                return timm.create_model(name, pretrained=pretrained, img_size=default_img_size, **kwargs)
             except TypeError as e:
                 if 'img_size' not in str(e):
                     raise UserError(f'{flag} {name}: {e}; check the keyword arguments {kwargs}') from None
@@ -99,7 +99,10 @@ def read_state_dict(path, keys=WRAPPER_KEYS, prefix=''):
             raise UserError(f'checkpoint not found: {path}')
         # a lazy mapping: a tensor is read when selected, so a big teacher is never whole in memory
         from safetensors_io import SafetensorsStateDict
-        return SafetensorsStateDict(path)
+        lazy = SafetensorsStateDict(path)
+        if prefix or (len(lazy) and all(k.startswith('module.') for k in lazy)):  # renamed keys: read it whole
+            return unwrap_state_dict(dict(lazy), path, keys, prefix)
+        return lazy
     return unwrap_state_dict(torch_load(path), path, keys, prefix)
 
 

@@ -15,7 +15,11 @@
     python scripts/transfer_study.py --out /tmp/dino112 --device cpu --families --dinov2 CKPT \
         --dinov2_input_size 112 --subsets 100 --per_class_test 200     # only the DINOv2 part, sized for a CPU
 
-One recipe per model and subset size, the same for every initialization.
+One recipe per model and subset size, the same for every initialization: the paper's recipe with its lr
+scaled linearly to the study's batch (--blr: 2e-3 for ViT-T and 4e-3 for ConvNeXt-F per 512 images, the
+paper's lr at the paper's batch; 1.25e-4 for ViT-T at batch 32), drop path 0 for ViT-T (Table 15) and 0.1
+for ConvNeXt-F. The same seed gives every init the same data order and augmentation, so the report gives
+paired per-seed differences against random init, at the final and at the best epoch.
 """
 import argparse
 import json
@@ -31,7 +35,9 @@ sys.path.insert(0, HERE)
 SHARED = os.path.join(os.path.dirname(HERE), 'shared', 'data', 'cifar10')
 SOURCE = 'airplane,automobile,bird,cat,deer'
 TARGET = 'dog,frog,horse,ship,truck'
-ELEMENTS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'magnitude')
+ELEMENTS = ('uniform', 'consecutive', 'random', 'random_inconsistent', 'l1', 'l1_consistent', 'magnitude')
+# Base lr per 512 images of global batch (main.py --blr): the paper's lr at its batch (Appendix A).
+BLR = {'vit': 2e-3, 'convnext': 4e-3}
 MODELS = {  # family: (teacher, teacher kwargs, student, student kwargs) at 32 px
     'vit': ('vit_small_patch16_224', {'img_size': 32, 'patch_size': 4}, 'vit_tiny_patch16_224',
             {'img_size': 32, 'patch_size': 4}),
@@ -53,6 +59,8 @@ def get_args():
     p.add_argument('--student_epochs', type=int, nargs=2, default=[200, 100],
                    help='epochs for the smallest and the largest subset')
     p.add_argument('--batch_size', type=int, default=128)
+    p.add_argument('--blr', type=float, default=None,
+                   help='base lr per 512 images for every student (default: 2e-3 ViT-T, 4e-3 ConvNeXt-F)')
     p.add_argument('--device', default='cuda')
     p.add_argument('--num_workers', type=int, default=8)
     p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the ViT-T/14 study')
@@ -115,8 +123,9 @@ class Study:
             self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
                       '--input_size', str(input_size), '--data_set', 'image_folder', '--data_path', data,
                       '--epochs', str(epochs), '--warmup_epochs', str(max(1, epochs // 5)),
-                      '--batch_size', str(a.batch_size), '--lr', '2e-3' if 'vit' in model else '4e-3',
-                      '--drop_path', '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
+                      '--batch_size', str(a.batch_size),
+                      '--blr', str(a.blr or BLR['vit' if 'vit' in model else 'convnext']),
+                      '--drop_path', '0.0' if 'vit' in model else '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
                       '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, '--save_ckpt_num', '1',
                       '--print_freq', '1000', *extra])
         return read_log(out)
@@ -216,6 +225,30 @@ def run_study(args, out, study):
                                           'run_dir': os.path.relpath(run_dir, out)})
 
 
+def mean_std(values):
+    if not values:
+        return '-'
+    return f'{statistics.mean(values):.1f}' + (f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else '')
+
+
+def report_rows(records):
+    """One table row per (model, subset, init): final and best accuracy, and the paired differences of the
+    final accuracy from random init's run of the same seed."""
+    groups, random_final = {}, {}
+    for r in records:
+        groups.setdefault((r['family'], r['per_class'], r['epochs'], r['init']), []).append(r)
+        if r['init'] == 'random init':
+            random_final[r['family'], r['per_class'], r['seed']] = r['final_acc1']
+    rows = []
+    for (family, n, epochs, init), runs in groups.items():
+        paired = [r['final_acc1'] - random_final[family, n, r['seed']] for r in runs
+                  if init != 'random init' and (family, n, r['seed']) in random_final]
+        rows.append(f"| {family} | {n} | {epochs} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
+                    f"{mean_std(paired) if init != 'random init' else ''} | "
+                    f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
+    return rows
+
+
 def write_report(out, study, seconds, args, partial=False):
     import torch
     import timm
@@ -223,23 +256,20 @@ def write_report(out, study, seconds, args, partial=False):
     with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
         for r in study.records:
             f.write(json.dumps(r) + '\n')
-    groups = {}
-    for r in study.records:
-        groups.setdefault((r['family'], r['per_class'], r['epochs'], r['init']), []).append(r['final_acc1'])
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
     lines = ['# CIFAR-10 transfer study', '',
-             f'Source task: {SOURCE}; target task: {TARGET}. Final test acc@1 (%) on '
+             f'Source task: {SOURCE}; target task: {TARGET}. Test acc@1 (%) on '
              + (f'{5 * args.per_class_test:,}' if args.per_class_test else 'all 5,000')
-             + f' target test images, mean ± std over seeds {args.seeds}.', '',
+             + f' target test images at the final epoch and at the best one (picked on the test set), mean ± std '
+             f'over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences from random init '
+             f'(same seed: same data order and augmentation).', '',
              f'Device: {device}; torch {torch.__version__}, timm {timm.__version__}; code {utils.code_version()}; '
              f'wall time {seconds / 60:.1f} min.'
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
-             '| model | images per class | epochs | init | acc@1 | n |', '|---|---|---|---|---|---|']
-    for (family, n, epochs, init), accs in groups.items():
-        mean = statistics.mean(accs)
-        std = f' ± {statistics.stdev(accs):.1f}' if len(accs) > 1 else ''
-        lines.append(f'| {family} | {n} | {epochs} | {init} | {mean:.1f}{std} | {len(accs)} |')
+             '| model | images per class | epochs | init | final acc@1 | final vs random | best acc@1 | n |',
+             '|---|---|---|---|---|---|---|---|']
+    lines += report_rows(study.records)
     lines += ['', '## Commands', '', '```'] + study.commands + ['```', '']
     with open(os.path.join(out, 'transfer_study.md'), 'w') as f:
         f.write('\n'.join(lines))

@@ -289,3 +289,27 @@ def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
     assert stats['knn_acc1'] * 12 / 100 == pytest.approx(round(stats['knn_acc1'] * 12 / 100))  # a count of 12
     assert json.loads((out / 'knn_probe.json').read_text()) == stats
     assert sorted(os.listdir(out)) == ['knn_probe.json']  # no training: no checkpoint, no log
+
+
+def test_initialize_reads_timm_and_prefixed_wrappers(tmp_path):
+    """timm train.py's {'state_dict': ...} and a --model_prefix on a .safetensors file both load."""
+    from safetensors.torch import save_file
+    args = main.parse_args(['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 1}',
+                            '--input_size', '32'])
+    torch.manual_seed(0)
+    source = build.build_model(args, 3).state_dict()
+    torch.save({'state_dict': source, 'epoch': 3}, tmp_path / 'timm.pth')
+    save_file({f'backbone.{k}': v.contiguous() for k, v in source.items()}, str(tmp_path / 'prefixed.safetensors'))
+    for path, extra in [('timm.pth', []), ('prefixed.safetensors', ['--model_prefix', 'backbone.'])]:
+        a = main.parse_args([*map(str, ['--model', 'vit_tiny_patch16_224', '--model_kwargs',
+                                        '{"patch_size": 8, "depth": 1}', '--input_size', '32']), *extra])
+        torch.manual_seed(1)
+        model = build.build_model(a, 3)
+        build.load_initialization(model, str(tmp_path / path), a)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items()), path
+
+
+def test_explicit_img_size_for_a_model_without_one_is_an_error():
+    args = main.parse_args(['--model', 'convnext_atto', '--model_kwargs', '{"img_size": 64}'])
+    with pytest.raises(UserError, match="img_size"):
+        build.build_model(args, 3)

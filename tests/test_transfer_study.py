@@ -5,11 +5,13 @@ import os
 
 import pytest
 
-from conftest import run_script, shared_path
+import sys
 
-pytestmark = pytest.mark.slow  # end-to-end runs
+from conftest import ROOT, run_script, shared_path
 
 
+
+@pytest.mark.slow
 def test_transfer_study_smoke(tmp_path):
     make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
     dinov2 = shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt')
@@ -19,17 +21,19 @@ def test_transfer_study_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
     inits = {r['init'] for r in records}
-    assert len(records) == 2 * 8 + 2
+    assert len(records) == 2 * 9 + 2
     assert {'random init', 'ws uniform', 'ws random_inconsistent', 'ws l1', 'ws magnitude',
             'ws uniform, uniform layers', 'ws uniform (DINOv2)'} <= inits
     assert all(0 <= r['final_acc1'] <= 100 for r in records)
     report = (out / 'transfer_study.md').read_text()
-    assert 'SMOKE RUN' in report and 'weight_selection.py' in report and report.count('\n| ') >= 19
+    assert 'SMOKE RUN' in report and 'weight_selection.py' in report and report.count('\n| ') >= 21
     # the selections really came from the pretrained teachers
     assert (out / 'teachers' / 'vit' / 'checkpoint-best.pth').exists()
-    assert len(os.listdir(out / 'ws')) == 2 * 7 + 1
+    assert len(os.listdir(out / 'ws')) == 2 * 8 + 1
+    assert '--blr 0.002' in report and '--drop_path 0.0' in report and '--blr 0.004' in report
 
 
+@pytest.mark.slow
 def test_transfer_study_time_budget_writes_partial_report(tmp_path):
     make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
     out = tmp_path / 'study'
@@ -41,6 +45,7 @@ def test_transfer_study_time_budget_writes_partial_report(tmp_path):
     assert (out / 'runs.jsonl').read_text() == ''
 
 
+@pytest.mark.slow
 def test_transfer_study_dinov2_only_at_another_size(tmp_path):
     """--families with no value runs only the DINOv2 study (no source task unpacked); its input size and
     the number of target test images are settings, and they name their own folders."""
@@ -59,3 +64,15 @@ def test_transfer_study_dinov2_only_at_another_size(tmp_path):
     assert 'input_size: 56' in config
     report = (out / 'transfer_study.md').read_text()
     assert 'on 20 target test images' in report and '| dinov2 vit_tiny/14 @56 | 4 | 1 | random init |' in report
+
+
+def test_report_gives_paired_differences_from_random_init():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    run = lambda init, seed, final, best: {'family': 'vit', 'per_class': 100, 'epochs': 30, 'init': init,  # noqa: E731
+                                           'seed': seed, 'final_acc1': final, 'best_acc1': best}
+    rows = transfer_study.report_rows([run('random init', 0, 40.0, 42.0), run('random init', 1, 44.0, 45.0),
+                                       run('ws uniform', 1, 47.0, 48.0), run('ws uniform', 0, 41.0, 43.0)])
+    assert rows == ['| vit | 100 | 30 | random init | 42.0 ± 2.8 |  | 43.5 ± 2.1 | 2 |',
+                    # seed 1: 47 - 44 = 3, seed 0: 41 - 40 = 1 -> 2.0 ± 1.4 (paired, not 44.0 - 42.0 by chance)
+                    '| vit | 100 | 30 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
