@@ -33,7 +33,7 @@ class TrainState:
 
     def state_dict(self, args, epoch, best):
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
-                 'args': vars(args), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
+                 'args': plain_values(vars(args)), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
         for name in ('scaler', 'projector'):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name).state_dict()
@@ -51,6 +51,18 @@ class TrainState:
             self.projector.load_state_dict(ckpt['projector'])
         if 'rng' in ckpt:
             utils.set_rng_state(ckpt['rng'])
+
+
+def plain_values(value):
+    """Flag values as str/int/float/bool/None, lists and dicts of them: what torch.load's weights_only=True
+    unpickles (any other object, e.g. a TorchVersion, would make the whole checkpoint need a full unpickle)."""
+    if isinstance(value, dict):
+        return {str(k): plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return str(value)
 
 
 @dataclass

@@ -409,7 +409,7 @@ def save_config(args, run):
     values = {k: v for k, v in vars(args).items() if k != 'config'}
     with open(os.path.join(args.output_dir, 'config.yaml'), 'w') as f:
         yaml.safe_dump(values, f, sort_keys=True)
-    info = {'code_version': utils.code_version(), 'torch': torch.__version__, 'timm': timm.__version__,
+    info = {'code_version': utils.code_version(), 'torch': str(torch.__version__), 'timm': str(timm.__version__),
             'command': sys.argv, 'world_size': run.dist.world_size, 'update_freq': run.update_freq,
             'global_batch': run.global_batch, 'lr': run.lr,
             'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}

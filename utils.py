@@ -237,16 +237,33 @@ def seed_everything(seed):
 
 
 def rng_state(cuda=True):
-    """The random states of torch, numpy and Python (and CUDA: not in data-loading workers)."""
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """The random states of torch, numpy and Python (and CUDA: not in data-loading workers), as tensors and
+    plain lists only, so that a checkpoint holding them loads with torch.load's weights_only=True (numpy
+    arrays and Python's state tuples would need a full, code-running unpickle)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             'python': _plain(random.getstate())}
     if cuda and torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
+    """Restore rng_state(); also the numpy array / tuple form of checkpoints written before it was plain."""
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    random.setstate(_as_tuples(state['python']))
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _plain(value):
+    """Tuples as lists, recursively (random.getstate() is (version, (625 ints), gauss_next))."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value

@@ -572,7 +572,7 @@ def main(argv=None):
         'seed': args.seed, 'exclude': exclude, 'keep_head': args.keep_head,
         'layer_maps': layer_maps(teacher_state.keys(), state.keys(), args.layer_selection),
         'summary': summary, 'report': report,
-        'versions': {'torch': torch.__version__, 'timm': timm.__version__, 'code': utils.code_version()},
+        'versions': {'torch': str(torch.__version__), 'timm': str(timm.__version__), 'code': utils.code_version()},
     }
     utils.atomic_save({'model': state, 'meta': meta}, args.output)
     print_summary(args, meta, time.time() - start)

@@ -1,0 +1,98 @@
+"""Safe checkpoints and honest failures (issue #16): every file we write loads with plain torch.load
+(weights_only=True) and with timm's checkpoint_path; no foreign file runs code unless --trust_checkpoint."""
+import os
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import main
+import utils
+import weight_selection as ws
+from conftest import expect_cli_error, write_image_folder
+
+TINY_VIT = {'patch_size': 8, 'depth': 2, 'img_size': 32}
+TRAIN = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
+         '--data_set', 'image_folder', '--device', 'cpu', '--print_freq', '100', '--warmup_epochs', '0',
+         '--num_workers', '0', '--batch_size', '4', '--gpu_data', 'false']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('data'), seed=1)
+
+
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_small_patch16_224', **TINY_VIT)
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.save(teacher.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data):
+    """One epoch with EMA and mid-epoch checkpoints: every kind of checkpoint file main.py writes."""
+    out = tmp_path_factory.mktemp('run')
+    main.main([*TRAIN, '--data_path', data, '--output_dir', str(out), '--epochs', '1', '--model_ema', 'true',
+               '--model_ema_eval', 'true', '--model_ema_decay', '0.5', '--save_every_steps', '1'])
+    return out
+
+
+def selection_argv(teacher_file, out, *extra):
+    return ['--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
+            '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--student', 'vit_tiny_patch16_224',
+            '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--num_classes', '3',
+            '--output', str(out), '--quiet', *extra]
+
+
+# ---------------------------------------------------------------------------------------------- 1: safe files
+
+def test_every_checkpoint_loads_with_plain_torch_load_and_in_timm(trained):
+    names = sorted(f for f in os.listdir(trained) if f.endswith('.pth'))
+    assert 'checkpoint-0.pth' in names and 'checkpoint-best.pth' in names and 'checkpoint-best-ema.pth' in names
+    assert any('-step' in n for n in names), names
+    for name in names:
+        ckpt = torch.load(trained / name)  # weights_only=True: refuses any object but tensors and plain types
+        assert ckpt['model_name'] == 'vit_tiny_patch16_224'
+        model = timm.create_model('vit_tiny_patch16_224', num_classes=3, checkpoint_path=str(trained / name),
+                                  **TINY_VIT)
+        weights = ckpt['model_ema'] if 'model_ema' in ckpt else ckpt['model']  # timm prefers the EMA
+        assert torch.equal(model.state_dict()['head.weight'], weights['head.weight']), name
+    full = torch.load(trained / 'checkpoint-0.pth')
+    assert isinstance(full['args']['epochs'], int) and isinstance(full['rng']['python'], list)
+
+
+def test_selection_output_loads_with_plain_torch_load_and_in_timm(tmp_path, teacher_file):
+    out = tmp_path / 'ws.pth'
+    ws.main(selection_argv(teacher_file, out))
+    ckpt = torch.load(out)
+    assert ckpt['meta']['versions']['torch'] == str(torch.__version__)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, checkpoint_path=str(out), **TINY_VIT)
+    assert torch.equal(model.state_dict()['blocks.1.attn.qkv.weight'], ckpt['model']['blocks.1.attn.qkv.weight'])
+
+
+def test_rng_state_is_plain_and_restores_every_generator():
+    utils.seed_everything(5)
+    saved = utils.rng_state(cuda=False)
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    path = utils.tempfile.mktemp()
+    torch.save(saved, path)
+    reloaded = torch.load(path)  # plain types and tensors only
+    os.remove(path)
+    utils.seed_everything(99)
+    utils.set_rng_state(reloaded)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_rng_state_of_old_checkpoints_still_restores():
+    utils.seed_everything(7)
+    old = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    expected = (np.random.rand(2), random.random())
+    utils.seed_everything(1)
+    utils.set_rng_state(old)
+    assert np.array_equal(np.random.rand(2), expected[0]) and random.random() == expected[1]
