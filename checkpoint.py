@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import utils
-from models.io import check_fits, torch_load
+from models.io import UntrustedCheckpoint, check_fits, torch_load
 from utils import UserError
 
 CHECKPOINT_NAME = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
@@ -167,7 +167,9 @@ def find_checkpoint(args):
     if args.auto_resume and args.output_dir:
         for path in reversed(list_checkpoints(args.output_dir)):
             try:
-                ckpt = torch_load(path)
+                ckpt = torch_load(path, args.trust_checkpoint)
+            except UntrustedCheckpoint:
+                raise  # a planted or old file: the user decides (--trust_checkpoint), not a silent skip
             except UserError as e:
                 utils.print_main(f'warning: skipping unreadable checkpoint ({e}); trying the previous one')
                 continue
@@ -175,7 +177,7 @@ def find_checkpoint(args):
                                                             if args.initialize else ''))
             return ckpt, path
     if args.resume:
-        return torch_load(args.resume), args.resume
+        return torch_load(args.resume, args.trust_checkpoint), args.resume
     return None, None
 
 

@@ -95,6 +95,9 @@ def get_args_parser():
     a('--distill_teacher_kwargs', default='', help='JSON keyword arguments, e.g. {"dynamic_img_size": true}')
     a('--distill_alpha', type=float, default=1.0)
     a('--distill_tau', type=float, default=1.0, help='temperature of logit distillation')
+    a('--trust_checkpoint', type=str2bool, default=False,
+      help='fully unpickle checkpoints that hold Python objects besides tensors (can run code: only for files '
+           'you trust, e.g. checkpoints written before weights-only saving); default: such files are refused')
     a('--model_key', default='model|module', type=str, help='keys under which --initialize may wrap the weights')
     a('--model_prefix', default='', type=str, help='prefix to strip from --initialize keys')
     # data
@@ -372,7 +375,7 @@ def evaluate_only(run):
     model = build.build_model(args, data.num_classes)
     if args.linear_probe:
         build.prepare_linear_probe(model)
-    checkpoint.load_model_weights(io.torch_load(args.resume), args.resume, model, args.model)
+    checkpoint.load_model_weights(io.torch_load(args.resume, args.trust_checkpoint), args.resume, model, args.model)
     model.to(run.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

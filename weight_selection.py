@@ -15,6 +15,7 @@ or from the command line (see README.md):
         --student vit_tiny_patch16_224 --num_classes 100 --output ws_vit_tiny.pth
 """
 import functools
+import json
 import math
 import os
 import re
@@ -509,6 +510,9 @@ def get_args_parser():
     p.add_argument('--teacher', help='timm model name, e.g. vit_small_patch16_224.augreg_in21k or convnext_tiny.fb_in22k')
     p.add_argument('--teacher_checkpoint', default=None,
                    help='local weights (.pth/.pt/.bin, .safetensors, or timm .npz); default: timm pretrained weights')
+    p.add_argument('--trust_checkpoint', type=utils.str2bool, default=False,
+                   help='fully unpickle a --teacher_checkpoint that holds Python objects besides tensors (this can '
+                        'run code: only for files you trust); default: such files are refused')
     p.add_argument('--teacher_kwargs', default='', help='JSON keyword arguments for timm.create_model of the teacher')
     p.add_argument('--student', help='timm model name or one registered in models/, e.g. vit_tiny_patch16_224')
     p.add_argument('--student_kwargs', default='', help='JSON keyword arguments for the student, e.g. {"depth": 6}')
@@ -520,7 +524,9 @@ def get_args_parser():
     p.add_argument('--seed', type=int, default=0, help='seed of random selections and of the student init')
     p.add_argument('--exclude', default='', help=f'components left at random init: {",".join(COMPONENTS)}')
     p.add_argument('--keep_head', action='store_true', help="also select the classifier (student keeps the teacher's classes)")
-    p.add_argument('--output', default=None, help='file to write {"model": state_dict, "meta": {...}}')
+    p.add_argument('--output', default=None,
+                   help='file to write {"model": state_dict, "meta": {...}}; a .safetensors name writes safetensors '
+                        '(recommended: no pickle) with the meta as JSON in its header')
     p.add_argument('--quiet', action='store_true', help='print only the summary line')
     official = p.add_argument_group("the official release's interface")
     official.add_argument('--model_type', choices=sorted(OFFICIAL), default=None,
@@ -554,7 +560,8 @@ def main(argv=None):
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
     utils.check_writable(args.output)
     start = time.time()
-    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs)
+    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs,
+                                                    trust=args.trust_checkpoint)
     torch.manual_seed(args.seed)
     if args.num_classes is not None:
         student_kwargs.setdefault('num_classes', args.num_classes)
@@ -574,8 +581,21 @@ def main(argv=None):
         'summary': summary, 'report': report,
         'versions': {'torch': str(torch.__version__), 'timm': str(timm.__version__), 'code': utils.code_version()},
     }
-    utils.atomic_save({'model': state, 'meta': meta}, args.output)
+    save_selection(state, meta, args.output)
     print_summary(args, meta, time.time() - start)
+
+
+def save_selection(state, meta, path):
+    """{'model': state, 'meta': meta} as a torch file, or for a .safetensors path the tensors with the meta as
+    JSON in the header (safetensors metadata maps str to str); both are read without unpickling code."""
+    if not path.endswith('.safetensors'):
+        utils.atomic_save({'model': state, 'meta': meta}, path)
+        return
+    from safetensors.torch import save
+    # own contiguous copies: selected tensors can be views sharing a teacher tensor, which safetensors refuses
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    data = save(tensors, metadata={'meta': json.dumps(meta, default=str)})
+    utils.atomic_write(path, lambda f: f.write(data))
 
 
 def print_summary(args, meta, seconds):

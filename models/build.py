@@ -29,7 +29,8 @@ def load_initialization(model, path, args):
     shape are left at their init; any other missing, unexpected or mismatched key is an error."""
     if os.path.isdir(path):  # the official README passes the folder weight_selection.py wrote into
         path = os.path.join(path, f"{'vit' if 'vit' in args.model else 'convnext'}.pth")
-    state = io.read_state_dict(path, keys=tuple(args.model_key.split('|')), prefix=args.model_prefix)
+    state = io.read_state_dict(path, keys=tuple(args.model_key.split('|')), prefix=args.model_prefix,
+                               trust=args.trust_checkpoint)
     own, layout = model.state_dict(), io.layout_of(model)
     dropped, fitted = [], {}
     for k, v in state.items():
@@ -85,7 +86,7 @@ def build_distill_teacher(args, num_classes, device):
         raise UserError(f'--distill {args.distill} needs --distill_teacher NAME')
     kwargs = utils.parse_json_dict(args.distill_teacher_kwargs, '--distill_teacher_kwargs')
     state, layout = io.load_pretrained(args.distill_teacher, args.distill_teacher_checkpoint, kwargs,
-                                       flag='--distill_teacher')
+                                       flag='--distill_teacher', trust=args.trust_checkpoint)
     head = [v for k, v in state.items() if io.is_classifier(k, layout) and k.endswith('weight')]
     kwargs.setdefault('num_classes', head[0].shape[0] if head else 0)  # the checkpoint's classes, or none
     teacher = io.create_model(args.distill_teacher, '--distill_teacher', **kwargs)

@@ -96,3 +96,66 @@ def test_rng_state_of_old_checkpoints_still_restores():
     utils.seed_everything(1)
     utils.set_rng_state(old)
     assert np.array_equal(np.random.rand(2), expected[0]) and random.random() == expected[1]
+
+
+# ---------------------------------------------------------------------------------------------- 2: no code from files
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+@pytest.fixture
+def malicious(tmp_path):
+    """(file, marker): a checkpoint-shaped pickle whose loading would create `marker`."""
+    marker = tmp_path / 'MARKER'
+    path = tmp_path / 'evil.pth'
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, **TINY_VIT)
+    torch.save({'model': model.state_dict(), 'optimizer': RunsCode(marker), 'epoch': 0}, path)
+    return str(path), marker
+
+
+def test_torch_load_refuses_code_and_names_the_flag(malicious):
+    from models import io
+    path, marker = malicious
+    with pytest.raises(utils.UserError) as e:
+        io.torch_load(path)
+    assert not marker.exists()
+    assert 'posix.system' in str(e.value) and '--trust_checkpoint true' in str(e.value)
+
+
+def test_trusted_file_is_fully_unpickled(malicious, capsys):
+    from models import io
+    path, marker = malicious
+    io.torch_load(path, trust=True)
+    assert marker.exists()  # the user asked for it: the object was really unpickled
+    assert 'fully unpickling' in capsys.readouterr().out
+
+
+def test_official_checkpoint_with_namespace_loads_without_the_flag(tmp_path):
+    import argparse
+    from models import io
+    path = tmp_path / 'deit.pth'
+    torch.save({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(lr=1e-3, model='deit_tiny')}, path)
+    assert torch.equal(io.read_state_dict(str(path))['w'], torch.ones(2))
+
+
+def test_selection_as_safetensors_with_meta_initializes_training(tmp_path, teacher_file, data):
+    import json
+    from safetensors import safe_open
+    out = tmp_path / 'ws.safetensors'
+    ws.main(selection_argv(teacher_file, out))
+    with safe_open(str(out), 'pt') as f:
+        meta = json.loads(f.metadata()['meta'])
+        qkv = f.get_tensor('blocks.0.attn.qkv.weight')
+    assert meta['student'] == 'vit_tiny_patch16_224' and meta['versions']['torch'] == str(torch.__version__)
+    run = tmp_path / 'run'
+    main.main([*TRAIN, '--data_path', data, '--output_dir', str(run), '--epochs', '1', '--lr', '0',
+               '--initialize', str(out), '--weight_decay', '0', '--min_lr', '0'])
+    trained = torch.load(run / 'checkpoint-0.pth')['model']
+    assert torch.equal(trained['blocks.0.attn.qkv.weight'], qkv)  # lr 0: still the selected weights
