@@ -159,3 +159,64 @@ def test_selection_as_safetensors_with_meta_initializes_training(tmp_path, teach
                '--initialize', str(out), '--weight_decay', '0', '--min_lr', '0'])
     trained = torch.load(run / 'checkpoint-0.pth')['model']
     assert torch.equal(trained['blocks.0.attn.qkv.weight'], qkv)  # lr 0: still the selected weights
+
+
+# ---------------------------------------------------------------------------------------------- 3: every entry point
+
+def figures_main(argv):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('figures', os.path.join(os.path.dirname(ws.__file__), 'scripts',
+                                                                          'figures.py'))
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    return figures.main(argv)
+
+
+def entry_point_argv(entry, evil, tmp_path, data, teacher_file):
+    """(main function, argv) that reads the malicious file `evil` through one entry point."""
+    out = str(tmp_path / 'out')
+    train = [*TRAIN, '--data_path', data, '--output_dir', out, '--epochs', '1']
+    if entry == 'selection_teacher':
+        return ws.main, selection_argv(evil, tmp_path / 'ws.pth')
+    if entry == 'initialize':
+        return main.main, [*train, '--initialize', evil]
+    if entry == 'resume':
+        return main.main, [*train, '--resume', evil]
+    if entry == 'eval':
+        return main.main, [*train, '--eval', 'true', '--resume', evil]
+    if entry == 'auto_resume':
+        os.makedirs(out)
+        os.replace(evil, os.path.join(out, 'checkpoint-0.pth'))  # planted where auto-resume looks
+        return main.main, train
+    if entry == 'distill_teacher':
+        return main.main, [*train, '--distill', 'logit', '--distill_teacher', 'vit_tiny_patch16_224',
+                           '--distill_teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}',
+                           '--distill_teacher_checkpoint', evil]
+    return figures_main, ['attention', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
+                          '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--selection', evil,
+                          '--student', 'vit_tiny_patch16_224', '--student_kwargs',
+                          '{"img_size": 32, "patch_size": 8, "depth": 2}', '--out', str(tmp_path / 'fig.png')]
+
+
+@pytest.mark.parametrize('entry', ['selection_teacher', 'initialize', 'resume', 'eval', 'auto_resume',
+                                   'distill_teacher', 'figures_selection'])
+def test_malicious_pickle_runs_through_no_entry_point(entry, malicious, tmp_path, data, teacher_file, capsys):
+    evil, marker = malicious
+    fn, argv = entry_point_argv(entry, evil, tmp_path, data, teacher_file)
+    line = expect_cli_error(fn, argv, capsys, 'refused to load', 'posix.system', '--trust_checkpoint true')
+    assert not marker.exists(), line
+    assert not (tmp_path / 'ws.pth').exists() and not (tmp_path / 'fig.png').exists()
+    assert not os.path.exists(tmp_path / 'out' / 'checkpoint-0-step1.pth')  # nothing trained
+
+
+def test_old_checkpoint_resumes_only_with_trust_checkpoint(tmp_path, trained, data, capsys):
+    old = torch.load(trained / 'checkpoint-0.pth')
+    old['rng'] = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    old['args']['torch_version'] = torch.__version__  # what checkpoints held before weights-only saving
+    path = tmp_path / 'old.pth'
+    torch.save(old, path)
+    argv = [*TRAIN, '--data_path', data, '--output_dir', str(tmp_path / 'out'), '--epochs', '2', '--resume', str(path)]
+    expect_cli_error(main.main, argv, capsys, 'TorchVersion', '--trust_checkpoint true')
+    record = main.main([*argv, '--trust_checkpoint', 'true'])
+    assert record['epoch'] == 1  # continued after the old checkpoint's epoch 0
+    assert 'resumed from' in capsys.readouterr().out
