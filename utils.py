@@ -101,6 +101,7 @@ def atomic_write(path, write, binary=True):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, 'wb' if binary else 'w') as f:
             write(f)
             f.flush()
@@ -110,6 +111,13 @@ def atomic_write(path, write, binary=True):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    """The process umask (only readable by setting it, so set it back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj, path):

@@ -220,3 +220,17 @@ def test_old_checkpoint_resumes_only_with_trust_checkpoint(tmp_path, trained, da
     record = main.main([*argv, '--trust_checkpoint', 'true'])
     assert record['epoch'] == 1  # continued after the old checkpoint's epoch 0
     assert 'resumed from' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- 8: umask
+
+@pytest.mark.parametrize('mask,mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_keeps_the_users_umask(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        utils.atomic_save({'w': torch.ones(1)}, str(tmp_path / 'a.pth'))
+        utils.atomic_write(str(tmp_path / 'b.txt'), lambda f: f.write('x'), binary=False)
+    finally:
+        os.umask(old)
+    for name in ('a.pth', 'b.txt'):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
