@@ -108,7 +108,25 @@ def image_folder(root, is_train, transform, allow_test):
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f'{folder} holds no images in class folders ({str(e).splitlines()[0][:120]}); '
                         f'expected {folder}/<class>/*.jpg') from None
+    if not is_train:
+        check_same_classes(os.path.join(root, 'train'), folder, dataset.classes)
     return dataset, len(dataset.classes)
+
+
+def check_same_classes(train_folder, eval_folder, eval_classes):
+    """ImageFolder numbers the classes of each split by their sorted folder names: an evaluation split with a
+    class missing or extra would shift every later label and report a wrong accuracy without any error."""
+    if not os.path.isdir(train_folder):
+        return
+    train_classes = datasets.folder.find_classes(train_folder)[0]
+    if list(train_classes) == list(eval_classes):
+        return
+    missing = sorted(set(train_classes) - set(eval_classes))
+    extra = sorted(set(eval_classes) - set(train_classes))
+    parts = ([f'missing {", ".join(missing[:5])}' + (' ...' if len(missing) > 5 else '')] if missing else []) + \
+            ([f'extra {", ".join(extra[:5])}' + (' ...' if len(extra) > 5 else '')] if extra else [])
+    raise UserError(f'{eval_folder} has other classes than {train_folder} ({"; ".join(parts)}): labels are numbered '
+                    f'by class folder, so they would not match; give both splits the same class folders')
 
 
 def install_posterize_shim():

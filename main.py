@@ -9,6 +9,7 @@ This file parses the flags and wires the pieces: datasets.py / gpu_data.py (load
 (the model, its initialization, the distillation teacher), recipe.py (loss, optimizer, schedule),
 checkpoint.py (save and resume), engine.py (the loops). Three runs: train, --eval, --knn_probe.
 """
+import argparse
 import json
 import os
 import sys
@@ -198,12 +199,38 @@ def load_config(path, parser):
             raise UserError(f'--config {path} is not valid YAML: {str(e).splitlines()[0]}') from None
     if not isinstance(values, dict):
         raise UserError(f'--config {path} must map flag names to values')
-    valid = {action.dest for action in parser._actions}
-    for key in values:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=3)
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(key, sorted(actions), n=3)
             raise UserError(f"--config {path}: unknown key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else ''))
+        values[key] = config_value(actions[key], value, f"--config {path}: key '{key}'")
     return values
+
+
+# What a YAML scalar must be for a flag's type; argparse converts string defaults but no others, so a
+# YAML `epochs: 1.5` would otherwise reach the run as a float.
+YAML_TYPES = {int: ((int,), 'an integer'), float: ((int, float), 'a number'), str2bool: ((bool,), 'true or false')}
+
+
+def config_value(action, value, where):
+    """A YAML value checked against its flag's type and choices (each element for list flags); argparse
+    checks neither for defaults (it only parses a lone string default), so `epochs: 1.5` would pass."""
+    if isinstance(value, list) and action.nargs in ('+', '*'):
+        return [config_value(action, v, where) for v in value]
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f'{where}: invalid {action.type.__name__} value: {value!r}') from None
+    elif value is not None and action.type in YAML_TYPES:
+        kinds, name = YAML_TYPES[action.type]
+        if isinstance(value, bool) != (action.type is str2bool) or not isinstance(value, kinds):
+            raise UserError(f'{where} must be {name}, got {value!r} ({type(value).__name__})')
+        value = action.type(value) if action.type is float else value
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UserError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {value!r}')
+    return value
 
 
 @dataclass(frozen=True)
@@ -229,8 +256,35 @@ def resolve_batch(args, world_size):
     return update_freq, world_size * args.batch_size * update_freq
 
 
+def check_args(args):
+    """Values that would crash later or silently train something else than asked: one line, before any work."""
+    if args.batch_size <= 0 or (args.global_batch_size is not None and args.global_batch_size <= 0):
+        raise UserError(f'--batch_size {args.batch_size} / --global_batch_size {args.global_batch_size}: '
+                        f'batch sizes must be positive')
+    if args.num_workers < 0:
+        raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f'--output_dir {args.output_dir} is a file; give a folder for the checkpoints and logs')
+    if args.eval or args.knn_probe:
+        return  # no training: its settings do not matter
+    if args.epochs <= 0:
+        raise UserError(f'--epochs {args.epochs}: train at least one epoch (or evaluate with --eval true)')
+    if args.update_freq <= 0:
+        raise UserError(f'--update_freq {args.update_freq} must be 1 (no accumulation) or more')
+    for flag in ('lr', 'blr'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be positive')
+    if args.warmup_steps <= 0 and args.warmup_epochs > args.epochs:
+        raise UserError(f'--epochs {args.epochs} is shorter than --warmup_epochs {args.warmup_epochs}: the learning '
+                        f'rate would never reach --lr and never decay; lower --warmup_epochs')
+    if args.warmup_steps <= 0 and args.warmup_epochs == args.epochs > 1:
+        utils.print_main(f'warning: --warmup_epochs {args.warmup_epochs} is all of --epochs {args.epochs}: the '
+                         f'learning rate only rises, with no cosine decay; lower --warmup_epochs')
+
+
 def setup(args):
     """Process group, device, batch and lr, seeds, determinism and the output folder of a run."""
+    check_args(args)
     place = utils.init_distributed(args)
     device_name = args.device
     if device_name.startswith('cuda') and not torch.cuda.is_available():
@@ -283,6 +337,9 @@ def build_training(run):
     trainable = losses.FeatureDistillStudent(model, teacher.num_features).to(device) if args.distill == 'feature' \
         else model
     steps_per_epoch = len(data.train) // run.update_freq
+    if args.warmup_steps > steps_per_epoch * args.epochs:
+        raise UserError(f'--warmup_steps {args.warmup_steps} is more than the run\'s {steps_per_epoch * args.epochs} '
+                        f'optimizer steps: the learning rate would never reach --lr; lower --warmup_steps')
     mixup_fn, criterion = recipe.build_criterion(args, data.num_classes, teacher)
     optimizer = recipe.build_optimizer(trainable, args, device, run.lr)
     amp_dtype, scaler = recipe.build_amp(args, device)

@@ -544,6 +544,8 @@ def resolve_args(args):
         if args.output is None:
             if args.output_dir is None:
                 raise UserError('--model_type needs --output_dir DIR (or --output FILE)')
+            if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+                raise UserError(f'--output_dir {args.output_dir} is a file; give a folder')
             os.makedirs(args.output_dir, exist_ok=True)
             args.output = os.path.join(args.output_dir, f'{args.model_type}.pth')
     missing = [f for f in ('teacher', 'student', 'output') if not getattr(args, f)]

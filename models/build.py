@@ -21,7 +21,22 @@ def build_model(args, num_classes):
         kwargs.setdefault('ls_init_value', args.layer_scale_init_value)
         kwargs.setdefault('head_init_scale', args.head_init_scale)
     kwargs.setdefault('img_size', args.input_size)
-    return io.create_model(name, '--model', **kwargs)
+    model = io.create_model(name, '--model', **kwargs)
+    check_input_size(model, args.input_size)
+    return model
+
+
+def check_input_size(model, size):
+    """A ViT cuts the image into patches: a size that is not a multiple of the patch size silently drops the
+    border pixels (or yields no patch at all)."""
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is None:
+        return
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if any(size < p or size % p for p in patch):
+        fits = [max(p, size // p * p) for p in patch[:1]] + [(size // patch[0] + 1) * patch[0]]
+        raise UserError(f'--input_size {size} is not a multiple of the model\'s patch size {patch[0]}; use e.g. '
+                        f'{" or ".join(str(f) for f in sorted(set(fits)))}')
 
 
 def load_initialization(model, path, args):

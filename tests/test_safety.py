@@ -155,10 +155,10 @@ def test_selection_as_safetensors_with_meta_initializes_training(tmp_path, teach
         qkv = f.get_tensor('blocks.0.attn.qkv.weight')
     assert meta['student'] == 'vit_tiny_patch16_224' and meta['versions']['torch'] == str(torch.__version__)
     run = tmp_path / 'run'
-    main.main([*TRAIN, '--data_path', data, '--output_dir', str(run), '--epochs', '1', '--lr', '0',
+    main.main([*TRAIN, '--data_path', data, '--output_dir', str(run), '--epochs', '1', '--lr', '1e-12',
                '--initialize', str(out), '--weight_decay', '0', '--min_lr', '0'])
     trained = torch.load(run / 'checkpoint-0.pth')['model']
-    assert torch.equal(trained['blocks.0.attn.qkv.weight'], qkv)  # lr 0: still the selected weights
+    assert torch.allclose(trained['blocks.0.attn.qkv.weight'], qkv, atol=1e-8)  # a tiny lr: the selected weights
 
 
 # ---------------------------------------------------------------------------------------------- 3: every entry point
@@ -234,3 +234,79 @@ def test_atomic_write_keeps_the_users_umask(tmp_path, mask, mode):
         os.umask(old)
     for name in ('a.pth', 'b.txt'):
         assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+# ---------------------------------------------------------------------------------------------- 4: no silent wrong results
+
+def test_eval_split_with_other_classes_stops(tmp_path, capsys):
+    import shutil
+    for case in ('missing', 'extra'):
+        root = tmp_path / case
+        write_image_folder(root)
+        if case == 'missing':
+            shutil.rmtree(root / 'val' / 'c1')  # c2 would become label 1
+        else:
+            shutil.copytree(root / 'val' / 'c2', root / 'val' / 'c9')
+        argv = [*TRAIN, '--data_path', str(root), '--epochs', '1']
+        line = expect_cli_error(main.main, argv, capsys, 'other classes than', f'{case} c')
+        assert ('c1' if case == 'missing' else 'c9') in line
+
+
+@pytest.mark.parametrize('flags,needles', [
+    (['--input_size', '36'], ['--input_size 36 is not a multiple', 'patch size 8', '32 or 40']),
+    (['--input_size', '4'], ['--input_size 4 is not a multiple', 'e.g. 8']),
+    (['--epochs', '2', '--warmup_epochs', '5'], ['shorter than --warmup_epochs 5', 'lower --warmup_epochs']),
+    (['--warmup_steps', '100'], ['--warmup_steps 100 is more than', 'lower --warmup_steps']),
+    (['--epochs', '0'], ['--epochs 0: train at least one epoch']),
+    (['--batch_size', '0'], ['batch sizes must be positive']),
+    (['--global_batch_size', '-4'], ['batch sizes must be positive']),
+    (['--update_freq', '0'], ['--update_freq 0 must be']),
+    (['--lr', '0'], ['--lr 0.0 must be positive']),
+    (['--blr', '-1'], ['--blr -1.0 must be positive']),
+    (['--num_workers', '-1'], ['--num_workers -1 must be']),
+])
+def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, capsys):
+    out = tmp_path / 'out'
+    argv = [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags]
+    expect_cli_error(main.main, argv, capsys, *needles)
+    assert not os.path.exists(out / 'log.txt')
+
+
+def test_warmup_as_long_as_the_run_is_said_before_training(tmp_path, data, capsys):
+    main.main([*TRAIN, '--data_path', data, '--epochs', '2', '--warmup_epochs', '2', '--save_ckpt', 'false'])
+    out = capsys.readouterr().out
+    assert 'warning: --warmup_epochs 2 is all of --epochs 2' in out
+    assert out.index('warning: --warmup_epochs') < out.index('training epochs')
+
+
+@pytest.mark.parametrize('yaml_text,needles', [
+    ('epochs: 1.5\n', ["key 'epochs' must be an integer, got 1.5 (float)"]),
+    ('lr: fast\n', ["key 'lr': invalid float value: 'fast'"]),
+    ('init: magic\n', ["key 'init' must be one of timm, xavier"]),
+    ('model_ema: 1\n', ["key 'model_ema' must be true or false, got 1 (int)"]),
+    ('opt_betas: [0.9, high]\n', ["key 'opt_betas': invalid float value: 'high'"]),
+    ('batch_size: true\n', ["key 'batch_size' must be an integer, got True (bool)"]),
+])
+def test_yaml_value_of_the_wrong_type_names_key_and_file(yaml_text, needles, tmp_path, data, capsys):
+    config = tmp_path / 'bad.yaml'
+    config.write_text(yaml_text)
+    expect_cli_error(main.main, ['--config', str(config), *TRAIN, '--data_path', data], capsys,
+                     f'--config {config}', *needles)
+
+
+def test_yaml_values_of_the_right_type_pass(tmp_path):
+    config = tmp_path / 'ok.yaml'
+    config.write_text('epochs: 3\nlr: 1\nmodel_ema: true\nopt_betas: [0.9, 0.99]\nmodel_kwargs: {depth: 2}\n'
+                      'warmup_epochs: "5"\ndistill: logit\nclip_grad: null\n')
+    args = main.parse_args(['--config', str(config)])
+    assert (args.epochs, args.lr, args.model_ema, args.opt_betas) == (3, 1.0, True, [0.9, 0.99])
+    assert isinstance(args.lr, float) and args.warmup_epochs == 5 and args.clip_grad is None
+
+
+def test_output_dir_that_is_a_file_stops(tmp_path, data, teacher_file, capsys):
+    path = tmp_path / 'taken'
+    path.write_text('x')
+    expect_cli_error(main.main, [*TRAIN, '--data_path', data, '--output_dir', str(path)], capsys,
+                     f'--output_dir {path} is a file')
+    argv = ['--model_type', 'vit', '--teacher_checkpoint', teacher_file, '--output_dir', str(path)]
+    expect_cli_error(ws.main, argv, capsys, f'--output_dir {path} is a file')
