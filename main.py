@@ -297,9 +297,9 @@ def setup(args):
         raise UserError(f'--knn_probe {args.knn_probe}: pass the number of neighbours, e.g. --knn_probe 20')
     update_freq, global_batch = resolve_batch(args, place.world_size)
     lr = recipe.learning_rate(args, global_batch)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        checkpoint.remove_stale_temporaries(args.output_dir)
+    # --output_dir is created only once the run has passed its checks (train, knn_probe): a run that
+    # stops on a mistake leaves no empty folder behind
+    checkpoint.remove_stale_temporaries(args.output_dir)
     utils.seed_everything(args.seed + place.rank)  # torch, numpy (timm's Mixup) and random
     if args.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
@@ -375,8 +375,10 @@ def train(run):
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(args.log_dir, exist_ok=True)
         log_writer = SummaryWriter(log_dir=args.log_dir)
-    if args.output_dir and utils.is_main_process():
-        save_config(args, run)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if utils.is_main_process():
+            save_config(args, run)
     utils.print_main(f'training epochs {resumed.start_epoch}..{args.epochs - 1}')
     best, record = resumed.best, {}
     for epoch in range(resumed.start_epoch, args.epochs):
@@ -457,6 +459,7 @@ def knn_probe(run):
     utils.print_main(f'k-NN (k={args.knn_probe}) acc@1 {acc:.2f} on {stats["n_test"]} test images, '
                      f'{stats["n_train"]} training images as neighbours')
     if args.output_dir and utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
         utils.atomic_write(os.path.join(args.output_dir, 'knn_probe.json'),
                            lambda f: f.write(json.dumps(stats) + '\n'), binary=False)
     return stats

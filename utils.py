@@ -84,11 +84,17 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def check_writable(path):
-    """Fail early, before any heavy work, if the output file cannot be written."""
+def check_writable(path, create_folder=False):
+    """Fail early, before any heavy work, if the output file cannot be written. With create_folder, its
+    folder may be missing (the caller creates it when writing) if the nearest existing parent is writable."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f'output {path} is a folder; give a file name such as {os.path.join(path, "init.pth")}')
+    if create_folder:
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise UserError(f'cannot create a folder for {path}: {folder} is a file')
     if not os.path.isdir(folder):
         raise UserError(f'cannot write {path}: folder {folder} does not exist; create it first')
     if not os.access(folder, os.W_OK):

@@ -546,7 +546,6 @@ def resolve_args(args):
                 raise UserError('--model_type needs --output_dir DIR (or --output FILE)')
             if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
                 raise UserError(f'--output_dir {args.output_dir} is a file; give a folder')
-            os.makedirs(args.output_dir, exist_ok=True)
             args.output = os.path.join(args.output_dir, f'{args.model_type}.pth')
     missing = [f for f in ('teacher', 'student', 'output') if not getattr(args, f)]
     if missing:
@@ -560,7 +559,8 @@ def main(argv=None):
     teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
     student_kwargs = utils.parse_json_dict(args.student_kwargs, '--student_kwargs')
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
-    utils.check_writable(args.output)
+    # the official --output_dir is created only when the selection is written: a failure leaves no empty folder
+    utils.check_writable(args.output, create_folder=bool(args.model_type and args.output_dir))
     start = time.time()
     teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs,
                                                     trust=args.trust_checkpoint)
@@ -583,6 +583,7 @@ def main(argv=None):
         'summary': summary, 'report': report,
         'versions': {'torch': str(torch.__version__), 'timm': str(timm.__version__), 'code': utils.code_version()},
     }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_selection(state, meta, args.output)
     print_summary(args, meta, time.time() - start)
 

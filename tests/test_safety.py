@@ -310,3 +310,31 @@ def test_output_dir_that_is_a_file_stops(tmp_path, data, teacher_file, capsys):
                      f'--output_dir {path} is a file')
     argv = ['--model_type', 'vit', '--teacher_checkpoint', teacher_file, '--output_dir', str(path)]
     expect_cli_error(ws.main, argv, capsys, f'--output_dir {path} is a file')
+
+
+# ---------------------------------------------------------------------------------------------- 6: nothing left behind
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--input_size', '36'], 'not a multiple'),
+    (['--initialize', 'missing.pth'], 'checkpoint not found'),
+    (['--data_path', '/nonexistent'], 'is not a folder'),
+    (['--epochs', '0'], '--epochs 0'),
+])
+def test_failed_run_creates_no_output_dir(flags, needle, tmp_path, data, capsys):
+    out = tmp_path / 'new' / 'run'
+    expect_cli_error(main.main, [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags],
+                     capsys, needle)
+    assert not (tmp_path / 'new').exists()
+
+
+def test_failed_selection_creates_no_output_folder(tmp_path, teacher_file, capsys):
+    out = tmp_path / 'ws_out'
+    argv = ['--model_type', 'vit', '--teacher_checkpoint', teacher_file, '--student_kwargs', '{"depth": 0.5}',
+            '--output_dir', str(out)]
+    expect_cli_error(ws.main, argv, capsys)
+    assert not out.exists()
+    ok = ['--model_type', 'vit', '--pretrained_model', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
+          '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}',
+          '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--output_dir', str(out), '--quiet']
+    ws.main(ok)
+    assert os.listdir(out) == ['vit.pth']
