@@ -362,7 +362,7 @@ def build_training(run):
 
 
 def train(run):
-    args = run.args
+    args, started = run.args, time.time()
     t = build_training(run)
     utils.print_main(f'model {args.model}: {t.n_parameters / 1e6:.2f}M parameters; {t.data.num_train} training '
                      f'images, {t.data.num_classes} classes; {t.data.how}')
@@ -392,7 +392,26 @@ def train(run):
                     log_writer.add_scalar(f'epoch/{k}', record[k], epoch)
             log_writer.flush()
         utils.print_main(json.dumps(record))
+    utils.print_main(summary_line(args, record, best, time.time() - started))
     return record
+
+
+def summary_line(args, record, best, seconds):
+    """The one line a finished run ends with: how long, how good (final and best test acc@1), where saved."""
+    if 'test_acc1' in record:
+        acc = f"final test acc@1 {record['test_acc1']:.2f}"
+        if best and 'acc1' in best:
+            acc += f", best {best['acc1']:.2f} (epoch {best['epoch']})"
+    else:
+        acc = 'no evaluation' if args.disable_eval else 'no epoch left to train'
+    where = (f'checkpoints in {args.output_dir}' if args.save_ckpt else f'logs in {args.output_dir} (--save_ckpt false)') \
+        if args.output_dir else 'nothing saved (no --output_dir)'
+    return f'done in {format_seconds(seconds)}: {acc}; {where}'
+
+
+def format_seconds(seconds):
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f'{hours}h{rest // 60:02d}m{rest % 60:02d}s' if hours else f'{rest // 60}m{rest % 60:02d}s'
 
 
 def train_epoch(run, t, epoch, done, partial, best, log_writer):

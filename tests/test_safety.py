@@ -1,7 +1,9 @@
 """Safe checkpoints and honest failures (issue #16): every file we write loads with plain torch.load
 (weights_only=True) and with timm's checkpoint_path; no foreign file runs code unless --trust_checkpoint."""
+import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -338,3 +340,16 @@ def test_failed_selection_creates_no_output_folder(tmp_path, teacher_file, capsy
           '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--output_dir', str(out), '--quiet']
     ws.main(ok)
     assert os.listdir(out) == ['vit.pth']
+
+
+# ---------------------------------------------------------------------------------------------- 11: summary line
+
+def test_run_ends_with_one_summary_line(tmp_path, data, capsys):
+    out = tmp_path / 'run'
+    record = main.main([*TRAIN, '--data_path', data, '--epochs', '2', '--output_dir', str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    best = max(json.loads(line)['test_acc1'] for line in (out / 'log.txt').read_text().splitlines())
+    assert re.fullmatch(rf"done in \d+m\d\ds: final test acc@1 {record['test_acc1']:.2f}, best {best:.2f} "
+                        rf"\(epoch [01]\); checkpoints in {re.escape(str(out))}", last), last
+    main.main([*TRAIN, '--data_path', data, '--epochs', '1', '--disable_eval', 'true'])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith('no evaluation; nothing saved (no --output_dir)')
