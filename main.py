@@ -29,7 +29,8 @@ from utils import UserError, str2bool
 
 
 def get_args_parser():
-    p = utils.ArgumentParser('main.py', description=__doc__.split('\n\n')[0], add_help=True)
+    p = utils.ArgumentParser('main.py', description=__doc__.split('\n\n')[0], add_help=True,
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--config', action='append', default=None, metavar='YAML',
       help='YAML file of flag values (flag names as keys); may be repeated: a later file overrides an earlier '
@@ -38,7 +39,7 @@ def get_args_parser():
     a('--batch_size', default=64, type=int, help='per-GPU (per-process) batch size')
     a('--global_batch_size', default=None, type=int,
       help='world_size x batch_size x update_freq; derives update_freq from the number of processes')
-    a('--epochs', default=300, type=int)
+    a('--epochs', default=300, type=int, help='training epochs (at least --warmup_epochs)')
     a('--update_freq', default=1, type=int, help='gradient accumulation steps')
     # model
     a('--model', default='convnext_tiny', type=str, help='timm model name or one registered in models/')
@@ -47,41 +48,41 @@ def get_args_parser():
     a('--drop_path', type=float, default=0.0, help='stochastic depth rate')
     a('--layer_scale_init_value', default=1e-6, type=float, help='ConvNeXt layer scale init')
     a('--head_init_scale', default=1.0, type=float, help='ConvNeXt classifier init scale')
-    a('--model_ema', type=str2bool, default=False)
-    a('--model_ema_decay', type=float, default=0.9999)
-    a('--model_ema_force_cpu', type=str2bool, default=False)
+    a('--model_ema', type=str2bool, default=False, help='keep an exponential moving average of the weights')
+    a('--model_ema_decay', type=float, default=0.9999, help='EMA decay per optimizer step')
+    a('--model_ema_force_cpu', type=str2bool, default=False, help='hold the EMA on the CPU')
     a('--model_ema_eval', type=str2bool, default=False, help='also evaluate the EMA model each epoch')
     # optimizer and schedule
-    a('--opt', default='adamw', type=str)
-    a('--opt_eps', default=1e-8, type=float)
-    a('--opt_betas', default=None, type=float, nargs='+')
+    a('--opt', default='adamw', type=str, help='optimizer: a timm name (adamw, sgd, ...) or lars (lars.py)')
+    a('--opt_eps', default=1e-8, type=float, help='optimizer epsilon')
+    a('--opt_betas', default=None, type=float, nargs='+', help='Adam betas (None: the optimizer\'s own)')
     a('--clip_grad', type=float, default=None, help='gradient norm clip (None: off)')
     a('--momentum', type=float, default=0.9, help='SGD momentum')
-    a('--weight_decay', type=float, default=0.05)
+    a('--weight_decay', type=float, default=0.05, help='weight decay (not on biases and norms)')
     a('--weight_decay_end', type=float, default=None, help='cosine schedule of weight decay to this value')
     a('--lr', type=float, default=4e-3, help='learning rate at the global batch (ignored with --blr)')
     a('--blr', type=float, default=None,
       help='base learning rate per 512 images of global batch: lr = blr x global batch / 512 (DeiT/MAE rule)')
     a('--layer_decay', type=float, default=1.0, help='layer-wise lr decay (1.0: off)')
-    a('--min_lr', type=float, default=1e-6)
+    a('--min_lr', type=float, default=1e-6, help='learning rate at the end of the cosine schedule')
     a('--warmup_epochs', type=int, default=50, help='linear warmup from 0 (the official default, 50)')
     a('--warmup_steps', type=int, default=-1, help='overrides warmup_epochs when > 0')
     # augmentation
-    a('--color_jitter', type=float, default=0.4)
+    a('--color_jitter', type=float, default=0.4, help='color jitter strength (with --aa none)')
     a('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='RandAugment policy (timm syntax); none to disable')
-    a('--smoothing', type=float, default=0.1)
-    a('--train_interpolation', type=str, default='bicubic')
-    a('--crop_pct', type=float, default=None)
-    a('--reprob', type=float, default=0.25)
-    a('--remode', type=str, default='pixel')
-    a('--recount', type=int, default=1)
+    a('--smoothing', type=float, default=0.1, help='label smoothing')
+    a('--train_interpolation', type=str, default='bicubic', help='resize interpolation of training images')
+    a('--crop_pct', type=float, default=None, help='evaluation center crop fraction (None: 224/256)')
+    a('--reprob', type=float, default=0.25, help='random erasing probability')
+    a('--remode', type=str, default='pixel', help='random erasing fill mode')
+    a('--recount', type=int, default=1, help='random erasing count')
     a('--resplit', type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
-    a('--mixup', type=float, default=0.8)
-    a('--cutmix', type=float, default=1.0)
-    a('--cutmix_minmax', type=float, nargs='+', default=None)
-    a('--mixup_prob', type=float, default=1.0)
-    a('--mixup_switch_prob', type=float, default=0.5)
-    a('--mixup_mode', type=str, default='batch')
+    a('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
+    a('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
+    a('--cutmix_minmax', type=float, nargs='+', default=None, help='cutmix min/max box ratio (overrides --cutmix alpha)')
+    a('--mixup_prob', type=float, default=1.0, help='probability of applying mixup or cutmix to a batch')
+    a('--mixup_switch_prob', type=float, default=0.5, help='probability of cutmix instead of mixup when both are on')
+    a('--mixup_mode', type=str, default='batch', help='mixup per batch, pair or elem')
     # initialization
     a('--initialize', default=None, help='weight selection output (weight_selection.py), a state dict, or the '
                                          'folder of the official release holding vit.pth / convnext.pth')
@@ -90,11 +91,11 @@ def get_args_parser():
     a('--linear_probe', type=str2bool, default=False,
       help='freeze the backbone, train BatchNorm (no affine) + a new linear classifier (MAE recipe, Table 9)')
     # knowledge distillation (Table 4)
-    a('--distill', default='none', choices=('none', 'logit', 'feature'))
+    a('--distill', default='none', choices=('none', 'logit', 'feature'), help='knowledge distillation (Table 4)')
     a('--distill_teacher', default=None, help='timm name of the distillation teacher')
     a('--distill_teacher_checkpoint', default=None, help='its weights (default: timm pretrained from the hub)')
     a('--distill_teacher_kwargs', default='', help='JSON keyword arguments, e.g. {"dynamic_img_size": true}')
-    a('--distill_alpha', type=float, default=1.0)
+    a('--distill_alpha', type=float, default=1.0, help='weight of the distillation loss')
     a('--distill_tau', type=float, default=1.0, help='temperature of logit distillation')
     a('--trust_checkpoint', type=str2bool, default=False,
       help='fully unpickle checkpoints that hold Python objects besides tensors (can run code: only for files '
@@ -102,48 +103,48 @@ def get_args_parser():
     a('--model_key', default='model|module', type=str, help='keys under which --initialize may wrap the weights')
     a('--model_prefix', default='', type=str, help='prefix to strip from --initialize keys')
     # data
-    a('--data_path', default=None, type=str)
+    a('--data_path', default=None, type=str, help='dataset folder')
     a('--nb_classes', default=None, type=int, help='no effect: the number of classes comes from the dataset')
-    a('--imagenet_default_mean_and_std', type=str2bool, default=True)
-    a('--data_set', default='IMNET', type=str)
+    a('--imagenet_default_mean_and_std', type=str2bool, default=True, help='ImageNet mean/std normalization (false: inception 0.5)')
+    a('--data_set', default='IMNET', type=str, help='dataset: ' + ', '.join(datasets.DATASETS))
     a('--download', type=str2bool, default=False, help='let torchvision download the dataset into --data_path')
-    a('--num_workers', default=10, type=int)
+    a('--num_workers', default=10, type=int, help='data-loading worker processes per process (0: in the main one)')
     a('--gpu_data', default='auto', choices=('auto', 'true', 'false'),
       help='hold the dataset on the device as uint8 and augment there (gpu_transforms.py); auto: on CUDA when '
            'both splits take at most half of the free GPU memory')
     a('--gpu_data_size', default=None, type=int,
       help='GPU data path: short side to which datasets of varied image sizes are resized once '
            '(default input_size / crop_pct, e.g. 256 for 224)')
-    a('--pin_mem', type=str2bool, default=True)
+    a('--pin_mem', type=str2bool, default=True, help='pinned host memory for faster GPU copies')
     # output and run control
     a('--output_dir', default='', help='checkpoints, log.txt, config.yaml')
     a('--log_dir', default=None, help='TensorBoard folder')
-    a('--device', default='cuda')
-    a('--seed', default=0, type=int)
-    a('--resume', default='')
-    a('--auto_resume', type=str2bool, default=True)
-    a('--save_ckpt', type=str2bool, default=True)
-    a('--save_ckpt_freq', default=1, type=int)
+    a('--device', default='cuda', help='cuda or cpu (cuda falls back to the CPU when absent)')
+    a('--seed', default=0, type=int, help='random seed (plus the process rank)')
+    a('--resume', default='', help='checkpoint to resume from (or to evaluate with --eval)')
+    a('--auto_resume', type=str2bool, default=True, help='resume from the newest checkpoint in --output_dir')
+    a('--save_ckpt', type=str2bool, default=True, help='save checkpoints in --output_dir')
+    a('--save_ckpt_freq', default=1, type=int, help='save an epoch checkpoint every N epochs (and the last)')
     a('--save_ckpt_num', default=3, type=int, help='keep the last N epoch checkpoints (plus the best)')
     a('--save_every_steps', default=0, type=int,
       help='also checkpoint every N optimizer steps inside an epoch (mid-epoch resume; 0: off)')
     a('--deterministic', type=str2bool, default=False,
       help='deterministic kernels (torch.use_deterministic_algorithms); bit-exact resume on the CPU holds without it')
-    a('--start_epoch', default=0, type=int)
+    a('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     a('--eval', type=str2bool, default=False, help='only evaluate (with --resume CKPT)')
     a('--knn_probe', type=int, default=0, metavar='K',
       help='only measure the initial model (--initialize, --init) by a K-nearest-neighbour vote of its features: '
            'training images (eval transform) as neighbours, accuracy on the test split; no training')
     a('--dist_eval', type=str2bool, default=True, help='shard evaluation over processes')
-    a('--disable_eval', type=str2bool, default=False)
-    a('--print_freq', default=50, type=int)
+    a('--disable_eval', type=str2bool, default=False, help='no evaluation after each epoch')
+    a('--print_freq', default=50, type=int, help='print training progress every N steps')
     a('--use_amp', type=str2bool, default=False, help='mixed precision: bf16 where supported, else fp16 + GradScaler')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
-    a('--channels_last', type=str2bool, default=False)
+    a('--channels_last', type=str2bool, default=False, help='channels-last memory format')
     # distributed
     a('--world_size', default=None, type=int, help='no effect: the number of processes comes from the launcher')
     a('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
-    a('--dist_url', default='env://')
+    a('--dist_url', default='env://', help='process group init method')
     # official flags without effect here (a warning when given): Weights & Biases and ITP clusters
     for flag in ('--enable_wandb', '--wandb_ckpt', '--dist_on_itp'):
         a(flag, type=str2bool, default=None, help='no effect (official flag, kept for its commands)')

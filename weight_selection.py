@@ -14,6 +14,7 @@ or from the command line (see README.md):
     python weight_selection.py --teacher vit_small_patch16_224.augreg_in21k \
         --student vit_tiny_patch16_224 --num_classes 100 --output ws_vit_tiny.pth
 """
+import argparse
 import functools
 import json
 import math
@@ -504,9 +505,13 @@ OFFICIAL = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows each flag's default."""
+
+
 def get_args_parser():
     p = utils.ArgumentParser('weight_selection.py', description=__doc__.split('\n\n')[0],
-                             formatter_class=__import__('argparse').RawDescriptionHelpFormatter)
+                             formatter_class=HelpFormatter)
     p.add_argument('--teacher', help='timm model name, e.g. vit_small_patch16_224.augreg_in21k or convnext_tiny.fb_in22k')
     p.add_argument('--teacher_checkpoint', default=None,
                    help='local weights (.pth/.pt/.bin, .safetensors, or timm .npz); default: timm pretrained weights')

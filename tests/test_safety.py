@@ -353,3 +353,19 @@ def test_run_ends_with_one_summary_line(tmp_path, data, capsys):
                         rf"\(epoch [01]\); checkpoints in {re.escape(str(out))}", last), last
     main.main([*TRAIN, '--data_path', data, '--epochs', '1', '--disable_eval', 'true'])
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith('no evaluation; nothing saved (no --output_dir)')
+
+
+# ---------------------------------------------------------------------------------------------- 9: --help
+
+@pytest.mark.parametrize('parser_fn', [main.get_args_parser, ws.get_args_parser])
+def test_help_shows_every_flag_with_help_and_default(parser_fn, capsys):
+    parser = parser_fn()
+    undocumented = [a.dest for a in parser._actions if not (a.help or '').strip()]
+    assert not undocumented
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())  # unwrap the columns
+    for action in parser._actions:
+        assert action.option_strings[0] in text
+    assert '(default: 300)' in text if parser_fn is main.get_args_parser else '(default: uniform)' in text
+    assert '--trust_checkpoint TRUST_CHECKPOINT fully unpickle' in text
