@@ -91,13 +91,14 @@ def save_epoch(args, epoch, record, best, train_state):
                         keep_last=args.save_ckpt_num)
     if improved:
         save_checkpoint(args.output_dir, 'checkpoint-best.pth', {'model': train_state.model.state_dict(),
-                                                                 'epoch': epoch, 'acc1': acc, 'model_name': args.model})
+                                                                 'epoch': epoch, 'acc1': acc, 'model_name': args.model,
+                                                                 'args': plain_values(vars(args))})
     ema_acc = record.get('test_acc1_ema')
     if ema_acc is not None and ema_acc > best.get('ema_acc1', -1.0):
         best['ema_acc1'] = ema_acc
         save_checkpoint(args.output_dir, 'checkpoint-best-ema.pth',
                         {'model': train_state.model_ema.module.state_dict(), 'epoch': epoch, 'acc1': ema_acc,
-                         'model_name': args.model})
+                         'model_name': args.model, 'args': plain_values(vars(args))})
     return best
 
 

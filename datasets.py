@@ -302,6 +302,17 @@ def cpu_loaders(args, device, rank, world_size, plan):
     return train, val, classes, num_train
 
 
+def eval_loader(args, device, rank=0, world_size=1):
+    """(loader, number of classes, sharded) of the evaluation split alone (--eval: no training data needed)."""
+    plan = eval_plan(args, world_size)
+    val_set, classes = build_dataset(False, args)
+    if plan.sharded:
+        val_set = Subset(val_set, range(rank, len(val_set), world_size))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda')
+    return loader, classes, plan.sharded
+
+
 def knn_sets(args):
     """(training split, test split, number of classes) for --knn_probe, both with the evaluation transform."""
     train_set, classes = build_dataset(True, args)

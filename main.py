@@ -447,19 +447,51 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
     return record
 
 
-def evaluate_only(run):
-    """--eval: the test accuracy of the --resume checkpoint's weights."""
+# What --eval takes from the checkpoint's own flags unless given: what the weights were trained as.
+MODEL_FLAGS = ('model', 'model_kwargs', 'input_size', 'layer_scale_init_value', 'head_init_scale', 'linear_probe',
+               'imagenet_default_mean_and_std', 'crop_pct', 'data_set')
+
+
+def given_flags(argv, parser):
+    """The flags set on the command line or in a --config file (not left at their defaults)."""
+    quiet = get_args_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(quiet.parse_args(argv)))
+    for path in _find_configs(argv):
+        given |= set(load_config(path, parser))
+    return given
+
+
+def eval_checkpoint(args, argv):
+    """--eval: read the --resume checkpoint, and take the model flags it was trained with (MODEL_FLAGS) where
+    not given; so `--eval true --resume CKPT --data_path D` evaluates the model the checkpoint holds."""
+    ckpt = io.torch_load(args.resume, args.trust_checkpoint)
+    stored = dict(ckpt.get('args') or {}) if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and ckpt.get('model_name'):
+        stored['model'] = ckpt['model_name']
+    given = given_flags(argv, get_args_parser())
+    taken = {k: stored[k] for k in MODEL_FLAGS if k in stored and k not in given}
+    vars(args).update(taken)
+    if taken:
+        utils.print_main('--eval: from the checkpoint ' + ', '.join(f'--{k} {v}' for k, v in taken.items()
+                                                                    if v not in (None, '')))
+    return ckpt
+
+
+def evaluate_only(run, ckpt):
+    """--eval: the test accuracy of the --resume checkpoint's weights (on the evaluation split only)."""
     args = run.args
-    data = datasets.build_loaders(args, run.device, run.dist.rank, run.dist.world_size)
-    model = build.build_model(args, data.num_classes)
+    val, num_classes, sharded = datasets.eval_loader(args, run.device, run.dist.rank, run.dist.world_size)
+    model = build.build_model(args, num_classes)
     if args.linear_probe:
         build.prepare_linear_probe(model)
-    checkpoint.load_model_weights(io.torch_load(args.resume, args.trust_checkpoint), args.resume, model, args.model)
+    checkpoint.load_model_weights(ckpt, args.resume, model, args.model)
     model.to(run.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype, _ = recipe.build_amp(args, run.device)
-    stats = engine.evaluate(data.val, model, run.device, amp_dtype, data.eval_sharded)
+    stats = engine.evaluate(val, model, run.device, amp_dtype, sharded)
     utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
                      f"on {stats['n']} test images")  # n is summed over processes
     return stats
@@ -501,12 +533,14 @@ def save_config(args, run):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    ckpt = eval_checkpoint(args, argv) if args.eval and args.resume and not args.knn_probe else None
     run = setup(args)
     if args.knn_probe:
         return knn_probe(run)
     if args.eval:
-        return evaluate_only(run)
+        return evaluate_only(run, ckpt)
     return train(run)
 
 

@@ -369,3 +369,16 @@ def test_help_shows_every_flag_with_help_and_default(parser_fn, capsys):
         assert action.option_strings[0] in text
     assert '(default: 300)' in text if parser_fn is main.get_args_parser else '(default: uniform)' in text
     assert '--trust_checkpoint TRUST_CHECKPOINT fully unpickle' in text
+
+
+# ---------------------------------------------------------------------------------------------- 7: --eval
+
+@pytest.mark.parametrize('name', ['checkpoint-0.pth', 'checkpoint-best.pth'])
+def test_eval_takes_the_model_from_the_checkpoint(name, trained, data, capsys):
+    argv = ['--eval', 'true', '--resume', str(trained / name), '--data_path', data, '--device', 'cpu',
+            '--num_workers', '0', '--epochs', '0', '--lr', '0', '--warmup_epochs', '99']  # training-only: ignored
+    stats = main.main(argv)
+    out = capsys.readouterr().out
+    assert '--model vit_tiny_patch16_224' in out and '--input_size 32' in out and 'patch_size' in out
+    assert stats['n'] == 9
+    expect_cli_error(main.main, [*argv, '--input_size', '36'], capsys, '--input_size 36')  # an explicit flag wins
