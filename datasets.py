@@ -104,13 +104,60 @@ def image_folder(root, is_train, transform, allow_test):
         raise UserError(f"--data_path {root} has no {' or '.join(c + '/' for c in candidates)} folder; expected "
                         f"DATA_PATH/{candidates[0]}/<class>/*.jpg")
     try:
-        dataset = datasets.ImageFolder(folder, transform=transform)
+        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f'{folder} holds no images in class folders ({str(e).splitlines()[0][:120]}); '
                         f'expected {folder}/<class>/*.jpg') from None
     if not is_train:
         check_same_classes(os.path.join(root, 'train'), folder, dataset.classes)
     return dataset, len(dataset.classes)
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded. A DataLoader worker's exception comes back to the main process
+    re-created from its whole traceback text (torch's ExceptionWrapper.reraise): keep only our own line."""
+
+    def __init__(self, message):
+        if 'Original Traceback' in message:
+            message = message.strip().splitlines()[-1].split(': ', 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path):
+    """ImageFolder's loader, but a truncated or non-image file is one error line naming the file and the fix."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        detail = type(e).__name__ if path in str(e) else f'{type(e).__name__}: {_first_line(e)}'
+        raise UnreadableImage(f'cannot read image {path} ({detail}): truncated or not an image; remove or replace '
+                              f'it (--check_data true lists every bad one)') from None
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [''])[0][:120]
+
+
+def check_images(args):
+    """--check_data: decode every image of both splits once, before training; one line listing the bad ones."""
+    if args.data_set not in ('IMNET', 'image_folder'):
+        utils.print_main(f'--check_data: {args.data_set} is read by torchvision from its own files; nothing to check')
+        return
+    bad, total = [], 0
+    for is_train in (True, False):
+        dataset = image_folder(args.data_path, is_train, None, allow_test=args.data_set == 'image_folder')[0]
+        for path, _ in dataset.samples:
+            total += 1
+            try:
+                load_image(path).close()
+            except UnreadableImage:
+                bad.append(path)
+    if bad:
+        raise UserError(f'--check_data: {len(bad)} of {total} images are unreadable (truncated or not images): '
+                        f'{", ".join(bad[:5])}' + (f' (+{len(bad) - 5} more)' if len(bad) > 5 else '')
+                        + '; remove or replace them')
+    utils.print_main(f'--check_data: all {total} images are readable')
 
 
 def check_same_classes(train_folder, eval_folder, eval_classes):

@@ -8,7 +8,7 @@ whether --gpu_data auto can use it.
 import torch
 from torchvision import datasets, transforms
 
-from datasets import EpochSampler, build_dataset, mean_std, set_transform
+from datasets import EpochSampler, build_dataset, load_image, mean_std, set_transform
 from utils import UserError
 
 NATIVE_SIDE = {'CIFAR10': 32, 'CIFAR100': 32, 'svhn': 32, 'stl10': 96, 'eurosat': 64}  # one size per dataset
@@ -48,8 +48,12 @@ def _image_sizes(dataset):
     from PIL import Image
     sizes = set()
     for path, _ in dataset.samples:
-        with Image.open(path) as im:
-            sizes.add(im.size)
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except Exception:  # noqa: BLE001 - the loader's error names the file and the fix
+            load_image(path)
+            raise
     return sizes
 
 

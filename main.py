@@ -108,6 +108,8 @@ def get_args_parser():
     a('--imagenet_default_mean_and_std', type=str2bool, default=True, help='ImageNet mean/std normalization (false: inception 0.5)')
     a('--data_set', default='IMNET', type=str, help='dataset: ' + ', '.join(datasets.DATASETS))
     a('--download', type=str2bool, default=False, help='let torchvision download the dataset into --data_path')
+    a('--check_data', type=str2bool, default=False,
+      help='decode every image of an image_folder/IMNET dataset once before training and list the unreadable ones')
     a('--num_workers', default=10, type=int, help='data-loading worker processes per process (0: in the main one)')
     a('--gpu_data', default='auto', choices=('auto', 'true', 'false'),
       help='hold the dataset on the device as uint8 and augment there (gpu_transforms.py); auto: on CUDA when '
@@ -536,6 +538,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     ckpt = eval_checkpoint(args, argv) if args.eval and args.resume and not args.knn_probe else None
+    if args.check_data:
+        datasets.check_images(args)
     run = setup(args)
     if args.knn_probe:
         return knn_probe(run)

@@ -382,3 +382,40 @@ def test_eval_takes_the_model_from_the_checkpoint(name, trained, data, capsys):
     assert '--model vit_tiny_patch16_224' in out and '--input_size 32' in out and 'patch_size' in out
     assert stats['n'] == 9
     expect_cli_error(main.main, [*argv, '--input_size', '36'], capsys, '--input_size 36')  # an explicit flag wins
+
+
+# ---------------------------------------------------------------------------------------------- 5: unreadable images
+
+@pytest.fixture
+def broken_data(tmp_path):
+    """An image folder with a truncated PNG in train/ and a text file named .jpg in val/."""
+    root = write_image_folder(tmp_path / 'broken')
+    png = tmp_path / 'broken' / 'train' / 'c1' / '3.png'
+    png.write_bytes(png.read_bytes()[:200])
+    (tmp_path / 'broken' / 'val' / 'c0' / 'notes.jpg').write_text('not an image')
+    return root, str(png), str(tmp_path / 'broken' / 'val' / 'c0' / 'notes.jpg')
+
+
+@pytest.mark.parametrize('workers,gpu_data', [('0', 'false'), ('2', 'false'), ('0', 'true')])
+def test_unreadable_image_names_the_file_without_traceback(workers, gpu_data, broken_data, tmp_path, capsys):
+    root, png, _ = broken_data
+    argv = [*TRAIN, '--data_path', root, '--epochs', '1', '--num_workers', workers, '--gpu_data', gpu_data,
+            '--output_dir', str(tmp_path / 'out')]
+    line = expect_cli_error(main.main, argv, capsys, 'cannot read image', '--check_data true')
+    assert 'broken' in line and ('3.png' in line or 'notes.jpg' in line)
+    assert 'Traceback' not in line and 'worker' not in line
+
+
+def test_check_data_lists_every_bad_image_before_training(broken_data, tmp_path, capsys):
+    root, png, text = broken_data
+    out = tmp_path / 'out'
+    line = expect_cli_error(main.main, [*TRAIN, '--data_path', root, '--check_data', 'true', '--output_dir', str(out)],
+                            capsys, '--check_data: 2 of', png, text)
+    assert not out.exists()
+
+
+def test_check_data_passes_a_good_folder(data, capsys):
+    from types import SimpleNamespace
+    import datasets
+    datasets.check_images(SimpleNamespace(data_set='image_folder', data_path=data))
+    assert 'all 33 images are readable' in capsys.readouterr().out
