@@ -45,10 +45,13 @@ def build_dataset(is_train, args):
     try:
         return torchvision_dataset(name, root, is_train, transform, download)
     except (RuntimeError, FileNotFoundError, OSError) as e:
+        offline = (f"offline, place {name}'s files (torchvision's layout) under --data_path {root} by hand, or "
+                   f'train on any local ImageFolder with --data_set image_folder')
         if download:
-            raise UserError(f'cannot download {name} into {root}: {str(e).splitlines()[0][:200]}') from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f'cannot download {name} into {root} ({first}); {offline}') from None
         raise UserError(f'{name} not found under --data_path {root}; point --data_path at the folder that '
-                        f'holds it, or pass --download true to let torchvision fetch it') from None
+                        f'holds it, pass --download true to let torchvision fetch it, or {offline}') from None
 
 
 def torchvision_dataset(name, root, is_train, transform, download):

@@ -419,3 +419,32 @@ def test_check_data_passes_a_good_folder(data, capsys):
     import datasets
     datasets.check_images(SimpleNamespace(data_set='image_folder', data_path=data))
     assert 'all 33 images are readable' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- 10: offline, torchrun
+
+def test_download_failure_names_the_offline_route(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def no_network(*args, **kwargs):
+        raise OSError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(datasets.datasets.CIFAR10, '__init__', no_network)
+    argv = ['--data_set', 'CIFAR10', '--data_path', str(tmp_path), '--download', 'true', '--device', 'cpu',
+            '--num_workers', '0', '--model', 'vit_tiny_patch16_224']
+    expect_cli_error(main.main, argv, capsys, 'cannot download CIFAR10', 'name resolution',
+                     f"place CIFAR10's files (torchvision's layout) under --data_path {tmp_path} by hand",
+                     '--data_set image_folder')
+    expect_cli_error(main.main, argv[:-4] + ['--download', 'false', '--device', 'cpu'], capsys,
+                     'CIFAR10 not found', '--download true', '--data_set image_folder')
+
+
+def test_torchrun_child_error_comes_first_as_one_line(tmp_path):
+    from conftest import free_port, run_script
+    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'main.py',
+                      '--epochs', '0', '--device', 'cpu', timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(('*', 'Setting'))]
+    ours = 'error: --epochs 0: train at least one epoch (or evaluate with --eval true)'
+    assert lines[0] == ours, proc.stderr  # each rank's line, before torchrun's own ChildFailedError report
+    assert proc.stderr.index(ours) < proc.stderr.index('ChildFailedError')
+    assert 'main.py", line' not in proc.stderr  # no frame of ours: the only traceback is torchrun's own
