@@ -77,14 +77,12 @@ def test_selection_output_loads_with_plain_torch_load_and_in_timm(tmp_path, teac
     assert torch.equal(model.state_dict()['blocks.1.attn.qkv.weight'], ckpt['model']['blocks.1.attn.qkv.weight'])
 
 
-def test_rng_state_is_plain_and_restores_every_generator():
+def test_rng_state_is_plain_and_restores_every_generator(tmp_path):
     utils.seed_everything(5)
     saved = utils.rng_state(cuda=False)
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
-    path = utils.tempfile.mktemp()
-    torch.save(saved, path)
-    reloaded = torch.load(path)  # plain types and tensors only
-    os.remove(path)
+    torch.save(saved, tmp_path / 'rng.pth')
+    reloaded = torch.load(tmp_path / 'rng.pth')  # plain types and tensors only
     utils.seed_everything(99)
     utils.set_rng_state(reloaded)
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
