@@ -35,6 +35,18 @@ def get_args_parser():
     a('--config', action='append', default=None, metavar='YAML',
       help='YAML file of flag values (flag names as keys); may be repeated: a later file overrides an earlier '
            'one, and command-line flags override every file')
+    for add_flags in (_model_and_optimizer_flags, _augmentation_and_init_flags, _data_and_run_flags):
+        add_flags(a)
+    # official flags without effect here (a warning when given): Weights & Biases and ITP clusters
+    for flag in ('--enable_wandb', '--wandb_ckpt', '--dist_on_itp'):
+        a(flag, type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
+    a('--project', default=None, help='no effect (official W&B flag, kept for its commands)')
+    a('--eval_data_path', default=None, help='no effect: the evaluation split comes from --data_path (see datasets.py)')
+    return p
+
+
+def _model_and_optimizer_flags(a):
+    """Run length, batch, model, optimizer and schedule."""
     # run length and batch
     a('--batch_size', default=64, type=int, help='per-GPU (per-process) batch size')
     a('--global_batch_size', default=None, type=int,
@@ -67,6 +79,10 @@ def get_args_parser():
     a('--min_lr', type=float, default=1e-6, help='learning rate at the end of the cosine schedule')
     a('--warmup_epochs', type=int, default=50, help='linear warmup from 0 (the official default, 50)')
     a('--warmup_steps', type=int, default=-1, help='overrides warmup_epochs when > 0')
+
+
+def _augmentation_and_init_flags(a):
+    """Augmentation, initialization and distillation."""
     # augmentation
     a('--color_jitter', type=float, default=0.4, help='color jitter strength (with --aa none)')
     a('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='RandAugment policy (timm syntax); none to disable')
@@ -102,6 +118,10 @@ def get_args_parser():
            'you trust, e.g. checkpoints written before weights-only saving); default: such files are refused')
     a('--model_key', default='model|module', type=str, help='keys under which --initialize may wrap the weights')
     a('--model_prefix', default='', type=str, help='prefix to strip from --initialize keys')
+
+
+def _data_and_run_flags(a):
+    """Data, output, run control and distributed set-up."""
     # data
     a('--data_path', default=None, type=str, help='dataset folder')
     a('--nb_classes', default=None, type=int, help='no effect: the number of classes comes from the dataset')
@@ -147,12 +167,6 @@ def get_args_parser():
     a('--world_size', default=None, type=int, help='no effect: the number of processes comes from the launcher')
     a('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
     a('--dist_url', default='env://', help='process group init method')
-    # official flags without effect here (a warning when given): Weights & Biases and ITP clusters
-    for flag in ('--enable_wandb', '--wandb_ckpt', '--dist_on_itp'):
-        a(flag, type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
-    a('--project', default=None, help='no effect (official W&B flag, kept for its commands)')
-    a('--eval_data_path', default=None, help='no effect: the evaluation split comes from --data_path (see datasets.py)')
-    return p
 
 
 # Official flags kept so that the official commands run, but which do nothing here: a warning when given.
