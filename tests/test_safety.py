@@ -446,3 +446,11 @@ def test_torchrun_child_error_comes_first_as_one_line(tmp_path):
     assert lines[0] == ours, proc.stderr  # each rank's line, before torchrun's own ChildFailedError report
     assert proc.stderr.index(ours) < proc.stderr.index('ChildFailedError')
     assert 'main.py", line' not in proc.stderr  # no frame of ours: the only traceback is torchrun's own
+
+
+def test_eval_needs_only_the_evaluation_split(trained, data, tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(data, 'val'), tmp_path / 'only_val' / 'val')
+    stats = main.main(['--eval', 'true', '--resume', str(trained / 'checkpoint-best.pth'), '--device', 'cpu',
+                       '--data_path', str(tmp_path / 'only_val'), '--num_workers', '0', '--batch_size', '1000'])
+    assert stats['n'] == 9
