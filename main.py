@@ -275,9 +275,9 @@ def resolve_batch(args, world_size):
 
 def check_args(args):
     """Values that would crash later or silently train something else than asked: one line, before any work."""
-    if args.batch_size <= 0 or (args.global_batch_size is not None and args.global_batch_size <= 0):
-        raise UserError(f'--batch_size {args.batch_size} / --global_batch_size {args.global_batch_size}: '
-                        f'batch sizes must be positive')
+    for flag in ('batch_size', 'global_batch_size'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be positive (images per step)')
     if args.num_workers < 0:
         raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
