@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import utils
-from models.io import check_fits, torch_load
+from models.io import UntrustedCheckpoint, check_fits, torch_load
 from utils import UserError
 
 CHECKPOINT_NAME = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
@@ -35,7 +35,7 @@ class TrainState:
 
     def state_dict(self, args, epoch, best):
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
-                 'args': vars(args), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
+                 'args': plain_values(vars(args)), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
         for name in ('scaler', 'projector'):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name).state_dict()
@@ -53,6 +53,18 @@ class TrainState:
             self.projector.load_state_dict(ckpt['projector'])
         if 'rng' in ckpt:
             utils.set_rng_state(ckpt['rng'])
+
+
+def plain_values(value):
+    """Flag values as str/int/float/bool/None, lists and dicts of them: what torch.load's weights_only=True
+    unpickles (any other object, e.g. a TorchVersion, would make the whole checkpoint need a full unpickle)."""
+    if isinstance(value, dict):
+        return {str(k): plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return str(value)
 
 
 @dataclass
@@ -81,13 +93,14 @@ def save_epoch(args, epoch, record, best, train_state):
                         keep_last=args.save_ckpt_num)
     if improved:
         save_checkpoint(args.output_dir, 'checkpoint-best.pth', {'model': train_state.model.state_dict(),
-                                                                 'epoch': epoch, 'acc1': acc, 'model_name': args.model})
+                                                                 'epoch': epoch, 'acc1': acc, 'model_name': args.model,
+                                                                 'args': plain_values(vars(args))})
     ema_acc = record.get('test_acc1_ema')
     if ema_acc is not None and ema_acc > best.get('ema_acc1', -1.0):
         best['ema_acc1'] = ema_acc
         save_checkpoint(args.output_dir, 'checkpoint-best-ema.pth',
                         {'model': train_state.model_ema.module.state_dict(), 'epoch': epoch, 'acc1': ema_acc,
-                         'model_name': args.model})
+                         'model_name': args.model, 'args': plain_values(vars(args))})
     return best
 
 
@@ -171,7 +184,9 @@ def find_checkpoint(args):
     if args.auto_resume and args.output_dir:
         for path in reversed(list_checkpoints(args.output_dir)):
             try:
-                ckpt = torch_load(path)
+                ckpt = torch_load(path, args.trust_checkpoint)
+            except UntrustedCheckpoint:
+                raise  # a planted or old file: the user decides (--trust_checkpoint), not a silent skip
             except UserError as e:
                 utils.print_main(f'warning: skipping unreadable checkpoint ({e}); trying the previous one')
                 continue
@@ -179,7 +194,7 @@ def find_checkpoint(args):
                                                             if args.initialize else ''))
             return ckpt, path
     if args.resume:
-        return torch_load(args.resume), args.resume
+        return torch_load(args.resume, args.trust_checkpoint), args.resume
     return None, None
 
 

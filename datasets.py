@@ -45,10 +45,13 @@ def build_dataset(is_train, args):
     try:
         return torchvision_dataset(name, root, is_train, transform, download)
     except (RuntimeError, FileNotFoundError, OSError) as e:
+        offline = (f"offline, place {name}'s files (torchvision's layout) under --data_path {root} by hand, or "
+                   f'train on any local ImageFolder with --data_set image_folder')
         if download:
-            raise UserError(f'cannot download {name} into {root}: {str(e).splitlines()[0][:200]}') from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f'cannot download {name} into {root} ({first}); {offline}') from None
         raise UserError(f'{name} not found under --data_path {root}; point --data_path at the folder that '
-                        f'holds it, or pass --download true to let torchvision fetch it') from None
+                        f'holds it, pass --download true to let torchvision fetch it, or {offline}') from None
 
 
 def torchvision_dataset(name, root, is_train, transform, download):
@@ -104,11 +107,76 @@ def image_folder(root, is_train, transform, allow_test):
         raise UserError(f"--data_path {root} has no {' or '.join(c + '/' for c in candidates)} folder; expected "
                         f"DATA_PATH/{candidates[0]}/<class>/*.jpg")
     try:
-        dataset = datasets.ImageFolder(folder, transform=transform)
+        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f'{folder} holds no images in class folders ({str(e).splitlines()[0][:120]}); '
                         f'expected {folder}/<class>/*.jpg') from None
+    if not is_train:
+        check_same_classes(os.path.join(root, 'train'), folder, dataset.classes)
     return dataset, len(dataset.classes)
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded. A DataLoader worker's exception comes back to the main process
+    re-created from its whole traceback text (torch's ExceptionWrapper.reraise): keep only our own line."""
+
+    def __init__(self, message):
+        if 'Original Traceback' in message:
+            message = message.strip().splitlines()[-1].split(': ', 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path):
+    """ImageFolder's loader, but a truncated or non-image file is one error line naming the file and the fix."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        detail = type(e).__name__ if path in str(e) else f'{type(e).__name__}: {_first_line(e)}'
+        raise UnreadableImage(f'cannot read image {path} ({detail}): truncated or not an image; remove or replace '
+                              f'it (--check_data true lists every bad one)') from None
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [''])[0][:120]
+
+
+def check_images(args):
+    """--check_data: decode every image of both splits once, before training; one line listing the bad ones."""
+    if args.data_set not in ('IMNET', 'image_folder'):
+        utils.print_main(f'--check_data: {args.data_set} is read by torchvision from its own files; nothing to check')
+        return
+    bad, total = [], 0
+    for is_train in (True, False):
+        dataset = image_folder(args.data_path, is_train, None, allow_test=args.data_set == 'image_folder')[0]
+        for path, _ in dataset.samples:
+            total += 1
+            try:
+                load_image(path).close()
+            except UnreadableImage:
+                bad.append(path)
+    if bad:
+        raise UserError(f'--check_data: {len(bad)} of {total} images are unreadable (truncated or not images): '
+                        f'{", ".join(bad[:5])}' + (f' (+{len(bad) - 5} more)' if len(bad) > 5 else '')
+                        + '; remove or replace them')
+    utils.print_main(f'--check_data: all {total} images are readable')
+
+
+def check_same_classes(train_folder, eval_folder, eval_classes):
+    """ImageFolder numbers the classes of each split by their sorted folder names: an evaluation split with a
+    class missing or extra would shift every later label and report a wrong accuracy without any error."""
+    if not os.path.isdir(train_folder):
+        return
+    train_classes = datasets.folder.find_classes(train_folder)[0]
+    if list(train_classes) == list(eval_classes):
+        return
+    missing = sorted(set(train_classes) - set(eval_classes))
+    extra = sorted(set(eval_classes) - set(train_classes))
+    parts = ([f'missing {", ".join(missing[:5])}' + (' ...' if len(missing) > 5 else '')] if missing else []) + \
+            ([f'extra {", ".join(extra[:5])}' + (' ...' if len(extra) > 5 else '')] if extra else [])
+    raise UserError(f'{eval_folder} has other classes than {train_folder} ({"; ".join(parts)}): labels are numbered '
+                    f'by class folder, so they would not match; give both splits the same class folders')
 
 
 def install_posterize_shim():
@@ -281,6 +349,17 @@ def cpu_loaders(args, device, rank, world_size, plan):
             val_set = Subset(val_set, range(rank, len(val_set), world_size))
         val = torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False, **common)
     return train, val, classes, num_train
+
+
+def eval_loader(args, device, rank=0, world_size=1):
+    """(loader, number of classes, sharded) of the evaluation split alone (--eval: no training data needed)."""
+    plan = eval_plan(args, world_size)
+    val_set, classes = build_dataset(False, args)
+    if plan.sharded:
+        val_set = Subset(val_set, range(rank, len(val_set), world_size))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda')
+    return loader, classes, plan.sharded
 
 
 def knn_sets(args):

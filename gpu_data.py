@@ -8,7 +8,7 @@ whether --gpu_data auto can use it.
 import torch
 from torchvision import datasets, transforms
 
-from datasets import EpochSampler, build_dataset, mean_std, set_transform
+from datasets import EpochSampler, build_dataset, load_image, mean_std, set_transform
 import utils
 from utils import UserError
 
@@ -49,8 +49,12 @@ def _image_sizes(dataset):
     from PIL import Image
     sizes = set()
     for path, _ in dataset.samples:
-        with Image.open(path) as im:
-            sizes.add(im.size)
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except Exception:  # noqa: BLE001 - the loader's error names the file and the fix
+            load_image(path)
+            raise
     return sizes
 
 

@@ -9,6 +9,7 @@ This file parses the flags and wires the pieces: datasets.py / gpu_data.py (load
 (the model, its initialization, the distillation teacher), recipe.py (loss, optimizer, schedule),
 checkpoint.py (save and resume), engine.py (the loops). Three runs: train, --eval, --knn_probe.
 """
+import argparse
 import json
 import os
 import sys
@@ -28,16 +29,29 @@ from utils import UserError, str2bool
 
 
 def get_args_parser():
-    p = utils.ArgumentParser('main.py', description=__doc__.split('\n\n')[0], add_help=True)
+    p = utils.ArgumentParser('main.py', description=__doc__.split('\n\n')[0], add_help=True,
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--config', action='append', default=None, metavar='YAML',
       help='YAML file of flag values (flag names as keys); may be repeated: a later file overrides an earlier '
            'one, and command-line flags override every file')
+    for add_flags in (_model_and_optimizer_flags, _augmentation_and_init_flags, _data_and_run_flags):
+        add_flags(a)
+    # official flags without effect here (a warning when given): Weights & Biases and ITP clusters
+    for flag in ('--enable_wandb', '--wandb_ckpt', '--dist_on_itp'):
+        a(flag, type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
+    a('--project', default=None, help='no effect (official W&B flag, kept for its commands)')
+    a('--eval_data_path', default=None, help='no effect: the evaluation split comes from --data_path (see datasets.py)')
+    return p
+
+
+def _model_and_optimizer_flags(a):
+    """Run length, batch, model, optimizer and schedule."""
     # run length and batch
     a('--batch_size', default=64, type=int, help='per-GPU (per-process) batch size')
     a('--global_batch_size', default=None, type=int,
       help='world_size x batch_size x update_freq; derives update_freq from the number of processes')
-    a('--epochs', default=300, type=int)
+    a('--epochs', default=300, type=int, help='training epochs (at least --warmup_epochs)')
     a('--update_freq', default=1, type=int, help='gradient accumulation steps')
     # model
     a('--model', default='convnext_tiny', type=str, help='timm model name or one registered in models/')
@@ -46,41 +60,45 @@ def get_args_parser():
     a('--drop_path', type=float, default=0.0, help='stochastic depth rate')
     a('--layer_scale_init_value', default=1e-6, type=float, help='ConvNeXt layer scale init')
     a('--head_init_scale', default=1.0, type=float, help='ConvNeXt classifier init scale')
-    a('--model_ema', type=str2bool, default=False)
-    a('--model_ema_decay', type=float, default=0.9999)
-    a('--model_ema_force_cpu', type=str2bool, default=False)
+    a('--model_ema', type=str2bool, default=False, help='keep an exponential moving average of the weights')
+    a('--model_ema_decay', type=float, default=0.9999, help='EMA decay per optimizer step')
+    a('--model_ema_force_cpu', type=str2bool, default=False, help='hold the EMA on the CPU')
     a('--model_ema_eval', type=str2bool, default=False, help='also evaluate the EMA model each epoch')
     # optimizer and schedule
-    a('--opt', default='adamw', type=str)
-    a('--opt_eps', default=1e-8, type=float)
-    a('--opt_betas', default=None, type=float, nargs='+')
+    a('--opt', default='adamw', type=str, help='optimizer: a timm name (adamw, sgd, ...) or lars (lars.py)')
+    a('--opt_eps', default=1e-8, type=float, help='optimizer epsilon')
+    a('--opt_betas', default=None, type=float, nargs='+', help='Adam betas (None: the optimizer\'s own)')
     a('--clip_grad', type=float, default=None, help='gradient norm clip (None: off)')
     a('--momentum', type=float, default=0.9, help='SGD momentum')
-    a('--weight_decay', type=float, default=0.05)
+    a('--weight_decay', type=float, default=0.05, help='weight decay (not on biases and norms)')
     a('--weight_decay_end', type=float, default=None, help='cosine schedule of weight decay to this value')
     a('--lr', type=float, default=4e-3, help='learning rate at the global batch (ignored with --blr)')
     a('--blr', type=float, default=None,
       help='base learning rate per 512 images of global batch: lr = blr x global batch / 512 (DeiT/MAE rule)')
     a('--layer_decay', type=float, default=1.0, help='layer-wise lr decay (1.0: off)')
-    a('--min_lr', type=float, default=1e-6)
+    a('--min_lr', type=float, default=1e-6, help='learning rate at the end of the cosine schedule')
     a('--warmup_epochs', type=int, default=50, help='linear warmup from 0 (the official default, 50)')
     a('--warmup_steps', type=int, default=-1, help='overrides warmup_epochs when > 0')
+
+
+def _augmentation_and_init_flags(a):
+    """Augmentation, initialization and distillation."""
     # augmentation
-    a('--color_jitter', type=float, default=0.4)
+    a('--color_jitter', type=float, default=0.4, help='color jitter strength (with --aa none)')
     a('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='RandAugment policy (timm syntax); none to disable')
-    a('--smoothing', type=float, default=0.1)
-    a('--train_interpolation', type=str, default='bicubic')
-    a('--crop_pct', type=float, default=None)
-    a('--reprob', type=float, default=0.25)
-    a('--remode', type=str, default='pixel')
-    a('--recount', type=int, default=1)
+    a('--smoothing', type=float, default=0.1, help='label smoothing')
+    a('--train_interpolation', type=str, default='bicubic', help='resize interpolation of training images')
+    a('--crop_pct', type=float, default=None, help='evaluation center crop fraction (None: 224/256)')
+    a('--reprob', type=float, default=0.25, help='random erasing probability')
+    a('--remode', type=str, default='pixel', help='random erasing fill mode')
+    a('--recount', type=int, default=1, help='random erasing count')
     a('--resplit', type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
-    a('--mixup', type=float, default=0.8)
-    a('--cutmix', type=float, default=1.0)
-    a('--cutmix_minmax', type=float, nargs='+', default=None)
-    a('--mixup_prob', type=float, default=1.0)
-    a('--mixup_switch_prob', type=float, default=0.5)
-    a('--mixup_mode', type=str, default='batch')
+    a('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
+    a('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
+    a('--cutmix_minmax', type=float, nargs='+', default=None, help='cutmix min/max box ratio (overrides --cutmix alpha)')
+    a('--mixup_prob', type=float, default=1.0, help='probability of applying mixup or cutmix to a batch')
+    a('--mixup_switch_prob', type=float, default=0.5, help='probability of cutmix instead of mixup when both are on')
+    a('--mixup_mode', type=str, default='batch', help='mixup per batch, pair or elem')
     # initialization
     a('--initialize', default=None, help='weight selection output (weight_selection.py), a state dict, or the '
                                          'folder of the official release holding vit.pth / convnext.pth')
@@ -89,43 +107,52 @@ def get_args_parser():
     a('--linear_probe', type=str2bool, default=False,
       help='freeze the backbone, train BatchNorm (no affine) + a new linear classifier (MAE recipe, Table 9)')
     # knowledge distillation (Table 4)
-    a('--distill', default='none', choices=('none', 'logit', 'feature'))
+    a('--distill', default='none', choices=('none', 'logit', 'feature'), help='knowledge distillation (Table 4)')
     a('--distill_teacher', default=None, help='timm name of the distillation teacher')
     a('--distill_teacher_checkpoint', default=None, help='its weights (default: timm pretrained from the hub)')
     a('--distill_teacher_kwargs', default='', help='JSON keyword arguments, e.g. {"dynamic_img_size": true}')
-    a('--distill_alpha', type=float, default=1.0)
+    a('--distill_alpha', type=float, default=1.0, help='weight of the distillation loss')
     a('--distill_tau', type=float, default=1.0, help='temperature of logit distillation')
+    a('--trust_checkpoint', type=str2bool, default=False,
+      help='fully unpickle checkpoints that hold Python objects besides tensors (can run code: only for files '
+           'you trust, e.g. checkpoints written before weights-only saving); default: such files are refused')
     a('--model_key', default='model|module', type=str, help='keys under which --initialize may wrap the weights')
     a('--model_prefix', default='', type=str, help='prefix to strip from --initialize keys')
+
+
+def _data_and_run_flags(a):
+    """Data, output, run control and distributed set-up."""
     # data
-    a('--data_path', default=None, type=str)
+    a('--data_path', default=None, type=str, help='dataset folder')
     a('--nb_classes', default=None, type=int, help='no effect: the number of classes comes from the dataset')
-    a('--imagenet_default_mean_and_std', type=str2bool, default=True)
-    a('--data_set', default='IMNET', type=str)
+    a('--imagenet_default_mean_and_std', type=str2bool, default=True, help='ImageNet mean/std normalization (false: inception 0.5)')
+    a('--data_set', default='IMNET', type=str, help='dataset: ' + ', '.join(datasets.DATASETS))
     a('--download', type=str2bool, default=False, help='let torchvision download the dataset into --data_path')
-    a('--num_workers', default=10, type=int)
+    a('--check_data', type=str2bool, default=False,
+      help='decode every image of an image_folder/IMNET dataset once before training and list the unreadable ones')
+    a('--num_workers', default=10, type=int, help='data-loading worker processes per process (0: in the main one)')
     a('--gpu_data', default='auto', choices=('auto', 'true', 'false'),
       help='hold the dataset on the device as uint8 and augment there (gpu_transforms.py); auto: on CUDA when '
            'both splits take at most half of the free GPU memory')
     a('--gpu_data_size', default=None, type=int,
       help='GPU data path: short side to which datasets of varied image sizes are resized once '
            '(default input_size / crop_pct, e.g. 256 for 224)')
-    a('--pin_mem', type=str2bool, default=True)
+    a('--pin_mem', type=str2bool, default=True, help='pinned host memory for faster GPU copies')
     # output and run control
     a('--output_dir', default='', help='checkpoints, log.txt, config.yaml')
     a('--log_dir', default=None, help='TensorBoard folder')
-    a('--device', default='cuda')
-    a('--seed', default=0, type=int)
-    a('--resume', default='')
-    a('--auto_resume', type=str2bool, default=True)
-    a('--save_ckpt', type=str2bool, default=True)
-    a('--save_ckpt_freq', default=1, type=int)
+    a('--device', default='cuda', help='cuda or cpu (cuda falls back to the CPU when absent)')
+    a('--seed', default=0, type=int, help='random seed (plus the process rank)')
+    a('--resume', default='', help='checkpoint to resume from (or to evaluate with --eval)')
+    a('--auto_resume', type=str2bool, default=True, help='resume from the newest checkpoint in --output_dir')
+    a('--save_ckpt', type=str2bool, default=True, help='save checkpoints in --output_dir')
+    a('--save_ckpt_freq', default=1, type=int, help='save an epoch checkpoint every N epochs (and the last)')
     a('--save_ckpt_num', default=3, type=int, help='keep the last N epoch checkpoints (plus the best)')
     a('--save_every_steps', default=0, type=int,
       help='also checkpoint every N optimizer steps inside an epoch (mid-epoch resume; 0: off)')
     a('--deterministic', type=str2bool, default=False,
       help='deterministic kernels (torch.use_deterministic_algorithms); bit-exact resume on the CPU holds without it')
-    a('--start_epoch', default=0, type=int)
+    a('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     a('--eval', type=str2bool, default=False, help='only evaluate (with --resume CKPT)')
     a('--knn_probe', type=int, default=0, metavar='K',
       help='only measure the initial model (--initialize, --init) by a K-nearest-neighbour vote of its features: '
@@ -133,21 +160,15 @@ def get_args_parser():
     a('--knn_features', default='model', choices=('model', 'pixels'),
       help="--knn_probe's features: the model's pre-logits, or the raw normalized pixels (a baseline)")
     a('--dist_eval', type=str2bool, default=True, help='shard evaluation over processes')
-    a('--disable_eval', type=str2bool, default=False)
-    a('--print_freq', default=50, type=int)
+    a('--disable_eval', type=str2bool, default=False, help='no evaluation after each epoch')
+    a('--print_freq', default=50, type=int, help='print training progress every N steps')
     a('--use_amp', type=str2bool, default=False, help='mixed precision: bf16 where supported, else fp16 + GradScaler')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
-    a('--channels_last', type=str2bool, default=False)
+    a('--channels_last', type=str2bool, default=False, help='channels-last memory format')
     # distributed
     a('--world_size', default=None, type=int, help='no effect: the number of processes comes from the launcher')
     a('--local_rank', '--local-rank', default=-1, type=int, help='set by torch.distributed.launch')
-    a('--dist_url', default='env://')
-    # official flags without effect here (a warning when given): Weights & Biases and ITP clusters
-    for flag in ('--enable_wandb', '--wandb_ckpt', '--dist_on_itp'):
-        a(flag, type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
-    a('--project', default=None, help='no effect (official W&B flag, kept for its commands)')
-    a('--eval_data_path', default=None, help='no effect: the evaluation split comes from --data_path (see datasets.py)')
-    return p
+    a('--dist_url', default='env://', help='process group init method')
 
 
 # Official flags kept so that the official commands run, but which do nothing here: a warning when given.
@@ -197,12 +218,38 @@ def load_config(path, parser):
             raise UserError(f'--config {path} is not valid YAML: {str(e).splitlines()[0]}') from None
     if not isinstance(values, dict):
         raise UserError(f'--config {path} must map flag names to values')
-    valid = {action.dest for action in parser._actions} - {'help', 'config'}  # a config names no other config
-    for key in values:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=3)
+    actions = {action.dest: action for action in parser._actions if action.dest not in ('help', 'config')}
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(key, sorted(actions), n=3)
             raise UserError(f"--config {path}: unknown key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else ''))
+        values[key] = config_value(actions[key], value, f"--config {path}: key '{key}'")
     return values
+
+
+# What a YAML scalar must be for a flag's type; argparse converts string defaults but no others, so a
+# YAML `epochs: 1.5` would otherwise reach the run as a float.
+YAML_TYPES = {int: ((int,), 'an integer'), float: ((int, float), 'a number'), str2bool: ((bool,), 'true or false')}
+
+
+def config_value(action, value, where):
+    """A YAML value checked against its flag's type and choices (each element for list flags); argparse
+    checks neither for defaults (it only parses a lone string default), so `epochs: 1.5` would pass."""
+    if isinstance(value, list) and action.nargs in ('+', '*'):
+        return [config_value(action, v, where) for v in value]
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f'{where}: invalid {action.type.__name__} value: {value!r}') from None
+    elif value is not None and action.type in YAML_TYPES:
+        kinds, name = YAML_TYPES[action.type]
+        if isinstance(value, bool) != (action.type is str2bool) or not isinstance(value, kinds):
+            raise UserError(f'{where} must be {name}, got {value!r} ({type(value).__name__})')
+        value = action.type(value) if action.type is float else value
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UserError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {value!r}')
+    return value
 
 
 @dataclass(frozen=True)
@@ -228,8 +275,35 @@ def resolve_batch(args, world_size):
     return update_freq, world_size * args.batch_size * update_freq
 
 
+def check_args(args):
+    """Values that would crash later or silently train something else than asked: one line, before any work."""
+    for flag in ('batch_size', 'global_batch_size'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be positive (images per step)')
+    if args.num_workers < 0:
+        raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f'--output_dir {args.output_dir} is a file; give a folder for the checkpoints and logs')
+    if args.eval or args.knn_probe:
+        return  # no training: its settings do not matter
+    if args.epochs <= 0:
+        raise UserError(f'--epochs {args.epochs}: train at least one epoch (or evaluate with --eval true)')
+    if args.update_freq <= 0:
+        raise UserError(f'--update_freq {args.update_freq} must be 1 (no accumulation) or more')
+    for flag in ('lr', 'blr'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be positive')
+    if args.warmup_steps <= 0 and args.warmup_epochs > args.epochs:
+        raise UserError(f'--epochs {args.epochs} is shorter than --warmup_epochs {args.warmup_epochs}: the learning '
+                        f'rate would never reach --lr and never decay; lower --warmup_epochs')
+    if args.warmup_steps <= 0 and args.warmup_epochs == args.epochs > 1:
+        utils.print_main(f'warning: --warmup_epochs {args.warmup_epochs} is all of --epochs {args.epochs}: the '
+                         f'learning rate only rises, with no cosine decay; lower --warmup_epochs')
+
+
 def setup(args):
     """Process group, device, batch and lr, seeds, determinism and the output folder of a run."""
+    check_args(args)
     place = utils.init_distributed(args)
     device_name = args.device
     if device_name.startswith('cuda') and not torch.cuda.is_available():
@@ -242,9 +316,9 @@ def setup(args):
         raise UserError(f'--knn_probe {args.knn_probe}: pass the number of neighbours, e.g. --knn_probe 20')
     update_freq, global_batch = resolve_batch(args, place.world_size)
     lr = recipe.learning_rate(args, global_batch)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        checkpoint.remove_stale_temporaries(args.output_dir)
+    # --output_dir is created only once the run has passed its checks (train, knn_probe): a run that
+    # stops on a mistake leaves no empty folder behind
+    checkpoint.remove_stale_temporaries(args.output_dir)
     utils.seed_everything(args.seed + place.rank)  # torch, numpy (timm's Mixup) and random
     if args.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
@@ -280,6 +354,9 @@ def build_training(run):
     trainable = losses.FeatureDistillStudent(model, teacher.num_features).to(device) if args.distill == 'feature' \
         else model
     steps_per_epoch = len(data.train) // run.update_freq
+    if args.warmup_steps > steps_per_epoch * args.epochs:
+        raise UserError(f'--warmup_steps {args.warmup_steps} is more than the run\'s {steps_per_epoch * args.epochs} '
+                        f'optimizer steps: the learning rate would never reach --lr; lower --warmup_steps')
     mixup_fn, criterion = recipe.build_criterion(args, data.num_classes, teacher)
     optimizer = recipe.build_optimizer(trainable, args, device, run.lr)
     amp_dtype, scaler = recipe.build_amp(args, device)
@@ -302,7 +379,7 @@ def build_training(run):
 
 
 def train(run):
-    args = run.args
+    args, started = run.args, time.time()
     t = build_training(run)
     utils.print_main(f'model {args.model}: {t.n_parameters / 1e6:.2f}M parameters; {t.data.num_train} training '
                      f'images, {t.data.num_classes} classes; {t.data.how}')
@@ -315,9 +392,11 @@ def train(run):
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(args.log_dir, exist_ok=True)
         log_writer = SummaryWriter(log_dir=args.log_dir)
-    if args.output_dir and utils.is_main_process():
-        checkpoint.save_run_config(args, {'world_size': run.dist.world_size, 'update_freq': run.update_freq,
-                                          'global_batch': run.global_batch, 'lr': run.lr})
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if utils.is_main_process():
+            checkpoint.save_run_config(args, {'world_size': run.dist.world_size, 'update_freq': run.update_freq,
+                                              'global_batch': run.global_batch, 'lr': run.lr})
     utils.print_main(f'training epochs {resumed.start_epoch}..{args.epochs - 1}')
     best, record = resumed.best, {}
     for epoch in range(resumed.start_epoch, args.epochs):
@@ -331,7 +410,26 @@ def train(run):
                     log_writer.add_scalar(f'epoch/{k}', record[k], epoch)
             log_writer.flush()
         utils.print_main(json.dumps(record))
+    utils.print_main(summary_line(args, record, best, time.time() - started))
     return record
+
+
+def summary_line(args, record, best, seconds):
+    """The one line a finished run ends with: how long, how good (final and best test acc@1), where saved."""
+    if 'test_acc1' in record:
+        acc = f"final test acc@1 {record['test_acc1']:.2f}"
+        if best and 'acc1' in best:
+            acc += f", best {best['acc1']:.2f} (epoch {best['epoch']})"
+    else:
+        acc = 'no evaluation' if args.disable_eval else 'no epoch left to train'
+    where = (f'checkpoints in {args.output_dir}' if args.save_ckpt else f'logs in {args.output_dir} (--save_ckpt false)') \
+        if args.output_dir else 'nothing saved (no --output_dir)'
+    return f'done in {format_seconds(seconds)}: {acc}; {where}'
+
+
+def format_seconds(seconds):
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f'{hours}h{rest // 60:02d}m{rest % 60:02d}s' if hours else f'{rest // 60}m{rest % 60:02d}s'
 
 
 def train_epoch(run, t, epoch, done, partial, best, log_writer):
@@ -366,17 +464,49 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
     return record
 
 
-def evaluate_only(run):
-    """--eval: the test accuracy of the --resume checkpoint's weights."""
+# What --eval takes from the checkpoint's own flags unless given: what the weights were trained as.
+MODEL_FLAGS = ('model', 'model_kwargs', 'input_size', 'layer_scale_init_value', 'head_init_scale', 'linear_probe',
+               'imagenet_default_mean_and_std', 'crop_pct', 'data_set')
+
+
+def given_flags(argv, parser):
+    """The flags set on the command line or in a --config file (not left at their defaults)."""
+    quiet = get_args_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(quiet.parse_args(argv)))
+    for path in _find_configs(argv):
+        given |= set(load_config(path, parser))
+    return given
+
+
+def eval_checkpoint(args, argv):
+    """--eval: read the --resume checkpoint, and take the model flags it was trained with (MODEL_FLAGS) where
+    not given; so `--eval true --resume CKPT --data_path D` evaluates the model the checkpoint holds."""
+    ckpt = io.torch_load(args.resume, args.trust_checkpoint)
+    stored = dict(ckpt.get('args') or {}) if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and ckpt.get('model_name'):
+        stored['model'] = ckpt['model_name']
+    given = given_flags(argv, get_args_parser())
+    taken = {k: stored[k] for k in MODEL_FLAGS if k in stored and k not in given}
+    vars(args).update(taken)
+    if taken:
+        utils.print_main('--eval: from the checkpoint ' + ', '.join(f'--{k} {v}' for k, v in taken.items()
+                                                                    if v not in (None, '')))
+    return ckpt
+
+
+def evaluate_only(run, ckpt):
+    """--eval: the test accuracy of the --resume checkpoint's weights (on the evaluation split only)."""
     args = run.args
-    data = datasets.build_loaders(args, run.device, run.dist.rank, run.dist.world_size)
-    model = build.build_model(args, data.num_classes)
+    val, num_classes, sharded = datasets.eval_loader(args, run.device, run.dist.rank, run.dist.world_size)
+    model = build.build_model(args, num_classes)
     if args.linear_probe:
         build.prepare_linear_probe(model)
-    checkpoint.load_model_weights(io.torch_load(args.resume), args.resume, model, args.model)
+    checkpoint.load_model_weights(ckpt, args.resume, model, args.model)
     build.place(model, args, run.device)
     amp_dtype, _ = recipe.build_amp(args, run.device)
-    stats = engine.evaluate(data.val, model, run.device, amp_dtype, data.eval_sharded)
+    stats = engine.evaluate(val, model, run.device, amp_dtype, sharded)
     utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
                      f"on {stats['n']} test images")  # n is summed over processes
     return stats
@@ -400,18 +530,23 @@ def knn_probe(run):
     utils.print_main(f'k-NN (k={args.knn_probe}) acc@1 {acc:.2f} on {stats["n_test"]} test images, '
                      f'{stats["n_train"]} training images as neighbours')
     if args.output_dir and utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
         utils.atomic_write(os.path.join(args.output_dir, 'knn_probe.json'),
                            lambda f: f.write(json.dumps(stats) + '\n'), binary=False)
     return stats
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    ckpt = eval_checkpoint(args, argv) if args.eval and args.resume and not args.knn_probe else None
+    if args.check_data:
+        datasets.check_images(args)
     run = setup(args)
     if args.knn_probe:
         return knn_probe(run)
     if args.eval:
-        return evaluate_only(run)
+        return evaluate_only(run, ckpt)
     return train(run)
 
 

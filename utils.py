@@ -84,11 +84,17 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def check_writable(path):
-    """Fail early, before any heavy work, if the output file cannot be written."""
+def check_writable(path, create_folder=False):
+    """Fail early, before any heavy work, if the output file cannot be written. With create_folder, its
+    folder may be missing (the caller creates it when writing) if the nearest existing parent is writable."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f'output {path} is a folder; give a file name such as {os.path.join(path, "init.pth")}')
+    if create_folder:
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise UserError(f'cannot create a folder for {path}: {folder} is a file')
     if not os.path.isdir(folder):
         raise UserError(f'cannot write {path}: folder {folder} does not exist; create it first')
     if not os.access(folder, os.W_OK):
@@ -101,6 +107,7 @@ def atomic_write(path, write, binary=True):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, 'wb' if binary else 'w') as f:
             write(f)
             f.flush()
@@ -110,6 +117,13 @@ def atomic_write(path, write, binary=True):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    """The process umask (only readable by setting it, so set it back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj, path):
@@ -237,16 +251,33 @@ def seed_everything(seed):
 
 
 def rng_state(cuda=True):
-    """The random states of torch, numpy and Python (and CUDA: not in data-loading workers)."""
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """The random states of torch, numpy and Python (and CUDA: not in data-loading workers), as tensors and
+    plain lists only, so that a checkpoint holding them loads with torch.load's weights_only=True (numpy
+    arrays and Python's state tuples would need a full, code-running unpickle)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             'python': _plain(random.getstate())}
     if cuda and torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
+    """Restore rng_state(); also the numpy array / tuple form of checkpoints written before it was plain."""
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    random.setstate(_as_tuples(state['python']))
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _plain(value):
+    """Tuples as lists, recursively (random.getstate() is (version, (625 ints), gauss_next))."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value

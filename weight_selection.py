@@ -14,7 +14,9 @@ or from the command line (see README.md):
     python weight_selection.py --teacher vit_small_patch16_224.augreg_in21k \
         --student vit_tiny_patch16_224 --num_classes 100 --output ws_vit_tiny.pth
 """
+import argparse
 import functools
+import json
 import math
 import os
 import re
@@ -503,12 +505,19 @@ OFFICIAL = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows each flag's default."""
+
+
 def get_args_parser():
     p = utils.ArgumentParser('weight_selection.py', description=__doc__.split('\n\n')[0],
-                             formatter_class=__import__('argparse').RawDescriptionHelpFormatter)
+                             formatter_class=HelpFormatter)
     p.add_argument('--teacher', help='timm model name, e.g. vit_small_patch16_224.augreg_in21k or convnext_tiny.fb_in22k')
     p.add_argument('--teacher_checkpoint', default=None,
                    help='local weights (.pth/.pt/.bin, .safetensors, or timm .npz); default: timm pretrained weights')
+    p.add_argument('--trust_checkpoint', type=utils.str2bool, default=False,
+                   help='fully unpickle a --teacher_checkpoint that holds Python objects besides tensors (this can '
+                        'run code: only for files you trust); default: such files are refused')
     p.add_argument('--teacher_kwargs', default='', help='JSON keyword arguments for timm.create_model of the teacher')
     p.add_argument('--student', help='timm model name or one registered in models/, e.g. vit_tiny_patch16_224')
     p.add_argument('--student_kwargs', default='', help='JSON keyword arguments for the student, e.g. {"depth": 6}')
@@ -520,7 +529,9 @@ def get_args_parser():
     p.add_argument('--seed', type=int, default=0, help='seed of random selections and of the student init')
     p.add_argument('--exclude', default='', help=f'components left at random init: {",".join(COMPONENTS)}')
     p.add_argument('--keep_head', action='store_true', help="also select the classifier (student keeps the teacher's classes)")
-    p.add_argument('--output', default=None, help='file to write {"model": state_dict, "meta": {...}}')
+    p.add_argument('--output', default=None,
+                   help='file to write {"model": state_dict, "meta": {...}}; a .safetensors name writes safetensors '
+                        '(recommended: no pickle) with the meta as JSON in its header')
     p.add_argument('--quiet', action='store_true', help='print only the summary line')
     hf = p.add_argument_group('Hugging Face teachers (--teacher a folder with config.json; see hf_selection.py)')
     hf.add_argument('--student_config', default=None,
@@ -545,7 +556,8 @@ def resolve_args(args):
         if args.output is None:
             if args.output_dir is None:
                 raise UserError('--model_type needs --output_dir DIR (or --output FILE)')
-            os.makedirs(args.output_dir, exist_ok=True)
+            if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+                raise UserError(f'--output_dir {args.output_dir} is a file; give a folder')
             args.output = os.path.join(args.output_dir, f'{args.model_type}.pth')
     missing = [f for f in ('teacher', 'student', 'output') if not getattr(args, f)]
     if missing:
@@ -563,9 +575,11 @@ def main(argv=None):
     teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
     student_kwargs = utils.parse_json_dict(args.student_kwargs, '--student_kwargs')
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
-    utils.check_writable(args.output)
+    # the official --output_dir is created only when the selection is written: a failure leaves no empty folder
+    utils.check_writable(args.output, create_folder=bool(args.model_type and args.output_dir))
     start = time.time()
-    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs)
+    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs,
+                                                    trust=args.trust_checkpoint)
     torch.manual_seed(args.seed)
     if args.num_classes is not None:
         student_kwargs.setdefault('num_classes', args.num_classes)
@@ -583,10 +597,24 @@ def main(argv=None):
         'seed': args.seed, 'exclude': exclude, 'keep_head': args.keep_head,
         'layer_maps': layer_maps(teacher_state.keys(), state.keys(), args.layer_selection),
         'summary': summary, 'report': report,
-        'versions': {'torch': torch.__version__, 'timm': timm.__version__, 'code': utils.code_version()},
+        'versions': {'torch': str(torch.__version__), 'timm': str(timm.__version__), 'code': utils.code_version()},
     }
-    utils.atomic_save({'model': state, 'meta': meta}, args.output)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_selection(state, meta, args.output)
     print_summary(args, meta, time.time() - start)
+
+
+def save_selection(state, meta, path):
+    """{'model': state, 'meta': meta} as a torch file, or for a .safetensors path the tensors with the meta as
+    JSON in the header (safetensors metadata maps str to str); both are read without unpickling code."""
+    if not path.endswith('.safetensors'):
+        utils.atomic_save({'model': state, 'meta': meta}, path)
+        return
+    from safetensors.torch import save
+    # own contiguous copies: selected tensors can be views sharing a teacher tensor, which safetensors refuses
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    data = save(tensors, metadata={'meta': json.dumps(meta, default=str)})
+    utils.atomic_write(path, lambda f: f.write(data))
 
 
 def print_summary(args, meta, seconds):

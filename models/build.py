@@ -22,7 +22,22 @@ def build_model(args, num_classes):
         kwargs.setdefault('head_init_scale', args.head_init_scale)
     # --input_size reaches the models that take an image size (ViTs); an explicit img_size must fit the model
     default_img_size = None if 'img_size' in kwargs else args.input_size
-    return io.create_model(name, '--model', default_img_size=default_img_size, **kwargs)
+    model = io.create_model(name, '--model', default_img_size=default_img_size, **kwargs)
+    check_input_size(model, args.input_size)
+    return model
+
+
+def check_input_size(model, size):
+    """A ViT cuts the image into patches: a size that is not a multiple of the patch size silently drops the
+    border pixels (or yields no patch at all)."""
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is None:
+        return
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if any(size < p or size % p for p in patch):
+        fits = [max(p, size // p * p) for p in patch[:1]] + [(size // patch[0] + 1) * patch[0]]
+        raise UserError(f'--input_size {size} is not a multiple of the model\'s patch size {patch[0]}; use e.g. '
+                        f'{" or ".join(str(f) for f in sorted(set(fits)))}')
 
 
 def load_initialization(model, path, args):
@@ -31,7 +46,7 @@ def load_initialization(model, path, args):
     if os.path.isdir(path):  # the official README passes the folder weight_selection.py wrote into
         path = os.path.join(path, f"{'vit' if 'vit' in args.model else 'convnext'}.pth")
     keys = tuple(dict.fromkeys([*args.model_key.split('|'), *io.WRAPPER_KEYS]))  # --model_key first, then the usual ones
-    state = io.read_state_dict(path, keys=keys, prefix=args.model_prefix)
+    state = io.read_state_dict(path, keys=keys, prefix=args.model_prefix, trust=args.trust_checkpoint)
     own, layout = model.state_dict(), io.layout_of(model)
     dropped, fitted = [], {}
     for k, v in state.items():
@@ -95,7 +110,7 @@ def build_distill_teacher(args, num_classes, device):
         raise UserError(f'--distill {args.distill} needs --distill_teacher NAME')
     kwargs = utils.parse_json_dict(args.distill_teacher_kwargs, '--distill_teacher_kwargs')
     state, layout = io.load_pretrained(args.distill_teacher, args.distill_teacher_checkpoint, kwargs,
-                                       flag='--distill_teacher')
+                                       flag='--distill_teacher', trust=args.trust_checkpoint)
     head = [v for k, v in state.items() if io.is_classifier(k, layout) and k.endswith('weight')]
     kwargs.setdefault('num_classes', head[0].shape[0] if head else 0)  # the checkpoint's classes, or none
     teacher = io.create_model(args.distill_teacher, '--distill_teacher', **kwargs)

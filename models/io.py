@@ -3,8 +3,10 @@ a state dict fits a model, and what a state dict alone does not say (position gr
 
 Nothing here knows about weight selection or the training recipe.
 """
+import argparse
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import utils
 from utils import UserError
 
 # Names of the official release that are not timm names (it registered them over timm's).
@@ -55,22 +58,49 @@ def create_model(name, flag, pretrained=False, default_img_size=None, **kwargs):
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints.
 
-def torch_load(path):
-    """torch.load on the CPU with a clear error for missing, truncated or unreadable files."""
+# Classes that official checkpoints pickle and that run no code when unpickled: the DeiT/MAE/ConvNeXt
+# scripts save their argparse.Namespace. Anything else beyond tensors and plain types needs --trust_checkpoint.
+SAFE_GLOBALS = [argparse.Namespace]
+TRUST_FLAG = '--trust_checkpoint true'
+
+
+class UntrustedCheckpoint(UserError):
+    """A file that only a full unpickle (which can run any code) would read; the user must opt in."""
+
+
+def torch_load(path, trust=False):
+    """torch.load on the CPU, weights_only (tensors, plain types, SAFE_GLOBALS) unless `trust`: a file that
+    needs a full unpickle is refused with one line naming what it holds and the flag; missing, truncated or
+    unreadable files are one line too."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure to read is the user's file
-        if 'Weights only load failed' in str(e):
-            # Checkpoints of the official DeiT/MAE/ConvNeXt scripts also pickle their argparse
-            # Namespace; these are the user's own files, so fall back to a full unpickle.
-            try:
-                return torch.load(path, map_location='cpu', weights_only=False)
-            except Exception as e2:  # noqa: BLE001
-                e = e2
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {first}') from None
+        if 'Weights only load failed' not in str(e):
+            raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {_first_line(e)}') \
+                from None
+        if not trust:
+            raise UntrustedCheckpoint(
+                f'refused to load {path}: it holds {_blocked_global(e)}, a Python object that only a full unpickle '
+                f'reads, and unpickling can run any code; if you trust this file (e.g. a checkpoint written '
+                f'before this version), pass {TRUST_FLAG}') from None
+    utils.print_main(f'warning: fully unpickling {path} ({TRUST_FLAG}): this runs any code the file holds')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {_first_line(e)}') from None
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _blocked_global(error):
+    """The class or function named in torch's weights_only error, e.g. 'posix.system'."""
+    found = re.search(r'GLOBAL ([\w.]+)', str(error))
+    return found[1] if found else 'objects other than tensors'
 
 
 def unwrap_state_dict(obj, path='checkpoint', keys=WRAPPER_KEYS, prefix=''):
@@ -91,7 +121,7 @@ def unwrap_state_dict(obj, path='checkpoint', keys=WRAPPER_KEYS, prefix=''):
     return dict(obj)
 
 
-def read_state_dict(path, keys=WRAPPER_KEYS, prefix=''):
+def read_state_dict(path, keys=WRAPPER_KEYS, prefix='', trust=False):
     """Weights from .pth/.pt/.bin (flat or wrapped) or .safetensors, as a flat state dict (for .safetensors a
     read-only mapping that reads each tensor when it is looked up)."""
     if path.endswith('.safetensors'):
@@ -103,7 +133,7 @@ def read_state_dict(path, keys=WRAPPER_KEYS, prefix=''):
         if prefix or (len(lazy) and all(k.startswith('module.') for k in lazy)):  # renamed keys: read it whole
             return unwrap_state_dict(dict(lazy), path, keys, prefix)
         return lazy
-    return unwrap_state_dict(torch_load(path), path, keys, prefix)
+    return unwrap_state_dict(torch_load(path, trust), path, keys, prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +214,7 @@ def is_classifier(key, layout):
 # ----------------------------------------------------------------------------------------------
 # Pretrained models: timm's hub weights, or a local file checked against the model.
 
-def load_pretrained(name, checkpoint=None, kwargs=None, flag='--teacher'):
+def load_pretrained(name, checkpoint=None, kwargs=None, flag='--teacher', trust=False):
     """(state_dict, Layout) of a pretrained timm model: from `checkpoint` if given, else timm's pretrained
     weights from the hub. A checkpoint is checked key by key and shape by shape against the model."""
     kwargs = dict(kwargs or {})
@@ -211,7 +241,7 @@ def load_pretrained(name, checkpoint=None, kwargs=None, flag='--teacher'):
         except Exception as e:  # noqa: BLE001
             raise UserError(f'cannot load {checkpoint} into {name}: {str(e).splitlines()[0][:200]}') from None
         return model.state_dict(), layout_of(model)
-    state = read_state_dict(checkpoint)
+    state = read_state_dict(checkpoint, trust=trust)
     with torch.device('meta'):  # structure only: no memory, no random init
         model = create_model(name, flag, **kwargs)
     return fit_checkpoint(state, model, name, checkpoint, flag), layout_of(model)

@@ -98,10 +98,11 @@ def plot_attention(args):
     from models import io
     plt = _plt()
     teacher_state, _ = io.load_pretrained(args.teacher, args.teacher_checkpoint,
-                                       utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs'))
+                                       utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs'),
+                                       trust=args.trust_checkpoint)
     torch.manual_seed(0)
     student = timm.create_model(args.student, **utils.parse_json_dict(args.student_kwargs, '--student_kwargs'))
-    selected = io.read_state_dict(args.selection)
+    selected = io.read_state_dict(args.selection, trust=args.trust_checkpoint)
     panels = [('random init', student.state_dict(), student.blocks[0].attn.num_heads),
               ('teacher', teacher_state, int(args.teacher_heads)),
               ('weight selection', selected, student.blocks[0].attn.num_heads)]
@@ -118,6 +119,7 @@ def plot_attention(args):
 
 
 def main(argv=None):
+    from utils import str2bool
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='figure', required=True)
     for name in ('curves', 'budget'):
@@ -132,6 +134,9 @@ def main(argv=None):
     s.add_argument('--teacher_heads', default=6, type=int)
     s.add_argument('--selection', required=True, help="weight_selection.py's output")
     s.add_argument('--student', required=True)
+    s.add_argument('--trust_checkpoint', type=str2bool, default=False,
+                   help='fully unpickle --selection / --teacher_checkpoint files that hold Python objects besides '
+                        'tensors (can run code: only for files you trust)')
     s.add_argument('--student_kwargs', default='')
     s.add_argument('--block', default=0, type=int)
     s.add_argument('--head', default=0, type=int)

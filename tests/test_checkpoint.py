@@ -10,7 +10,7 @@ import checkpoint
 
 def run_args(out, **overrides):
     values = dict(output_dir=str(out), save_ckpt=True, save_ckpt_freq=1, save_ckpt_num=2, epochs=5, model='linear',
-                  auto_resume=True, resume='', initialize=None, start_epoch=0)
+                  auto_resume=True, resume='', initialize=None, start_epoch=0, trust_checkpoint=False)
     return SimpleNamespace(**{**values, **overrides})
 
 

@@ -1,0 +1,456 @@
+"""Safe checkpoints and honest failures (issue #16): every file we write loads with plain torch.load
+(weights_only=True) and with timm's checkpoint_path; no foreign file runs code unless --trust_checkpoint."""
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import main
+import utils
+import weight_selection as ws
+from conftest import expect_cli_error, write_image_folder
+
+TINY_VIT = {'patch_size': 8, 'depth': 2, 'img_size': 32}
+TRAIN = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
+         '--data_set', 'image_folder', '--device', 'cpu', '--print_freq', '100', '--warmup_epochs', '0',
+         '--num_workers', '0', '--batch_size', '4', '--gpu_data', 'false']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('data'), seed=1)
+
+
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = timm.create_model('vit_small_patch16_224', **TINY_VIT)
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.save(teacher.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data):
+    """One epoch with EMA and mid-epoch checkpoints: every kind of checkpoint file main.py writes."""
+    out = tmp_path_factory.mktemp('run')
+    main.main([*TRAIN, '--data_path', data, '--output_dir', str(out), '--epochs', '1', '--model_ema', 'true',
+               '--model_ema_eval', 'true', '--model_ema_decay', '0.5', '--save_every_steps', '1'])
+    return out
+
+
+def selection_argv(teacher_file, out, *extra):
+    return ['--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
+            '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--student', 'vit_tiny_patch16_224',
+            '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--num_classes', '3',
+            '--output', str(out), '--quiet', *extra]
+
+
+# ---------------------------------------------------------------------------------------------- 1: safe files
+
+def test_every_checkpoint_loads_with_plain_torch_load_and_in_timm(trained):
+    names = sorted(f for f in os.listdir(trained) if f.endswith('.pth'))
+    assert 'checkpoint-0.pth' in names and 'checkpoint-best.pth' in names and 'checkpoint-best-ema.pth' in names
+    assert any('-step' in n for n in names), names
+    for name in names:
+        ckpt = torch.load(trained / name)  # weights_only=True: refuses any object but tensors and plain types
+        assert ckpt['model_name'] == 'vit_tiny_patch16_224'
+        model = timm.create_model('vit_tiny_patch16_224', num_classes=3, checkpoint_path=str(trained / name),
+                                  **TINY_VIT)
+        weights = ckpt['model_ema'] if 'model_ema' in ckpt else ckpt['model']  # timm prefers the EMA
+        assert torch.equal(model.state_dict()['head.weight'], weights['head.weight']), name
+    full = torch.load(trained / 'checkpoint-0.pth')
+    assert isinstance(full['args']['epochs'], int) and isinstance(full['rng']['python'], list)
+
+
+def test_selection_output_loads_with_plain_torch_load_and_in_timm(tmp_path, teacher_file):
+    out = tmp_path / 'ws.pth'
+    ws.main(selection_argv(teacher_file, out))
+    ckpt = torch.load(out)
+    assert ckpt['meta']['versions']['torch'] == str(torch.__version__)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, checkpoint_path=str(out), **TINY_VIT)
+    assert torch.equal(model.state_dict()['blocks.1.attn.qkv.weight'], ckpt['model']['blocks.1.attn.qkv.weight'])
+
+
+def test_rng_state_is_plain_and_restores_every_generator(tmp_path):
+    utils.seed_everything(5)
+    saved = utils.rng_state(cuda=False)
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.save(saved, tmp_path / 'rng.pth')
+    reloaded = torch.load(tmp_path / 'rng.pth')  # plain types and tensors only
+    utils.seed_everything(99)
+    utils.set_rng_state(reloaded)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_rng_state_of_old_checkpoints_still_restores():
+    utils.seed_everything(7)
+    old = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    expected = (np.random.rand(2), random.random())
+    utils.seed_everything(1)
+    utils.set_rng_state(old)
+    assert np.array_equal(np.random.rand(2), expected[0]) and random.random() == expected[1]
+
+
+# ---------------------------------------------------------------------------------------------- 2: no code from files
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+@pytest.fixture
+def malicious(tmp_path):
+    """(file, marker): a checkpoint-shaped pickle whose loading would create `marker`."""
+    marker = tmp_path / 'MARKER'
+    path = tmp_path / 'evil.pth'
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, **TINY_VIT)
+    torch.save({'model': model.state_dict(), 'optimizer': RunsCode(marker), 'epoch': 0}, path)
+    return str(path), marker
+
+
+def test_torch_load_refuses_code_and_names_the_flag(malicious):
+    from models import io
+    path, marker = malicious
+    with pytest.raises(utils.UserError) as e:
+        io.torch_load(path)
+    assert not marker.exists()
+    assert 'posix.system' in str(e.value) and '--trust_checkpoint true' in str(e.value)
+
+
+def test_trusted_file_is_fully_unpickled(malicious, capsys):
+    from models import io
+    path, marker = malicious
+    io.torch_load(path, trust=True)
+    assert marker.exists()  # the user asked for it: the object was really unpickled
+    assert 'fully unpickling' in capsys.readouterr().out
+
+
+def test_official_checkpoint_with_namespace_loads_without_the_flag(tmp_path):
+    import argparse
+    from models import io
+    path = tmp_path / 'deit.pth'
+    torch.save({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(lr=1e-3, model='deit_tiny')}, path)
+    assert torch.equal(io.read_state_dict(str(path))['w'], torch.ones(2))
+
+
+def test_selection_as_safetensors_with_meta_initializes_training(tmp_path, teacher_file, data):
+    import json
+    from safetensors import safe_open
+    out = tmp_path / 'ws.safetensors'
+    ws.main(selection_argv(teacher_file, out))
+    with safe_open(str(out), 'pt') as f:
+        meta = json.loads(f.metadata()['meta'])
+        qkv = f.get_tensor('blocks.0.attn.qkv.weight')
+    assert meta['student'] == 'vit_tiny_patch16_224' and meta['versions']['torch'] == str(torch.__version__)
+    run = tmp_path / 'run'
+    main.main([*TRAIN, '--data_path', data, '--output_dir', str(run), '--epochs', '1', '--lr', '1e-12',
+               '--initialize', str(out), '--weight_decay', '0', '--min_lr', '0'])
+    trained = torch.load(run / 'checkpoint-0.pth')['model']
+    assert torch.allclose(trained['blocks.0.attn.qkv.weight'], qkv, atol=1e-8)  # a tiny lr: the selected weights
+
+
+# ---------------------------------------------------------------------------------------------- 3: every entry point
+
+def figures_main(argv):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('figures', os.path.join(os.path.dirname(ws.__file__), 'scripts',
+                                                                          'figures.py'))
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    return figures.main(argv)
+
+
+def entry_point_argv(entry, evil, tmp_path, data, teacher_file):
+    """(main function, argv) that reads the malicious file `evil` through one entry point."""
+    out = str(tmp_path / 'out')
+    train = [*TRAIN, '--data_path', data, '--output_dir', out, '--epochs', '1']
+    if entry == 'selection_teacher':
+        return ws.main, selection_argv(evil, tmp_path / 'ws.pth')
+    if entry == 'initialize':
+        return main.main, [*train, '--initialize', evil]
+    if entry == 'resume':
+        return main.main, [*train, '--resume', evil]
+    if entry == 'eval':
+        return main.main, [*train, '--eval', 'true', '--resume', evil]
+    if entry == 'auto_resume':
+        os.makedirs(out)
+        os.replace(evil, os.path.join(out, 'checkpoint-0.pth'))  # planted where auto-resume looks
+        return main.main, train
+    if entry == 'distill_teacher':
+        return main.main, [*train, '--distill', 'logit', '--distill_teacher', 'vit_tiny_patch16_224',
+                           '--distill_teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}',
+                           '--distill_teacher_checkpoint', evil]
+    return figures_main, ['attention', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
+                          '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--selection', evil,
+                          '--student', 'vit_tiny_patch16_224', '--student_kwargs',
+                          '{"img_size": 32, "patch_size": 8, "depth": 2}', '--out', str(tmp_path / 'fig.png')]
+
+
+@pytest.mark.parametrize('entry', ['selection_teacher', 'initialize', 'resume', 'eval', 'auto_resume',
+                                   'distill_teacher', 'figures_selection'])
+def test_malicious_pickle_runs_through_no_entry_point(entry, malicious, tmp_path, data, teacher_file, capsys):
+    evil, marker = malicious
+    fn, argv = entry_point_argv(entry, evil, tmp_path, data, teacher_file)
+    line = expect_cli_error(fn, argv, capsys, 'refused to load', 'posix.system', '--trust_checkpoint true')
+    assert not marker.exists(), line
+    assert not (tmp_path / 'ws.pth').exists() and not (tmp_path / 'fig.png').exists()
+    assert not os.path.exists(tmp_path / 'out' / 'checkpoint-0-step1.pth')  # nothing trained
+
+
+def test_old_checkpoint_resumes_only_with_trust_checkpoint(tmp_path, trained, data, capsys):
+    old = torch.load(trained / 'checkpoint-0.pth')
+    old['rng'] = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    old['args']['torch_version'] = torch.__version__  # what checkpoints held before weights-only saving
+    path = tmp_path / 'old.pth'
+    torch.save(old, path)
+    argv = [*TRAIN, '--data_path', data, '--output_dir', str(tmp_path / 'out'), '--epochs', '2', '--resume', str(path)]
+    expect_cli_error(main.main, argv, capsys, 'TorchVersion', '--trust_checkpoint true')
+    record = main.main([*argv, '--trust_checkpoint', 'true'])
+    assert record['epoch'] == 1  # continued after the old checkpoint's epoch 0
+    assert 'resumed from' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- 8: umask
+
+@pytest.mark.parametrize('mask,mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_keeps_the_users_umask(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        utils.atomic_save({'w': torch.ones(1)}, str(tmp_path / 'a.pth'))
+        utils.atomic_write(str(tmp_path / 'b.txt'), lambda f: f.write('x'), binary=False)
+    finally:
+        os.umask(old)
+    for name in ('a.pth', 'b.txt'):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+# ---------------------------------------------------------------------------------------------- 4: no silent wrong results
+
+def test_eval_split_with_other_classes_stops(tmp_path, capsys):
+    import shutil
+    for case in ('missing', 'extra'):
+        root = tmp_path / case
+        write_image_folder(root)
+        if case == 'missing':
+            shutil.rmtree(root / 'val' / 'c1')  # c2 would become label 1
+        else:
+            shutil.copytree(root / 'val' / 'c2', root / 'val' / 'c9')
+        argv = [*TRAIN, '--data_path', str(root), '--epochs', '1']
+        line = expect_cli_error(main.main, argv, capsys, 'other classes than', f'{case} c')
+        assert ('c1' if case == 'missing' else 'c9') in line
+
+
+@pytest.mark.parametrize('flags,needles', [
+    (['--input_size', '36'], ['--input_size 36 is not a multiple', 'patch size 8', '32 or 40']),
+    (['--input_size', '4'], ['--input_size 4 is not a multiple', 'e.g. 8']),
+    (['--epochs', '2', '--warmup_epochs', '5'], ['shorter than --warmup_epochs 5', 'lower --warmup_epochs']),
+    (['--warmup_steps', '100'], ['--warmup_steps 100 is more than', 'lower --warmup_steps']),
+    (['--epochs', '0'], ['--epochs 0: train at least one epoch']),
+    (['--batch_size', '0'], ['--batch_size 0 must be positive']),
+    (['--global_batch_size', '-4'], ['--global_batch_size -4 must be positive']),
+    (['--update_freq', '0'], ['--update_freq 0 must be']),
+    (['--lr', '0'], ['--lr 0.0 must be positive']),
+    (['--blr', '-1'], ['--blr -1.0 must be positive']),
+    (['--num_workers', '-1'], ['--num_workers -1 must be']),
+])
+def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, capsys):
+    out = tmp_path / 'out'
+    argv = [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags]
+    expect_cli_error(main.main, argv, capsys, *needles)
+    assert not os.path.exists(out / 'log.txt')
+
+
+def test_warmup_as_long_as_the_run_is_said_before_training(tmp_path, data, capsys):
+    main.main([*TRAIN, '--data_path', data, '--epochs', '2', '--warmup_epochs', '2', '--save_ckpt', 'false'])
+    out = capsys.readouterr().out
+    assert 'warning: --warmup_epochs 2 is all of --epochs 2' in out
+    assert out.index('warning: --warmup_epochs') < out.index('training epochs')
+
+
+@pytest.mark.parametrize('yaml_text,needles', [
+    ('epochs: 1.5\n', ["key 'epochs' must be an integer, got 1.5 (float)"]),
+    ('lr: fast\n', ["key 'lr': invalid float value: 'fast'"]),
+    ('init: magic\n', ["key 'init' must be one of timm, xavier"]),
+    ('model_ema: 1\n', ["key 'model_ema' must be true or false, got 1 (int)"]),
+    ('opt_betas: [0.9, high]\n', ["key 'opt_betas': invalid float value: 'high'"]),
+    ('batch_size: true\n', ["key 'batch_size' must be an integer, got True (bool)"]),
+])
+def test_yaml_value_of_the_wrong_type_names_key_and_file(yaml_text, needles, tmp_path, data, capsys):
+    config = tmp_path / 'bad.yaml'
+    config.write_text(yaml_text)
+    expect_cli_error(main.main, ['--config', str(config), *TRAIN, '--data_path', data], capsys,
+                     f'--config {config}', *needles)
+
+
+def test_yaml_values_of_the_right_type_pass(tmp_path):
+    config = tmp_path / 'ok.yaml'
+    config.write_text('epochs: 3\nlr: 1\nmodel_ema: true\nopt_betas: [0.9, 0.99]\nmodel_kwargs: {depth: 2}\n'
+                      'warmup_epochs: "5"\ndistill: logit\nclip_grad: null\n')
+    args = main.parse_args(['--config', str(config)])
+    assert (args.epochs, args.lr, args.model_ema, args.opt_betas) == (3, 1.0, True, [0.9, 0.99])
+    assert isinstance(args.lr, float) and args.warmup_epochs == 5 and args.clip_grad is None
+
+
+def test_output_dir_that_is_a_file_stops(tmp_path, data, teacher_file, capsys):
+    path = tmp_path / 'taken'
+    path.write_text('x')
+    expect_cli_error(main.main, [*TRAIN, '--data_path', data, '--output_dir', str(path)], capsys,
+                     f'--output_dir {path} is a file')
+    argv = ['--model_type', 'vit', '--teacher_checkpoint', teacher_file, '--output_dir', str(path)]
+    expect_cli_error(ws.main, argv, capsys, f'--output_dir {path} is a file')
+
+
+# ---------------------------------------------------------------------------------------------- 6: nothing left behind
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--input_size', '36'], 'not a multiple'),
+    (['--initialize', 'missing.pth'], 'checkpoint not found'),
+    (['--data_path', '/nonexistent'], 'is not a folder'),
+    (['--epochs', '0'], '--epochs 0'),
+])
+def test_failed_run_creates_no_output_dir(flags, needle, tmp_path, data, capsys):
+    out = tmp_path / 'new' / 'run'
+    expect_cli_error(main.main, [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags],
+                     capsys, needle)
+    assert not (tmp_path / 'new').exists()
+
+
+def test_failed_selection_creates_no_output_folder(tmp_path, teacher_file, capsys):
+    out = tmp_path / 'ws_out'
+    argv = ['--model_type', 'vit', '--teacher_checkpoint', teacher_file, '--student_kwargs', '{"depth": 0.5}',
+            '--output_dir', str(out)]
+    expect_cli_error(ws.main, argv, capsys)
+    assert not out.exists()
+    ok = ['--model_type', 'vit', '--pretrained_model', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
+          '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}',
+          '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--output_dir', str(out), '--quiet']
+    ws.main(ok)
+    assert os.listdir(out) == ['vit.pth']
+
+
+# ---------------------------------------------------------------------------------------------- 11: summary line
+
+def test_run_ends_with_one_summary_line(tmp_path, data, capsys):
+    out = tmp_path / 'run'
+    record = main.main([*TRAIN, '--data_path', data, '--epochs', '2', '--output_dir', str(out)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    best = max(json.loads(line)['test_acc1'] for line in (out / 'log.txt').read_text().splitlines())
+    assert re.fullmatch(rf"done in \d+m\d\ds: final test acc@1 {record['test_acc1']:.2f}, best {best:.2f} "
+                        rf"\(epoch [01]\); checkpoints in {re.escape(str(out))}", last), last
+    main.main([*TRAIN, '--data_path', data, '--epochs', '1', '--disable_eval', 'true'])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith('no evaluation; nothing saved (no --output_dir)')
+
+
+# ---------------------------------------------------------------------------------------------- 9: --help
+
+@pytest.mark.parametrize('parser_fn', [main.get_args_parser, ws.get_args_parser])
+def test_help_shows_every_flag_with_help_and_default(parser_fn, capsys):
+    parser = parser_fn()
+    undocumented = [a.dest for a in parser._actions if not (a.help or '').strip()]
+    assert not undocumented
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())  # unwrap the columns
+    for action in parser._actions:
+        assert action.option_strings[0] in text
+    assert '(default: 300)' in text if parser_fn is main.get_args_parser else '(default: uniform)' in text
+    assert '--trust_checkpoint TRUST_CHECKPOINT fully unpickle' in text
+
+
+# ---------------------------------------------------------------------------------------------- 7: --eval
+
+@pytest.mark.parametrize('name', ['checkpoint-0.pth', 'checkpoint-best.pth'])
+def test_eval_takes_the_model_from_the_checkpoint(name, trained, data, capsys):
+    argv = ['--eval', 'true', '--resume', str(trained / name), '--data_path', data, '--device', 'cpu',
+            '--num_workers', '0', '--epochs', '0', '--lr', '0', '--warmup_epochs', '99']  # training-only: ignored
+    stats = main.main(argv)
+    out = capsys.readouterr().out
+    assert '--model vit_tiny_patch16_224' in out and '--input_size 32' in out and 'patch_size' in out
+    assert stats['n'] == 9
+    expect_cli_error(main.main, [*argv, '--input_size', '36'], capsys, '--input_size 36')  # an explicit flag wins
+
+
+# ---------------------------------------------------------------------------------------------- 5: unreadable images
+
+@pytest.fixture
+def broken_data(tmp_path):
+    """An image folder with a truncated PNG in train/ and a text file named .jpg in val/."""
+    root = write_image_folder(tmp_path / 'broken')
+    png = tmp_path / 'broken' / 'train' / 'c1' / '3.png'
+    png.write_bytes(png.read_bytes()[:200])
+    (tmp_path / 'broken' / 'val' / 'c0' / 'notes.jpg').write_text('not an image')
+    return root, str(png), str(tmp_path / 'broken' / 'val' / 'c0' / 'notes.jpg')
+
+
+@pytest.mark.parametrize('workers,gpu_data', [('0', 'false'), ('2', 'false'), ('0', 'true')])
+def test_unreadable_image_names_the_file_without_traceback(workers, gpu_data, broken_data, tmp_path, capsys):
+    root, png, _ = broken_data
+    argv = [*TRAIN, '--data_path', root, '--epochs', '1', '--num_workers', workers, '--gpu_data', gpu_data,
+            '--output_dir', str(tmp_path / 'out')]
+    line = expect_cli_error(main.main, argv, capsys, 'cannot read image', '--check_data true')
+    assert 'broken' in line and ('3.png' in line or 'notes.jpg' in line)
+    assert 'Traceback' not in line and 'worker' not in line
+
+
+def test_check_data_lists_every_bad_image_before_training(broken_data, tmp_path, capsys):
+    root, png, text = broken_data
+    out = tmp_path / 'out'
+    line = expect_cli_error(main.main, [*TRAIN, '--data_path', root, '--check_data', 'true', '--output_dir', str(out)],
+                            capsys, '--check_data: 2 of', png, text)
+    assert not out.exists()
+
+
+def test_check_data_passes_a_good_folder(data, capsys):
+    from types import SimpleNamespace
+    import datasets
+    datasets.check_images(SimpleNamespace(data_set='image_folder', data_path=data))
+    assert 'all 33 images are readable' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- 10: offline, torchrun
+
+def test_download_failure_names_the_offline_route(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def no_network(*args, **kwargs):
+        raise OSError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(datasets.datasets.CIFAR10, '__init__', no_network)
+    argv = ['--data_set', 'CIFAR10', '--data_path', str(tmp_path), '--download', 'true', '--device', 'cpu',
+            '--num_workers', '0', '--model', 'vit_tiny_patch16_224']
+    expect_cli_error(main.main, argv, capsys, 'cannot download CIFAR10', 'name resolution',
+                     f"place CIFAR10's files (torchvision's layout) under --data_path {tmp_path} by hand",
+                     '--data_set image_folder')
+    expect_cli_error(main.main, argv[:-4] + ['--download', 'false', '--device', 'cpu'], capsys,
+                     'CIFAR10 not found', '--download true', '--data_set image_folder')
+
+
+def test_torchrun_child_error_comes_first_as_one_line(tmp_path):
+    from conftest import free_port, run_script
+    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'main.py',
+                      '--epochs', '0', '--device', 'cpu', timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(('*', 'Setting'))]
+    ours = 'error: --epochs 0: train at least one epoch (or evaluate with --eval true)'
+    assert lines[0] == ours, proc.stderr  # each rank's line, before torchrun's own ChildFailedError report
+    assert proc.stderr.index(ours) < proc.stderr.index('ChildFailedError')
+    assert 'main.py", line' not in proc.stderr  # no frame of ours: the only traceback is torchrun's own
+
+
+def test_eval_needs_only_the_evaluation_split(trained, data, tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(data, 'val'), tmp_path / 'only_val' / 'val')
+    stats = main.main(['--eval', 'true', '--resume', str(trained / 'checkpoint-best.pth'), '--device', 'cpu',
+                       '--data_path', str(tmp_path / 'only_val'), '--num_workers', '0', '--batch_size', '1000'])
+    assert stats['n'] == 9
