@@ -174,6 +174,24 @@ def save_run_config(args, derived):
         json.dump(info, f, indent=1)
 
 
+def run_summary(args, record, best, seconds):
+    """The one line a finished run ends with: how long, how good (final and best test acc@1), where saved."""
+    if 'test_acc1' in record:
+        acc = f"final test acc@1 {record['test_acc1']:.2f}"
+        if best and 'acc1' in best:
+            acc += f", best {best['acc1']:.2f} (epoch {best['epoch']})"
+    else:
+        acc = 'no evaluation' if args.disable_eval else 'no epoch left to train'
+    where = (f'checkpoints in {args.output_dir}' if args.save_ckpt else f'logs in {args.output_dir} (--save_ckpt false)') \
+        if args.output_dir else 'nothing saved (no --output_dir)'
+    return f'done in {format_seconds(seconds)}: {acc}; {where}'
+
+
+def format_seconds(seconds):
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f'{hours}h{rest // 60:02d}m{rest % 60:02d}s' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
 # ----------------------------------------------------------------------------------------------
 # Resuming.
 

@@ -78,7 +78,7 @@ def test_defaults_match_the_official_release():
 def test_every_flag_is_read_or_warns():
     """Each flag's name is read somewhere as args.<flag> (or is a no-effect flag that warns)."""
     source = ''
-    for name in ('main.py', 'datasets.py', 'gpu_data.py', 'recipe.py', 'checkpoint.py', 'utils.py',
+    for name in ('main.py', 'config.py', 'datasets.py', 'gpu_data.py', 'recipe.py', 'checkpoint.py', 'utils.py',
                  os.path.join('models', 'build.py')):
         with open(os.path.join(ROOT, name)) as f:
             source += f.read()

@@ -1,0 +1,133 @@
+"""Flag values from outside the command line: YAML configs (a later file overrides an earlier one, the
+command line overrides every file; each value checked against its flag's type), for --eval the model
+flags that a checkpoint was trained with; and the checks of a run's settings before any work."""
+import argparse
+import os
+
+import utils
+from models import io
+from utils import UserError, str2bool
+
+
+def parse_with_configs(make_parser, argv):
+    """Flags < YAML configs (in order) < command line; unknown YAML keys are an error naming the closest flags."""
+    parser = make_parser()
+    values = {}
+    for path in find_configs(argv):
+        values.update(load_config(path, parser))
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def find_configs(argv):
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == '--config' and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith('--config='):
+            found.append(arg.split('=', 1)[1])
+    return found
+
+
+def load_config(path, parser):
+    import difflib
+    import yaml
+    if not os.path.isfile(path):
+        raise UserError(f'--config {path}: file not found')
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f'--config {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if not isinstance(values, dict):
+        raise UserError(f'--config {path} must map flag names to values')
+    actions = {action.dest: action for action in parser._actions if action.dest not in ('help', 'config')}
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(key, sorted(actions), n=3)
+            raise UserError(f"--config {path}: unknown key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else ''))
+        values[key] = config_value(actions[key], value, f"--config {path}: key '{key}'")
+    return values
+
+
+# What a YAML scalar must be for a flag's type; argparse converts string defaults but no others, so a
+# YAML `epochs: 1.5` would otherwise reach the run as a float.
+YAML_TYPES = {int: ((int,), 'an integer'), float: ((int, float), 'a number'), str2bool: ((bool,), 'true or false')}
+
+
+def config_value(action, value, where):
+    """A YAML value checked against its flag's type and choices (each element for list flags); argparse
+    checks neither for defaults (it only parses a lone string default), so `epochs: 1.5` would pass."""
+    if isinstance(value, list) and action.nargs in ('+', '*'):
+        return [config_value(action, v, where) for v in value]
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f'{where}: invalid {action.type.__name__} value: {value!r}') from None
+    elif value is not None and action.type in YAML_TYPES:
+        kinds, name = YAML_TYPES[action.type]
+        if isinstance(value, bool) != (action.type is str2bool) or not isinstance(value, kinds):
+            raise UserError(f'{where} must be {name}, got {value!r} ({type(value).__name__})')
+        value = action.type(value) if action.type is float else value
+    if action.choices is not None and value is not None and value not in action.choices:
+        raise UserError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {value!r}')
+    return value
+
+
+# What --eval takes from the checkpoint's own flags unless given: what the weights were trained as.
+MODEL_FLAGS = ('model', 'model_kwargs', 'input_size', 'layer_scale_init_value', 'head_init_scale', 'linear_probe',
+               'imagenet_default_mean_and_std', 'crop_pct', 'data_set')
+
+
+def given_flags(argv, make_parser):
+    """The flags set on the command line or in a --config file (not left at their defaults)."""
+    quiet, parser = make_parser(), make_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(quiet.parse_args(argv)))
+    for path in find_configs(argv):
+        given |= set(load_config(path, parser))
+    return given
+
+
+def eval_checkpoint(args, argv, make_parser):
+    """--eval: read the --resume checkpoint, and take the model flags it was trained with (MODEL_FLAGS) where
+    not given; so `--eval true --resume CKPT --data_path D` evaluates the model the checkpoint holds."""
+    ckpt = io.torch_load(args.resume, args.trust_checkpoint)
+    stored = dict(ckpt.get('args') or {}) if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and ckpt.get('model_name'):
+        stored['model'] = ckpt['model_name']
+    given = given_flags(argv, make_parser)
+    taken = {k: stored[k] for k in MODEL_FLAGS if k in stored and k not in given}
+    vars(args).update(taken)
+    if taken:
+        utils.print_main('--eval: from the checkpoint ' + ', '.join(f'--{k} {v}' for k, v in taken.items()
+                                                                    if v not in (None, '')))
+    return ckpt
+
+
+def check_args(args):
+    """Values that would crash later or silently train something else than asked: one line, before any work."""
+    for flag in ('batch_size', 'global_batch_size'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be positive (images per step)')
+    if args.num_workers < 0:
+        raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f'--output_dir {args.output_dir} is a file; give a folder for the checkpoints and logs')
+    if args.eval or args.knn_probe:
+        return  # no training: its settings do not matter
+    if args.epochs <= 0:
+        raise UserError(f'--epochs {args.epochs}: train at least one epoch (or evaluate with --eval true)')
+    if args.update_freq <= 0:
+        raise UserError(f'--update_freq {args.update_freq} must be 1 (no accumulation) or more')
+    for flag in ('lr', 'blr'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be positive')
+    if args.warmup_steps <= 0 and args.warmup_epochs > args.epochs:
+        raise UserError(f'--epochs {args.epochs} is shorter than --warmup_epochs {args.warmup_epochs}: the learning '
+                        f'rate would never reach --lr and never decay; lower --warmup_epochs')
+    if args.warmup_steps <= 0 and args.warmup_epochs == args.epochs > 1:
+        utils.print_main(f'warning: --warmup_epochs {args.warmup_epochs} is all of --epochs {args.epochs}: the '
+                         f'learning rate only rises, with no cosine decay; lower --warmup_epochs')
