@@ -207,17 +207,18 @@ def test_figures_are_written(tmp_path):
                                                 + '\n' for i in range(3)))
         (folder / 'config.yaml').write_text(f'epochs: 3\ninitialize: {init or "null"}\n')
         runs.append(str(folder))
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import figures  # in process: the CLI's main(), without an interpreter start-up per figure
     for figure in ('curves', 'budget'):
-        proc = run_script(os.path.join('scripts', 'figures.py'), figure, *runs, '--out', str(tmp_path / f'{figure}.png'))
-        assert proc.returncode == 0, proc.stderr
+        figures.main([figure, *runs, '--out', str(tmp_path / f'{figure}.png')])
         assert (tmp_path / f'{figure}.png').read_bytes()[:4] == b'\x89PNG'
     teacher = tmp_path / 't.pth'
     torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8).state_dict(), teacher)
     sel = tmp_path / 'sel.pth'
-    proc = run_script('weight_selection.py', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', str(teacher),
-                      '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}', '--student', 'vit_tiny_patch16_224',
-                      '--student_kwargs', '{"img_size": 32, "patch_size": 8}', '--output', str(sel), '--quiet')
-    assert proc.returncode == 0, proc.stderr
+    import weight_selection
+    weight_selection.main(['--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', str(teacher),
+                           '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}', '--student', 'vit_tiny_patch16_224',
+                           '--student_kwargs', '{"img_size": 32, "patch_size": 8}', '--output', str(sel), '--quiet'])
     proc = run_script(os.path.join('scripts', 'figures.py'), 'attention', '--teacher', 'vit_small_patch16_224',
                       '--teacher_checkpoint', str(teacher), '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}',
                       '--selection', str(sel), '--student', 'vit_tiny_patch16_224',

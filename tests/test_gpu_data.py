@@ -331,13 +331,14 @@ def test_benchmark_smoke_on_cpu(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_benchmark_refuses_cuda_without_a_gpu(tmp_path, data):
-    from conftest import assert_clean_failure
+def test_benchmark_refuses_cuda_without_a_gpu(tmp_path, data, capsys):
+    from conftest import expect_cli_error
     if torch.cuda.is_available():
         pytest.skip('a CUDA device is present')
-    proc = run_script('scripts/benchmark.py', '--output', str(tmp_path / 'b.json'), '--', '--data_set',
-                      'image_folder', '--data_path', data)
-    assert_clean_failure(proc, 'no CUDA device', '--device cpu')
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import benchmark
+    expect_cli_error(benchmark.main, ['--output', str(tmp_path / 'b.json'), '--', '--data_set', 'image_folder',
+                                      '--data_path', data], capsys, 'no CUDA device', '--device cpu')
     assert not (tmp_path / 'b.json').exists()
 
 

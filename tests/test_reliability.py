@@ -104,7 +104,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, data):
-    """2 processes x batch 2 and 1 process x batch 2 x update_freq 2 take the same samples, augmentations
+    """2 processes x batch 1 x update_freq 2 and 1 process x batch 2 x update_freq 2 take the same samples, augmentations
     and steps; only the order of float reductions differs. SGD keeps that difference at float precision
     (AdamW divides by sqrt(v) and amplifies it on near-zero gradients: about 4e-4 after 6 steps)."""
     common = ['--epochs', '1', '--batch_size', '2', '--global_batch_size', '4', '--num_workers', '0',
@@ -114,10 +114,11 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, data):
     proc = run_script(*main_cmd(data, one, *common)[1:])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'update_freq 2 = 4' in proc.stdout
+    # 2 processes x batch 1 x update_freq 2: DDP's no_sync on the first micro-step, the all-reduce on the second
     proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-                      *main_cmd(data, two, *common)[1:])
+                      *main_cmd(data, two, *common, '--batch_size', '1')[1:])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'world_size 2 x batch_size 2 x update_freq 1 = 4' in proc.stdout
+    assert 'world_size 2 x batch_size 1 x update_freq 2 = 4' in proc.stdout
     proc = run_script(*main_cmd(data, other_seed, *common, '--seed', '1')[1:])
     assert proc.returncode == 0
     a, b, c = (final_weights(x, 0)['model'] for x in (one, two, other_seed))
