@@ -314,6 +314,7 @@ def test_hub_id_offline_names_what_to_pass(tmp_path, monkeypatch):
         hf_selection.select_hf('someone/tiny-llama', {}, str(tmp_path / 's'))
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
     folder, _ = llama
     teacher = broken_copy(folder, tmp_path, remove_shard)

@@ -436,6 +436,7 @@ def test_download_failure_names_the_offline_route(tmp_path, monkeypatch, capsys)
                      'CIFAR10 not found', '--download true', '--data_set image_folder')
 
 
+@pytest.mark.slow
 def test_torchrun_child_error_comes_first_as_one_line(tmp_path):
     from conftest import free_port, run_script
     proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'main.py',
