@@ -390,7 +390,8 @@ def knn_probe(run):
     amp_dtype, _ = recipe.build_amp(args, run.device)
     acc = engine.knn_accuracy(*loaders, model, run.device, k=args.knn_probe, amp_dtype=amp_dtype)
     stats = {'knn_acc1': acc, 'k': args.knn_probe, 'n_train': len(train_set), 'n_test': len(test_set),
-             'initialize': args.initialize, 'init': args.init, 'features': args.knn_features}
+             'initialize': build.initialization_file(args.initialize, args.model), 'init': args.init,
+             'features': args.knn_features}
     utils.print_main(f'k-NN (k={args.knn_probe}) acc@1 {acc:.2f} on {stats["n_test"]} test images, '
                      f'{stats["n_train"]} training images as neighbours')
     if args.output_dir and utils.is_main_process():

@@ -40,11 +40,17 @@ def check_input_size(model, size):
                         f'{" or ".join(str(f) for f in sorted(set(fits)))}')
 
 
+def initialization_file(path, model_name):
+    """--initialize as a file: the official README passes the folder weight_selection.py wrote into."""
+    if path and os.path.isdir(path):
+        return os.path.join(path, f"{'vit' if 'vit' in model_name else 'convnext'}.pth")
+    return path
+
+
 def load_initialization(model, path, args):
     """Load a weight-selection file (or any state dict) into the model. Classifier tensors of another
     shape are left at their init; any other missing, unexpected or mismatched key is an error."""
-    if os.path.isdir(path):  # the official README passes the folder weight_selection.py wrote into
-        path = os.path.join(path, f"{'vit' if 'vit' in args.model else 'convnext'}.pth")
+    path = initialization_file(path, args.model)
     keys = tuple(dict.fromkeys([*args.model_key.split('|'), *io.WRAPPER_KEYS]))  # --model_key first, then the usual ones
     state = io.read_state_dict(path, keys=keys, prefix=args.model_prefix, trust=args.trust_checkpoint)
     own, layout = model.state_dict(), io.layout_of(model)
@@ -60,7 +66,6 @@ def load_initialization(model, path, args):
     model.load_state_dict(fitted, strict=False)
     utils.print_main(f'initialized {len(fitted)} tensors from {path}'
                      + (f'; kept the model\'s own {", ".join(dropped)} (other number of classes)' if dropped else ''))
-    return path
 
 
 def initialize(model, args):
