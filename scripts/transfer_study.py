@@ -12,19 +12,26 @@
 
     python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
     python scripts/transfer_study.py --out /tmp/smoke --smoke          # the whole pipeline on the CPU in minutes
-    python scripts/transfer_study.py --out /tmp/dino112 --device cpu --families --dinov2 CKPT \
-        --dinov2_input_size 112 --subsets 100 --per_class_test 200     # only the DINOv2 part, sized for a CPU
+    python scripts/transfer_study.py --out /tmp/dino56 --device cpu --families --dinov2 CKPT --dinov2_input_size 56 \
+        --subsets 100 --student_epochs 30 30 --batch_size 32 --lr_search 1e-3 2e-3 4e-3 8e-3 3.2e-2
+                                                                   # only the DINOv2 part, sized for a CPU
 
 One recipe per model and subset size, the same for every initialization: the paper's recipe with its lr
 scaled linearly to the study's batch (--blr: 2e-3 for ViT-T and 4e-3 for ConvNeXt-F per 512 images, the
 paper's lr at the paper's batch; 1.25e-4 for ViT-T at batch 32), drop path 0 for ViT-T (Table 15) and 0.1
 for ConvNeXt-F. The same seed gives every init the same data order and augmentation, so the report gives
 paired per-seed differences against random init, at the final and at the best epoch.
+
+--lr_search BLR [BLR ...] chooses that lr instead of assuming it: for each model and subset size, random init
+trains with every candidate on a validation split carved from the training subset (the last --val_per_class
+images of each class are held out; the test set is never looked at), and the candidate with the highest mean
+final validation accuracy over the seeds becomes the one recipe for every init of that model and subset.
 """
 import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +68,11 @@ def get_args():
     p.add_argument('--batch_size', type=int, default=128)
     p.add_argument('--blr', type=float, default=None,
                    help='base lr per 512 images for every student (default: 2e-3 ViT-T, 4e-3 ConvNeXt-F)')
+    p.add_argument('--lr_search', type=float, nargs='+', default=None, metavar='BLR',
+                   help='choose the base lr per 512 images among these, per model and subset size, by random '
+                        "init's mean final accuracy on a validation split carved from the training subset")
+    p.add_argument('--val_per_class', type=int, default=20,
+                   help='with --lr_search: training images per class held out for validation')
     p.add_argument('--device', default='cuda')
     p.add_argument('--num_workers', type=int, default=8)
     p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the ViT-T/14 study')
@@ -84,7 +96,7 @@ class OutOfTime(Exception):
 
 class Study:
     def __init__(self, args):
-        self.args, self.commands, self.records = args, [], []
+        self.args, self.commands, self.records, self.lr_records = args, [], [], []
         self.python = sys.executable
         self.start = time.time()
 
@@ -117,14 +129,14 @@ class Study:
         self.run(cmd)
         return dest
 
-    def train(self, out, model, model_kwargs, data, epochs, seed, extra=(), input_size=32):
+    def train(self, out, model, model_kwargs, data, epochs, seed, blr, extra=(), input_size=32):
         a = self.args
         if not os.path.isfile(os.path.join(out, 'log.txt')) or len(read_log(out)) < epochs:
             self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
                       '--input_size', str(input_size), '--data_set', 'image_folder', '--data_path', data,
                       '--epochs', str(epochs), '--warmup_epochs', str(max(1, epochs // 5)),
                       '--batch_size', str(a.batch_size),
-                      '--blr', str(a.blr or BLR['vit' if 'vit' in model else 'convnext']),
+                      '--blr', str(blr),
                       '--drop_path', '0.0' if 'vit' in model else '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
                       '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, '--save_ckpt_num', '1',
                       '--print_freq', '1000', *extra])
@@ -155,6 +167,10 @@ def main():
         args.subsets, args.seeds, args.teacher_epochs, args.student_epochs = [4], [0], 1, [1, 1]
         args.per_class_test = 4
         args.batch_size, args.device, args.num_workers = 4, 'cpu', 0
+        args.val_per_class = 1
+    if args.lr_search and not 0 < args.val_per_class < min(args.subsets):
+        raise SystemExit(f'error: --val_per_class {args.val_per_class} must hold out at least one and leave at least '
+                         f'one training image of each class of the smallest subset ({min(args.subsets)} per class)')
     if args.target:
         raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
                          '--source and leave --target out, or subsample your target yourself')
@@ -174,6 +190,49 @@ def main():
     write_report(out, study, time.time() - study.start, args)
 
 
+def carve_validation(folder, per_class):
+    """FOLDER/train split into a new ImageFolder beside it: the last PER_CLASS images of each class (in file
+    order) become its test/ (the validation set), the others its train/. FOLDER/test is not read."""
+    dest = f'{folder}_val{per_class}'
+    if os.path.isdir(os.path.join(dest, 'test')):
+        return dest
+    train = os.path.join(folder, 'train')
+    for cls in sorted(os.listdir(train)):
+        files = sorted(os.listdir(os.path.join(train, cls)))
+        if len(files) <= per_class:
+            raise SystemExit(f'error: --val_per_class {per_class} leaves no training image of class {cls} '
+                             f'({len(files)} in {train}); pass a smaller --val_per_class or larger --subsets')
+        for split, names in (('train', files[:-per_class]), ('test', files[-per_class:])):
+            os.makedirs(os.path.join(dest + '.tmp', split, cls), exist_ok=True)
+            for name in names:
+                shutil.copyfile(os.path.join(train, cls, name), os.path.join(dest + '.tmp', split, cls, name))
+    os.replace(dest + '.tmp', dest)  # a half-written split is never taken for a finished one
+    return dest
+
+
+def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epochs, input_size=32):
+    """The one base lr per 512 images for every init of this model and subset size: --blr or the paper's by
+    default; with --lr_search, the candidate with random init's highest mean final validation accuracy."""
+    if not args.lr_search:
+        return args.blr or BLR['vit' if 'vit' in student else 'convnext']
+    val_data = carve_validation(target, args.val_per_class)
+    mean_val = {}
+    for blr in args.lr_search:
+        finals = []
+        for seed in args.seeds:
+            run_dir = os.path.join(out, 'lr_search', model_name.replace(' ', '_').replace('/', '_').replace('@', ''),
+                                   f'n{n}', f'blr{blr:g}', f'seed{seed}')
+            log = study.train(run_dir, student, s_kwargs, val_data, epochs, seed, blr, input_size=input_size)
+            finals.append(log[-1]['test_acc1'])
+            study.lr_records.append({'family': model_name, 'per_class': n, 'val_per_class': args.val_per_class,
+                                     'blr': blr, 'seed': seed, 'epochs': epochs, 'split': 'validation',
+                                     'final_acc1': log[-1]['test_acc1'],
+                                     'best_acc1': max(r['test_acc1'] for r in log),
+                                     'run_dir': os.path.relpath(run_dir, out)})
+        mean_val[blr] = statistics.mean(finals)
+    return max(args.lr_search, key=lambda blr: mean_val[blr])  # the first of equals: the order given
+
+
 def run_study(args, out, study):
     per_test = args.per_class_test
     source = args.source
@@ -185,7 +244,7 @@ def run_study(args, out, study):
     for family in args.families:
         teacher, t_kwargs, student, s_kwargs = MODELS[family]
         t_dir = os.path.join(out, 'teachers', family)
-        study.train(t_dir, teacher, t_kwargs, source, args.teacher_epochs, 0)
+        study.train(t_dir, teacher, t_kwargs, source, args.teacher_epochs, 0, BLR[family])
         ckpt = os.path.join(t_dir, 'checkpoint-best.pth')
         inits = {'random init': None}
         for elements in ELEMENTS:
@@ -193,6 +252,7 @@ def run_study(args, out, study):
         inits['ws uniform, uniform layers'] = ('uniform', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
+            blr = choose_blr(args, out, study, family, student, s_kwargs, targets[n], n, epochs)
             for name, sel in inits.items():
                 for seed in args.seeds:
                     extra = []
@@ -201,28 +261,32 @@ def run_study(args, out, study):
                         ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
                         extra = ['--initialize', study.select(ws_file, teacher, t_kwargs, ckpt, student, s_kwargs,
                                                               layers, elements, seed)]
-                    run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', name.replace(' ', '_').replace(',', ''), f'seed{seed}')
-                    log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, extra)
-                    study.records.append({'family': family, 'per_class': n, 'init': name, 'seed': seed,
-                                          'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
-                                          'epochs': epochs, 'run_dir': os.path.relpath(run_dir, out)})
+                    run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', f'blr{blr:g}',
+                                           name.replace(' ', '_').replace(',', ''), f'seed{seed}')
+                    log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, blr, extra)
+                    study.records.append(record(family, n, name, seed, epochs, blr, log, os.path.relpath(run_dir, out)))
     if args.dinov2:
         size = args.dinov2_input_size
         s_kwargs = {'img_size': size}
+        family = f'dinov2 vit_tiny/14 @{size}'
         ws_file = study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2', {},
                                os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
+            blr = choose_blr(args, out, study, family, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], n, epochs, size)
             for name, extra in [('random init', []), ('ws uniform (DINOv2)', ['--initialize', ws_file])]:
                 for seed in args.seeds:
-                    run_dir = os.path.join(out, 'students', f'dinov2_{size}px{test_tag}', f'n{n}',
+                    run_dir = os.path.join(out, 'students', f'dinov2_{size}px{test_tag}', f'n{n}', f'blr{blr:g}',
                                            'ws' if extra else 'random', f'seed{seed}')
-                    log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed,
+                    log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed, blr,
                                       extra, input_size=size)
-                    study.records.append({'family': f'dinov2 vit_tiny/14 @{size}', 'per_class': n, 'init': name,
-                                          'seed': seed, 'final_acc1': log[-1]['test_acc1'],
-                                          'best_acc1': max(r['test_acc1'] for r in log), 'epochs': epochs,
-                                          'run_dir': os.path.relpath(run_dir, out)})
+                    study.records.append(record(family, n, name, seed, epochs, blr, log, os.path.relpath(run_dir, out)))
+
+
+def record(family, n, init, seed, epochs, blr, log, run_dir):
+    return {'family': family, 'per_class': n, 'init': init, 'seed': seed, 'blr': blr, 'epochs': epochs,
+            'split': 'test', 'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
+            'run_dir': run_dir}
 
 
 def mean_std(values):
@@ -232,20 +296,38 @@ def mean_std(values):
 
 
 def report_rows(records):
-    """One table row per (model, subset, init): final and best accuracy, and the paired differences of the
-    final accuracy from random init's run of the same seed."""
+    """One table row per (model, subset, init): the base lr, final and best accuracy, and the paired
+    differences of the final accuracy from random init's run of the same seed."""
     groups, random_final = {}, {}
     for r in records:
-        groups.setdefault((r['family'], r['per_class'], r['epochs'], r['init']), []).append(r)
+        groups.setdefault((r['family'], r['per_class'], r['epochs'], r['blr'], r['init']), []).append(r)
         if r['init'] == 'random init':
             random_final[r['family'], r['per_class'], r['seed']] = r['final_acc1']
     rows = []
-    for (family, n, epochs, init), runs in groups.items():
+    for (family, n, epochs, blr, init), runs in groups.items():
         paired = [r['final_acc1'] - random_final[family, n, r['seed']] for r in runs
                   if init != 'random init' and (family, n, r['seed']) in random_final]
-        rows.append(f"| {family} | {n} | {epochs} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
+        rows.append(f"| {family} | {n} | {epochs} | {blr:g} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
                     f"{mean_std(paired) if init != 'random init' else ''} | "
                     f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
+    return rows
+
+
+def lr_search_rows(lr_records, batch_size):
+    """One row per (model, subset, candidate) of --lr_search: random init's validation accuracy; the chosen
+    candidate (highest mean final accuracy, the first of equals) in bold."""
+    groups = {}
+    for r in lr_records:
+        groups.setdefault((r['family'], r['per_class'], r['val_per_class'], r['epochs']), {}).setdefault(
+            r['blr'], []).append(r)
+    rows = []
+    for (family, n, val, epochs), by_blr in groups.items():
+        chosen = max(by_blr, key=lambda blr: statistics.mean(r['final_acc1'] for r in by_blr[blr]))
+        for blr, runs in by_blr.items():
+            mark = '**' if blr == chosen else ''
+            rows.append(f"| {family} | {n - val} + {val} | {epochs} | {mark}{blr:g}{mark} | {blr * batch_size / 512:.3g} | "
+                        f"{mean_std([r['final_acc1'] for r in runs])} | {mean_std([r['best_acc1'] for r in runs])} | "
+                        f"{len(runs)} |")
     return rows
 
 
@@ -254,7 +336,7 @@ def write_report(out, study, seconds, args, partial=False):
     import timm
     import utils
     with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
-        for r in study.records:
+        for r in study.lr_records + study.records:
             f.write(json.dumps(r) + '\n')
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
     lines = ['# CIFAR-10 transfer study', '',
@@ -267,9 +349,19 @@ def write_report(out, study, seconds, args, partial=False):
              f'wall time {seconds / 60:.1f} min.'
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
-             '| model | images per class | epochs | init | final acc@1 | final vs random | best acc@1 | n |',
-             '|---|---|---|---|---|---|---|---|']
+             '| model | images per class | epochs | base lr / 512 | init | final acc@1 | final vs random | best acc@1 | n |',
+             '|---|---|---|---|---|---|---|---|---|']
     lines += report_rows(study.records)
+    if study.lr_records:
+        lines += ['', '## Learning rate, chosen on a validation split', '',
+                  f'Random init only, trained on the subset less its last {args.val_per_class} images per class and '
+                  f'evaluated on those held-out images (never the test set); acc@1 (%) mean ± std over seeds '
+                  f'{args.seeds}. The candidate in bold (highest mean final accuracy) is the recipe of every init '
+                  f'above.', '',
+                  '| model | train + validation images per class | epochs | base lr / 512 | lr at batch '
+                  f'{args.batch_size} | final acc@1 | best acc@1 | n |',
+                  '|---|---|---|---|---|---|---|---|']
+        lines += lr_search_rows(study.lr_records, args.batch_size)
     lines += ['', '## Commands', '', '```'] + study.commands + ['```', '']
     with open(os.path.join(out, 'transfer_study.md'), 'w') as f:
         f.write('\n'.join(lines))

@@ -63,16 +63,16 @@ def test_transfer_study_dinov2_only_at_another_size(tmp_path):
     config = (out / 'students' / 'dinov2_56px_test4' / 'n4' / 'ws' / 'seed0' / 'config.yaml').read_text()
     assert 'input_size: 56' in config
     report = (out / 'transfer_study.md').read_text()
-    assert 'on 20 target test images' in report and '| dinov2 vit_tiny/14 @56 | 4 | 1 | random init |' in report
+    assert 'on 20 target test images' in report and '| dinov2 vit_tiny/14 @56 | 4 | 1 | 0.002 | random init |' in report
 
 
 def test_report_gives_paired_differences_from_random_init():
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import transfer_study
     run = lambda init, seed, final, best: {'family': 'vit', 'per_class': 100, 'epochs': 30, 'init': init,  # noqa: E731
-                                           'seed': seed, 'final_acc1': final, 'best_acc1': best}
+                                           'seed': seed, 'blr': 2e-3, 'final_acc1': final, 'best_acc1': best}
     rows = transfer_study.report_rows([run('random init', 0, 40.0, 42.0), run('random init', 1, 44.0, 45.0),
                                        run('ws uniform', 1, 47.0, 48.0), run('ws uniform', 0, 41.0, 43.0)])
-    assert rows == ['| vit | 100 | 30 | random init | 42.0 ± 2.8 |  | 43.5 ± 2.1 | 2 |',
+    assert rows == ['| vit | 100 | 30 | 0.002 | random init | 42.0 ± 2.8 |  | 43.5 ± 2.1 | 2 |',
                     # seed 1: 47 - 44 = 3, seed 0: 41 - 40 = 1 -> 2.0 ± 1.4 (paired, not 44.0 - 42.0 by chance)
-                    '| vit | 100 | 30 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
+                    '| vit | 100 | 30 | 0.002 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
