@@ -48,22 +48,32 @@ def test_transfer_study_time_budget_writes_partial_report(tmp_path):
 @pytest.mark.slow
 def test_transfer_study_dinov2_only_at_another_size(tmp_path):
     """--families with no value runs only the DINOv2 study (no source task unpacked); its input size and
-    the number of target test images are settings, and they name their own folders."""
+    the number of target test images are settings, and they name their own folders. --lr_search trains
+    random init once per candidate on the carved validation split, and the study uses the chosen one."""
     make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
     dinov2 = shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt')
     out = tmp_path / 'study'
     proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(out), '--smoke', '--families',
-                      '--make_imagefolder', make_imagefolder, '--dinov2', dinov2, '--dinov2_input_size', '56')
+                      '--make_imagefolder', make_imagefolder, '--dinov2', dinov2, '--dinov2_input_size', '56',
+                      '--lr_search', '1e-3', '3e-3')
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
-    assert [(r['family'], r['init']) for r in records] == [('dinov2 vit_tiny/14 @56', 'random init'),
-                                                         ('dinov2 vit_tiny/14 @56', 'ws uniform (DINOv2)')]
-    assert sorted(os.listdir(out / 'data')) == ['target_4_test4']
+    assert [(r['split'], r['blr']) for r in records[:2]] == [('validation', 1e-3), ('validation', 3e-3)]
+    chosen = max(records[:2], key=lambda r: r['final_acc1'])['blr']  # the first of equals
+    assert [(r['family'], r['init'], r['split'], r['blr']) for r in records[2:]] == [
+        ('dinov2 vit_tiny/14 @56', 'random init', 'test', chosen),
+        ('dinov2 vit_tiny/14 @56', 'ws uniform (DINOv2)', 'test', chosen)]
+    assert sorted(os.listdir(out / 'data')) == ['target_4_test4', 'target_4_test4_val1']
     assert os.listdir(out / 'ws') == ['dinov2_vit_tiny_14_56px.pth']
-    config = (out / 'students' / 'dinov2_56px_test4' / 'n4' / 'ws' / 'seed0' / 'config.yaml').read_text()
-    assert 'input_size: 56' in config
+    run_dir = out / 'students' / 'dinov2_56px_test4' / 'n4' / f'blr{chosen:g}' / 'ws' / 'seed0'
+    config = (run_dir / 'config.yaml').read_text()
+    assert 'input_size: 56' in config and f'blr: {chosen}' in config
+    val_config = (out / 'lr_search' / 'dinov2_vit_tiny_14_56' / 'n4' / 'blr0.003' / 'seed0' / 'config.yaml').read_text()
+    assert 'target_4_test4_val1' in val_config
     report = (out / 'transfer_study.md').read_text()
-    assert 'on 20 target test images' in report and '| dinov2 vit_tiny/14 @56 | 4 | 1 | 0.002 | random init |' in report
+    assert 'on 20 target test images' in report
+    assert f'| dinov2 vit_tiny/14 @56 | 4 | 1 | {chosen:g} | random init |' in report
+    assert '| dinov2 vit_tiny/14 @56 | 3 + 1 | 1 | ' in report and f'**{chosen:g}**' in report
 
 
 def test_report_gives_paired_differences_from_random_init():
@@ -76,3 +86,48 @@ def test_report_gives_paired_differences_from_random_init():
     assert rows == ['| vit | 100 | 30 | 0.002 | random init | 42.0 ± 2.8 |  | 43.5 ± 2.1 | 2 |',
                     # seed 1: 47 - 44 = 3, seed 0: 41 - 40 = 1 -> 2.0 ± 1.4 (paired, not 44.0 - 42.0 by chance)
                     '| vit | 100 | 30 | 0.002 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
+
+
+def test_validation_split_is_carved_from_the_training_subset_only(tmp_path):
+    """--lr_search's validation set: the last K training images of each class, held out of its train/; the
+    subset's test/ (the study's test set) is never copied or read."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    subset = tmp_path / 'target_5'
+    for cls in ('dog', 'frog'):
+        for i in range(5):
+            (subset / 'train' / cls).mkdir(parents=True, exist_ok=True)
+            (subset / 'train' / cls / f'{i:05d}.jpg').write_bytes(f'{cls}{i}'.encode())
+        (subset / 'test' / cls).mkdir(parents=True)
+        (subset / 'test' / cls / '99999.jpg').write_bytes(b'test image')
+    val = transfer_study.carve_validation(str(subset), 2)
+    assert val == f'{subset}_val2' and sorted(os.listdir(val)) == ['test', 'train']
+    for cls in ('dog', 'frog'):
+        assert sorted(os.listdir(os.path.join(val, 'train', cls))) == ['00000.jpg', '00001.jpg', '00002.jpg']
+        assert sorted(os.listdir(os.path.join(val, 'test', cls))) == ['00003.jpg', '00004.jpg']
+        assert open(os.path.join(val, 'test', cls, '00004.jpg'), 'rb').read() == f'{cls}4'.encode()
+    assert transfer_study.carve_validation(str(subset), 2) == val  # kept, not rebuilt
+    with pytest.raises(SystemExit, match='--val_per_class 5 leaves no training image of class dog'):
+        transfer_study.carve_validation(str(subset), 5)
+    assert not os.path.exists(f'{subset}_val5')
+
+
+def test_lr_search_report_marks_the_highest_mean_final_validation_accuracy():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    run = lambda blr, seed, final, best: {'family': 'vit', 'per_class': 100, 'val_per_class': 20,  # noqa: E731
+                                          'epochs': 30, 'blr': blr, 'seed': seed, 'final_acc1': final,
+                                          'best_acc1': best}
+    # 4e-3 has the best single run and the best "best epoch", 2e-3 the best mean final accuracy
+    rows = transfer_study.lr_search_rows([run(2e-3, 0, 50.0, 51.0), run(2e-3, 1, 48.0, 50.0),
+                                          run(4e-3, 0, 60.0, 70.0), run(4e-3, 1, 36.0, 40.0)], batch_size=32)
+    assert rows == ['| vit | 80 + 20 | 30 | **0.002** | 0.000125 | 49.0 ± 1.4 | 50.5 ± 0.7 | 2 |',
+                    '| vit | 80 + 20 | 30 | 0.004 | 0.00025 | 48.0 ± 17.0 | 55.0 ± 21.2 | 2 |']
+
+
+def test_lr_search_refuses_a_validation_split_that_leaves_nothing_to_train(tmp_path):
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(tmp_path / 'study'), '--families',
+                      '--subsets', '20', '100', '--lr_search', '1e-3', '2e-3', '--val_per_class', '20')
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert '--val_per_class 20 must hold out at least one and leave at least one' in proc.stderr
+    assert not (tmp_path / 'study').exists()
