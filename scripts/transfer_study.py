@@ -66,9 +66,10 @@ def get_args():
     p.add_argument('--student_epochs', type=int, nargs=2, default=[200, 100],
                    help='epochs for the smallest and the largest subset')
     p.add_argument('--batch_size', type=int, default=128)
-    p.add_argument('--blr', type=float, default=None,
+    lr = p.add_mutually_exclusive_group()
+    lr.add_argument('--blr', type=float, default=None,
                    help='base lr per 512 images for every student (default: 2e-3 ViT-T, 4e-3 ConvNeXt-F)')
-    p.add_argument('--lr_search', type=float, nargs='+', default=None, metavar='BLR',
+    lr.add_argument('--lr_search', type=float, nargs='+', default=None, metavar='BLR',
                    help='choose the base lr per 512 images among these, per model and subset size, by random '
                         "init's mean final accuracy on a validation split carved from the training subset")
     p.add_argument('--val_per_class', type=int, default=20,
