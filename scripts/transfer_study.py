@@ -10,7 +10,8 @@
      real DINOv2 ViT-S/14 (--dinov2 CKPT; --dinov2_input_size), random init vs weight selection;
   5. write OUT/transfer_study.md (mean ± std, commands, device, versions, wall time) and OUT/runs.jsonl.
 
-    python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
+    python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 \
+        --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
     python scripts/transfer_study.py --out /tmp/smoke --smoke          # the whole pipeline on the CPU in minutes
     python scripts/transfer_study.py --out /tmp/dino56 --device cpu --families --dinov2 CKPT --dinov2_input_size 56 \
         --subsets 100 --student_epochs 30 30 --batch_size 32 --lr_search 1e-3 2e-3 4e-3 8e-3 3.2e-2
