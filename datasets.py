@@ -339,27 +339,30 @@ def cpu_loaders(args, device, rank, world_size, plan):
     num_train = len(train_set)
     train_set = PerSampleSeed(train_set, args.seed)
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
-    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
-                  persistent_workers=args.num_workers > 0)
     train = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, drop_last=True,
-                                        generator=torch.Generator().manual_seed(args.seed), **common)
-    val = None
-    if val_set is not None:
-        if plan.sharded:  # an exact shard per process (no padding duplicates)
-            val_set = Subset(val_set, range(rank, len(val_set), world_size))
-        val = torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False, **common)
+                                        generator=torch.Generator().manual_seed(args.seed),
+                                        num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
+                                        persistent_workers=args.num_workers > 0)
+    val = None if val_set is None else \
+        eval_dataloader(val_set, args, device, rank, world_size, plan, persistent_workers=args.num_workers > 0)
     return train, val, classes, num_train
+
+
+def eval_dataloader(val_set, args, device, rank, world_size, plan, persistent_workers=False):
+    """The evaluation split's loader: in order, an exact shard per process where the plan shards it (no
+    padding duplicates, so the engine's sums over processes count each image once)."""
+    if plan.sharded:
+        val_set = Subset(val_set, range(rank, len(val_set), world_size))
+    return torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False,
+                                       num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
+                                       persistent_workers=persistent_workers)
 
 
 def eval_loader(args, device, rank=0, world_size=1):
     """(loader, number of classes, sharded) of the evaluation split alone (--eval: no training data needed)."""
     plan = eval_plan(args, world_size)
     val_set, classes = build_dataset(False, args)
-    if plan.sharded:
-        val_set = Subset(val_set, range(rank, len(val_set), world_size))
-    loader = torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False,
-                                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda')
-    return loader, classes, plan.sharded
+    return eval_dataloader(val_set, args, device, rank, world_size, plan), classes, plan.sharded
 
 
 def knn_sets(args):
