@@ -218,21 +218,22 @@ def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epoch
     if not args.lr_search:
         return args.blr or BLR['vit' if 'vit' in student else 'convnext']
     val_data = carve_validation(target, args.val_per_class)
-    mean_val = {}
+    by_blr = {}
     for blr in args.lr_search:
-        finals = []
         for seed in args.seeds:
             run_dir = os.path.join(out, 'lr_search', model_name.replace(' ', '_').replace('/', '_').replace('@', ''),
                                    f'n{n}', f'blr{blr:g}', f'seed{seed}')
             log = study.train(run_dir, student, s_kwargs, val_data, epochs, seed, blr, input_size=input_size)
-            finals.append(log[-1]['test_acc1'])
-            study.lr_records.append({'family': model_name, 'per_class': n, 'val_per_class': args.val_per_class,
-                                     'blr': blr, 'seed': seed, 'epochs': epochs, 'split': 'validation',
-                                     'final_acc1': log[-1]['test_acc1'],
-                                     'best_acc1': max(r['test_acc1'] for r in log),
-                                     'run_dir': os.path.relpath(run_dir, out)})
-        mean_val[blr] = statistics.mean(finals)
-    return max(args.lr_search, key=lambda blr: mean_val[blr])  # the first of equals: the order given
+            r = record(model_name, n, 'random init', seed, epochs, blr, log, os.path.relpath(run_dir, out),
+                       split='validation', val_per_class=args.val_per_class)
+            study.lr_records.append(r)
+            by_blr.setdefault(blr, []).append(r)
+    return chosen_blr(by_blr)
+
+
+def chosen_blr(by_blr):
+    """The candidate whose runs have the highest mean final accuracy; the first of equals, in the order given."""
+    return max(by_blr, key=lambda blr: statistics.mean(r['final_acc1'] for r in by_blr[blr]))
 
 
 def run_study(args, out, study):
@@ -285,9 +286,10 @@ def run_study(args, out, study):
                     study.records.append(record(family, n, name, seed, epochs, blr, log, os.path.relpath(run_dir, out)))
 
 
-def record(family, n, init, seed, epochs, blr, log, run_dir):
-    return {'family': family, 'per_class': n, 'init': init, 'seed': seed, 'blr': blr, 'epochs': epochs,
-            'split': 'test', 'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
+def record(family, n, init, seed, epochs, blr, log, run_dir, split='test', **more):
+    """One line of runs.jsonl: a run's settings and its final and best accuracy on `split`."""
+    return {'family': family, 'per_class': n, **more, 'init': init, 'seed': seed, 'blr': blr, 'epochs': epochs,
+            'split': split, 'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
             'run_dir': run_dir}
 
 
@@ -324,7 +326,7 @@ def lr_search_rows(lr_records, batch_size):
             r['blr'], []).append(r)
     rows = []
     for (family, n, val, epochs), by_blr in groups.items():
-        chosen = max(by_blr, key=lambda blr: statistics.mean(r['final_acc1'] for r in by_blr[blr]))
+        chosen = chosen_blr(by_blr)
         for blr, runs in by_blr.items():
             mark = '**' if blr == chosen else ''
             rows.append(f"| {family} | {n - val} + {val} | {epochs} | {mark}{blr:g}{mark} | {blr * batch_size / 512:.3g} | "
