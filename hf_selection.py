@@ -28,7 +28,7 @@ import torch
 import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, read_header
-from weight_selection import LAYER_SELECTIONS, _generator, layer_indices, random_indices, uniform_indices
+from weight_selection import LAYER_SELECTIONS, ElementSelector, _generator, layer_indices
 
 HF_ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random')
 HEAD_SELECTIONS = ('auto', 'heads', 'dims')
@@ -242,24 +242,17 @@ def layer_map_for(selection):
 # Element selection: one index set per axis.
 
 class IndexChooser:
-    """Indices of t kept for s, as --element_selection prescribes; consistent: one set per (t, s)."""
+    """Indices of t kept for s, as --element_selection prescribes: weight_selection's ElementSelector, limited
+    to the consistent modes that need no teacher tensors (one index set per (t, s))."""
 
     def __init__(self, mode, seed):
         if mode not in HF_ELEMENT_SELECTIONS:
             raise UserError(f"--element_selection {mode} is not supported for Hugging Face teachers; choose one of "
                             f"{', '.join(HF_ELEMENT_SELECTIONS)}")
-        self.mode, self.seed, self.cache = mode, seed, {}
+        self.selector = ElementSelector(mode, seed)
 
     def pick(self, t, s):
-        if t == s:
-            return torch.arange(t)
-        if self.mode == 'uniform':
-            return uniform_indices(t, s)
-        if self.mode == 'consecutive':
-            return torch.arange(s)
-        if (t, s) not in self.cache:  # the same generator as weight_selection's random mode
-            self.cache[t, s] = random_indices(t, s, _generator(self.seed, t, s))
-        return self.cache[t, s]
+        return self.selector.indices(t, s, tensor=None, dim=None, key=None)
 
 
 def expand_heads(heads, head_dim):
