@@ -223,12 +223,10 @@ def bench_timm(args):
         raise SystemExit(f'the timm path failed: {stderr.strip()[-500:]}')
     if os.path.exists(out):
         os.remove(out)
-    evict([path])
-    start = time.time()
-    sequential_read([path])
+    read_s = timed_read([path])['s']
     return {'path': 'timm', 'teacher': 'vit_large_patch16_224 (fp32 .safetensors)', 'student': 'vit_base_patch16_224',
             'teacher_bytes': os.path.getsize(path), 'select_s': round(wall, 2), 'select_peak_rss_anon': mem.peak,
-            'sequential_read_s': round(time.time() - start, 2), 'stdout': stdout.strip()}
+            'sequential_read_s': read_s, 'stdout': stdout.strip()}
 
 
 def main():
@@ -247,11 +245,9 @@ def main():
                'python': platform.python_version(), 'torch': torch.__version__, 'runs': [bench_hf(args)]}
     if args.vit:
         results['runs'].append(bench_timm(args))
-    text = json.dumps(results, indent=2)
-    print(text)
+    print(json.dumps(results, indent=2))
     if args.output:
-        with open(args.output, 'w') as f:
-            f.write(text + '\n')
+        hf_selection.write_json(args.output, results)
 
 
 if __name__ == '__main__':

@@ -136,9 +136,10 @@ def main(out, work):
          'parts': parts(work), 'cuda_tests': cuda_tests(work), 'benchmark': benchmark(out)}
     with open(os.path.join(out, 'gpu_check.json'), 'w') as f:
         json.dump(r, f, indent=1)
+    text = markdown(r, work)
     with open(os.path.join(out, 'gpu_check.md'), 'w') as f:
-        f.write(markdown(r, work))
-    print(markdown(r, work))
+        f.write(text)
+    print(text)
 
 
 if __name__ == '__main__':
