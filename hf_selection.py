@@ -436,7 +436,7 @@ class Planned:
 
     @property
     def nbytes(self):
-        return math.prod(self.shape) * torch.empty((), dtype=ST_DTYPES[self.dtype]).element_size()
+        return math.prod(self.shape) * ST_DTYPES[self.dtype].itemsize
 
 
 def component_of(key):

@@ -38,7 +38,7 @@ def read_header(path):
     for key, (dtype, shape, (begin, end)) in tensors.items():
         if dtype not in ST_DTYPES:
             raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; supported: {', '.join(ST_DTYPES)}")
-        if end - begin != math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dtype]).element_size():
+        if end - begin != math.prod(shape) * ST_DTYPES[dtype].itemsize:
             raise UserError(f"{path}: the header's size of '{key}' does not match its shape {list(shape)}; "
                             f'corrupt file')
     end = max((offsets[1] for _, _, offsets in tensors.values()), default=8 + n)
