@@ -194,9 +194,10 @@ def read_overrides(spec):
     return utils.parse_json_dict(text, '--student_config')
 
 
-def student_config(t_cfg, overrides, family, layer_map_fn):
-    """The teacher's config with the overrides; per-layer lists (layer_types) follow layer selection, and
-    head_dim is written out when the teacher's was explicit, so both sides agree on it."""
+def student_config(t_cfg, t, overrides, family, layer_map_fn):
+    """The teacher's config (checked into its widths `t` by widths_of) with the overrides; per-layer lists
+    (layer_types) follow layer selection, and head_dim is written out when the teacher's was explicit, so
+    both sides agree on it."""
     extra = ('head_dim',) if family.rotary else ()  # LLaMA-style models honour an explicit head_dim
     unknown = [k for k in overrides if k not in t_cfg and k not in family.fields.values() and k not in extra]
     if unknown:
@@ -206,17 +207,15 @@ def student_config(t_cfg, overrides, family, layer_map_fn):
         raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
                         f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
     s_cfg = {**t_cfg, **overrides}
-    check_whole_numbers(t_cfg, family, 'teacher')
     check_whole_numbers(s_cfg, family, 'student')
     t_hd = t_cfg.get('head_dim')
-    derived_t = t_cfg[family.fields['hidden']] // max(t_cfg[family.fields['heads']], 1)
-    if 'head_dim' not in overrides and t_hd is not None and t_hd == derived_t:
+    if 'head_dim' not in overrides and t_hd is not None and t_hd == t.hidden // t.heads:
         # the teacher's head_dim only restated hidden/heads: the student's follows its own hidden/heads
         hidden, heads = s_cfg[family.fields['hidden']], s_cfg[family.fields['heads']]
         if heads <= 0 or hidden % heads:
             raise UserError(f'student: hidden size {hidden} does not divide into {heads} attention heads')
         s_cfg['head_dim'] = hidden // heads
-    n_t, n_s = t_cfg[family.fields['layers']], s_cfg[family.fields['layers']]
+    n_t, n_s = t.layers, s_cfg[family.fields['layers']]
     layer_map = layer_map_fn(n_t, n_s)
     if isinstance(t_cfg.get('layer_types'), list) and 'layer_types' not in overrides \
             and len(t_cfg['layer_types']) == n_t:
@@ -697,8 +696,9 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     t_cfg = read_config(folder)
     family = family_of(t_cfg, os.path.join(folder, 'config.json'))
     overrides = student_overrides if isinstance(student_overrides, dict) else read_overrides(student_overrides)
-    s_cfg, layer_map = student_config(t_cfg, overrides, family, layer_map_for(layer_selection))
-    t, s = widths_of(t_cfg, family, 'teacher'), widths_of(s_cfg, family, 'student')
+    t = widths_of(t_cfg, family, 'teacher')  # first: every field student_config reads is there and whole
+    s_cfg, layer_map = student_config(t_cfg, t, overrides, family, layer_map_for(layer_selection))
+    s = widths_of(s_cfg, family, 'student')
     check_not_wider(t, s)
     head_mode = head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
     axes = axis_indices(t, s, family, head_mode, chooser)

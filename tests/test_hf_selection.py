@@ -268,6 +268,12 @@ def truncate_shard(copy):
         f.truncate(os.path.getsize(path) - 100)
 
 
+def drop_heads_field(copy):
+    config = json.load(open(copy / 'config.json'))
+    del config['num_attention_heads']
+    json.dump(config, open(copy / 'config.json', 'w'))
+
+
 def set_model_type(copy):
     config = json.load(open(copy / 'config.json'))
     json.dump(dict(config, model_type='t5'), open(copy / 'config.json', 'w'))
@@ -278,6 +284,7 @@ def set_model_type(copy):
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
     (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, gpt2, bert"),
+    (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
     (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
