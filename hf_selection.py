@@ -337,28 +337,32 @@ class TeacherShards:
             return int(rows.min()), int(rows.max()) + 1
         return 0, shape[0] if shape else 1
 
+    def byte_span(self, key, lo, hi):
+        """(shard file name, byte offset, byte count) of rows lo..hi-1 of `key` (a scalar: its one value)."""
+        name, (_, shape, (begin, end)) = self.where[key], self.header[key]
+        row = (end - begin) // max(shape[0], 1) if shape else end - begin
+        return name, begin + lo * row, (hi - lo) * row
+
     def will_need(self, p):
         """Ask the kernel to start reading the rows plan p will want (its readahead, in the background).
         Its own descriptor: the reading thread owns the open files."""
         if p.source is None:
             return
-        name, (_, shape, (begin, end)) = self.where[p.source], self.header[p.source]
-        lo, hi = self.row_span(p.source, p.indices)
-        row = (end - begin) // max(shape[0], 1) if shape else end - begin
+        name, offset, nbytes = self.byte_span(p.source, *self.row_span(p.source, p.indices))
         fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, begin + lo * row, (hi - lo) * row, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 
     def read_rows(self, key, lo, hi):
         """Rows lo..hi-1 of `key`, read with one plain read of their bytes (the header gives where they
         lie): several times faster than faulting a memory map in page by page."""
-        name, (dtype, shape, (begin, end)) = self.where[key], self.header[key]
+        name, offset, nbytes = self.byte_span(key, lo, hi)
+        dtype, shape, _ = self.header[key]
         f = self.file(name)
-        row = (end - begin) // max(shape[0], 1) if shape else end - begin
-        buf = torch.empty((hi - lo) * row, dtype=torch.uint8)
-        f.seek(begin + lo * row)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        f.seek(offset)
         view, got = memoryview(buf.numpy()), 0
         while got < len(view):  # one read returns at most ~2 GB
             n = f.readinto(view[got:])
