@@ -28,7 +28,7 @@ import torch
 import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, read_header
-from weight_selection import LAYER_SELECTIONS, ElementSelector, _generator, layer_indices
+from weight_selection import ElementSelector, _generator, explicit_layers, group_layers
 
 HF_ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random')
 HEAD_SELECTIONS = ('auto', 'heads', 'dims')
@@ -224,17 +224,14 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
 
 
 def layer_map_for(selection):
-    def layer_map(n_t, n_s):
-        if selection in LAYER_SELECTIONS:
-            return layer_indices(selection, n_t, n_s)
-        try:
-            chosen = [int(i) for i in selection.split(',') if i.strip()]
-        except ValueError:
-            return layer_indices(selection, n_t, n_s)  # raises the unknown-mode error
-        if len(chosen) != n_s or not all(0 <= i < n_t for i in chosen):
-            raise UserError(f'--layer_selection {selection}: give {n_s} teacher layers in 0..{n_t - 1}')
-        return chosen
-    return layer_map
+    """n_t, n_s -> the teacher layer for each student layer; the selection is checked here, before any
+    teacher tensor is read. A Hugging Face decoder has one stack of layers, so one list at most."""
+    explicit = explicit_layers(selection)
+    if explicit is not None and len(explicit) != 1:
+        raise UserError(f'--layer_selection {selection}: a Hugging Face model has one stack of layers; give one '
+                        f'comma-separated list of teacher layers such as 0,2,4')
+    chosen = None if explicit is None else explicit[0]
+    return lambda n_t, n_s: group_layers(selection, chosen, n_t, n_s, 'layers')
 
 
 # ----------------------------------------------------------------------------------------------

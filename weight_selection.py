@@ -293,19 +293,32 @@ def block_depths(keys):
     return depths
 
 
-def parse_explicit_layers(spec):
-    try:
-        return [[int(i) for i in stage.split(',') if i.strip()] for stage in spec.split(';')]
-    except ValueError:
+def explicit_layers(selection):
+    """None for a named mode; else the teacher blocks listed for each block group, e.g. '0,2;1,3' ->
+    [[0, 2], [1, 3]]. Anything else is the unknown-mode error."""
+    if selection in LAYER_SELECTIONS:
         return None
+    try:
+        return [[int(i) for i in group.split(',') if i.strip()] for group in selection.split(';')]
+    except ValueError:
+        layer_indices(selection, 1, 1)  # raises the unknown-mode error
+
+
+def group_layers(selection, chosen, n_teacher, n_student, group):
+    """The teacher block for each of a block group's n_student blocks: by the named mode, or the listed
+    blocks `chosen` (one group's list from explicit_layers) once checked."""
+    if chosen is None:
+        return layer_indices(selection, n_teacher, n_student)
+    if len(chosen) != n_student or not all(0 <= j < n_teacher for j in chosen):
+        raise UserError(f"--layer_selection for '{group}' must list {n_student} teacher blocks in "
+                        f'0..{n_teacher - 1}, got {",".join(map(str, chosen))}')
+    return chosen
 
 
 def layer_maps(teacher_keys, student_keys, selection='first'):
     """{block group: [teacher block for each student block]} for every group of the student."""
     t_depths, s_depths = block_depths(teacher_keys), block_depths(student_keys)
-    explicit = parse_explicit_layers(selection) if selection not in LAYER_SELECTIONS else None
-    if selection not in LAYER_SELECTIONS and explicit is None:
-        layer_indices(selection, 1, 1)  # raises the unknown-mode error
+    explicit = explicit_layers(selection)
     if explicit is not None and len(explicit) != len(s_depths):
         raise UserError(f'--layer_selection {selection} gives {len(explicit)} list(s) of blocks but the student '
                         f'has {len(s_depths)} block group(s) ({", ".join(s_depths)}); give one comma-separated '
@@ -316,15 +329,8 @@ def layer_maps(teacher_keys, student_keys, selection='first'):
             key = next(k for k in student_keys if k.startswith(group + '.'))
             raise UserError(f"student key '{key}' has no counterpart in the teacher (it has no blocks "
                             f"'{group}'); teacher and student must be of the same model family")
-        n_teacher = t_depths[group]
-        if explicit is None:
-            maps[group] = layer_indices(selection, n_teacher, n_student)
-            continue
-        chosen = explicit[i]
-        if len(chosen) != n_student or not all(0 <= j < n_teacher for j in chosen):
-            raise UserError(f"--layer_selection for '{group}' must list {n_student} teacher blocks in "
-                            f'0..{n_teacher - 1}, got {",".join(map(str, chosen))}')
-        maps[group] = chosen
+        chosen = None if explicit is None else explicit[i]
+        maps[group] = group_layers(selection, chosen, t_depths[group], n_student, group)
     return maps
 
 

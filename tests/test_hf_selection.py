@@ -307,7 +307,9 @@ def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, over
     ({'element_selection': 'l1'}, 'l1 is not supported for Hugging Face teachers'),
     ({'exclude': ['patch_embed']}, "unknown component to exclude 'patch_embed'; choose from embed, attn, mlp, norm"),
     ({'max_shard_size': 'lots'}, 'write a size such as 5GB'),
-    ({'layer_selection': '0,9,1'}, r'give 3 teacher layers in 0\.\.5'),
+    ({'layer_selection': '0,9,1'}, r"for 'layers' must list 3 teacher blocks in 0\.\.5, got 0,9,1"),
+    ({'layer_selection': '0,1;2'}, 'a Hugging Face model has one stack of layers'),
+    ({'layer_selection': 'middle'}, "unknown layer selection 'middle'"),
 ])
 def test_bad_settings(llama, tmp_path, kwargs, match):
     with pytest.raises(UserError, match=match):
