@@ -38,7 +38,7 @@ def load_config(path, parser):
         try:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise UserError(f'--config {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+            raise UserError(f'--config {path} is not valid YAML: {utils.first_line(e)}') from None
     if not isinstance(values, dict):
         raise UserError(f'--config {path} must map flag names to values')
     actions = {action.dest: action for action in parser._actions if action.dest not in ('help', 'config')}

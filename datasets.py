@@ -48,8 +48,7 @@ def build_dataset(is_train, args):
         offline = (f"offline, place {name}'s files (torchvision's layout) under --data_path {root} by hand, or "
                    f'train on any local ImageFolder with --data_set image_folder')
         if download:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f'cannot download {name} into {root} ({first}); {offline}') from None
+            raise UserError(f'cannot download {name} into {root} ({utils.first_line(e)}); {offline}') from None
         raise UserError(f'{name} not found under --data_path {root}; point --data_path at the folder that '
                         f'holds it, pass --download true to let torchvision fetch it, or {offline}') from None
 
@@ -109,7 +108,7 @@ def image_folder(root, is_train, transform, allow_test):
     try:
         dataset = datasets.ImageFolder(folder, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f'{folder} holds no images in class folders ({str(e).splitlines()[0][:120]}); '
+        raise UserError(f'{folder} holds no images in class folders ({utils.first_line(e, 120)}); '
                         f'expected {folder}/<class>/*.jpg') from None
     if not is_train:
         check_same_classes(os.path.join(root, 'train'), folder, dataset.classes)
@@ -133,13 +132,9 @@ def load_image(path):
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
-        detail = type(e).__name__ if path in str(e) else f'{type(e).__name__}: {_first_line(e)}'
+        detail = type(e).__name__ if path in str(e) else f'{type(e).__name__}: {utils.first_line(e, 120)}'
         raise UnreadableImage(f'cannot read image {path} ({detail}): truncated or not an image; remove or replace '
                               f'it (--check_data true lists every bad one)') from None
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [''])[0][:120]
 
 
 def check_images(args):

@@ -629,25 +629,16 @@ def resolve_teacher(name):
 
 def download(repo_id):
     hint = 'pass a local folder holding config.json and the *.safetensors files as --teacher'
-    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
-        raise UserError(f"offline (HF_HUB_OFFLINE=1): cannot fetch '{repo_id}'; {hint}")
+    utils.check_hub_reachable(repo_id, hint)
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UserError(f"'{repo_id}' is not a local folder and huggingface_hub is not installed; {hint}") from None
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise UserError(f"cannot reach {host} to fetch '{repo_id}' (offline?); {hint}") from None
     try:
         return snapshot_download(repo_id, allow_patterns=['config.json', '*.safetensors',
                                                           'model.safetensors.index.json'])
     except Exception as e:  # noqa: BLE001 - any download failure is reported in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot fetch '{repo_id}' ({type(e).__name__}: {first}); {hint}") from None
+        raise UserError(f"cannot fetch '{repo_id}' ({type(e).__name__}: {utils.first_line(e)}); {hint}") from None
 
 
 def read_config(folder):

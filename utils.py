@@ -45,6 +45,27 @@ def run_cli(main_fn, argv=None):
         sys.exit(130)
 
 
+def first_line(error, limit=200):
+    """An exception's message in one line for a UserError: its first line, or its class name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def check_hub_reachable(name, hint):
+    """Fail at once, in one line ending with `hint` (what to pass instead), where the Hugging Face hub cannot
+    be reached: HF_HUB_OFFLINE set (read as huggingface_hub reads it) or no address for the endpoint. The hub
+    client would otherwise retry for a minute and end in a traceback."""
+    if os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on'):
+        raise UserError(f"offline (HF_HUB_OFFLINE is set): cannot fetch '{name}'; {hint}")
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise UserError(f"cannot reach {host} to fetch '{name}' (offline?); {hint}") from None
+
+
 def str2bool(value):
     """`--flag true|false`, as the official ConvNeXt-style scripts spell booleans."""
     if isinstance(value, bool):

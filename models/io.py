@@ -79,7 +79,7 @@ def torch_load(path, trust=False):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure to read is the user's file
         if 'Weights only load failed' not in str(e):
-            raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {_first_line(e)}') \
+            raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {utils.first_line(e)}') \
                 from None
         if not trust:
             raise UntrustedCheckpoint(
@@ -90,11 +90,7 @@ def torch_load(path, trust=False):
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {_first_line(e)}') from None
-
-
-def _first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {utils.first_line(e)}') from None
 
 
 def _blocked_global(error):
@@ -220,15 +216,15 @@ def load_pretrained(name, checkpoint=None, kwargs=None, flag='--teacher', trust=
     kwargs = dict(kwargs or {})
     check_model_name(name, flag)
     if checkpoint is None:
-        check_hub_reachable(name, flag)
+        hint = f'pass {flag}_checkpoint FILE'
+        utils.check_hub_reachable(name, hint)
         try:
             model = create_model(name, flag, pretrained=True, **kwargs)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - any download failure
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"cannot fetch pretrained weights for '{name}' ({type(e).__name__}: {first}); "
-                            f'offline, pass {flag}_checkpoint FILE') from None
+            raise UserError(f"cannot fetch pretrained weights for '{name}' ({type(e).__name__}: "
+                            f'{utils.first_line(e)}); offline, {hint}') from None
         return model.state_dict(), layout_of(model)
     if checkpoint.endswith('.npz'):  # the augreg ViTs' original JAX checkpoints
         model = create_model(name, flag, **kwargs)
@@ -239,26 +235,12 @@ def load_pretrained(name, checkpoint=None, kwargs=None, flag='--teacher', trust=
         try:
             model.load_pretrained(checkpoint)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f'cannot load {checkpoint} into {name}: {str(e).splitlines()[0][:200]}') from None
+            raise UserError(f'cannot load {checkpoint} into {name}: {utils.first_line(e)}') from None
         return model.state_dict(), layout_of(model)
     state = read_state_dict(checkpoint, trust=trust)
     with torch.device('meta'):  # structure only: no memory, no random init
         model = create_model(name, flag, **kwargs)
     return fit_checkpoint(state, model, name, checkpoint, flag), layout_of(model)
-
-
-def check_hub_reachable(name, flag='--teacher'):
-    """Fail at once when offline, instead of the hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
-    if os.environ.get('HF_HUB_OFFLINE') == '1':
-        raise UserError(f"offline (HF_HUB_OFFLINE=1): pass {flag}_checkpoint FILE for '{name}'")
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise UserError(f"cannot reach {host} to download '{name}' (offline?); "
-                        f'pass {flag}_checkpoint FILE') from None
 
 
 def fit_checkpoint(state, model, name, path, flag='--teacher'):

@@ -323,6 +323,30 @@ def test_hub_id_offline_names_what_to_pass(tmp_path, monkeypatch):
         hf_selection.select_hf('someone/tiny-llama', {}, str(tmp_path / 's'))
 
 
+def test_hub_id_is_fetched_when_online_and_a_failure_is_one_line(llama, tmp_path, monkeypatch):
+    import socket
+    huggingface_hub = pytest.importorskip('huggingface_hub')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr(socket, 'getaddrinfo', lambda host, port: [])  # the hub "resolves"
+    asked = []
+
+    def fetched(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return llama[0]
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fetched)
+    hf_selection.select_hf('someone/tiny-llama', LLAMA_STUDENT, str(tmp_path / 's'))
+    assert asked[0][0] == 'someone/tiny-llama' and '*.safetensors' in asked[0][1]  # weights only, no pickles
+    assert os.path.isfile(tmp_path / 's' / 'config.json')
+
+    def gated(*args, **kwargs):
+        raise OSError('401 Client Error: gated repo\nAccess to model is restricted.')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', gated)
+    with pytest.raises(UserError, match=r"^cannot fetch 'someone/gated' \(OSError: 401 Client Error: gated repo\); "
+                                         r'pass a local folder'):
+        hf_selection.select_hf('someone/gated', LLAMA_STUDENT, str(tmp_path / 't'))
+    assert not os.path.exists(tmp_path / 't')
+
+
 @pytest.mark.slow
 def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
     folder, _ = llama

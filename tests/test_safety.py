@@ -436,6 +436,48 @@ def test_download_failure_names_the_offline_route(tmp_path, monkeypatch, capsys)
                      'CIFAR10 not found', '--download true', '--data_set image_folder')
 
 
+@pytest.mark.parametrize('offline', ['1', 'true', 'ON'])
+def test_offline_teacher_name_stops_at_once_naming_the_flag(offline, tmp_path, monkeypatch, capsys):
+    import socket
+    monkeypatch.setenv('HF_HUB_OFFLINE', offline)
+    monkeypatch.setattr(socket, 'getaddrinfo', lambda *a, **k: pytest.fail('the network was tried'))
+    expect_cli_error(ws.main, ['--teacher', 'vit_small_patch16_224', '--student', 'vit_tiny_patch16_224',
+                               '--output', str(tmp_path / 'sel.pth')], capsys,
+                     "offline (HF_HUB_OFFLINE is set): cannot fetch 'vit_small_patch16_224'",
+                     'pass --teacher_checkpoint FILE')
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreachable_hub_and_failed_download_are_one_line(tmp_path, monkeypatch):
+    import socket
+    from models import io
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setenv('HF_ENDPOINT', 'https://hub.example')
+
+    def no_address(host, port):
+        assert host == 'hub.example'
+        raise socket.gaierror('Temporary failure in name resolution')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_address)
+    with pytest.raises(utils.UserError, match=r"^cannot reach hub\.example to fetch 'convnext_tiny' \(offline\?\); "
+                                               r'pass --teacher_checkpoint FILE$'):
+        io.load_pretrained('convnext_tiny')
+
+    monkeypatch.setattr(socket, 'getaddrinfo', lambda host, port: [])
+
+    def refused(*args, **kwargs):
+        raise ConnectionError('403 Forbidden\n<html>...</html>')
+    monkeypatch.setattr(io, 'create_model', refused)
+    with pytest.raises(utils.UserError, match=r"^cannot fetch pretrained weights for 'convnext_tiny' "
+                                               r'\(ConnectionError: 403 Forbidden\); offline, pass --teacher_checkpoint FILE$'):
+        io.load_pretrained('convnext_tiny')
+
+
+def test_first_line_of_an_error():
+    assert utils.first_line(ValueError('bad value\nmore detail')) == 'bad value'
+    assert utils.first_line(KeyError()) == 'KeyError'
+    assert utils.first_line(OSError('x' * 300), limit=10) == 'x' * 10
+
+
 @pytest.mark.slow
 def test_torchrun_child_error_comes_first_as_one_line(tmp_path):
     from conftest import free_port, run_script
