@@ -27,7 +27,7 @@ import torch
 
 import utils
 from utils import UserError
-from safetensors_io import ST_DTYPES, read_header
+from safetensors_io import ST_DTYPES, byte_span, read_header, read_rows, rows_of
 from weight_selection import ElementSelector, _generator, explicit_layers, group_layers
 
 HF_ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random')
@@ -328,55 +328,31 @@ class TeacherShards:
 
     def row_span(self, key, indices):
         """(lo, hi): the rows from the first to the last one kept (all rows when indices[0] is None)."""
-        shape = self.header[key][1]
         rows = indices[0] if indices else None
         if rows is not None and len(rows):
             return int(rows.min()), int(rows.max()) + 1
-        return 0, shape[0] if shape else 1
-
-    def byte_span(self, key, lo, hi):
-        """(shard file name, byte offset, byte count) of rows lo..hi-1 of `key` (a scalar: its one value)."""
-        name, (_, shape, (begin, end)) = self.where[key], self.header[key]
-        row = (end - begin) // max(shape[0], 1) if shape else end - begin
-        return name, begin + lo * row, (hi - lo) * row
+        return 0, rows_of(self.header[key])
 
     def will_need(self, p):
         """Ask the kernel to start reading the rows plan p will want (its readahead, in the background).
         Its own descriptor: the reading thread owns the open files."""
         if p.source is None:
             return
-        name, offset, nbytes = self.byte_span(p.source, *self.row_span(p.source, p.indices))
-        fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
+        offset, nbytes = byte_span(self.header[p.source], *self.row_span(p.source, p.indices))
+        fd = os.open(os.path.join(self.folder, self.where[p.source]), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
-
-    def read_rows(self, key, lo, hi):
-        """Rows lo..hi-1 of `key`, read with one plain read of their bytes (the header gives where they
-        lie): several times faster than faulting a memory map in page by page."""
-        name, offset, nbytes = self.byte_span(key, lo, hi)
-        dtype, shape, _ = self.header[key]
-        f = self.file(name)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        f.seek(offset)
-        view, got = memoryview(buf.numpy()), 0
-        while got < len(view):  # one read returns at most ~2 GB
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        if got != buf.numel():
-            raise UserError(f'{os.path.join(self.folder, name)}: truncated while reading {key}')
-        self.bytes_read += got
-        return buf.view(ST_DTYPES[dtype]).reshape(hi - lo, *shape[1:]) if shape else buf.view(ST_DTYPES[dtype])[0]
 
     def read(self, key, indices):
         """The tensor `key` with only `indices[d]` kept along dimension d (None: all). Only the rows from
         the first to the last kept one are read from the file; the kept elements are then taken, by a
         strided slice where they are evenly spaced (Algorithm 1 when the sizes divide), else by index."""
         lo, hi = self.row_span(key, indices)
-        tensor = self.read_rows(key, lo, hi)
+        name = self.where[key]
+        tensor = read_rows(self.file(name), os.path.join(self.folder, name), key, self.header[key], lo, hi)
+        self.bytes_read += byte_span(self.header[key], lo, hi)[1]
         self.keys_read.append(key)
         for dim, idx in enumerate(indices):
             if idx is not None:

@@ -1,6 +1,7 @@
 """Reading .safetensors files lazily: the header parsed and checked up front (dtypes, sizes, truncation),
-tensors read only when asked. Used by hf_selection.py (sharded Hugging Face teachers) and by
-models/io.read_state_dict (a timm teacher in one .safetensors file)."""
+tensors (or a range of their rows) read only when asked, each with one plain read of its bytes. Used by
+hf_selection.py (sharded Hugging Face teachers) and by models/io.read_state_dict (a timm teacher in one
+.safetensors file). Writing is left to the safetensors package."""
 import json
 import math
 import os
@@ -47,21 +48,48 @@ def read_header(path):
     return tensors
 
 
+def rows_of(info):
+    """How many rows a tensor has (its first dimension; a scalar counts as one row)."""
+    shape = info[1]
+    return shape[0] if shape else 1
+
+
+def byte_span(info, lo, hi):
+    """(byte offset in the file, byte count) of rows lo..hi-1 of the tensor whose header entry is info."""
+    _, shape, (begin, end) = info
+    row = (end - begin) // max(rows_of(info), 1)
+    return begin + lo * row, (hi - lo) * row
+
+
+def read_rows(f, path, key, info, lo, hi):
+    """Rows lo..hi-1 of tensor `key` from the open file f (raw, unbuffered), read with one plain read of
+    their bytes, which the header locates: several times faster than faulting a memory map in page by page."""
+    dtype, shape, _ = info
+    offset, nbytes = byte_span(info, lo, hi)
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    f.seek(offset)
+    view, got = memoryview(buf.numpy()), 0
+    while got < nbytes:  # one read returns at most ~2 GB
+        n = f.readinto(view[got:])
+        if not n:
+            raise UserError(f'{path}: truncated while reading {key}')
+        got += n
+    values = buf.view(ST_DTYPES[dtype])
+    return values.reshape(hi - lo, *shape[1:]) if shape else values[0]
+
+
 class SafetensorsStateDict(Mapping):
     """A read-only {key: tensor} over a .safetensors file. Keys and completeness come from the header;
-    a tensor is read (memory-mapped) only when looked up, so weight_selection.select_weights holds one
-    teacher tensor at a time instead of the whole teacher. Every lookup reads again: nothing is cached."""
+    a tensor is read only when looked up, so weight_selection.select_weights holds one teacher tensor at a
+    time instead of the whole teacher. Every lookup reads again: nothing is cached."""
 
     def __init__(self, path):
-        self.path, self.header, self._file = path, read_header(path), None
+        self.path, self.header = path, read_header(path)
 
     def __getitem__(self, key):
-        if key not in self.header:
-            raise KeyError(key)
-        if self._file is None:
-            from safetensors import safe_open
-            self._file = safe_open(self.path, framework='pt')
-        return self._file.get_tensor(key)
+        info = self.header[key]
+        with open(self.path, 'rb', buffering=0) as f:
+            return read_rows(f, self.path, key, info, 0, rows_of(info))
 
     def __iter__(self):
         return iter(self.header)

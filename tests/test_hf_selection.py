@@ -387,6 +387,24 @@ def test_timm_safetensors_teacher_is_read_lazily_and_selects_the_same(tmp_path):
         io.read_state_dict(path)
 
 
+def test_safetensors_reader_matches_the_safetensors_package_for_every_dtype_and_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {'f32': torch.randn(3, 4, generator=g), 'bf16': torch.randn(5, 2, 3, generator=g).bfloat16(),
+               'f16_vector': torch.randn(7, generator=g).half(), 'scalar': torch.tensor(2.5, dtype=torch.float64),
+               'i64': torch.arange(6).reshape(2, 3), 'flags': torch.tensor([True, False, True]),
+               'empty': torch.zeros(0, 4)}
+    path = str(tmp_path / 't.safetensors')
+    save_file(tensors, path)
+    want, got = load_file(path), safetensors_io.SafetensorsStateDict(path)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape and torch.equal(got[key], value), key
+    header = safetensors_io.read_header(path)
+    with open(path, 'rb', buffering=0) as f:  # a range of rows, as the Hugging Face path reads them
+        assert torch.equal(safetensors_io.read_rows(f, path, 'bf16', header['bf16'], 1, 4), want['bf16'][1:4])
+
+
 # ---------------------------------------------------------------------------------------------- other modes
 
 def test_llama_consecutive_and_random_are_consistent(llama, tmp_path):
