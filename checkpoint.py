@@ -163,12 +163,10 @@ def truncate_log(output_dir, first_epoch):
 def save_run_config(args, derived):
     """config.yaml (the flags, reusable as --config) and run_info.json (code version, versions, device)."""
     import yaml
-    import timm
     values = {k: v for k, v in vars(args).items() if k != 'config'}
     with open(os.path.join(args.output_dir, 'config.yaml'), 'w') as f:
         yaml.safe_dump(values, f, sort_keys=True)
-    info = {'code_version': utils.code_version(), 'torch': torch.__version__, 'timm': timm.__version__,
-            'command': sys.argv, **derived,
+    info = {'versions': utils.versions(), 'command': sys.argv, **derived,
             'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
     with open(os.path.join(args.output_dir, 'run_info.json'), 'w') as f:
         json.dump(info, f, indent=1)

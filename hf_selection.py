@@ -640,13 +640,6 @@ def check_output(path):
         raise UserError(f'--output {path} exists and is not empty; choose a new folder')
 
 
-def versions():
-    import platform
-    import safetensors
-    return {'torch': torch.__version__, 'safetensors': safetensors.__version__,
-            'python': platform.python_version(), 'code': utils.code_version()}
-
-
 def select_hf(teacher, student_overrides, output, layer_selection='first', element_selection='uniform', seed=0,
               exclude=(), head_selection='auto', max_shard_size='5GB'):
     """Write a student folder (config.json, safetensors, selection.json) selected from a Hugging Face teacher
@@ -678,7 +671,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         'student_config': s_cfg, 'student_overrides': overrides,
         'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
                      'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
-        'layer_map': layer_map, 'versions': versions()}}
+        'layer_map': layer_map, 'versions': utils.versions(('safetensors',))}}
     if head_mode == 'heads':  # which teacher heads the student's heads are, in order
         report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
                                    'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}

@@ -165,6 +165,25 @@ def code_version():
         return 'unknown'
 
 
+def versions(packages=('torchvision', 'timm')):
+    """What a result file records to be reproduced: Python, torch (and the CUDA and cuDNN it was built
+    with), each of `packages` (import names), and the code version. A package that does not import is
+    recorded as such: a finding, not a reason to write nothing."""
+    import importlib
+    import platform
+    # str(): torch's version is a str subclass that a weights-only torch.load refuses
+    out = {'python': platform.python_version(), 'torch': str(torch.__version__)}
+    for name in packages:
+        try:
+            out[name] = str(importlib.import_module(name).__version__)
+        except Exception as e:  # noqa: BLE001
+            out[name] = f'not importable: {first_line(e)}'
+    out['cuda'] = torch.version.cuda
+    out['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    out['code'] = code_version()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM, the legacy
 # torch.distributed.launch (--local-rank), or a single process with no process group.

@@ -593,7 +593,6 @@ def main(argv=None):
     state, report = select_weights(teacher_state, student, args.layer_selection, args.element_selection,
                                    args.seed, exclude, args.keep_head, teacher_layout=teacher_layout)
     summary = summarize(report, teacher_state)
-    import timm
     meta = {
         'teacher': args.teacher, 'teacher_kwargs': teacher_kwargs,
         'teacher_checkpoint': args.teacher_checkpoint,
@@ -603,7 +602,7 @@ def main(argv=None):
         'seed': args.seed, 'exclude': exclude, 'keep_head': args.keep_head,
         'layer_maps': layer_maps(teacher_state.keys(), state.keys(), args.layer_selection),
         'summary': summary, 'report': report,
-        'versions': {'torch': str(torch.__version__), 'timm': str(timm.__version__), 'code': utils.code_version()},
+        'versions': utils.versions(('timm',)),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_selection(state, meta, args.output)

@@ -127,8 +127,6 @@ def main(argv=None):
     n_train = gpu.num_train
     n_val = len(gpu.val.labels) if gpu.val is not None else 0
     epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0)
-    import timm
-    import torchvision
     report = {
         'images_per_sec': {k: round(v, 1) for k, v in results.items()},
         'ratios': {k: round(v, 3) for k, v in ratios.items()},
@@ -140,9 +138,7 @@ def main(argv=None):
                      'data_set': args.data_set, 'train_images': n_train, 'eval_images': n_val,
                      'warmup_batches': bench.warmup, 'timed_batches': bench.steps},
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({os.cpu_count()} cores)',
-        'versions': {'torch': torch.__version__, 'torchvision': torchvision.__version__, 'timm': timm.__version__,
-                     'python': sys.version.split()[0]},
-        'code_version': utils.code_version(),
+        'versions': utils.versions(),
         'command': ['python', 'scripts/benchmark.py', *(argv if argv is not None else sys.argv[1:])],
     }
     print(json.dumps(report, indent=1))

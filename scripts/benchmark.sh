@@ -37,7 +37,7 @@ for path in paths:
                 f"{ratio.get('gpu_path / cpu_loader', float('nan')):.2f} | {ips.get('eval_gpu_path', float('nan')):.0f} | "
                 f"{r['projected_300_epoch_minutes']} min |")
 r = json.load(open(path))
-head = f"Images per second; device {r['device']}; {r['versions']}; code {r['code_version']}\n\n"
+head = f"Images per second; device {r['device']}; {r['versions']}\n\n"
 open(os.path.join(sys.argv[1], 'summary.md'), 'w').write(head + '\n'.join(rows) + '\n')
 print(head + '\n'.join(rows))
 PY

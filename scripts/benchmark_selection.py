@@ -16,7 +16,6 @@ The weights are not random numbers: one random chunk of 2^20 bf16 values is repe
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import hf_selection  # noqa: E402
+import utils  # noqa: E402
 from hf_selection import Planned  # noqa: E402
 
 LLAMA_BASE = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
@@ -242,7 +242,7 @@ def main():
     os.makedirs(args.cache, exist_ok=True)
     memory = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
     results = {'machine': f'{os.cpu_count()} CPU cores, {memory:.0f} GiB',
-               'python': platform.python_version(), 'torch': torch.__version__, 'runs': [bench_hf(args)]}
+               'versions': utils.versions(('safetensors', 'timm')), 'runs': [bench_hf(args)]}
     if args.vit:
         results['runs'].append(bench_timm(args))
     print(json.dumps(results, indent=2))

@@ -19,24 +19,6 @@ def read(path, default=''):
     return open(path).read() if os.path.isfile(path) else default
 
 
-def versions():
-    import platform
-    out = {'python': platform.python_version()}
-    for name, module in (('torch', 'torch'), ('torchvision', 'torchvision'), ('timm', 'timm'), ('numpy', 'numpy'),
-                         ('pillow', 'PIL')):
-        try:
-            out[name] = __import__(module).__version__
-        except Exception as e:  # a missing package is a finding, not a reason to write no report
-            out[name] = f'not importable: {e}'
-    try:
-        import torch
-        out['cuda'] = torch.version.cuda
-        out['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    except Exception:
-        pass
-    return out
-
-
 def device(work):
     info = {'name': 'none', 'memory_gib': None, 'nvidia_smi': read(os.path.join(work, 'nvidia_smi.txt')).strip()}
     try:
@@ -93,7 +75,7 @@ def parts(work):
 def markdown(r, work):
     t = r['cuda_tests']
     lines = [f"# GPU check: {r['device']['name']}", '',
-             f"code {r['code_version']}, {r['date']}; {r['seconds']} s in all", '',
+             f"code {r['versions']['code']}, {r['date']}; {r['seconds']} s in all", '',
              *([f"**A dry run: WS_CUDA_TEST_DEVICE={r['test_device_override']} ran the CUDA tests there.**", '']
                if r['test_device_override'] else []),
              '| ' + ' | '.join(r['versions']) + ' | device | memory |',
@@ -103,7 +85,7 @@ def markdown(r, work):
              f"nvidia-smi: {r['device']['nvidia_smi'] or '-'}", '',
              '| part | status | seconds | note |', '| --- | --- | ---: | --- |']
     lines += [f"| {k} | {p['status']} | {p['seconds']} | {p['note']} |" for k, p in r['parts'].items()]
-    lines += ['', f"## CUDA tests (tests/test_cuda.py)", '',
+    lines += ['', '## CUDA tests (tests/test_cuda.py)', '',
               f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped "
               f"(from {t['source']}); pytest: {t['summary']}", '']
     lines += [f"- {x['outcome']}: `{x['name']}` {x['message']}" for x in t['tests'] if x['outcome'] != 'passed']
@@ -130,8 +112,9 @@ def main(out, work):
     sys.path.insert(0, ROOT)
     import time
     import utils
-    r = {'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'code_version': utils.code_version(),
-         'seconds': int(read(os.path.join(work, 'elapsed'), '0') or 0), 'versions': versions(),
+    r = {'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+         'seconds': int(read(os.path.join(work, 'elapsed'), '0') or 0),
+         'versions': utils.versions(('torchvision', 'timm', 'numpy', 'PIL')),
          'device': device(work), 'test_device_override': os.environ.get('WS_CUDA_TEST_DEVICE'),
          'parts': parts(work), 'cuda_tests': cuda_tests(work), 'benchmark': benchmark(out)}
     with open(os.path.join(out, 'gpu_check.json'), 'w') as f:

@@ -337,7 +337,6 @@ def lr_search_rows(lr_records, batch_size):
 
 def write_report(out, study, seconds, args, partial=False):
     import torch
-    import timm
     import utils
     with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
         for r in study.lr_records + study.records:
@@ -349,7 +348,7 @@ def write_report(out, study, seconds, args, partial=False):
              + f' target test images at the final epoch and at the best one (picked on the test set), mean ± std '
              f'over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences from random init '
              f'(same seed: same data order and augmentation).', '',
-             f'Device: {device}; torch {torch.__version__}, timm {timm.__version__}; code {utils.code_version()}; '
+             f'Device: {device}; ' + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
              f'wall time {seconds / 60:.1f} min.'
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',

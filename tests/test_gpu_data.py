@@ -1,6 +1,5 @@
 """The GPU data path (gpu_transforms.py, gpu_data.GpuLoader) against its CPU counterparts (PIL, timm,
 torchvision), run on CPU tensors: per-op parity bounds, sampling distributions, and training with it."""
-import math
 import os
 import random
 import signal

@@ -1,6 +1,5 @@
 """What a training run feeds where (issue: reproduction fidelity): the distillation teacher's normalization,
 the EMA across processes, and the data path --gpu_data auto chooses."""
-import os
 import textwrap
 from types import SimpleNamespace
 

@@ -407,8 +407,8 @@ def test_unreadable_image_names_the_file_without_traceback(workers, gpu_data, br
 def test_check_data_lists_every_bad_image_before_training(broken_data, tmp_path, capsys):
     root, png, text = broken_data
     out = tmp_path / 'out'
-    line = expect_cli_error(main.main, [*TRAIN, '--data_path', root, '--check_data', 'true', '--output_dir', str(out)],
-                            capsys, '--check_data: 2 of', png, text)
+    expect_cli_error(main.main, [*TRAIN, '--data_path', root, '--check_data', 'true', '--output_dir', str(out)],
+                     capsys, '--check_data: 2 of', png, text)
     assert not out.exists()
 
 
