@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,43 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def log_lines(folder, drop_timing=True):
+    """A run's log.txt records, without the timing fields that differ between identical runs."""
+    with open(os.path.join(folder, 'log.txt')) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not (drop_timing and k in ('epoch_seconds', 'images_per_sec'))}
+            for r in lines]
+
+
+def final_weights(folder, epoch):
+    import torch
+    return torch.load(os.path.join(folder, f'checkpoint-{epoch}.pth'), weights_only=False)
+
+
+def checkpoint_names(folder):
+    return {f for f in os.listdir(folder) if f.startswith('checkpoint-')} if os.path.isdir(folder) else set()
+
+
+def kill_after_checkpoint(args, folder, extra_seconds=0.0, timeout=120):
+    """Start `python *args`, wait until it has written a checkpoint into `folder` that was not there before,
+    then `extra_seconds` more, and SIGKILL it (no clean-up of any kind runs). True if it was still running
+    to be killed, False if it had ended by itself."""
+    import signal
+    import time
+    before = checkpoint_names(folder)
+    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and child.poll() is None and checkpoint_names(folder) <= before:
+        time.sleep(0.005)
+    time.sleep(extra_seconds)
+    running = child.poll() is None
+    if running:
+        child.send_signal(signal.SIGKILL)
+    child.wait()
+    return running
 
 
 def free_port():

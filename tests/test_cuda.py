@@ -9,10 +9,6 @@ only hold on a GPU (auto choosing the GPU path, the memory rule) fail there by d
 """
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -22,9 +18,8 @@ import gpu_transforms as gt
 import datasets
 import gpu_data
 import recipe
-from conftest import ROOT, free_port, run_script, write_image_folder
+from conftest import ROOT, final_weights, free_port, kill_after_checkpoint, log_lines, run_script, write_image_folder
 from test_gpu_data import FILL, natural_image, to_tensor
-from test_reliability import checkpoint_names, final_weights, log_lines
 from utils import UserError
 
 DEVICE = os.environ.get('WS_CUDA_TEST_DEVICE', 'cuda')
@@ -200,14 +195,8 @@ def test_sigkill_then_resume_is_exact_deterministic(tmp_path, data):
     reference, killed = tmp_path / 'reference', tmp_path / 'killed'
     proc = run_script('main.py', *flags, '--output_dir', str(reference), timeout=LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    child = subprocess.Popen([sys.executable, 'main.py', *flags, '--output_dir', str(killed)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + LIMIT
-    while time.time() < deadline and child.poll() is None and not checkpoint_names(killed):
-        time.sleep(0.005)
-    assert child.poll() is None, 'the run ended before it could be killed'
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    assert kill_after_checkpoint(['main.py', *flags, '--output_dir', str(killed)], killed, timeout=LIMIT), \
+        'the run ended before it could be killed'
     proc = run_script('main.py', *flags, '--output_dir', str(killed), timeout=LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'resumed from' in proc.stdout and 'continuing at epoch 2' not in proc.stdout

@@ -2,17 +2,14 @@
 torchvision), run on CPU tensors: per-op parity bounds, sampling distributions, and training with it."""
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, write_image_folder
+from conftest import ROOT, final_weights, kill_after_checkpoint, run_script, write_image_folder
 import datasets
 import gpu_data
 import gpu_transforms as gt
@@ -287,18 +284,11 @@ def test_gpu_path_kill_and_resume_is_exact(tmp_path, data):
     reference, killed = tmp_path / 'reference', tmp_path / 'killed'
     proc = run_script('main.py', *SMALL, *flags, '--output_dir', str(reference))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    child = subprocess.Popen([sys.executable, 'main.py', *SMALL, *flags, '--output_dir', str(killed)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and child.poll() is None and not (killed / 'checkpoint-0-step3.pth').exists():
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    assert kill_after_checkpoint(['main.py', *SMALL, *flags, '--output_dir', str(killed)], killed)
     proc = run_script('main.py', *SMALL, *flags, '--output_dir', str(killed))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'resumed from' in proc.stdout and 'continuing at epoch 2' not in proc.stdout  # killed mid-run
-    a = torch.load(reference / 'checkpoint-1.pth', weights_only=False)['model']
-    b = torch.load(killed / 'checkpoint-1.pth', weights_only=False)['model']
+    a, b = final_weights(reference, 1)['model'], final_weights(killed, 1)['model']
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,6 +1,5 @@
 """Fault tolerance on the CPU: kill and resume, unreadable checkpoints, non-finite loss, DDP equivalence,
 torchrun restarts."""
-import json
 import os
 import random
 import signal
@@ -11,33 +10,19 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_clean_failure, free_port, run_script, write_image_folder
+from conftest import (ROOT, assert_clean_failure, final_weights, free_port, kill_after_checkpoint, log_lines, run_script,
+                      write_image_folder)
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 
 # A 2-block ViT at 32 px: small checkpoints, quick steps.
 SMALL = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', '--input_size', '32',
          '--data_set', 'image_folder', '--device', 'cpu', '--print_freq', '1', '--warmup_epochs', '1']
-TIMING = ('epoch_seconds', 'images_per_sec')
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp('data'), seed=1)
-
-
-def log_lines(folder, drop_timing=True):
-    with open(os.path.join(folder, 'log.txt')) as f:
-        lines = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if not (drop_timing and k in TIMING)} for r in lines]
-
-
-def final_weights(folder, epoch):
-    return torch.load(os.path.join(folder, f'checkpoint-{epoch}.pth'), weights_only=False)
-
-
-def checkpoint_names(folder):
-    return {f for f in os.listdir(folder) if f.startswith('checkpoint-')} if folder.exists() else set()
 
 
 def main_cmd(data, out, *extra):
@@ -52,25 +37,12 @@ def test_sigkill_at_arbitrary_moments_then_resume_is_exact(tmp_path, data):
 
     killed = tmp_path / 'killed'
     rnd = random.Random(0)
-    kills = 0
-    for attempt in range(4):  # kill three times at random moments, then let it finish
-        child = subprocess.Popen(main_cmd(data, killed, *flags, '--num_workers', '1'), cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if attempt < 3:
-            deadline = time.time() + 120
-            before = checkpoint_names(killed)
-            # wait until this run has written a checkpoint of its own, then a random extra moment
-            while time.time() < deadline and child.poll() is None and checkpoint_names(killed) <= before:
-                time.sleep(0.02)
-            time.sleep(rnd.uniform(0.0, 0.6))
-            if child.poll() is None:
-                child.send_signal(signal.SIGKILL)
-                kills += 1
-            child.wait()
-        else:
-            _, err = child.communicate(timeout=300)
-            assert child.returncode == 0, err[-2000:]
+    cmd = main_cmd(data, killed, *flags, '--num_workers', '1')[1:]
+    # three times: once this run has written a checkpoint of its own, a random moment later, SIGKILL
+    kills = sum(kill_after_checkpoint(cmd, killed, rnd.uniform(0.0, 0.6)) for _ in range(3))
     assert kills >= 2
+    proc = run_script(*cmd, timeout=300)  # then let it finish
+    assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = final_weights(reference, 2), final_weights(killed, 2)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
