@@ -44,7 +44,6 @@ per_test=()  # with pytest-timeout, a hung test costs 150 s and the others still
 "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 150)
 part cuda_tests "${GPU_CHECK_TEST_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
   -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
-cp "$work/cuda_tests.log" "$work/pytest.log"
 if [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ]; then
   skip benchmark '--no-benchmark'
 else

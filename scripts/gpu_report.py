@@ -1,5 +1,5 @@
 """Build OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md from what scripts/gpu_check.sh left in WORK_DIR:
-parts.tsv (part, exit status, seconds), pytest.xml (junit) or pytest.log, nvidia_smi.txt and <part>.log;
+parts.tsv (part, exit status, seconds), pytest.xml (junit) or cuda_tests.log (pytest -v), nvidia_smi.txt and <part>.log;
 the benchmark's JSONs and summary.md in OUT_DIR/benchmark.
 
     python scripts/gpu_report.py OUT_DIR WORK_DIR
@@ -34,7 +34,7 @@ def device(work):
 
 def cuda_tests(work):
     """Counts and per-test outcomes from pytest's junit XML; from its -v lines if pytest was stopped."""
-    log = read(os.path.join(work, 'pytest.log'))
+    log = read(os.path.join(work, 'cuda_tests.log'))
     summary = [line.strip('= ') for line in log.splitlines() if re.match(r'=+ .*\d+ \w+.* in [\d.]+s', line)]
     tests = []
     try:
