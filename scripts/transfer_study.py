@@ -27,6 +27,13 @@ paired per-seed differences against random init, at the final and at the best ep
 trains with every candidate on a validation split carved from the training subset (the last --val_per_class
 images of each class are held out; the test set is never looked at), and the candidate with the highest mean
 final validation accuracy over the seeds becomes the one recipe for every init of that model and subset.
+
+--done RUNS.jsonl [...] continues a study across machines that keep nothing (a GPU lent one call or one
+session at a time): a run whose record is there, with the same settings, is not run again and its record is
+reused. Only the records travel; a teacher is trained, in the call that first needs it, only while some of
+its students are still to run, and each selection's record names its teacher checkpoint (sha256), so the
+report says how many teacher trainings a family's students came from. Students keep their logs, not their
+checkpoints (--save_ckpt false): the study needs their accuracies only.
 """
 import argparse
 import json
@@ -86,6 +93,8 @@ def get_args():
     p.add_argument('--time_budget_min', type=float, default=None,
                    help='start no new run after this many minutes; write a partial report. Finished runs are '
                         'kept, so the same command continues the study (e.g. one GPU window at a time)')
+    p.add_argument('--done', nargs='+', default=[], metavar='RUNS_JSONL',
+                   help="runs.jsonl of earlier calls: runs recorded there with the same settings are reused")
     p.add_argument('--subprocess', action='store_true',
                    help='run main.py and weight_selection.py in fresh interpreters (default: in this process, '
                         'which saves the start-up of each of the ~100 runs)')
@@ -101,6 +110,21 @@ class Study:
         self.args, self.commands, self.records, self.lr_records = args, [], [], []
         self.python = sys.executable
         self.start = time.time()
+        self.done = {run_key(r): r for path in args.done for r in read_records(path)}
+        self.reused = 0
+
+    def settings(self):
+        """What every record of this study shares, and a reused record must match."""
+        a = self.args
+        return {'batch_size': a.batch_size, 'test_per_class': a.per_class_test or 1000, 'smoke': a.smoke}
+
+    def measured(self, fields, measure):
+        """The record of the run `fields` describe: reused from --done, else measure() (which trains)."""
+        r = self.done.get(run_key({**fields, **self.settings()}))
+        if r is not None:
+            self.reused += 1
+            return r
+        return {**fields, **self.settings(), **measure()}
 
     def run(self, cmd):
         budget = self.args.time_budget_min
@@ -131,7 +155,8 @@ class Study:
         self.run(cmd)
         return dest
 
-    def train(self, out, model, model_kwargs, data, epochs, seed, blr, extra=(), input_size=32):
+    def train(self, out, model, model_kwargs, data, epochs, seed, blr, extra=(), input_size=32,
+              checkpoints=('--save_ckpt', 'false')):
         a = self.args
         if not os.path.isfile(os.path.join(out, 'log.txt')) or len(read_log(out)) < epochs:
             self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
@@ -140,7 +165,7 @@ class Study:
                       '--batch_size', str(a.batch_size),
                       '--blr', str(blr),
                       '--drop_path', '0.0' if 'vit' in model else '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
-                      '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, '--save_ckpt_num', '1',
+                      '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, *checkpoints,
                       '--print_freq', '1000', *extra])
         return read_log(out)
 
@@ -153,6 +178,21 @@ class Study:
                       '--layer_selection', layers, '--element_selection', elements, '--seed', str(seed),
                       '--output', out, '--quiet'])
         return out
+
+
+def read_records(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: --done {path}: file not found')
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# What makes two runs the same run (besides Study.settings); the rest of a record is what was measured.
+RUN_FIELDS = ('split', 'family', 'per_class', 'val_per_class', 'init', 'seed', 'blr', 'epochs')
+
+
+def run_key(r):
+    return tuple(json.dumps(r.get(k), sort_keys=True) for k in (*RUN_FIELDS, 'batch_size', 'test_per_class', 'smoke'))
 
 
 def read_log(folder):
@@ -217,15 +257,18 @@ def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epoch
     default; with --lr_search, the candidate with random init's highest mean final validation accuracy."""
     if not args.lr_search:
         return args.blr or BLR['vit' if 'vit' in student else 'convnext']
-    val_data = carve_validation(target, args.val_per_class)
     by_blr = {}
     for blr in args.lr_search:
         for seed in args.seeds:
             run_dir = os.path.join(out, 'lr_search', model_name.replace(' ', '_').replace('/', '_').replace('@', ''),
                                    f'n{n}', f'blr{blr:g}', f'seed{seed}')
-            log = study.train(run_dir, student, s_kwargs, val_data, epochs, seed, blr, input_size=input_size)
-            r = record(model_name, n, 'random init', seed, epochs, blr, log, os.path.relpath(run_dir, out),
-                       split='validation', val_per_class=args.val_per_class)
+
+            def measure():  # the split is carved only when a run needs it
+                val_data = carve_validation(target, args.val_per_class)
+                log = study.train(run_dir, student, s_kwargs, val_data, epochs, seed, blr, input_size=input_size)
+                return measurement(log, os.path.relpath(run_dir, out), args.device)
+            r = study.measured(run_fields(model_name, n, 'random init', seed, epochs, blr, split='validation',
+                                          val_per_class=args.val_per_class), measure)
             study.lr_records.append(r)
             by_blr.setdefault(blr, []).append(r)
     return chosen_blr(by_blr)
@@ -236,19 +279,55 @@ def chosen_blr(by_blr):
     return max(by_blr, key=lambda blr: statistics.mean(r['final_acc1'] for r in by_blr[blr]))
 
 
+class Teacher:
+    """A family's teacher, pretrained on the source task the first time a selection needs it (never when
+    every student of the family was reused from --done)."""
+
+    def __init__(self, study, family, source, out):
+        self.study, self.family, self.source = study, family, source
+        self.dir = os.path.join(out, 'teachers', family)
+        self.ckpt = os.path.join(self.dir, 'checkpoint-best.pth')
+        self.sha256 = None
+
+    def checkpoint(self):
+        if self.sha256 is None:
+            a = self.study.args
+            teacher, t_kwargs = MODELS[self.family][:2]
+            # the best checkpoint (for selection) and the last epoch's, not one per epoch
+            self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
+                             checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'))
+            self.sha256 = weights_sha256(self.ckpt)
+        return self.ckpt
+
+
+def weights_sha256(path):
+    """A checkpoint's weights (names and bytes) hashed, not the file, which also holds its run's flags and
+    folder: two trainings that gave the same weights give the same hash."""
+    import hashlib
+    import torch
+    state = torch.load(path, map_location='cpu', weights_only=True)['model']
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_study(args, out, study):
     per_test = args.per_class_test
-    source = args.source
-    if not source and args.families:  # only the teachers pretrained here need the source task
-        source = study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE, 8 if args.smoke else None, per_test)
     test_tag = f'_test{per_test}' if per_test else ''
+    source_dir = []
+
+    def source():  # only the teachers pretrained here need the source task, and only when they train
+        if not source_dir:
+            source_dir.append(args.source or study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE,
+                                                               8 if args.smoke else None, per_test))
+        return source_dir[0]
     targets = {n: study.imagefolder(os.path.join(out, 'data', f'target_{n}{test_tag}'), TARGET, n, per_test)
                for n in args.subsets}
     for family in args.families:
-        teacher, t_kwargs, student, s_kwargs = MODELS[family]
-        t_dir = os.path.join(out, 'teachers', family)
-        study.train(t_dir, teacher, t_kwargs, source, args.teacher_epochs, 0, BLR[family])
-        ckpt = os.path.join(t_dir, 'checkpoint-best.pth')
+        teacher_name, t_kwargs, student, s_kwargs = MODELS[family]
+        teacher = Teacher(study, family, source, out)
         inits = {'random init': None}
         for elements in ELEMENTS:
             inits[f'ws {elements}'] = ('first', elements)
@@ -258,38 +337,64 @@ def run_study(args, out, study):
             blr = choose_blr(args, out, study, family, student, s_kwargs, targets[n], n, epochs)
             for name, sel in inits.items():
                 for seed in args.seeds:
-                    extra = []
-                    if sel is not None:
-                        layers, elements = sel
-                        ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
-                        extra = ['--initialize', study.select(ws_file, teacher, t_kwargs, ckpt, student, s_kwargs,
-                                                              layers, elements, seed)]
                     run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', f'blr{blr:g}',
                                            name.replace(' ', '_').replace(',', ''), f'seed{seed}')
-                    log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, blr, extra)
-                    study.records.append(record(family, n, name, seed, epochs, blr, log, os.path.relpath(run_dir, out)))
+
+                    def measure():
+                        extra, more = [], {}
+                        if sel is not None:
+                            layers, elements = sel
+                            ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
+                            extra = ['--initialize', study.select(ws_file, teacher_name, t_kwargs, teacher.checkpoint(),
+                                                                  student, s_kwargs, layers, elements, seed)]
+                            more = {'teacher_sha256': teacher.sha256}
+                        log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, blr, extra)
+                        return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
+                    study.records.append(study.measured(run_fields(family, n, name, seed, epochs, blr), measure))
     if args.dinov2:
         size = args.dinov2_input_size
         s_kwargs = {'img_size': size}
         family = f'dinov2 vit_tiny/14 @{size}'
-        ws_file = study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2', {},
-                               os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
+        dinov2_sha256 = []
+
+        def ws_file():
+            path = study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2',
+                                {}, os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
+            if not dinov2_sha256:
+                import utils
+                dinov2_sha256.append(utils.sha256_file(args.dinov2))
+            return path
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
             blr = choose_blr(args, out, study, family, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], n, epochs, size)
-            for name, extra in [('random init', []), ('ws uniform (DINOv2)', ['--initialize', ws_file])]:
+            for name in ('random init', 'ws uniform (DINOv2)'):
                 for seed in args.seeds:
                     run_dir = os.path.join(out, 'students', f'dinov2_{size}px{test_tag}', f'n{n}', f'blr{blr:g}',
-                                           'ws' if extra else 'random', f'seed{seed}')
-                    log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed, blr,
-                                      extra, input_size=size)
-                    study.records.append(record(family, n, name, seed, epochs, blr, log, os.path.relpath(run_dir, out)))
+                                           'random' if name == 'random init' else 'ws', f'seed{seed}')
+
+                    def measure():
+                        extra = [] if name == 'random init' else ['--initialize', ws_file()]
+                        log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed, blr,
+                                          extra, input_size=size)
+                        more = {'teacher_sha256': dinov2_sha256[0]} if extra else {}
+                        return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
+                    study.records.append(study.measured(run_fields(family, n, name, seed, epochs, blr), measure))
 
 
-def record(family, n, init, seed, epochs, blr, log, run_dir, split='test', **more):
-    """One line of runs.jsonl: a run's settings and its final and best accuracy on `split`."""
-    return {'family': family, 'per_class': n, **more, 'init': init, 'seed': seed, 'blr': blr, 'epochs': epochs,
-            'split': split, 'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
+def run_fields(family, n, init, seed, epochs, blr, split='test', val_per_class=None):
+    """What names a run (RUN_FIELDS): with Study.settings, the key under which --done finds it."""
+    return {'split': split, 'family': family, 'per_class': n, 'val_per_class': val_per_class, 'init': init,
+            'seed': seed, 'blr': blr, 'epochs': epochs}
+
+
+def measurement(log, run_dir, device):
+    """What a run measured (its final and best accuracy on its split), and where and with what it ran."""
+    import torch
+    import utils
+    on_gpu = device.startswith('cuda') and torch.cuda.is_available()
+    return {'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
+            'train_minutes': round(sum(r.get('epoch_seconds', 0) for r in log) / 60, 2),
+            'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version(),
             'run_dir': run_dir}
 
 
@@ -335,6 +440,24 @@ def lr_search_rows(lr_records, batch_size):
     return rows
 
 
+def provenance(study):
+    """Where the records came from, when some were reused from --done or the selections of a family came from
+    more than one teacher training."""
+    runs = study.lr_records + study.records
+    if not study.reused:
+        return ''
+    devices = sorted({r.get('device', '?') for r in runs})
+    teachers = {}
+    for r in runs:
+        if r.get('teacher_sha256'):
+            teachers.setdefault(r['family'], set()).add(r['teacher_sha256'])
+    several = [f'{family}: {len(shas)}' for family, shas in teachers.items() if len(shas) > 1]
+    return (f' {study.reused} of the {len(runs)} runs were reused from --done (earlier calls); '
+            f'the runs ran on {", ".join(devices)}, {sum(r.get("train_minutes", 0) for r in runs):.0f} min of '
+            f'training and evaluation in all.'
+            + (f' Teacher trainings behind the selections, per family: {", ".join(several)}.' if several else ''))
+
+
 def write_report(out, study, seconds, args, partial=False):
     import torch
     import utils
@@ -349,7 +472,7 @@ def write_report(out, study, seconds, args, partial=False):
              f'over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences from random init '
              f'(same seed: same data order and augmentation).', '',
              f'Device: {device}; ' + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
-             f'wall time {seconds / 60:.1f} min.'
+             f'wall time {seconds / 60:.1f} min.' + provenance(study)
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
              '| model | images per class | epochs | base lr / 512 | init | final acc@1 | final vs random | best acc@1 | n |',

@@ -31,6 +31,35 @@ def test_transfer_study_smoke(tmp_path):
     assert (out / 'teachers' / 'vit' / 'checkpoint-best.pth').exists()
     assert len(os.listdir(out / 'ws')) == 2 * 8 + 1
     assert '--blr 0.002' in report and '--drop_path 0.0' in report and '--blr 0.004' in report
+    assert not list((out / 'students').glob('**/checkpoint-*.pth'))  # students keep logs only
+    assert sorted(os.listdir(out / 'teachers' / 'vit')) == [
+        'checkpoint-0.pth', 'checkpoint-best.pth', 'config.yaml', 'log.txt', 'run_info.json']
+    assert all(len(r['teacher_sha256']) == 64 for r in records if r['init'] != 'random init')
+
+    # A later call on a bare machine, given the records only: nothing runs again, not even the teachers.
+    again = tmp_path / 'again'
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(again), '--smoke',
+                      '--make_imagefolder', make_imagefolder, '--dinov2', dinov2, '--done', str(out / 'runs.jsonl'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (again / 'runs.jsonl').read_text() == (out / 'runs.jsonl').read_text()
+    assert not (again / 'teachers').exists() and not (again / 'ws').exists() and not (again / 'students').exists()
+    assert f'{len(records)} of the {len(records)} runs were reused from --done' in (again / 'transfer_study.md').read_text()
+
+    # With one ViT record missing, that run alone trains, after its teacher (trained again, the same weights).
+    kept = [line for line in (out / 'runs.jsonl').read_text().splitlines()
+            if not ('"family": "vit"' in line and '"init": "ws l1"' in line)]
+    (tmp_path / 'kept.jsonl').write_text('\n'.join(kept) + '\n')
+    third = tmp_path / 'third'
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(third), '--smoke', '--families',
+                      'vit', 'convnext', '--make_imagefolder', make_imagefolder, '--done', str(tmp_path / 'kept.jsonl'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.parent.name for p in (third / 'students').glob('**/log.txt')] == ['seed0']
+    assert list((third / 'students').glob('vit_test4/n4/*/ws_l1/seed0/log.txt'))
+    assert not (third / 'teachers' / 'convnext').exists()
+    redone = [json.loads(line) for line in (third / 'runs.jsonl').read_text().splitlines()]
+    l1 = [r for r in redone if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
+    first = [r for r in records if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
+    assert l1['teacher_sha256'] == first['teacher_sha256'] and l1['final_acc1'] == first['final_acc1']  # CPU: exact
 
 
 @pytest.mark.slow
