@@ -120,6 +120,8 @@ def check_args(args):
         return  # no training: its settings do not matter
     if args.epochs <= 0:
         raise UserError(f'--epochs {args.epochs}: train at least one epoch (or evaluate with --eval true)')
+    if args.eval_freq <= 0:
+        raise UserError(f'--eval_freq {args.eval_freq} must be 1 (every epoch) or more')
     if args.update_freq <= 0:
         raise UserError(f'--update_freq {args.update_freq} must be 1 (no accumulation) or more')
     for flag in ('lr', 'blr'):

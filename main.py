@@ -162,6 +162,8 @@ def _data_and_run_flags(a):
       help="--knn_probe's features: the model's pre-logits, or the raw normalized pixels (a baseline)")
     a('--dist_eval', type=str2bool, default=True, help='shard evaluation over processes')
     a('--disable_eval', type=str2bool, default=False, help='no evaluation after each epoch')
+    a('--eval_freq', default=1, type=int,
+      help='evaluate every N epochs and after the last; the best checkpoint is chosen among evaluated epochs')
     a('--print_freq', default=50, type=int, help='print training progress every N steps')
     a('--use_amp', type=str2bool, default=False, help='mixed precision: bf16 where supported, else fp16 + GradScaler')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
@@ -350,7 +352,7 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
         start_step=epoch * t.steps_per_epoch + done, partial=partial, on_step=on_step)
     record = {'epoch': epoch, 'train_loss': stats['loss'], 'train_lr': stats['lr'],
               'images_per_sec': round(stats['images_per_sec'], 1)}
-    if t.data.val is not None:
+    if t.data.val is not None and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
         test = engine.evaluate(t.data.val, t.eval_model, run.device, t.amp_dtype, t.data.eval_sharded)
         record.update(test_loss=test['loss'], test_acc1=test['acc1'], test_acc5=test['acc5'])
         if t.state.model_ema is not None and args.model_ema_eval:

@@ -11,7 +11,7 @@
   5. write OUT/transfer_study.md (mean ± std, commands, device, versions, wall time) and OUT/runs.jsonl.
 
     python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 \
-        --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
+        --eval_freq 5 --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
     python scripts/transfer_study.py --out /tmp/smoke --smoke          # the whole pipeline on the CPU in minutes
     python scripts/transfer_study.py --out /tmp/dino56 --device cpu --families --dinov2 CKPT --dinov2_input_size 56 \
         --subsets 100 --student_epochs 30 30 --batch_size 32 --lr_search 1e-3 2e-3 4e-3 8e-3 3.2e-2
@@ -82,6 +82,9 @@ def get_args():
                         "init's mean final accuracy on a validation split carved from the training subset")
     p.add_argument('--val_per_class', type=int, default=20,
                    help='with --lr_search: training images per class held out for validation')
+    p.add_argument('--eval_freq', type=int, default=1,
+                   help="students evaluate every N epochs and after the last (main.py --eval_freq): the test set "
+                        "is 2 to 10 times a subset's training images, so evaluation is most of a short run's time")
     p.add_argument('--device', default='cuda')
     p.add_argument('--num_workers', type=int, default=8)
     p.add_argument('--dinov2', default=None, help='the DINOv2 ViT-S/14 checkpoint: adds the ViT-T/14 study')
@@ -114,9 +117,10 @@ class Study:
         self.reused = 0
 
     def settings(self):
-        """What every record of this study shares, and a reused record must match."""
+        """SETTINGS: what every record of this study shares, and a reused record must match."""
         a = self.args
-        return {'batch_size': a.batch_size, 'test_per_class': a.per_class_test or 1000, 'smoke': a.smoke}
+        return {'batch_size': a.batch_size, 'test_per_class': a.per_class_test or 1000, 'eval_freq': a.eval_freq,
+                'smoke': a.smoke}
 
     def measured(self, fields, measure):
         """The record of the run `fields` describe: reused from --done, else measure() (which trains)."""
@@ -156,7 +160,7 @@ class Study:
         return dest
 
     def train(self, out, model, model_kwargs, data, epochs, seed, blr, extra=(), input_size=32,
-              checkpoints=('--save_ckpt', 'false')):
+              checkpoints=('--save_ckpt', 'false'), eval_freq=None):
         a = self.args
         if not os.path.isfile(os.path.join(out, 'log.txt')) or len(read_log(out)) < epochs:
             self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
@@ -166,7 +170,7 @@ class Study:
                       '--blr', str(blr),
                       '--drop_path', '0.0' if 'vit' in model else '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
                       '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, *checkpoints,
-                      '--print_freq', '1000', *extra])
+                      '--print_freq', '1000', '--eval_freq', str(eval_freq or a.eval_freq), *extra])
         return read_log(out)
 
     def select(self, out, teacher, teacher_kwargs, ckpt, student, student_kwargs, layers, elements, seed=0):
@@ -187,12 +191,15 @@ def read_records(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-# What makes two runs the same run (besides Study.settings); the rest of a record is what was measured.
+# What makes two runs the same run: its own fields and the study's settings (Study.settings); the rest of a
+# record is what was measured.
 RUN_FIELDS = ('split', 'family', 'per_class', 'val_per_class', 'init', 'seed', 'blr', 'epochs')
+SETTINGS = ('batch_size', 'test_per_class', 'eval_freq', 'smoke')
 
 
 def run_key(r):
-    return tuple(json.dumps(r.get(k), sort_keys=True) for k in (*RUN_FIELDS, 'batch_size', 'test_per_class', 'smoke'))
+    return tuple(json.dumps(r.get(k), sort_keys=True)
+                 for k in (*RUN_FIELDS, *SETTINGS))
 
 
 def read_log(folder):
@@ -295,7 +302,8 @@ class Teacher:
             teacher, t_kwargs = MODELS[self.family][:2]
             # the best checkpoint (for selection) and the last epoch's, not one per epoch
             self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
-                             checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'))
+                             checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
+                             eval_freq=1)
             self.sha256 = weights_sha256(self.ckpt)
         return self.ckpt
 
@@ -392,7 +400,7 @@ def measurement(log, run_dir, device):
     import torch
     import utils
     on_gpu = device.startswith('cuda') and torch.cuda.is_available()
-    return {'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log),
+    return {'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log if 'test_acc1' in r),
             'train_minutes': round(sum(r.get('epoch_seconds', 0) for r in log) / 60, 2),
             'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version(),
             'run_dir': run_dir}
@@ -468,9 +476,10 @@ def write_report(out, study, seconds, args, partial=False):
     lines = ['# CIFAR-10 transfer study', '',
              f'Source task: {SOURCE}; target task: {TARGET}. Test acc@1 (%) on '
              + (f'{5 * args.per_class_test:,}' if args.per_class_test else 'all 5,000')
-             + f' target test images at the final epoch and at the best one (picked on the test set), mean ± std '
-             f'over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences from random init '
-             f'(same seed: same data order and augmentation).', '',
+             + ' target test images at the final epoch and at the best one (picked on the test set'
+             + (f', among the epochs evaluated: every {args.eval_freq} and the last' if args.eval_freq > 1 else '')
+             + f'), mean ± std over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences '
+             f'from random init (same seed: same data order and augmentation).', '',
              f'Device: {device}; ' + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
              f'wall time {seconds / 60:.1f} min.' + provenance(study)
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')

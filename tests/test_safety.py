@@ -261,6 +261,7 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
     (['--batch_size', '0'], ['--batch_size 0 must be positive']),
     (['--global_batch_size', '-4'], ['--global_batch_size -4 must be positive']),
     (['--update_freq', '0'], ['--update_freq 0 must be']),
+    (['--eval_freq', '0'], ['--eval_freq 0 must be 1 (every epoch) or more']),
     (['--lr', '0'], ['--lr 0.0 must be positive']),
     (['--blr', '-1'], ['--blr -1.0 must be positive']),
     (['--num_workers', '-1'], ['--num_workers -1 must be']),

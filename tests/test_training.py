@@ -49,6 +49,16 @@ def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model)
     assert args.model == model[1] and args.epochs == 2
 
 
+def test_eval_freq_evaluates_every_nth_epoch_and_the_last(tmp_path, tiny_data):
+    out = str(tmp_path / 'run')
+    main.main([*VIT, *TINY, '--data_path', tiny_data, '--epochs', '5', '--warmup_epochs', '1', '--eval_freq', '2',
+               '--output_dir', out, '--save_ckpt', 'false'])
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [0, 1, 2, 3, 4]
+    assert ['test_acc1' in r for r in log] == [False, True, False, True, True]
+    assert all('train_loss' in r for r in log)
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_data):
     full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')

@@ -117,6 +117,20 @@ def test_report_gives_paired_differences_from_random_init():
                     '| vit | 100 | 30 | 0.002 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
 
 
+def test_measurement_takes_final_and_best_among_the_evaluated_epochs():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    log = [{'epoch': 0, 'epoch_seconds': 30}, {'epoch': 1, 'test_acc1': 40.0, 'epoch_seconds': 60},
+           {'epoch': 2, 'epoch_seconds': 30}, {'epoch': 3, 'test_acc1': 38.0, 'epoch_seconds': 60}]
+    m = transfer_study.measurement(log, 'students/x', 'cpu')
+    assert (m['final_acc1'], m['best_acc1'], m['train_minutes'], m['device']) == (38.0, 40.0, 3.0, 'cpu')
+    fields = transfer_study.run_fields('vit', 100, 'ws l1', 0, 4, 2e-3)
+    settings = {'batch_size': 128, 'test_per_class': 1000, 'eval_freq': 2, 'smoke': False}
+    key = transfer_study.run_key({**fields, **settings, **m})
+    assert key == transfer_study.run_key({**fields, **settings})  # what was measured is not part of the key
+    assert key != transfer_study.run_key({**fields, **settings, 'eval_freq': 1})
+
+
 def test_validation_split_is_carved_from_the_training_subset_only(tmp_path):
     """--lr_search's validation set: the last K training images of each class, held out of its train/; the
     subset's test/ (the study's test set) is never copied or read."""
