@@ -32,8 +32,12 @@ final validation accuracy over the seeds becomes the one recipe for every init o
 session at a time): a run whose record is there, with the same settings, is not run again and its record is
 reused. Only the records travel; a teacher is trained, in the call that first needs it, only while some of
 its students are still to run, and each selection's record names its teacher checkpoint (sha256), so the
-report says how many teacher trainings a family's students came from. Students keep their logs, not their
-checkpoints (--save_ckpt false): the study needs their accuracies only.
+report says how many teacher trainings a family's students came from. Records of the same settings that this
+call's grid does not cover (another part of the study) are carried into its runs.jsonl and report, so the last
+call's report is the whole study's; `--families --done RUNS.jsonl` (no grid) only writes that report.
+Students keep their logs, not their checkpoints (--save_ckpt false): the study needs their accuracies only.
+
+On a lent GPU whose calls carry at most 64 MiB, bash scripts/gpu_carry.sh prepares the two kinds of call.
 """
 import argparse
 import json
@@ -113,8 +117,9 @@ class Study:
         self.args, self.commands, self.records, self.lr_records = args, [], [], []
         self.python = sys.executable
         self.start = time.time()
-        self.done = {run_key(r): r for path in args.done for r in read_records(path)}
-        self.reused = 0
+        self.done_records = [r for path in args.done for r in read_records(path)]
+        self.done = {run_key(r): r for r in self.done_records}
+        self.used = set()
 
     def settings(self):
         """SETTINGS: what every record of this study shares, and a reused record must match."""
@@ -124,10 +129,10 @@ class Study:
 
     def measured(self, fields, measure):
         """The record of the run `fields` describe: reused from --done, else measure() (which trains)."""
-        r = self.done.get(run_key({**fields, **self.settings()}))
-        if r is not None:
-            self.reused += 1
-            return r
+        key = run_key({**fields, **self.settings()})
+        if key in self.done:
+            self.used.add(key)
+            return self.done[key]
         return {**fields, **self.settings(), **measure()}
 
     def run(self, cmd):
@@ -260,6 +265,7 @@ def carve_validation(folder, per_class):
 
 
 def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epochs, input_size=32):
+    # target(): the subset's ImageFolder, made when first asked for
     """The one base lr per 512 images for every init of this model and subset size: --blr or the paper's by
     default; with --lr_search, the candidate with random init's highest mean final validation accuracy."""
     if not args.lr_search:
@@ -271,7 +277,7 @@ def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epoch
                                    f'n{n}', f'blr{blr:g}', f'seed{seed}')
 
             def measure():  # the split is carved only when a run needs it
-                val_data = carve_validation(target, args.val_per_class)
+                val_data = carve_validation(target(), args.val_per_class)
                 log = study.train(run_dir, student, s_kwargs, val_data, epochs, seed, blr, input_size=input_size)
                 return measurement(log, os.path.relpath(run_dir, out), args.device)
             r = study.measured(run_fields(model_name, n, 'random init', seed, epochs, blr, split='validation',
@@ -331,8 +337,9 @@ def run_study(args, out, study):
             source_dir.append(args.source or study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE,
                                                                8 if args.smoke else None, per_test))
         return source_dir[0]
-    targets = {n: study.imagefolder(os.path.join(out, 'data', f'target_{n}{test_tag}'), TARGET, n, per_test)
-               for n in args.subsets}
+
+    def target(n):  # made when a run first needs it, not when every run is reused from --done
+        return study.imagefolder(os.path.join(out, 'data', f'target_{n}{test_tag}'), TARGET, n, per_test)
     for family in args.families:
         teacher_name, t_kwargs, student, s_kwargs = MODELS[family]
         teacher = Teacher(study, family, source, out)
@@ -342,7 +349,7 @@ def run_study(args, out, study):
         inits['ws uniform, uniform layers'] = ('uniform', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
-            blr = choose_blr(args, out, study, family, student, s_kwargs, targets[n], n, epochs)
+            blr = choose_blr(args, out, study, family, student, s_kwargs, lambda: target(n), n, epochs)
             for name, sel in inits.items():
                 for seed in args.seeds:
                     run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', f'blr{blr:g}',
@@ -356,7 +363,7 @@ def run_study(args, out, study):
                             extra = ['--initialize', study.select(ws_file, teacher_name, t_kwargs, teacher.checkpoint(),
                                                                   student, s_kwargs, layers, elements, seed)]
                             more = {'teacher_sha256': teacher.sha256}
-                        log = study.train(run_dir, student, s_kwargs, targets[n], epochs, seed, blr, extra)
+                        log = study.train(run_dir, student, s_kwargs, target(n), epochs, seed, blr, extra)
                         return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
                     study.records.append(study.measured(run_fields(family, n, name, seed, epochs, blr), measure))
     if args.dinov2:
@@ -374,7 +381,8 @@ def run_study(args, out, study):
             return path
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
-            blr = choose_blr(args, out, study, family, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], n, epochs, size)
+            blr = choose_blr(args, out, study, family, 'vit_tiny_patch14_dinov2', s_kwargs, lambda: target(n), n,
+                             epochs, size)
             for name in ('random init', 'ws uniform (DINOv2)'):
                 for seed in args.seeds:
                     run_dir = os.path.join(out, 'students', f'dinov2_{size}px{test_tag}', f'n{n}', f'blr{blr:g}',
@@ -382,7 +390,7 @@ def run_study(args, out, study):
 
                     def measure():
                         extra = [] if name == 'random init' else ['--initialize', ws_file()]
-                        log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, targets[n], epochs, seed, blr,
+                        log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, target(n), epochs, seed, blr,
                                           extra, input_size=size)
                         more = {'teacher_sha256': dinov2_sha256[0]} if extra else {}
                         return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
@@ -448,11 +456,21 @@ def lr_search_rows(lr_records, batch_size):
     return rows
 
 
-def provenance(study):
+def from_earlier_calls(study):
+    """--done records of this study's settings that this call's grid did not ask for (other families, other
+    parts): kept in runs.jsonl and the report, so that the last call's report is the whole study's."""
+    settings, kept = study.settings(), {}
+    for r in study.done_records:
+        key = run_key(r)
+        if key not in study.used and all(r.get(k) == settings[k] for k in SETTINGS):
+            kept[key] = study.done[key]
+    return list(kept.values())
+
+
+def provenance(runs, reused):
     """Where the records came from, when some were reused from --done or the selections of a family came from
     more than one teacher training."""
-    runs = study.lr_records + study.records
-    if not study.reused:
+    if not reused:
         return ''
     devices = sorted({r.get('device', '?') for r in runs})
     teachers = {}
@@ -460,7 +478,7 @@ def provenance(study):
         if r.get('teacher_sha256'):
             teachers.setdefault(r['family'], set()).add(r['teacher_sha256'])
     several = [f'{family}: {len(shas)}' for family, shas in teachers.items() if len(shas) > 1]
-    return (f' {study.reused} of the {len(runs)} runs were reused from --done (earlier calls); '
+    return (f' {reused} of the {len(runs)} runs were reused from --done (earlier calls); '
             f'the runs ran on {", ".join(devices)}, {sum(r.get("train_minutes", 0) for r in runs):.0f} min of '
             f'training and evaluation in all.'
             + (f' Teacher trainings behind the selections, per family: {", ".join(several)}.' if several else ''))
@@ -469,8 +487,11 @@ def provenance(study):
 def write_report(out, study, seconds, args, partial=False):
     import torch
     import utils
+    earlier = from_earlier_calls(study)
+    lr_records = study.lr_records + [r for r in earlier if r['split'] == 'validation']
+    records = study.records + [r for r in earlier if r['split'] == 'test']
     with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
-        for r in study.lr_records + study.records:
+        for r in lr_records + records:
             f.write(json.dumps(r) + '\n')
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
     lines = ['# CIFAR-10 transfer study', '',
@@ -481,13 +502,13 @@ def write_report(out, study, seconds, args, partial=False):
              + f'), mean ± std over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences '
              f'from random init (same seed: same data order and augmentation).', '',
              f'Device: {device}; ' + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
-             f'wall time {seconds / 60:.1f} min.' + provenance(study)
+             f'wall time {seconds / 60:.1f} min.' + provenance(lr_records + records, len(study.used) + len(earlier))
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
              '| model | images per class | epochs | base lr / 512 | init | final acc@1 | final vs random | best acc@1 | n |',
              '|---|---|---|---|---|---|---|---|---|']
-    lines += report_rows(study.records)
-    if study.lr_records:
+    lines += report_rows(records)
+    if lr_records:
         lines += ['', '## Learning rate, chosen on a validation split', '',
                   f'Random init only, trained on the subset less its last {args.val_per_class} images per class and '
                   f'evaluated on those held-out images (never the test set); acc@1 (%) mean ± std over seeds '
@@ -496,11 +517,13 @@ def write_report(out, study, seconds, args, partial=False):
                   '| model | train + validation images per class | epochs | base lr / 512 | lr at batch '
                   f'{args.batch_size} | final acc@1 | best acc@1 | n |',
                   '|---|---|---|---|---|---|---|---|']
-        lines += lr_search_rows(study.lr_records, args.batch_size)
-    lines += ['', '## Commands', '', '```'] + study.commands + ['```', '']
+        lines += lr_search_rows(lr_records, args.batch_size)
+    lines += ['', '## Commands', '', 'Of this call' + (' (the runs reused from --done ran in earlier calls, with the '
+                                                       'same settings)' if study.used or earlier else '') + ':', '',
+              '```'] + study.commands + ['```', '']
     with open(os.path.join(out, 'transfer_study.md'), 'w') as f:
         f.write('\n'.join(lines))
-    print(f'wrote {os.path.join(out, "transfer_study.md")} ({len(study.records)} runs, {seconds / 60:.1f} min)')
+    print(f'wrote {os.path.join(out, "transfer_study.md")} ({len(records)} runs, {seconds / 60:.1f} min)')
 
 
 if __name__ == '__main__':

@@ -42,7 +42,7 @@ def test_transfer_study_smoke(tmp_path):
                       '--make_imagefolder', make_imagefolder, '--dinov2', dinov2, '--done', str(out / 'runs.jsonl'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (again / 'runs.jsonl').read_text() == (out / 'runs.jsonl').read_text()
-    assert not (again / 'teachers').exists() and not (again / 'ws').exists() and not (again / 'students').exists()
+    assert sorted(os.listdir(again)) == ['runs.jsonl', 'transfer_study.md']  # no data, teacher, selection, student
     assert f'{len(records)} of the {len(records)} runs were reused from --done' in (again / 'transfer_study.md').read_text()
 
     # With one ViT record missing, that run alone trains, after its teacher (trained again, the same weights).
@@ -57,6 +57,8 @@ def test_transfer_study_smoke(tmp_path):
     assert list((third / 'students').glob('vit_test4/n4/*/ws_l1/seed0/log.txt'))
     assert not (third / 'teachers' / 'convnext').exists()
     redone = [json.loads(line) for line in (third / 'runs.jsonl').read_text().splitlines()]
+    assert len(redone) == len(records)  # the DINOv2 records, not part of this call's grid, are kept too
+    assert (third / 'transfer_study.md').read_text().count('| dinov2 vit_tiny/14 @224 |') == 2
     l1 = [r for r in redone if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
     first = [r for r in records if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
     assert l1['teacher_sha256'] == first['teacher_sha256'] and l1['final_acc1'] == first['final_acc1']  # CPU: exact
