@@ -227,10 +227,11 @@ def load_model_weights(ckpt, path, model, model_name):
 def resume(args, train_state):
     """Restore a run from its checkpoint (find_checkpoint); returns where to continue."""
     ckpt, path = find_checkpoint(args)
-    if ckpt is None:
-        return Resumed(start_epoch=args.start_epoch, best={})
-    load_model_weights(ckpt, path, train_state.model, args.model)
-    if 'optimizer' not in ckpt:  # weights only (checkpoint-best.pth): a fresh start from them
+    if ckpt is not None:
+        load_model_weights(ckpt, path, train_state.model, args.model)
+    if ckpt is None or 'optimizer' not in ckpt:  # none, or weights only (checkpoint-best.pth): a fresh start
+        # from epoch --start_epoch: the log lines a killed earlier start left (e.g. with --save_ckpt false) go
+        truncate_log(args.output_dir, args.start_epoch)
         return Resumed(start_epoch=args.start_epoch, best={})
     train_state.load_state_dict(ckpt)
     if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch

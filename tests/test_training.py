@@ -52,11 +52,25 @@ def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model)
 def test_eval_freq_evaluates_every_nth_epoch_and_the_last(tmp_path, tiny_data):
     out = str(tmp_path / 'run')
     main.main([*VIT, *TINY, '--data_path', tiny_data, '--epochs', '5', '--warmup_epochs', '1', '--eval_freq', '2',
-               '--output_dir', out, '--save_ckpt', 'false'])
+               '--output_dir', out, '--save_ckpt_num', '1'])
     log = read_log(out)
     assert [r['epoch'] for r in log] == [0, 1, 2, 3, 4]
     assert ['test_acc1' in r for r in log] == [False, True, False, True, True]
     assert all('train_loss' in r for r in log)
+    best = torch.load(os.path.join(out, 'checkpoint-best.pth'), weights_only=True)
+    evaluated = [r for r in log if 'test_acc1' in r]
+    first_best = max(evaluated, key=lambda r: (r['test_acc1'], -r['epoch']))
+    assert (best['epoch'], best['acc1']) == (first_best['epoch'], first_best['test_acc1'])
+
+
+def test_a_fresh_start_replaces_the_log_of_a_killed_start(tmp_path, tiny_data):
+    """With no checkpoint to resume from (--save_ckpt false, or killed before the first), a restart trains from
+    epoch 0 again: its log must not follow the dead start's lines."""
+    out = str(tmp_path / 'run')
+    flags = [*VIT, *TINY, '--data_path', tiny_data, '--warmup_epochs', '1', '--output_dir', out, '--save_ckpt', 'false']
+    main.main([*flags, '--epochs', '2'])
+    main.main([*flags, '--epochs', '3'])
+    assert [r['epoch'] for r in read_log(out)] == [0, 1, 2]
 
 
 @pytest.mark.slow
