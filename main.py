@@ -412,10 +412,13 @@ def main(argv=None):
         datasets.check_images(args)
     run = setup(args)
     if args.knn_probe:
-        return knn_probe(run)
-    if args.eval:
-        return evaluate_only(run, ckpt)
-    return train(run)
+        result = knn_probe(run)
+    elif args.eval:
+        result = evaluate_only(run, ckpt)
+    else:
+        result = train(run)
+    utils.close_distributed()  # after an error no: a rank may wait in a collective, and torchrun ends them all
+    return result
 
 
 if __name__ == '__main__':

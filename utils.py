@@ -223,6 +223,13 @@ def init_distributed(args):
     return Dist(rank, world, local, True)
 
 
+def close_distributed():
+    """Destroy the process group, if any, before the process exits: left to the interpreter's exit, its threads
+    can be torn down running ('terminate called without an active exception', SIGABRT, seen with gloo)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _restart_safe_store(dist_url, rank, world, timeout):
     """Under single-node torchrun, the rendezvous store with one key prefix per restart attempt.
 
