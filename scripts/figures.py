@@ -52,9 +52,9 @@ def plot_curves(runs, labels, out):
     for folder, label in zip(runs, labels):
         log, config = read_run(folder)
         label = label or label_of(config, folder)
-        epochs = [r['epoch'] for r in log]
-        ax_acc.plot(epochs, [r.get('test_acc1') for r in log], label=label)
-        ax_loss.plot(epochs, [r['train_loss'] for r in log], label=label)
+        evaluated = [r for r in log if 'test_acc1' in r]  # every epoch, or every --eval_freq-th and the last
+        ax_acc.plot([r['epoch'] for r in evaluated], [r['test_acc1'] for r in evaluated], label=label)
+        ax_loss.plot([r['epoch'] for r in log], [r['train_loss'] for r in log], label=label)
     ax_acc.set(xlabel='epoch', ylabel='test acc@1 (%)')
     ax_loss.set(xlabel='epoch', ylabel='train loss')
     ax_acc.legend()

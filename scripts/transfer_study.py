@@ -37,7 +37,7 @@ call's grid does not cover (another part of the study) are carried into its runs
 call's report is the whole study's; `--families --done RUNS.jsonl` (no grid) only writes that report.
 Students keep their logs, not their checkpoints (--save_ckpt false): the study needs their accuracies only.
 
-On a lent GPU whose calls carry at most 64 MiB, bash scripts/gpu_carry.sh prepares the two kinds of call.
+On a lent GPU whose calls carry at most 64 MiB, scripts/gpu_study.sh prepares and runs the two kinds of call.
 """
 import argparse
 import json
@@ -113,27 +113,44 @@ class OutOfTime(Exception):
 
 
 class Study:
-    def __init__(self, args):
-        self.args, self.commands, self.records, self.lr_records = args, [], [], []
+    def __init__(self, args, out):
+        self.args, self.out, self.commands, self.records, self.lr_records = args, out, [], [], []
         self.python = sys.executable
         self.start = time.time()
-        self.done_records = [r for path in args.done for r in read_records(path)]
-        self.done = {run_key(r): r for r in self.done_records}
-        self.used = set()
+        self.done, self.used = {}, set()
+        for r in (r for path in args.done for r in read_records(path)):
+            key = run_key(r)
+            if key in self.done and self.done[key] != r:
+                raise SystemExit(f"error: --done holds two different records of one run ({r['family']}, "
+                                 f"{r['per_class']} per class, {r['init']}, seed {r['seed']}, {r['split']}); keep one")
+            self.done[key] = r
 
     def settings(self):
-        """SETTINGS: what every record of this study shares, and a reused record must match."""
-        a = self.args
-        return {'batch_size': a.batch_size, 'test_per_class': a.per_class_test or 1000, 'eval_freq': a.eval_freq,
-                'smoke': a.smoke}
+        return {name: value(self.args) for name, value in SETTINGS.items()}
 
     def measured(self, fields, measure):
-        """The record of the run `fields` describe: reused from --done, else measure() (which trains)."""
+        """The record of the run `fields` describe: reused from --done, else measure() (which trains). It is
+        added to the study's records, and runs.jsonl is written again at once: a call killed later keeps it."""
         key = run_key({**fields, **self.settings()})
         if key in self.done:
             self.used.add(key)
-            return self.done[key]
-        return {**fields, **self.settings(), **measure()}
+            r = self.done[key]
+        else:
+            r = {**fields, **self.settings(), **measure()}
+        (self.lr_records if r['split'] == 'validation' else self.records).append(r)
+        self.save()
+        return r
+
+    def earlier(self):
+        """The --done records this call's grid did not ask for (other parts of the study, other settings)."""
+        return [r for key, r in self.done.items() if key not in self.used]
+
+    def save(self):
+        """runs.jsonl: this call's records, then every other --done record unchanged, so that passing it as
+        --done to the next call loses nothing."""
+        import utils
+        lines = [json.dumps(r) + '\n' for r in self.lr_records + self.records + self.earlier()]
+        utils.atomic_write(os.path.join(self.out, 'runs.jsonl'), lambda f: f.writelines(lines), binary=False)
 
     def run(self, cmd):
         budget = self.args.time_budget_min
@@ -196,15 +213,21 @@ def read_records(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-# What makes two runs the same run: its own fields and the study's settings (Study.settings); the rest of a
-# record is what was measured.
-RUN_FIELDS = ('split', 'family', 'per_class', 'val_per_class', 'init', 'seed', 'blr', 'epochs')
-SETTINGS = ('batch_size', 'test_per_class', 'eval_freq', 'smoke')
+# What makes two runs the same run: its own fields (the DINOv2 checkpoint's file hash for its selections) and
+# the settings every run of the study shares; the rest of a record is what was measured.
+RUN_FIELDS = ('split', 'family', 'per_class', 'val_per_class', 'init', 'seed', 'blr', 'epochs', 'teacher_file_sha256')
+SETTINGS = {
+    'batch_size': lambda a: a.batch_size,
+    'test_per_class': lambda a: a.per_class_test or 1000,
+    'teacher_epochs': lambda a: a.teacher_epochs,  # the teachers pretrained here
+    'source': lambda a: a.source,                  # None: the CIFAR-10 source classes
+    'eval_freq': lambda a: a.eval_freq,
+    'smoke': lambda a: a.smoke,
+}
 
 
 def run_key(r):
-    return tuple(json.dumps(r.get(k), sort_keys=True)
-                 for k in (*RUN_FIELDS, *SETTINGS))
+    return tuple(json.dumps(r.get(k), sort_keys=True) for k in (*RUN_FIELDS, *SETTINGS))
 
 
 def read_log(folder):
@@ -222,6 +245,8 @@ def main():
         args.per_class_test = 4
         args.batch_size, args.device, args.num_workers = 4, 'cpu', 0
         args.val_per_class = 1
+    if args.eval_freq < 1:
+        raise SystemExit(f'error: --eval_freq {args.eval_freq} must be 1 (every epoch) or more')
     if args.lr_search and not 0 < args.val_per_class < min(args.subsets):
         raise SystemExit(f'error: --val_per_class {args.val_per_class} must hold out at least one and leave at least '
                          f'one training image of each class of the smallest subset ({min(args.subsets)} per class)')
@@ -233,7 +258,7 @@ def main():
                          f'the CIFAR-10 npz in ../shared) or --source FOLDER')
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    study = Study(args)
+    study = Study(args, out)
     try:
         run_study(args, out, study)
     except OutOfTime:
@@ -265,9 +290,9 @@ def carve_validation(folder, per_class):
 
 
 def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epochs, input_size=32):
-    # target(): the subset's ImageFolder, made when first asked for
     """The one base lr per 512 images for every init of this model and subset size: --blr or the paper's by
-    default; with --lr_search, the candidate with random init's highest mean final validation accuracy."""
+    default; with --lr_search, the candidate with random init's highest mean final validation accuracy.
+    target(): the subset's ImageFolder, made when a run first needs it."""
     if not args.lr_search:
         return args.blr or BLR['vit' if 'vit' in student else 'convnext']
     by_blr = {}
@@ -282,7 +307,6 @@ def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epoch
                 return measurement(log, os.path.relpath(run_dir, out), args.device)
             r = study.measured(run_fields(model_name, n, 'random init', seed, epochs, blr, split='validation',
                                           val_per_class=args.val_per_class), measure)
-            study.lr_records.append(r)
             by_blr.setdefault(blr, []).append(r)
     return chosen_blr(by_blr)
 
@@ -300,17 +324,17 @@ class Teacher:
         self.study, self.family, self.source = study, family, source
         self.dir = os.path.join(out, 'teachers', family)
         self.ckpt = os.path.join(self.dir, 'checkpoint-best.pth')
-        self.sha256 = None
+        self.weights_sha256 = None
 
     def checkpoint(self):
-        if self.sha256 is None:
+        if self.weights_sha256 is None:
             a = self.study.args
             teacher, t_kwargs = MODELS[self.family][:2]
             # the best checkpoint (for selection) and the last epoch's, not one per epoch
             self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
                              checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
                              eval_freq=1)
-            self.sha256 = weights_sha256(self.ckpt)
+            self.weights_sha256 = weights_sha256(self.ckpt)
         return self.ckpt
 
 
@@ -362,23 +386,20 @@ def run_study(args, out, study):
                             ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
                             extra = ['--initialize', study.select(ws_file, teacher_name, t_kwargs, teacher.checkpoint(),
                                                                   student, s_kwargs, layers, elements, seed)]
-                            more = {'teacher_sha256': teacher.sha256}
+                            more = {'teacher_weights_sha256': teacher.weights_sha256}
                         log = study.train(run_dir, student, s_kwargs, target(n), epochs, seed, blr, extra)
                         return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
-                    study.records.append(study.measured(run_fields(family, n, name, seed, epochs, blr), measure))
+                    study.measured(run_fields(family, n, name, seed, epochs, blr), measure)
     if args.dinov2:
+        import utils
         size = args.dinov2_input_size
         s_kwargs = {'img_size': size}
         family = f'dinov2 vit_tiny/14 @{size}'
-        dinov2_sha256 = []
+        dinov2_sha256 = utils.sha256_file(args.dinov2)  # part of its selections' key: another file, other runs
 
         def ws_file():
-            path = study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2',
+            return study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2',
                                 {}, os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
-            if not dinov2_sha256:
-                import utils
-                dinov2_sha256.append(utils.sha256_file(args.dinov2))
-            return path
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
             blr = choose_blr(args, out, study, family, 'vit_tiny_patch14_dinov2', s_kwargs, lambda: target(n), n,
@@ -392,15 +413,16 @@ def run_study(args, out, study):
                         extra = [] if name == 'random init' else ['--initialize', ws_file()]
                         log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, target(n), epochs, seed, blr,
                                           extra, input_size=size)
-                        more = {'teacher_sha256': dinov2_sha256[0]} if extra else {}
-                        return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
-                    study.records.append(study.measured(run_fields(family, n, name, seed, epochs, blr), measure))
+                        return measurement(log, os.path.relpath(run_dir, out), args.device)
+                    teacher_file = None if name == 'random init' else dinov2_sha256
+                    study.measured(run_fields(family, n, name, seed, epochs, blr, teacher_file_sha256=teacher_file),
+                                   measure)
 
 
-def run_fields(family, n, init, seed, epochs, blr, split='test', val_per_class=None):
+def run_fields(family, n, init, seed, epochs, blr, split='test', val_per_class=None, teacher_file_sha256=None):
     """What names a run (RUN_FIELDS): with Study.settings, the key under which --done finds it."""
     return {'split': split, 'family': family, 'per_class': n, 'val_per_class': val_per_class, 'init': init,
-            'seed': seed, 'blr': blr, 'epochs': epochs}
+            'seed': seed, 'blr': blr, 'epochs': epochs, 'teacher_file_sha256': teacher_file_sha256}
 
 
 def measurement(log, run_dir, device):
@@ -427,11 +449,11 @@ def report_rows(records):
     for r in records:
         groups.setdefault((r['family'], r['per_class'], r['epochs'], r['blr'], r['init']), []).append(r)
         if r['init'] == 'random init':
-            random_final[r['family'], r['per_class'], r['seed']] = r['final_acc1']
+            random_final[r['family'], r['per_class'], r['epochs'], r['blr'], r['seed']] = r['final_acc1']
     rows = []
-    for (family, n, epochs, blr, init), runs in groups.items():
-        paired = [r['final_acc1'] - random_final[family, n, r['seed']] for r in runs
-                  if init != 'random init' and (family, n, r['seed']) in random_final]
+    for (family, n, epochs, blr, init), runs in groups.items():  # paired with random init of the same recipe
+        paired = [r['final_acc1'] - random_final[family, n, epochs, blr, r['seed']] for r in runs
+                  if init != 'random init' and (family, n, epochs, blr, r['seed']) in random_final]
         rows.append(f"| {family} | {n} | {epochs} | {blr:g} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
                     f"{mean_std(paired) if init != 'random init' else ''} | "
                     f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
@@ -456,17 +478,6 @@ def lr_search_rows(lr_records, batch_size):
     return rows
 
 
-def from_earlier_calls(study):
-    """--done records of this study's settings that this call's grid did not ask for (other families, other
-    parts): kept in runs.jsonl and the report, so that the last call's report is the whole study's."""
-    settings, kept = study.settings(), {}
-    for r in study.done_records:
-        key = run_key(r)
-        if key not in study.used and all(r.get(k) == settings[k] for k in SETTINGS):
-            kept[key] = study.done[key]
-    return list(kept.values())
-
-
 def provenance(runs, reused):
     """Where the records came from, when some were reused from --done or the selections of a family came from
     more than one teacher training."""
@@ -475,8 +486,8 @@ def provenance(runs, reused):
     devices = sorted({r.get('device', '?') for r in runs})
     teachers = {}
     for r in runs:
-        if r.get('teacher_sha256'):
-            teachers.setdefault(r['family'], set()).add(r['teacher_sha256'])
+        if r.get('teacher_weights_sha256'):
+            teachers.setdefault(r['family'], set()).add(r['teacher_weights_sha256'])
     several = [f'{family}: {len(shas)}' for family, shas in teachers.items() if len(shas) > 1]
     return (f' {reused} of the {len(runs)} runs were reused from --done (earlier calls); '
             f'the runs ran on {", ".join(devices)}, {sum(r.get("train_minutes", 0) for r in runs):.0f} min of '
@@ -487,12 +498,13 @@ def provenance(runs, reused):
 def write_report(out, study, seconds, args, partial=False):
     import torch
     import utils
-    earlier = from_earlier_calls(study)
+    study.save()
+    # the report: this call's runs, and those of earlier calls with the same settings (other parts of the study),
+    # so that the last call's report is the whole study's
+    settings = study.settings()
+    earlier = [r for r in study.earlier() if all(r.get(k) == v for k, v in settings.items())]
     lr_records = study.lr_records + [r for r in earlier if r['split'] == 'validation']
     records = study.records + [r for r in earlier if r['split'] == 'test']
-    with open(os.path.join(out, 'runs.jsonl'), 'w') as f:
-        for r in lr_records + records:
-            f.write(json.dumps(r) + '\n')
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
     lines = ['# CIFAR-10 transfer study', '',
              f'Source task: {SOURCE}; target task: {TARGET}. Test acc@1 (%) on '
@@ -508,6 +520,9 @@ def write_report(out, study, seconds, args, partial=False):
              '| model | images per class | epochs | base lr / 512 | init | final acc@1 | final vs random | best acc@1 | n |',
              '|---|---|---|---|---|---|---|---|---|']
     lines += report_rows(records)
+    other = len(study.earlier()) - len(earlier)
+    if other:
+        lines += ['', f'runs.jsonl also keeps {other} record(s) of --done with other settings, not reported here.']
     if lr_records:
         lines += ['', '## Learning rate, chosen on a validation split', '',
                   f'Random init only, trained on the subset less its last {args.val_per_class} images per class and '

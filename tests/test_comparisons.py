@@ -196,6 +196,22 @@ def test_collector_on_fixture_logs(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- figures
 
+def test_curves_join_the_evaluated_epochs_of_an_eval_freq_run(tmp_path):
+    pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    log = [{'epoch': i, 'train_loss': 3.0 - i, **({'test_acc1': 10.0 * i} if i % 2 or i == 4 else {})} for i in range(5)]
+    (folder / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in log))
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import figures
+    figures.plot_curves([str(folder)], [None], str(tmp_path / 'curves.png'))
+    plt = figures._plt()
+    acc, loss = plt.gcf().axes
+    assert acc.lines[0].get_xydata().tolist() == [[1, 10.0], [3, 30.0], [4, 40.0]]  # one line, no gaps
+    assert len(loss.lines[0].get_xdata()) == 5
+    plt.close('all')
+
+
 @pytest.mark.slow
 def test_figures_are_written(tmp_path):
     pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')

@@ -34,7 +34,9 @@ def test_transfer_study_smoke(tmp_path):
     assert not list((out / 'students').glob('**/checkpoint-*.pth'))  # students keep logs only
     assert sorted(os.listdir(out / 'teachers' / 'vit')) == [
         'checkpoint-0.pth', 'checkpoint-best.pth', 'config.yaml', 'log.txt', 'run_info.json']
-    assert all(len(r['teacher_sha256']) == 64 for r in records if r['init'] != 'random init')
+    assert all(len(r['teacher_weights_sha256']) == 64 for r in records if r['init'].startswith('ws ')
+               and not r['family'].startswith('dinov2'))
+    assert all(len(r['teacher_file_sha256']) == 64 for r in records if r['init'] == 'ws uniform (DINOv2)')
 
     # A later call on a bare machine, given the records only: nothing runs again, not even the teachers.
     again = tmp_path / 'again'
@@ -61,7 +63,8 @@ def test_transfer_study_smoke(tmp_path):
     assert (third / 'transfer_study.md').read_text().count('| dinov2 vit_tiny/14 @224 |') == 2
     l1 = [r for r in redone if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
     first = [r for r in records if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
-    assert l1['teacher_sha256'] == first['teacher_sha256'] and l1['final_acc1'] == first['final_acc1']  # CPU: exact
+    assert l1['teacher_weights_sha256'] == first['teacher_weights_sha256']  # CPU: the same teacher again
+    assert l1['final_acc1'] == first['final_acc1']
 
 
 @pytest.mark.slow
@@ -119,6 +122,51 @@ def test_report_gives_paired_differences_from_random_init():
                     '| vit | 100 | 30 | 0.002 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
 
 
+def test_report_pairs_each_init_with_random_init_of_the_same_recipe():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    run = lambda init, epochs, final: {'family': 'vit', 'per_class': 100, 'epochs': epochs, 'init': init,  # noqa: E731
+                                       'seed': 0, 'blr': 2e-3, 'final_acc1': final, 'best_acc1': final}
+    rows = transfer_study.report_rows([run('random init', 200, 60.0), run('random init', 100, 50.0),
+                                       run('ws uniform', 100, 55.0)])
+    assert rows[2] == '| vit | 100 | 100 | 0.002 | ws uniform | 55.0 | 5.0 | 55.0 | 1 |'  # not 55 - 60
+
+
+def study_args(monkeypatch, tmp_path, *flags):
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    monkeypatch.setattr(sys, 'argv', ['transfer_study.py', '--out', str(tmp_path / 'out'), *flags])
+    return transfer_study, transfer_study.get_args()
+
+
+def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are_reported(tmp_path, monkeypatch):
+    ts, args = study_args(monkeypatch, tmp_path, '--eval_freq', '5', '--done', str(tmp_path / 'done.jsonl'))
+    settings = {'batch_size': 128, 'test_per_class': 1000, 'teacher_epochs': 100, 'source': None, 'eval_freq': 5,
+                'smoke': False}
+    measured = {'final_acc1': 50.0, 'best_acc1': 51.0, 'train_minutes': 1.0, 'device': 'H100', 'run_dir': 'x'}
+    random0 = {**ts.run_fields('vit', 100, 'random init', 0, 200, 2e-3), **settings, **measured}
+    other_part = {**ts.run_fields('convnext', 100, 'random init', 0, 200, 4e-3), **settings, **measured}
+    other_settings = {**random0, 'eval_freq': 1, 'final_acc1': 40.0}
+    (tmp_path / 'done.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (random0, other_part, other_settings)))
+    out = tmp_path / 'out'
+    out.mkdir()
+    study = ts.Study(args, str(out))
+    got = study.measured(ts.run_fields('vit', 100, 'random init', 0, 200, 2e-3), lambda: pytest.fail('ran again'))
+    assert got == random0
+    ts.write_report(str(out), study, 60.0, args)
+    kept = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
+    assert kept == [random0, other_part, other_settings]  # nothing lost for the next call
+    report = (out / 'transfer_study.md').read_text()
+    assert '| vit | 100 | 200 | 0.002 | random init | 50.0 |' in report
+    assert '| convnext | 100 | 200 | 0.004 | random init | 50.0 |' in report and '40.0' not in report
+    assert 'also keeps 1 record(s) of --done with other settings' in report
+    assert '2 of the 2 runs were reused from --done' in report
+
+    (tmp_path / 'done.jsonl').write_text(json.dumps(random0) + '\n' + json.dumps({**random0, 'final_acc1': 1.0}) + '\n')
+    with pytest.raises(SystemExit, match='two different records of one run'):
+        ts.Study(args, str(out))
+
+
 def test_measurement_takes_final_and_best_among_the_evaluated_epochs():
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import transfer_study
@@ -127,7 +175,8 @@ def test_measurement_takes_final_and_best_among_the_evaluated_epochs():
     m = transfer_study.measurement(log, 'students/x', 'cpu')
     assert (m['final_acc1'], m['best_acc1'], m['train_minutes'], m['device']) == (38.0, 40.0, 3.0, 'cpu')
     fields = transfer_study.run_fields('vit', 100, 'ws l1', 0, 4, 2e-3)
-    settings = {'batch_size': 128, 'test_per_class': 1000, 'eval_freq': 2, 'smoke': False}
+    settings = {'batch_size': 128, 'test_per_class': 1000, 'teacher_epochs': 100, 'source': None, 'eval_freq': 2,
+                'smoke': False}
     key = transfer_study.run_key({**fields, **settings, **m})
     assert key == transfer_study.run_key({**fields, **settings})  # what was measured is not part of the key
     assert key != transfer_study.run_key({**fields, **settings, 'eval_freq': 1})
