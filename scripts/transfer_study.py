@@ -184,7 +184,8 @@ class Study:
     def train(self, out, model, model_kwargs, data, epochs, seed, blr, extra=(), input_size=32,
               checkpoints=('--save_ckpt', 'false'), eval_freq=None):
         a = self.args
-        if not os.path.isfile(os.path.join(out, 'log.txt')) or len(read_log(out)) < epochs:
+        log = read_log(out)
+        if not log or log[-1].get('epoch') != epochs - 1:  # not finished here (a call killed mid-run, say)
             self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
                       '--input_size', str(input_size), '--data_set', 'image_folder', '--data_path', data,
                       '--epochs', str(epochs), '--warmup_epochs', str(max(1, epochs // 5)),
