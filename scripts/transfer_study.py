@@ -490,7 +490,7 @@ def provenance(runs, reused):
         if r.get('teacher_weights_sha256'):
             teachers.setdefault(r['family'], set()).add(r['teacher_weights_sha256'])
     several = [f'{family}: {len(shas)}' for family, shas in teachers.items() if len(shas) > 1]
-    return (f' {reused} of the {len(runs)} runs were reused from --done (earlier calls); '
+    return (f' {reused} of the {len(runs)} runs came from --done (earlier calls, or studies run beside this one); '
             f'the runs ran on {", ".join(devices)}, {sum(r.get("train_minutes", 0) for r in runs):.0f} min of '
             f'training and evaluation in all.'
             + (f' Teacher trainings behind the selections, per family: {", ".join(several)}.' if several else ''))

@@ -45,7 +45,7 @@ def test_transfer_study_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (again / 'runs.jsonl').read_text() == (out / 'runs.jsonl').read_text()
     assert sorted(os.listdir(again)) == ['runs.jsonl', 'transfer_study.md']  # no data, teacher, selection, student
-    assert f'{len(records)} of the {len(records)} runs were reused from --done' in (again / 'transfer_study.md').read_text()
+    assert f'{len(records)} of the {len(records)} runs came from --done' in (again / 'transfer_study.md').read_text()
 
     # With one ViT record missing, that run alone trains, after its teacher (trained again, the same weights).
     kept = [line for line in (out / 'runs.jsonl').read_text().splitlines()
@@ -160,7 +160,7 @@ def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are
     assert '| vit | 100 | 200 | 0.002 | random init | 50.0 |' in report
     assert '| convnext | 100 | 200 | 0.004 | random init | 50.0 |' in report and '40.0' not in report
     assert 'also keeps 1 record(s) of --done with other settings' in report
-    assert '2 of the 2 runs were reused from --done' in report
+    assert '2 of the 2 runs came from --done' in report
 
     (tmp_path / 'done.jsonl').write_text(json.dumps(random0) + '\n' + json.dumps({**random0, 'final_acc1': 1.0}) + '\n')
     with pytest.raises(SystemExit, match='two different records of one run'):
