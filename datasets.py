@@ -247,7 +247,9 @@ class PerSampleSeed(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = divmod(int(key), len(self.dataset))
         saved = utils.rng_state(cuda=False)
-        utils.seed_everything(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63))
+        # the CPU generators only: with --num_workers 0 this runs in the training process, whose CUDA generator
+        # (drop path) must not be re-seeded by every sample
+        utils.seed_everything(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63), cuda=False)
         try:
             return self.dataset[index]
         finally:

@@ -30,7 +30,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
     and throughput."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    partial = partial or {'loss_sum': torch.zeros(()), 'micro': 0, 'seen': 0}
+    partial = partial or {'loss_sum': torch.zeros((), device=device), 'micro': 0, 'seen': 0}
     loss_sum = partial['loss_sum'].to(device)
     micro_done, seen = partial['micro'], partial['seen']
     num_micro = micro_done + len(loader)
@@ -68,7 +68,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
                 state = {'loss_sum': loss_sum, 'micro': micro + 1, 'seen': seen}
                 on_step(step, lambda: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
                                        for k, v in state.items()})
-        if micro % print_freq == 0 or micro == num_micro - 1:
+        # every print_freq steps and the last (where the epoch's mean loss syncs anyway): loss.item() waits for
+        # the device, which small models feel at every extra print
+        if (micro + 1) % print_freq == 0 or micro == num_micro - 1:
             elapsed = time.time() - start
             log_progress(loss, optimizer, epoch, step, micro, num_micro, seen_here / max(elapsed, 1e-9),
                          elapsed / (i + 1) * (num_micro - micro - 1), log_writer)
@@ -124,7 +126,7 @@ def evaluate(loader, model, device, amp_dtype=None, sharded=False):
         correct = top5.eq(targets[:, None])
         totals += torch.stack([torch.nn.functional.cross_entropy(output, targets, reduction='sum').double(),
                                correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
-                               torch.tensor(float(targets.shape[0]), device=device, dtype=torch.float64)])
+                               torch.full((), float(targets.shape[0]), device=device, dtype=torch.float64)])
     if sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss, c1, c5, n = totals.tolist()

@@ -139,9 +139,11 @@ def _blend(degenerate, x, factor):
 
 def _smooth(x):
     """PIL's ImageFilter.SMOOTH (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13), border pixels unchanged."""
-    kernel = torch.ones(3, 1, 3, 3, device=x.device, dtype=x.dtype)
-    kernel[:, :, 1, 1] = 5
-    inner = to_uint8_range(F.conv2d(x, kernel / 13, groups=x.shape[1]))
+    # a sum of shifted views, not conv2d: exact in float32 for 8-bit values (13 x 255), and free of cuDNN's
+    # TF32 and of its autotuning for every new number of samples that chose this op
+    h, w = x.shape[-2:]
+    total = sum(x[:, :, i:i + h - 2, j:j + w - 2] for i in range(3) for j in range(3)) + 4 * x[:, :, 1:-1, 1:-1]
+    inner = to_uint8_range(total / 13)
     out = x.clone()
     out[:, :, 1:-1, 1:-1] = inner
     return out
@@ -167,7 +169,8 @@ def _lookup_tables(x, op, level):
     hist = hist.double().reshape(b, c, 256)
     last = 255 - (hist.flip(-1) > 0).double().argmax(-1, keepdim=True)
     step = torch.floor((hist.sum(-1, keepdim=True) - hist.gather(-1, last)) / 255)
-    before = hist.cumsum(-1) - hist
+    counts = hist.long()  # an integer cumsum: exact, and CUDA's float cumsum is refused under --deterministic
+    before = (counts.cumsum(-1) - counts).double()
     eq_ok = ((hist > 0).sum(-1, keepdim=True) > 1) & (step > 0)
     equal = torch.where(eq_ok, torch.floor((torch.floor(step / 2) + before) / step.clamp(min=1)).clamp(max=255), v)
     lvl = level[:, None, None].double()

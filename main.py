@@ -238,7 +238,8 @@ def setup(args):
     utils.seed_everything(args.seed + place.rank)  # torch, numpy (timm's Mixup) and random
     if args.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True)
+    # set either way: runs in one process (the transfer study, tests) must not inherit an earlier run's mode
+    torch.use_deterministic_algorithms(bool(args.deterministic))
     torch.backends.cudnn.benchmark = not args.deterministic
     return Run(args, device, place, update_freq, global_batch, lr)
 
@@ -276,13 +277,13 @@ def build_training(run):
     mixup_fn, criterion = recipe.build_criterion(args, data.num_classes, teacher)
     optimizer = recipe.build_optimizer(trainable, args, device, run.lr)
     amp_dtype, scaler = recipe.build_amp(args, device)
-    forward_model = eval_model = trainable
+    forward_model = trainable
     if run.dist.distributed:  # DDP broadcasts rank 0's weights: every rank then holds the same model
         forward_model = torch.nn.parallel.DistributedDataParallel(
             trainable, device_ids=[run.dist.local_rank] if device.type == 'cuda' else None)
-        eval_model = forward_model if args.distill != 'feature' else model
-    else:
-        eval_model = model
+    # evaluation with the plain model: through DDP, a model with buffers (the linear probe's BatchNorm) would
+    # broadcast them at every forward, and sharded evaluation can give ranks different numbers of batches
+    eval_model = model
     model_ema = None
     if args.model_ema:  # after the broadcast, so that the EMA starts from the same weights on every rank
         from timm.utils import ModelEmaV3

@@ -290,9 +290,12 @@ def all_reduce_mean(tensor):
 # ----------------------------------------------------------------------------------------------
 # Random states.
 
-def seed_everything(seed):
-    """torch, numpy (timm's Mixup) and Python's random."""
-    torch.manual_seed(seed)
+def seed_everything(seed, cuda=True):
+    """torch (its CUDA generators too unless cuda=False), numpy (timm's Mixup) and Python's random."""
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
     random.seed(seed)
 

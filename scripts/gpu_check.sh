@@ -3,21 +3,25 @@
 # (pytest -m cuda tests/test_cuda.py), then scripts/benchmark.sh's throughput grid in the time left. Writes
 # OUT_DIR/gpu_check.json, gpu_check.md, gpu_check.log (every part's output) and OUT_DIR/benchmark/ (8 files).
 # A part that fails or runs out of time is recorded and the next one runs.
-#   bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]
+#   bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]
+# (two calls, one with each flag, when one call's 10 minutes do not hold both)
 # DATA_DIR: CIFAR-10 as an ImageFolder (default /tmp/c10); made from .carry/cifar10 (a copy of
 # ../shared/data/cifar10) when it does not exist. Environment:
 #   PYTHON                    the interpreter (default python3)
-#   GPU_CHECK_BUDGET          seconds for everything (540); GPU_CHECK_TEST_LIMIT: for the tests (300)
-#   GPU_CHECK_BENCHMARK=0     as --no-benchmark
+#   GPU_CHECK_BUDGET          seconds for everything (570); GPU_CHECK_TEST_LIMIT: for the tests (360)
+#   GPU_CHECK_BENCHMARK=0     as --no-benchmark; GPU_CHECK_TESTS=0 as --no-tests
 #   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
 #   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 12';
 #                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
 set -uo pipefail
-if [ "${1:-}" = --no-benchmark ]; then export GPU_CHECK_BENCHMARK=0; shift; fi
-out=${1:?usage: bash scripts/gpu_check.sh [--no-benchmark] OUT_DIR [DATA_DIR]}
+case "${1:-}" in
+  --no-benchmark) export GPU_CHECK_BENCHMARK=0; shift ;;
+  --no-tests) export GPU_CHECK_TESTS=0; shift ;;
+esac
+out=${1:?usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]}
 data=${2:-/tmp/c10}
 start=$(date +%s)
-budget=${GPU_CHECK_BUDGET:-540}
+budget=${GPU_CHECK_BUDGET:-570}
 export PYTHON=${PYTHON:-$(command -v python3 || command -v python)} PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out" || exit 1
@@ -40,10 +44,16 @@ left() { echo $((budget - ($(date +%s) - start))); }
 
 part nvidia_smi 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tail -n +2 "$work/nvidia_smi.log" > "$work/nvidia_smi.txt"
-per_test=()  # with pytest-timeout, a hung test costs 150 s and the others still run
-"$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 150)
-part cuda_tests "${GPU_CHECK_TEST_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
-  -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
+# torch.compile's Triton builds its launchers with the system's C compiler: without one, compiled runs fail
+part c_compiler 10 sh -c 'command -v cc && cc --version | head -n 1'
+if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
+  skip cuda_tests '--no-tests'
+else
+  per_test=()  # with pytest-timeout, a hung test costs 150 s and the others still run
+  "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 150)
+  part cuda_tests "${GPU_CHECK_TEST_LIMIT:-360}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
+    -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
+fi
 if [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ]; then
   skip benchmark '--no-benchmark'
 else
@@ -65,6 +75,6 @@ else
   fi
 fi
 echo $(($(date +%s) - start)) > "$work/elapsed"
-cat "$work"/nvidia_smi.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
+cat "$work"/nvidia_smi.log "$work"/c_compiler.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
   > "$out/gpu_check.log" 2>/dev/null
 "$PYTHON" scripts/gpu_report.py "$out" "$work"

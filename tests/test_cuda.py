@@ -94,10 +94,12 @@ def test_train_transform_on_device_is_seeded_and_matches_cpu_statistics(size):
     assert a.device.type == DEVICE and a.shape == (2000, 3, size, size) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     a, cpu = a.cpu(), gt.GpuTrainTransform(size, MEAN, STD)(x, 0)
-    assert (cpu.mean((0, 2, 3)) - a.mean((0, 2, 3))).abs().max() < 0.05
-    assert (cpu.std((0, 2, 3)) - a.std((0, 2, 3))).abs().max() < 0.05
+    # two CPU seeds differ by up to 0.059 in these statistics (seed 0 against 1..20, both sizes): 0.05 would
+    # fail about one device stream in ten for no fault; a wrong op or normalization moves them further
+    assert (cpu.mean((0, 2, 3)) - a.mean((0, 2, 3))).abs().max() < 0.08
+    assert (cpu.std((0, 2, 3)) - a.std((0, 2, 3))).abs().max() < 0.08
     q = torch.tensor([0.1, 0.5, 0.9])
-    assert (cpu.std((1, 2, 3)).quantile(q) - a.std((1, 2, 3)).quantile(q)).abs().max() < 0.05
+    assert (cpu.std((1, 2, 3)).quantile(q) - a.std((1, 2, 3)).quantile(q)).abs().max() < 0.08
 
 
 def test_gpu_loaders_on_device_match_cpu_tensors(data):

@@ -73,6 +73,37 @@ def test_a_fresh_start_replaces_the_log_of_a_killed_start(tmp_path, tiny_data):
     assert [r['epoch'] for r in read_log(out)] == [0, 1, 2]
 
 
+def test_deterministic_mode_is_not_inherited_by_the_next_run_in_the_process(tmp_path):
+    """The transfer study runs main.main() many times in one process: each run sets the mode it asks for."""
+    try:
+        for flag in ('true', 'false'):
+            main.setup(main.parse_args(['--device', 'cpu', '--deterministic', flag, '--output_dir', str(tmp_path)]))
+            assert torch.are_deterministic_algorithms_enabled() is (flag == 'true')
+            assert torch.backends.cudnn.benchmark is (flag == 'false')
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_per_sample_seeds_leave_the_cuda_generators_alone(tiny_data, monkeypatch):
+    """With --num_workers 0 the per-sample seeding runs in the training process: it seeds and restores the CPU
+    generators only, so the device's generator (drop path on a GPU) keeps its own sequence."""
+    import datasets
+    seeded = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, 'manual_seed', lambda seed: seeded.append(seed))
+
+    class Draws(torch.utils.data.Dataset):  # an augmentation's random draw per sample
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.rand(2)
+    dataset = datasets.PerSampleSeed(Draws(), seed=0)
+    before = torch.get_rng_state()
+    assert torch.equal(dataset[4], dataset[4]) and not torch.equal(dataset[4], dataset[1])  # epoch 1 vs 0
+    assert torch.equal(torch.get_rng_state(), before) and seeded == []
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_data):
     full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
