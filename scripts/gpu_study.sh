@@ -48,7 +48,9 @@ case $part in
   dinov2)
     imagefolder=.carry_dino/make_imagefolder.py
     dino=".carry_dino/dinov2_vits14_imgfocus_fp16.pt"
-    studies=("--families --subsets 100 --dinov2 $dino" "--families --subsets 500 --dinov2 $dino") ;;
+    # --student_epochs gives the smallest and the largest subset's epochs: alone, each subset names its own
+    studies=("--families --subsets 100 --student_epochs 200 200 --dinov2 $dino"
+             "--families --subsets 500 --student_epochs 100 100 --dinov2 $dino") ;;
   *)
     echo "gpu_study.sh: unknown part '$part'; choose prepare, families or dinov2" >&2; exit 2 ;;
 esac
