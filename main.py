@@ -253,7 +253,6 @@ class Training:
     data: datasets.Loaders
     state: checkpoint.TrainState      # plain model, optimizer, scaler, EMA, projector
     forward_model: torch.nn.Module    # what the loop calls: DDP and/or compiled, with the projector
-    eval_model: torch.nn.Module
     criterion: torch.nn.Module
     mixup_fn: object
     schedule: recipe.StepSchedule
@@ -281,18 +280,15 @@ def build_training(run):
     if run.dist.distributed:  # DDP broadcasts rank 0's weights: every rank then holds the same model
         forward_model = torch.nn.parallel.DistributedDataParallel(
             trainable, device_ids=[run.dist.local_rank] if device.type == 'cuda' else None)
-    # evaluation with the plain model: through DDP, a model with buffers (the linear probe's BatchNorm) would
-    # broadcast them at every forward, and sharded evaluation can give ranks different numbers of batches
-    eval_model = model
     model_ema = None
     if args.model_ema:  # after the broadcast, so that the EMA starts from the same weights on every rank
         from timm.utils import ModelEmaV3
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
     projector = trainable.projector if args.distill == 'feature' else None
     state = checkpoint.TrainState(model, optimizer, scaler, model_ema, projector)
-    return Training(data, state, torch.compile(forward_model) if args.compile else forward_model, eval_model,
-                    criterion, mixup_fn, recipe.build_schedule(args, run.lr, steps_per_epoch, args.epochs),
-                    amp_dtype, steps_per_epoch, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return Training(data, state, torch.compile(forward_model) if args.compile else forward_model, criterion,
+                    mixup_fn, recipe.build_schedule(args, run.lr, steps_per_epoch, args.epochs), amp_dtype,
+                    steps_per_epoch, sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def train(run):
@@ -354,7 +350,9 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
     record = {'epoch': epoch, 'train_loss': stats['loss'], 'train_lr': stats['lr'],
               'images_per_sec': round(stats['images_per_sec'], 1)}
     if t.data.val is not None and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
-        test = engine.evaluate(t.data.val, t.eval_model, run.device, t.amp_dtype, t.data.eval_sharded)
+        # the plain model (state.model): through DDP, a model with buffers (the linear probe's BatchNorm) would
+        # broadcast them at every forward, and sharded evaluation can give ranks different numbers of batches
+        test = engine.evaluate(t.data.val, t.state.model, run.device, t.amp_dtype, t.data.eval_sharded)
         record.update(test_loss=test['loss'], test_acc1=test['acc1'], test_acc5=test['acc5'])
         if t.state.model_ema is not None and args.model_ema_eval:
             ema = engine.evaluate(t.data.val, t.state.model_ema.module, run.device, t.amp_dtype, t.data.eval_sharded)
