@@ -117,6 +117,7 @@ class Study:
         self.args, self.out, self.commands, self.records, self.lr_records = args, out, [], [], []
         self.python = sys.executable
         self.start = time.time()
+        self.ran_on = ran_on(args.device)  # each record of this call says where and with what it ran
         self.done, self.used = {}, set()
         for r in (r for path in args.done for r in read_records(path)):
             key = run_key(r)
@@ -207,11 +208,15 @@ class Study:
         return out
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_records(path):
     if not os.path.isfile(path):
         raise SystemExit(f'error: --done {path}: file not found')
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 # What makes two runs the same run: its own fields (the DINOv2 checkpoint's file hash for its selections) and
@@ -233,10 +238,7 @@ def run_key(r):
 
 def read_log(folder):
     path = os.path.join(folder, 'log.txt')
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path) if os.path.isfile(path) else []
 
 
 def main():
@@ -305,7 +307,7 @@ def choose_blr(args, out, study, model_name, student, s_kwargs, target, n, epoch
             def measure():  # the split is carved only when a run needs it
                 val_data = carve_validation(target(), args.val_per_class)
                 log = study.train(run_dir, student, s_kwargs, val_data, epochs, seed, blr, input_size=input_size)
-                return measurement(log, os.path.relpath(run_dir, out), args.device)
+                return measurement(log, os.path.relpath(run_dir, out), study.ran_on)
             r = study.measured(run_fields(model_name, n, 'random init', seed, epochs, blr, split='validation',
                                           val_per_class=args.val_per_class), measure)
             by_blr.setdefault(blr, []).append(r)
@@ -389,7 +391,7 @@ def run_study(args, out, study):
                                                                   student, s_kwargs, layers, elements, seed)]
                             more = {'teacher_weights_sha256': teacher.weights_sha256}
                         log = study.train(run_dir, student, s_kwargs, target(n), epochs, seed, blr, extra)
-                        return {**measurement(log, os.path.relpath(run_dir, out), args.device), **more}
+                        return {**measurement(log, os.path.relpath(run_dir, out), study.ran_on), **more}
                     study.measured(run_fields(family, n, name, seed, epochs, blr), measure)
     if args.dinov2:
         import utils
@@ -414,7 +416,7 @@ def run_study(args, out, study):
                         extra = [] if name == 'random init' else ['--initialize', ws_file()]
                         log = study.train(run_dir, 'vit_tiny_patch14_dinov2', s_kwargs, target(n), epochs, seed, blr,
                                           extra, input_size=size)
-                        return measurement(log, os.path.relpath(run_dir, out), args.device)
+                        return measurement(log, os.path.relpath(run_dir, out), study.ran_on)
                     teacher_file = None if name == 'random init' else dinov2_sha256
                     study.measured(run_fields(family, n, name, seed, epochs, blr, teacher_file_sha256=teacher_file),
                                    measure)
@@ -426,14 +428,18 @@ def run_fields(family, n, init, seed, epochs, blr, split='test', val_per_class=N
             'seed': seed, 'blr': blr, 'epochs': epochs, 'teacher_file_sha256': teacher_file_sha256}
 
 
-def measurement(log, run_dir, device):
-    """What a run measured (its final and best accuracy on its split), and where and with what it ran."""
+def ran_on(device):
+    """{'device': the GPU's name or 'cpu', 'code': the code version} of this process."""
     import torch
     import utils
     on_gpu = device.startswith('cuda') and torch.cuda.is_available()
+    return {'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version()}
+
+
+def measurement(log, run_dir, ran_on):
+    """What a run measured (its final and best accuracy on its split), and where and with what it ran."""
     return {'final_acc1': log[-1]['test_acc1'], 'best_acc1': max(r['test_acc1'] for r in log if 'test_acc1' in r),
-            'train_minutes': round(sum(r.get('epoch_seconds', 0) for r in log) / 60, 2),
-            'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version(),
+            'train_minutes': round(sum(r.get('epoch_seconds', 0) for r in log) / 60, 2), **ran_on,
             'run_dir': run_dir}
 
 
@@ -497,7 +503,6 @@ def provenance(runs, reused):
 
 
 def write_report(out, study, seconds, args, partial=False):
-    import torch
     import utils
     study.save()
     # the report: this call's runs, and those of earlier calls with the same settings (other parts of the study),
@@ -506,7 +511,6 @@ def write_report(out, study, seconds, args, partial=False):
     earlier = [r for r in study.earlier() if all(r.get(k) == v for k, v in settings.items())]
     lr_records = study.lr_records + [r for r in earlier if r['split'] == 'validation']
     records = study.records + [r for r in earlier if r['split'] == 'test']
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') and torch.cuda.is_available() else 'cpu'
     lines = ['# CIFAR-10 transfer study', '',
              f'Source task: {SOURCE}; target task: {TARGET}. Test acc@1 (%) on '
              + (f'{5 * args.per_class_test:,}' if args.per_class_test else 'all 5,000')
@@ -514,7 +518,7 @@ def write_report(out, study, seconds, args, partial=False):
              + (f', among the epochs evaluated: every {args.eval_freq} and the last' if args.eval_freq > 1 else '')
              + f'), mean ± std over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences '
              f'from random init (same seed: same data order and augmentation).', '',
-             f'Device: {device}; ' + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
+             f"Device: {study.ran_on['device']}; " + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
              f'wall time {seconds / 60:.1f} min.' + provenance(lr_records + records, len(study.used) + len(earlier))
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',

@@ -172,7 +172,7 @@ def test_measurement_takes_final_and_best_among_the_evaluated_epochs():
     import transfer_study
     log = [{'epoch': 0, 'epoch_seconds': 30}, {'epoch': 1, 'test_acc1': 40.0, 'epoch_seconds': 60},
            {'epoch': 2, 'epoch_seconds': 30}, {'epoch': 3, 'test_acc1': 38.0, 'epoch_seconds': 60}]
-    m = transfer_study.measurement(log, 'students/x', 'cpu')
+    m = transfer_study.measurement(log, 'students/x', transfer_study.ran_on('cpu'))
     assert (m['final_acc1'], m['best_acc1'], m['train_minutes'], m['device']) == (38.0, 40.0, 3.0, 'cpu')
     fields = transfer_study.run_fields('vit', 100, 'ws l1', 0, 4, 2e-3)
     settings = {'batch_size': 128, 'test_per_class': 1000, 'teacher_epochs': 100, 'source': None, 'eval_freq': 2,
