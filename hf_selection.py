@@ -6,7 +6,10 @@ tensor it comes from (layer selection), and which indices it keeps along each di
 selection, one consistent index set per width). The teacher's tensors are then read one at a time,
 and only the ones the student needs (a layer that layer selection drops is never read); each student
 tensor is written to its output shard as soon as it is produced. Memory stays near the largest teacher
-tensor, whatever the size of the model or of a shard.
+tensor, whatever the size of the model or of a shard. The paper's other variants (random selection without
+consistency, Section 3.2; L1 and magnitude pruning, Table 7; and l1_consistent) choose inside each tensor
+instead, from the whole teacher tensor (l1_consistent first reads the whole teacher once, a tensor at a time,
+to rank the hidden width).
 
 Supported families: LLaMA-style (llama, mistral, qwen2), GPT-2 and BERT. This module needs torch and
 safetensors only; transformers is not imported (configs are JSON).
@@ -28,9 +31,11 @@ import torch
 import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, byte_span, read_header, read_rows, rows_of
-from weight_selection import ElementSelector, _generator, explicit_layers, group_layers
+from weight_selection import (ELEMENT_SELECTIONS, ElementSelector, _generator, explicit_layers, group_layers,
+                              l1_norms, magnitude_squeeze, random_indices, top_l1)
 
-HF_ELEMENT_SELECTIONS = ('uniform', 'consecutive', 'random')
+# Element selections that choose some axis per tensor, from its key or its values (the rest: one index set per axis)
+TENSORWISE = ('random_inconsistent', 'l1', 'l1_consistent', 'magnitude')
 HEAD_SELECTIONS = ('auto', 'heads', 'dims')
 EXCLUDABLE = ('embed', 'attn', 'mlp', 'norm')
 
@@ -48,6 +53,7 @@ class Family:
     head: str             # the output embedding (tied to the input one unless tie_word_embeddings is false)
     attn_is_hidden: bool = False  # attention width = model width (GPT-2, BERT): per dimension, q, k, v take its set
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
+    weights_in_out: bool = False  # weights stored [in, out] (GPT-2's Conv1D): a neuron is a column
 
 
 _LLAMA_LAYER = {
@@ -87,7 +93,7 @@ GPT2 = Family(
         'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}.items()},
              'lm_head.weight': ('vocab', 'hidden'), **_GPT2_LAYER},
     rotary=False, embed=('wte.weight', 'transformer.wte.weight'), head='lm_head.weight', attn_is_hidden=True,
-    tied_default=True)
+    tied_default=True, weights_in_out=True)
 
 _BERT_LAYER = {
     'attention.self.query.weight': ('q', 'hidden'), 'attention.self.query.bias': ('q',),
@@ -238,13 +244,10 @@ def layer_map_for(selection):
 # Element selection: one index set per axis.
 
 class IndexChooser:
-    """Indices of t kept for s, as --element_selection prescribes: weight_selection's ElementSelector, limited
-    to the consistent modes that need no teacher tensors (one index set per (t, s))."""
+    """Indices of t kept for s under a consistent element selection (uniform, consecutive, random): weight_selection's
+    ElementSelector, whose index set depends on (t, s) only, so a width keeps the same indices in every tensor."""
 
     def __init__(self, mode, seed):
-        if mode not in HF_ELEMENT_SELECTIONS:
-            raise UserError(f"--element_selection {mode} is not supported for Hugging Face teachers; choose one of "
-                            f"{', '.join(HF_ELEMENT_SELECTIONS)}")
         self.selector = ElementSelector(mode, seed)
 
     def pick(self, t, s):
@@ -273,22 +276,139 @@ def head_selection(t, s, chooser):
     return [k * g_t + j for k in kv for j in within], kv
 
 
+def token_axes(s):
+    """Axes whose indices are tokens or positions: a student keeps the first ones, whatever the selection."""
+    return {'vocab': torch.arange(s.vocab), 'pos': torch.arange(s.positions)}
+
+
+def fused_qkv(q, kv, t):
+    """GPT-2's c_attn holds q, k and v side by side: their kept indices, offset into it."""
+    q_t, kv_t = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    return torch.cat([q, q_t + kv, q_t + kv_t + kv])
+
+
 def axis_indices(t, s, family, head_mode, chooser):
-    """{axis name: teacher indices kept} for every axis of the family."""
+    """{axis name: teacher indices kept} for every axis of the family (a consistent element selection)."""
     hidden = chooser.pick(t.hidden, s.hidden)
-    axes = {'hidden': hidden, 'inter': chooser.pick(t.inter, s.inter), 'vocab': torch.arange(s.vocab),
-            'pos': torch.arange(s.positions)}  # fewer positions: the first ones
+    axes = {'hidden': hidden, 'inter': chooser.pick(t.inter, s.inter), **token_axes(s)}
     if head_mode == 'heads':
         q_heads, kv_heads = head_selection(t, s, chooser)
         axes['q'], axes['kv'] = expand_heads(q_heads, t.head_dim), expand_heads(kv_heads, t.head_dim)
-    elif family.attn_is_hidden:  # GPT-2, BERT: attention width = model width, so q, k, v each take its index set
+    elif family.attn_is_hidden:  # GPT-2, BERT: attention width = model width, so q, k, v each take its set
         axes['q'] = axes['kv'] = hidden
     else:
         axes['q'] = chooser.pick(t.heads * t.head_dim, s.heads * s.head_dim)
         axes['kv'] = chooser.pick(t.kv_heads * t.head_dim, s.kv_heads * s.head_dim)
-    q_t, kv_t = t.heads * t.head_dim, t.kv_heads * t.head_dim
-    axes['qkv'] = torch.cat([axes['q'], q_t + axes['kv'], q_t + kv_t + axes['kv']])  # GPT-2's fused c_attn
+    axes['qkv'] = fused_qkv(axes['q'], axes['kv'], t)
     return axes
+
+
+# ----------------------------------------------------------------------------------------------
+# Element selections that look at one tensor at a time (the paper's ablations): every axis not fixed for all
+# tensors is chosen inside each tensor, from its values (l1, magnitude) or its key (random_inconsistent),
+# as weight_selection's ElementSelector does for timm models.
+
+def hidden_l1_scores(teacher, family, t):
+    """l1_consistent: each hidden index's summed L1 norm over every teacher tensor's slices along the hidden width
+    (along q, k and v too where the attention width is the hidden width). One pass over the whole teacher,
+    a tensor at a time."""
+    widths = {'hidden', 'q', 'kv', 'qkv'} if family.attn_is_hidden else {'hidden'}
+    scores = torch.zeros(t.hidden, dtype=torch.float64)
+    for key in teacher.in_file_order():
+        if DROPPED.search(key):
+            continue
+        names = family.tensors[student_keys(key, family, [])[1]]
+        tensor = teacher.read(key, [None] * len(names))
+        for dim, name in enumerate(names):
+            if name in widths:  # a fused qkv counts q, k and v, each a slice of the hidden width
+                for part in tensor.split(t.hidden, dim):
+                    scores += l1_norms(part, dim)
+    return scores
+
+
+def tensorwise_axes(t, s, family, mode, teacher):
+    """The axes fixed for every tensor under a tensorwise selection: tokens and positions (the first ones) and,
+    for l1_consistent, the hidden width ranked over the whole teacher (Section 3.2's consistency)."""
+    axes = token_axes(s)
+    if mode == 'l1_consistent':
+        axes['hidden'] = hidden_l1_scores(teacher, family, t).topk(s.hidden).indices.sort().values
+        if family.attn_is_hidden:
+            axes['q'] = axes['kv'] = axes['hidden']
+            axes['qkv'] = fused_qkv(axes['q'], axes['kv'], t)
+    return axes
+
+
+class TensorwiseSelector:
+    """Makes a student tensor from its whole teacher tensor under random_inconsistent, l1, l1_consistent or
+    magnitude, as weight_selection's ElementSelector does for timm models:
+      - random_inconsistent: a fresh random index set per student tensor and dimension;
+      - l1: every dimension ranked by the tensor's own slice L1 norms, except that a bias keeps the output
+        neurons its weight keeps (Table 7's L1 pruning);
+      - l1_consistent: the hidden width ranked over the whole teacher, other widths per tensor;
+      - magnitude: the tensor's largest-magnitude weights in their order, squeezed into the student's shape.
+    A fused qkv is three tensors (q, k, v) for the per-tensor modes. Token and position rows stay themselves:
+    the first ones are kept, and magnitude squeezes each row on its own (a token's row holds only its values)."""
+
+    def __init__(self, mode, seed, family, t, s, fixed):
+        self.mode, self.seed, self.family, self.fixed = mode, seed, family, fixed
+        self.t_parts = [t.heads * t.head_dim, t.kv_heads * t.head_dim, t.kv_heads * t.head_dim]
+        self.s_parts = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+
+    def __call__(self, p, teacher):
+        tensor = teacher.read(p.source, [None] * len(p.names))
+        anchor = self.anchor(p, teacher)
+        if 'qkv' not in p.names or self.mode == 'magnitude':  # magnitude squeezes a fused qkv whole, as timm's
+            return self.select(tensor, p.names, p.shape, p.key, anchor)
+        dim = p.names.index('qkv')
+        anchors = [None] * 3 if anchor is None else anchor.split(self.t_parts, 0)
+        parts = []
+        for i, (part, name, size) in enumerate(zip(tensor.split(self.t_parts, dim), ('q', 'kv', 'kv'), self.s_parts)):
+            names, shape = list(p.names), list(p.shape)
+            names[dim], shape[dim] = name, size
+            parts.append(self.select(part, names, shape, f'{p.key}[{i}]', anchors[i]))
+        return torch.cat(parts, dim)
+
+    def anchor(self, p, teacher):
+        """Under l1, the teacher weight (output neurons first) whose neurons the bias p belongs to, else None."""
+        if self.mode != 'l1' or len(p.shape) != 1 or not p.source.endswith('.bias'):
+            return None
+        weight = p.source[:-len('bias')] + 'weight'
+        if weight not in teacher.header:
+            return None
+        value = teacher.read(weight, [None] * len(teacher.header[weight][1]))
+        return value.t() if self.family.weights_in_out and value.ndim == 2 else value
+
+    def select(self, tensor, names, shape, key, anchor):
+        if self.mode == 'magnitude':
+            return self.magnitude(tensor, names, shape)
+        out = tensor
+        for dim, (name, s) in enumerate(zip(names, shape)):
+            idx = self.indices(tensor, dim, name, s, key, anchor)
+            if idx is not None:
+                out = take(out, dim, idx)
+        return out
+
+    def indices(self, tensor, dim, name, s, key, anchor):
+        t = tensor.shape[dim]
+        if name in self.fixed:
+            return self.fixed[name]
+        if name == 'same' or t == s:
+            return None
+        if self.mode == 'random_inconsistent':
+            return random_indices(t, s, _generator(self.seed, key, dim))
+        if dim == 0 and anchor is not None and anchor.shape[0] == t:
+            return top_l1(anchor, 0, s)  # a bias follows its weight's neurons
+        return top_l1(tensor, dim, s)
+
+    def magnitude(self, tensor, names, shape):
+        if names[0] not in ('vocab', 'pos', 'same'):
+            return magnitude_squeeze(tensor, shape)
+        if names[0] in self.fixed:
+            tensor = take(tensor, 0, self.fixed[names[0]])
+        if tuple(tensor.shape) == tuple(shape):
+            return tensor
+        keep = tensor.float().abs().topk(shape[1], dim=1).indices.sort(dim=1).values  # per row (2-D tensors only)
+        return tensor.gather(1, keep)
 
 
 def check_not_wider(t, s):
@@ -320,6 +440,10 @@ class TeacherShards:
             for key, info in read_header(os.path.join(folder, name)).items():
                 self.where[key], self.header[key] = name, info
         self.fds, self.bytes_read, self.keys_read = {}, 0, []
+
+    def in_file_order(self):
+        """Every key, shard by shard and by offset inside each: reads then go forward through the files."""
+        return sorted(self.header, key=lambda k: (self.where[k], self.header[k][2][0]))
 
     def file(self, name):
         if name not in self.fds:
@@ -409,6 +533,8 @@ class Planned:
     dtype: str               # safetensors dtype, the teacher's
     teacher_shape: tuple = ()
     indices: list = field(default_factory=list)  # per dimension: teacher indices kept, or None for all
+    names: tuple = ()        # per dimension: its axis ('hidden', 'inter', 'q', ..., or 'same')
+    tensorwise: bool = False  # indices chosen inside the tensor when it is made (TensorwiseSelector)
 
     @property
     def nbytes(self):
@@ -439,32 +565,36 @@ def student_keys(key, family, layer_map):
     return [f'{prefix}.{j}.{rest}' for j, i in enumerate(layer_map) if i == layer], rest
 
 
-def teacher_axis_sizes(t):
-    q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
-    return {'hidden': t.hidden, 'inter': t.inter, 'vocab': t.vocab, 'pos': t.positions, 'q': q, 'kv': kv,
+def axis_sizes(w):
+    """{axis name: size} of a model's Widths."""
+    q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
+    return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
             'qkv': q + 2 * kv}
 
 
-def plan_one(s_key, t_key, kind, teacher, family, t, axes, excluded):
+def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
+    """A student tensor's plan. `axes`: the teacher indices kept along each axis, the same in every tensor; None
+    under a tensorwise selection, where the whole teacher tensor is read and TensorwiseSelector chooses."""
     dtype, t_shape, _ = teacher.header[t_key]
     names = family.tensors[kind]
-    sizes = teacher_axis_sizes(t)
-    expected = tuple(n if a == 'same' else sizes[a] for a, n in zip(names, t_shape))
+    t_sizes, s_sizes = axis_sizes(t), axis_sizes(s)
+    expected = tuple(n if a == 'same' else t_sizes[a] for a, n in zip(names, t_shape))
     if t_shape != expected or len(t_shape) != len(names):
         raise UserError(f"teacher tensor '{t_key}' has shape {t_shape}, its config.json implies {expected}; "
                         f'the checkpoint does not match its config')
-    shape = tuple(n if a == 'same' else len(axes[a]) for a, n in zip(names, t_shape))
+    shape = tuple(n if a == 'same' else s_sizes[a] for a, n in zip(names, t_shape))
     if excluded:
-        return Planned(s_key, None, shape, dtype, t_shape)
+        return Planned(s_key, None, shape, dtype, t_shape, names=names)
+    if axes is None:
+        return Planned(s_key, t_key, shape, dtype, t_shape, [None] * len(names), names, tensorwise=True)
     indices = [None if a == 'same' or len(axes[a]) == n else axes[a] for a, n in zip(names, t_shape)]
-    return Planned(s_key, t_key, shape, dtype, t_shape, indices)
+    return Planned(s_key, t_key, shape, dtype, t_shape, indices, names)
 
 
-def plan_tensors(teacher, family, t, axes, layer_map, tied, exclude):
+def plan_tensors(teacher, family, t, s, axes, layer_map, tied, exclude):
     """Planned student tensors in the teacher's file order (reads go forward through each shard)."""
-    order = sorted(teacher.header, key=lambda k: (teacher.where[k], teacher.header[k][2][0]))
     planned, embed_key, embed_kind = [], None, None
-    for t_key in order:
+    for t_key in teacher.in_file_order():
         if DROPPED.search(t_key):
             continue
         s_keys, kind = student_keys(t_key, family, layer_map)
@@ -473,17 +603,21 @@ def plan_tensors(teacher, family, t, axes, layer_map, tied, exclude):
         if kind == family.head and tied:
             continue  # a tied student shares the embedding
         for s_key in s_keys:
-            planned.append(plan_one(s_key, t_key, kind, teacher, family, t, axes,
+            planned.append(plan_one(s_key, t_key, kind, teacher, family, t, s, axes,
                                     component_of(s_key) in exclude))
     if not tied and not any(p.key == family.head for p in planned) and embed_key is not None:
         # an untied student of a tied teacher: its output layer starts as the shared embedding
-        planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, axes, 'embed' in exclude))
+        planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, s, axes,
+                                'embed' in exclude))
     return planned
 
 
-def produce(p, teacher, std, seed):
-    """The student tensor of a plan: the teacher's kept elements, or a fresh init when excluded
-    (as transformers initializes these models: norms 1, biases 0, weights N(0, initializer_range))."""
+def produce(p, teacher, std, seed, selector):
+    """The student tensor of a plan: the teacher's kept elements (chosen inside the tensor by the
+    TensorwiseSelector `selector` when the plan is tensorwise), or a fresh init when excluded (as
+    transformers initializes these models: norms 1, biases 0, weights N(0, initializer_range))."""
+    if p.source is not None and p.tensorwise:
+        return selector(p, teacher).contiguous()
     if p.source is not None:
         return teacher.read(p.source, p.indices).contiguous()
     if p.key.endswith('.bias'):
@@ -652,7 +786,12 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     if head_selection not in HEAD_SELECTIONS:
         raise UserError(f"--head_selection {head_selection}: choose one of {', '.join(HEAD_SELECTIONS)}")
     max_bytes = parse_size(max_shard_size)
-    chooser = IndexChooser(element_selection, seed)
+    if element_selection not in ELEMENT_SELECTIONS:
+        raise UserError(f"--element_selection {element_selection}: choose one of {', '.join(ELEMENT_SELECTIONS)}")
+    tensorwise = element_selection in TENSORWISE
+    if tensorwise and head_selection == 'heads':
+        raise UserError(f'--head_selection heads keeps the same whole heads in every tensor, but --element_selection '
+                        f'{element_selection} chooses inside each tensor; pass --head_selection dims (or auto)')
     folder = resolve_teacher(teacher)
     t_cfg = read_config(folder)
     family = family_of(t_cfg, os.path.join(folder, 'config.json'))
@@ -661,38 +800,45 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     s_cfg, layer_map = student_config(t_cfg, t, overrides, family, layer_map_for(layer_selection))
     s = widths_of(s_cfg, family, 'student')
     check_not_wider(t, s)
-    head_mode = head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
-    axes = axis_indices(t, s, family, head_mode, chooser)
+    head_mode = 'dims' if tensorwise else \
+        head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
+    axes = None if tensorwise else axis_indices(t, s, family, head_mode, IndexChooser(element_selection, seed))
     shards = TeacherShards(folder)
-    planned = plan_tensors(shards, family, t, axes, layer_map, s_cfg.get('tie_word_embeddings', family.tied_default),
-                           set(exclude))
-    report = {'meta': {
-        'teacher': teacher, 'teacher_folder': os.path.abspath(folder), 'family': family.name,
-        'student_config': s_cfg, 'student_overrides': overrides,
-        'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
-                     'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
-        'layer_map': layer_map, 'versions': utils.versions(('safetensors',))}}
-    if head_mode == 'heads':  # which teacher heads the student's heads are, in order
-        report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
-                                   'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}
-    report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source, 'teacher_shape': list(p.teacher_shape),
-                                 'shape': list(p.shape)} for p in planned}
     try:
-        write_output(output, s_cfg, planned, shards, max_bytes, seed, report)
+        planned = plan_tensors(shards, family, t, s, axes, layer_map,
+                               s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude))
+        chooser = None
+        if tensorwise:  # after the plan, which checks every teacher shape against the config
+            chooser = TensorwiseSelector(element_selection, seed, family, t, s,
+                                         tensorwise_axes(t, s, family, element_selection, shards))
+        report = {'meta': {
+            'teacher': teacher, 'teacher_folder': os.path.abspath(folder), 'family': family.name,
+            'student_config': s_cfg, 'student_overrides': overrides,
+            'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
+                         'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
+            'layer_map': layer_map, 'versions': utils.versions(('safetensors',))}}
+        if head_mode == 'heads':  # which teacher heads the student's heads are, in order
+            report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
+                                       'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}
+        report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source,
+                                     'teacher_shape': list(p.teacher_shape), 'shape': list(p.shape)}
+                             for p in planned}
+        write_output(output, s_cfg, planned, lambda p, std: produce(p, shards, std, seed, chooser), shards,
+                     max_bytes, report)
     finally:
         shards.close()
     report['keys_read'] = shards.keys_read
     return report
 
 
-def write_output(output, s_cfg, planned, shards, max_bytes, seed, report):
+def write_output(output, s_cfg, planned, make, shards, max_bytes, report):
     """The student folder, written under a temporary name beside `output` and renamed when complete."""
     tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(os.path.abspath(output)) + '-',
                            dir=os.path.dirname(os.path.abspath(output)))
     try:
         write_json(os.path.join(tmp, 'config.json'), s_cfg)
         std = s_cfg.get('initializer_range', 0.02)
-        ahead = ReadAhead(planned, lambda p: produce(p, shards, std, seed), shards.will_need)
+        ahead = ReadAhead(planned, lambda p: make(p, std), shards.will_need)
         try:
             report['meta']['files'] = write_student(tmp, planned, max_bytes, ahead)
         finally:

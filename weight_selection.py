@@ -228,9 +228,10 @@ NEURON_PARTS = ('.bias', '.running_mean', '.running_var')
 
 
 def l1_norms(tensor, dim):
-    """L1 norm of every slice of `tensor` along `dim` (float64)."""
+    """L1 norm of every slice of `tensor` along `dim`, summed in float64 (without a float64 copy of the tensor:
+    a Hugging Face embedding can hold a billion weights)."""
     other = [d for d in range(tensor.ndim) if d != dim]
-    return tensor.abs().double().sum(dim=other) if other else tensor.abs().double()
+    return tensor.abs().sum(dim=other, dtype=torch.float64) if other else tensor.abs().double()
 
 
 def top_l1(tensor, dim, s):
@@ -544,7 +545,8 @@ def get_args_parser():
                     help='JSON overrides of the teacher\'s config, e.g. {"hidden_size": 1024, "num_hidden_layers": 8}, '
                          'or a config.json file; --output is then a folder')
     hf.add_argument('--head_selection', default='auto', choices=('auto', 'heads', 'dims'),
-                    help='attention: whole heads (GQA groups intact) or per dimension; auto: heads for rotary models')
+                    help='attention: whole heads (GQA groups intact) or per dimension; auto: heads for rotary models '
+                         '(dims for the per-tensor element selections)')
     hf.add_argument('--max_shard_size', default='5GB', help='largest output shard, e.g. 5GB, 500MB')
     official = p.add_argument_group("the official release's interface")
     official.add_argument('--model_type', choices=sorted(OFFICIAL), default=None,

@@ -160,13 +160,14 @@ def timed_read(paths):
             'peak_rss_anon': mem.peak, 'loadavg': load_average()}
 
 
-def timed_select(paths, teacher, overrides, student, layer_selection):
+def timed_select(paths, teacher, overrides, student, layer_selection, element_selection):
     evict(paths)
     shutil.rmtree(student, ignore_errors=True)
     baseline = PeakRssAnon().read()
     start, io0 = time.time(), io_read_bytes()
     with PeakRssAnon() as mem:
-        report = hf_selection.select_hf(teacher, overrides, student, layer_selection=layer_selection)
+        report = hf_selection.select_hf(teacher, overrides, student, layer_selection=layer_selection,
+                                        element_selection=element_selection)
     out = {'s': round(time.time() - start, 2), 'bytes_requested': report['meta']['teacher_bytes_read'],
            'disk_bytes': io_read_bytes() - io0, 'peak_rss_anon': mem.peak, 'rss_anon_before': baseline,
            'student_bytes': sum(os.path.getsize(p) for p in shard_paths(student)), 'loadavg': load_average(),
@@ -193,10 +194,11 @@ def bench_hf(args):
     reads, selections = [], []
     for _ in range(args.repeat):
         reads.append(timed_read(paths))
-        selections.append(timed_select(paths, teacher, s_over, student, args.layer_selection))
+        selections.append(timed_select(paths, teacher, s_over, student, args.layer_selection, args.element_selection))
     if args.delete_teacher:
         shutil.rmtree(teacher)
     return {'path': 'hf', 'size': args.size, 'teacher_config': t_cfg, 'student_overrides': s_over,
+            'element_selection': args.element_selection,
             'teacher_made_s': round(made_s, 1) if made else None, 'sequential_reads': reads, 'selections': selections,
             'select_over_read': [round(s['s'] / r['s'], 2) for r, s in zip(reads, selections)]}
 
@@ -234,6 +236,7 @@ def main():
     p.add_argument('--cache', required=True, help='folder for the synthetic teacher (kept unless --delete_teacher)')
     p.add_argument('--size', choices=sorted(SIZES), default='7b')
     p.add_argument('--layer_selection', default='uniform')
+    p.add_argument('--element_selection', default='uniform', help='any of weight_selection.py\'s (l1, magnitude, ...)')
     p.add_argument('--delete_teacher', action='store_true', help='remove the synthetic teacher afterwards')
     p.add_argument('--repeat', type=int, default=1, help='alternate read and selection this many times')
     p.add_argument('--vit', action='store_true', help='also the timm path on a random ViT-L (.safetensors)')

@@ -304,7 +304,8 @@ def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, over
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    ({'element_selection': 'l1'}, 'l1 is not supported for Hugging Face teachers'),
+    ({'element_selection': 'l2'}, '--element_selection l2: choose one of uniform, consecutive'),
+    ({'element_selection': 'l1', 'head_selection': 'heads'}, 'l1 chooses inside each tensor; pass --head_selection dims'),
     ({'exclude': ['patch_embed']}, "unknown component to exclude 'patch_embed'; choose from embed, attn, mlp, norm"),
     ({'max_shard_size': 'lots'}, 'write a size such as 5GB'),
     ({'layer_selection': '0,9,1'}, r"for 'layers' must list 3 teacher blocks in 0\.\.5, got 0,9,1"),
@@ -448,6 +449,96 @@ def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
     assert selected(s, t, 'transformer.h.0.attn.c_proj.weight', heads, EVEN16)
 
 
+# ---------------------------------------------------------------------------------------------- tensorwise modes
+
+def top_l1(tensor, dim, s):
+    """The s slices along dim with the largest L1 norms, in order (written here, apart from the selector)."""
+    other = [d for d in range(tensor.ndim) if d != dim]
+    norms = tensor.double().abs().sum(dim=other) if other else tensor.double().abs()
+    return sorted(norms.topk(s).indices.tolist())
+
+
+@pytest.mark.parametrize('mode', ['random_inconsistent', 'l1', 'magnitude'])
+def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, mode):
+    """Each student tensor is what weight_selection's ElementSelector makes of its teacher tensor (the timm path),
+    except that under magnitude a token's embedding row keeps only its own values."""
+    folder, t = llama
+    report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), layer_selection='uniform',
+                                    element_selection=mode, seed=5)
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert report['meta']['settings']['head_selection'] == 'dims'
+    selector = weight_selection.ElementSelector(mode, 5, t)
+    for key, value in s.items():
+        source = report['tensors'][key]['source']
+        if mode == 'magnitude' and key in ('model.embed_tokens.weight', 'lm_head.weight'):
+            keep = t[source].abs().topk(16, dim=1).indices.sort(dim=1).values
+            expected = torch.stack([row[k] for row, k in zip(t[source], keep)])
+        else:
+            expected = selector.select(t[source], value.shape, key, source)
+        assert torch.equal(value, expected), key
+    # l1 and magnitude read whole tensors, and still only those of the layers kept (0, 2, 4)
+    assert not [k for k in report['keys_read'] if k.startswith(('model.layers.1.', 'model.layers.3.'))]
+    assert not torch.equal(s['model.layers.0.mlp.up_proj.weight'],
+                           pick(t['model.layers.0.mlp.up_proj.weight'], INTER_48_20, EVEN16))
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt2_l1_prunes_each_tensor_and_biases_follow_their_neurons(gpt2, tmp_path):
+    """Table 7's L1 pruning on GPT-2's [in, out] Conv1D weights: a neuron is a column; q, k and v of the fused
+    c_attn are three tensors; a bias (and a LayerNorm's bias) keeps the neurons of its weight."""
+    folder, t = gpt2
+    hf_selection.select_hf(folder, dict(n_embd=16, n_head=2, n_layer=2), str(tmp_path / 's'), element_selection='l1')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    for layer in range(2):
+        src = dst = f'transformer.h.{layer}.'
+        w = t[src + 'attn.c_attn.weight']
+        parts = [w[:, 32 * i:32 * (i + 1)] for i in range(3)]
+        assert torch.equal(s[dst + 'attn.c_attn.weight'],
+                           torch.cat([pick(p, top_l1(p, 0, 16), top_l1(p, 1, 16)) for p in parts], 1))
+        assert torch.equal(s[dst + 'attn.c_attn.bias'], torch.cat([
+            t[src + 'attn.c_attn.bias'][32 * i:32 * (i + 1)][top_l1(p, 1, 16)] for i, p in enumerate(parts)]))
+        for name, out in [('attn.c_proj', 16), ('mlp.c_fc', 64), ('mlp.c_proj', 16)]:
+            w = t[src + name + '.weight']
+            assert selected(s, t, dst + name + '.weight', top_l1(w, 0, w.shape[0] // 2), top_l1(w, 1, out)), name
+            assert selected(s, t, dst + name + '.bias', top_l1(w, 1, out)), name
+        for ln in ('ln_1', 'ln_2'):
+            keep = top_l1(t[src + ln + '.weight'], 0, 16)
+            assert selected(s, t, dst + ln + '.weight', keep) and selected(s, t, dst + ln + '.bias', keep)
+    for key in ('transformer.wte.weight', 'transformer.wpe.weight'):
+        assert selected(s, t, key, None, top_l1(t[key], 1, 16)), key
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt2_l1_consistent_ranks_the_hidden_width_over_the_whole_teacher(gpt2, tmp_path):
+    """One hidden index set, by the summed L1 norms of every teacher slice along a width of 32 (the hidden width,
+    and q, k and v of c_attn); the MLP width is ranked in each tensor on its own."""
+    from safetensors.torch import load_file
+    folder, t = gpt2
+    stored = {}
+    for name in os.listdir(folder):
+        if name.endswith('.safetensors'):
+            stored.update(load_file(os.path.join(folder, name)))
+    scores = torch.zeros(32, dtype=torch.float64)
+    for key, value in stored.items():
+        for dim, size in enumerate(value.shape):
+            if size in (32, 96):
+                for part in value.split(32, dim):
+                    other = [d for d in range(value.ndim) if d != dim]
+                    scores += part.double().abs().sum(dim=other) if other else part.double().abs()
+    h = sorted(scores.topk(16).indices.tolist())
+    hf_selection.select_hf(folder, dict(n_embd=16, n_head=2, n_layer=1), str(tmp_path / 's'),
+                           element_selection='l1_consistent')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    p = 'transformer.h.0.'
+    assert selected(s, t, 'transformer.ln_f.weight', h) and selected(s, t, 'transformer.wte.weight', None, h)
+    assert selected(s, t, p + 'attn.c_attn.weight', h, h + [32 + i for i in h] + [64 + i for i in h])
+    assert selected(s, t, p + 'attn.c_proj.weight', h, h)
+    assert selected(s, t, p + 'mlp.c_fc.weight', h, top_l1(t[p + 'mlp.c_fc.weight'], 1, 64))
+    assert selected(s, t, p + 'mlp.c_fc.bias', top_l1(t[p + 'mlp.c_fc.bias'], 0, 64))
+    assert selected(s, t, p + 'mlp.c_proj.weight', top_l1(t[p + 'mlp.c_proj.weight'], 0, 64), h)
+    assert h != EVEN16
+
+
 # ---------------------------------------------------------------------------------------------- BERT
 
 @pytest.fixture(scope='module')
@@ -497,3 +588,23 @@ def test_bert_same_width_shallower_is_the_truncated_teacher(bert, tmp_path):
     with torch.no_grad():
         got, want = load_strict(str(tmp_path / 's'), transformers.AutoModelForMaskedLM)(ids).logits, teacher(ids).logits
     assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize('mode', hf_selection.TENSORWISE)
+def test_bert_tensorwise_modes_load_and_keep_tokens_and_positions(bert, tmp_path, mode):
+    folder, t = bert
+    student = dict(hidden_size=16, num_attention_heads=2, intermediate_size=20, num_hidden_layers=2,
+                   max_position_embeddings=24)
+    hf_selection.select_hf(folder, student, str(tmp_path / 's'), element_selection=mode)
+    model = load_strict(str(tmp_path / 's'), transformers.AutoModelForMaskedLM)
+    s = model.state_dict()
+    assert torch.isfinite(model(torch.tensor([[2, 7, 9, 3]])).logits).all()
+    assert torch.equal(s['cls.predictions.bias'], t['cls.predictions.bias'])  # a bias per token: all kept
+    if mode == 'l1':  # Linear weights [out, in]: a bias keeps its weight's rows; positions: the first 24
+        for name, kept in [('bert.encoder.layer.1.attention.self.query', 16),
+                           ('bert.encoder.layer.0.intermediate.dense', 20)]:
+            assert selected(s, t, name + '.bias', top_l1(t[name + '.weight'], 0, kept)), name
+        pos = t['bert.embeddings.position_embeddings.weight']
+        assert selected(s, t, 'bert.embeddings.position_embeddings.weight', list(range(24)), top_l1(pos, 1, 16))
+        types = t['bert.embeddings.token_type_embeddings.weight']
+        assert selected(s, t, 'bert.embeddings.token_type_embeddings.weight', None, top_l1(types, 1, 16))
