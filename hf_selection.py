@@ -31,8 +31,8 @@ import torch
 import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, byte_span, read_header, read_rows, rows_of
-from weight_selection import (ELEMENT_SELECTIONS, ElementSelector, _generator, explicit_layers, group_layers,
-                              l1_norms, magnitude_squeeze, random_indices, top_l1)
+from weight_selection import (BLOCK_ELEMENTS, ELEMENT_SELECTIONS, ElementSelector, _generator, explicit_layers,
+                              group_layers, l1_norms, magnitude_squeeze, random_indices, top_l1)
 
 # Element selections that choose some axis per tensor, from its key or its values (the rest: one index set per axis)
 TENSORWISE = ('random_inconsistent', 'l1', 'l1_consistent', 'magnitude')
@@ -407,8 +407,10 @@ class TensorwiseSelector:
             tensor = take(tensor, 0, self.fixed[names[0]])
         if tuple(tensor.shape) == tuple(shape):
             return tensor
-        keep = tensor.float().abs().topk(shape[1], dim=1).indices.sort(dim=1).values  # per row (2-D tensors only)
-        return tensor.gather(1, keep)
+        rows = []  # each row squeezed on its own (2-D tensors only), a block of rows at a time
+        for block in tensor.split(max(1, BLOCK_ELEMENTS // tensor.shape[1])):
+            rows.append(block.gather(1, block.abs().topk(shape[1], dim=1).indices.sort(dim=1).values))
+        return torch.cat(rows)
 
 
 def check_not_wider(t, s):

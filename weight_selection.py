@@ -227,11 +227,17 @@ class ElementSelector:
 NEURON_PARTS = ('.bias', '.running_mean', '.running_var')
 
 
+BLOCK_ELEMENTS = 2 ** 22  # elements reduced at a time: temporaries (float64 sums, topk) stay block-sized
+
+
 def l1_norms(tensor, dim):
-    """L1 norm of every slice of `tensor` along `dim`, summed in float64 (without a float64 copy of the tensor:
-    a Hugging Face embedding can hold a billion weights)."""
+    """L1 norm of every slice of `tensor` along `dim`, summed in float64 over blocks of its first dimension."""
     other = [d for d in range(tensor.ndim) if d != dim]
-    return tensor.abs().sum(dim=other, dtype=torch.float64) if other else tensor.abs().double()
+    if not other:
+        return tensor.abs().double()
+    blocks = tensor.split(max(1, BLOCK_ELEMENTS // max(1, tensor[0].numel())))
+    sums = [block.abs().sum(dim=other, dtype=torch.float64) for block in blocks]
+    return torch.cat(sums) if dim == 0 else torch.stack(sums).sum(0)
 
 
 def top_l1(tensor, dim, s):

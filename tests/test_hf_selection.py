@@ -459,10 +459,12 @@ def top_l1(tensor, dim, s):
 
 
 @pytest.mark.parametrize('mode', ['random_inconsistent', 'l1', 'magnitude'])
-def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, mode):
+def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, monkeypatch, mode):
     """Each student tensor is what weight_selection's ElementSelector makes of its teacher tensor (the timm path),
-    except that under magnitude a token's embedding row keeps only its own values."""
+    except that under magnitude a token's embedding row keeps only its own values (squeezed here a row or two
+    at a time: BLOCK_ELEMENTS 40 over rows of 32)."""
     folder, t = llama
+    monkeypatch.setattr(hf_selection, 'BLOCK_ELEMENTS', 40)
     report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), layer_selection='uniform',
                                     element_selection=mode, seed=5)
     s = load_strict(str(tmp_path / 's')).state_dict()

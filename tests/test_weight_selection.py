@@ -52,6 +52,18 @@ def test_consecutive_random_l1_magnitude_indices():
     assert ws.ElementSelector('l1', 0, {}).select(w, (2, 2), 'w').tolist() == [[-5., 2.], [0., -4.]]
 
 
+@pytest.mark.parametrize('shape,dim', [((7, 5), 0), ((7, 5), 1), ((3, 4, 5, 2), 0), ((3, 4, 5, 2), 2), ((9,), 0)])
+def test_l1_norms_summed_over_blocks_equal_the_whole_sums(monkeypatch, shape, dim):
+    """l1_norms reduces a few rows at a time (BLOCK_ELEMENTS) so that a big Hugging Face tensor gets no float64
+    copy; blocks of one or two rows must give the slice norms of the whole tensor."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    other = [d for d in range(w.ndim) if d != dim]
+    expected = w.double().abs().sum(dim=other) if other else w.double().abs()
+    for block in (1, 11, 10 ** 6):
+        monkeypatch.setattr(ws, 'BLOCK_ELEMENTS', block)
+        assert torch.allclose(ws.l1_norms(w, dim), expected, rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 
 @pytest.mark.parametrize('mode,expected', [
