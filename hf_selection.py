@@ -32,7 +32,7 @@ import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, byte_span, read_header, read_rows, rows_of
 from weight_selection import (BLOCK_ELEMENTS, ELEMENT_SELECTIONS, ElementSelector, _generator, explicit_layers,
-                              group_layers, l1_norms, magnitude_squeeze, random_indices, top_l1)
+                              group_layers, l1_norms, magnitude_squeeze, magnitudes, random_indices, top_l1)
 
 # Element selections that choose some axis per tensor, from its key or its values (the rest: one index set per axis)
 TENSORWISE = ('random_inconsistent', 'l1', 'l1_consistent', 'magnitude')
@@ -308,34 +308,46 @@ def axis_indices(t, s, family, head_mode, chooser):
 # tensors is chosen inside each tensor, from its values (l1, magnitude) or its key (random_inconsistent),
 # as weight_selection's ElementSelector does for timm models.
 
+def ranked_widths(t):
+    """The axes l1_consistent ranks together: the hidden width and, as the timm path ranks by size, an attention
+    width of the same size (always in GPT-2 and BERT; in LLaMA-style models when heads x head_dim = hidden)."""
+    sizes = axis_sizes(t)
+    return {'hidden'} | {a for a in ('q', 'kv') if sizes[a] == t.hidden}
+
+
 def hidden_l1_scores(teacher, family, t):
-    """l1_consistent: each hidden index's summed L1 norm over every teacher tensor's slices along the hidden width
-    (along q, k and v too where the attention width is the hidden width). One pass over the whole teacher,
-    a tensor at a time."""
-    widths = {'hidden', 'q', 'kv', 'qkv'} if family.attn_is_hidden else {'hidden'}
+    """l1_consistent: each hidden index's summed L1 norm over every teacher tensor's slices along the ranked widths
+    (q, k and v of a fused qkv each counted as one). One pass over the whole teacher, a tensor at a time."""
+    ranked, sizes = ranked_widths(t), axis_sizes(t)
     scores = torch.zeros(t.hidden, dtype=torch.float64)
     for key in teacher.in_file_order():
         if DROPPED.search(key):
             continue
-        names = family.tensors[student_keys(key, family, [])[1]]
+        names = family.tensors[kind_of(key, family)]
         tensor = teacher.read(key, [None] * len(names))
         for dim, name in enumerate(names):
-            if name in widths:  # a fused qkv counts q, k and v, each a slice of the hidden width
-                for part in tensor.split(t.hidden, dim):
+            parts = zip(tensor.split([sizes['q'], sizes['kv'], sizes['kv']], dim), ('q', 'kv', 'kv')) \
+                if name == 'qkv' else [(tensor, name)]
+            for part, part_name in parts:
+                if part_name in ranked:
                     scores += l1_norms(part, dim)
     return scores
 
 
 def tensorwise_axes(t, s, family, mode, teacher):
     """The axes fixed for every tensor under a tensorwise selection: tokens and positions (the first ones) and,
-    for l1_consistent, the hidden width ranked over the whole teacher (Section 3.2's consistency)."""
+    for l1_consistent, the ranked widths (their top indices by the whole teacher's L1 sums, Section 3.2's
+    consistency)."""
     axes = token_axes(s)
     if mode == 'l1_consistent':
-        axes['hidden'] = hidden_l1_scores(teacher, family, t).topk(s.hidden).indices.sort().values
-        if family.attn_is_hidden:
-            axes['q'] = axes['kv'] = axes['hidden']
-            axes['qkv'] = fused_qkv(axes['q'], axes['kv'], t)
+        scores, s_sizes = hidden_l1_scores(teacher, family, t), axis_sizes(s)
+        for name in ranked_widths(t):
+            axes[name] = scores.topk(s_sizes[name]).indices.sort().values
     return axes
+
+
+ROW_AXES = ('vocab', 'pos', 'same')  # a row is one token, position or output: it stays itself
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class TensorwiseSelector:
@@ -344,10 +356,12 @@ class TensorwiseSelector:
       - random_inconsistent: a fresh random index set per student tensor and dimension;
       - l1: every dimension ranked by the tensor's own slice L1 norms, except that a bias keeps the output
         neurons its weight keeps (Table 7's L1 pruning);
-      - l1_consistent: the hidden width ranked over the whole teacher, other widths per tensor;
+      - l1_consistent: the hidden width (and attention widths of its size) ranked over the whole teacher,
+        other widths per tensor;
       - magnitude: the tensor's largest-magnitude weights in their order, squeezed into the student's shape.
-    A fused qkv is three tensors (q, k, v) for the per-tensor modes. Token and position rows stay themselves:
-    the first ones are kept, and magnitude squeezes each row on its own (a token's row holds only its values)."""
+    A fused qkv is three tensors (q, k, v) but under magnitude, which squeezes it whole as timm's qkv. Token and
+    position rows stay themselves: the first ones are kept, and magnitude squeezes each row on its own (a
+    token's row holds only its values). GPT-2 stores weights [in, out]: a bias follows its weight's columns."""
 
     def __init__(self, mode, seed, family, t, s, fixed):
         self.mode, self.seed, self.family, self.fixed = mode, seed, family, fixed
@@ -401,16 +415,19 @@ class TensorwiseSelector:
         return top_l1(tensor, dim, s)
 
     def magnitude(self, tensor, names, shape):
-        if names[0] not in ('vocab', 'pos', 'same'):
+        if names[0] not in ROW_AXES:
             return magnitude_squeeze(tensor, shape)
         if names[0] in self.fixed:
             tensor = take(tensor, 0, self.fixed[names[0]])
         if tuple(tensor.shape) == tuple(shape):
             return tensor
-        rows = []  # each row squeezed on its own (2-D tensors only), a block of rows at a time
-        for block in tensor.split(max(1, BLOCK_ELEMENTS // tensor.shape[1])):
-            rows.append(block.gather(1, block.abs().topk(shape[1], dim=1).indices.sort(dim=1).values))
-        return torch.cat(rows)
+        assert tensor.ndim == 2, names  # every family's row-axis tensor is an embedding or a classifier
+        bits = tensor.view(INT_OF_SIZE[tensor.element_size()])  # gather has no float8 kernel: move the bits
+        rows, step = [], max(1, BLOCK_ELEMENTS // tensor.shape[1])  # each row on its own, a block of rows at a time
+        for i in range(0, tensor.shape[0], step):
+            keep = magnitudes(tensor[i:i + step]).topk(shape[1], dim=1).indices.sort(dim=1).values
+            rows.append(bits[i:i + step].gather(1, keep))
+        return torch.cat(rows).view(tensor.dtype)
 
 
 def check_not_wider(t, s):
@@ -551,6 +568,11 @@ def component_of(key):
     if 'attn' in key or 'attention.' in key:
         return 'attn'
     return 'mlp' if re.search(r'(mlp|intermediate|output)\.', key) else None
+
+
+def kind_of(key, family):
+    """A teacher key without its layer prefix: the name of its tensor in family.tensors."""
+    return student_keys(key, family, [])[1]
 
 
 def student_keys(key, family, layer_map):
@@ -809,10 +831,10 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     try:
         planned = plan_tensors(shards, family, t, s, axes, layer_map,
                                s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude))
-        chooser = None
+        selector = None
         if tensorwise:  # after the plan, which checks every teacher shape against the config
-            chooser = TensorwiseSelector(element_selection, seed, family, t, s,
-                                         tensorwise_axes(t, s, family, element_selection, shards))
+            selector = TensorwiseSelector(element_selection, seed, family, t, s,
+                                          tensorwise_axes(t, s, family, element_selection, shards))
         report = {'meta': {
             'teacher': teacher, 'teacher_folder': os.path.abspath(folder), 'family': family.name,
             'student_config': s_cfg, 'student_overrides': overrides,
@@ -825,7 +847,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source,
                                      'teacher_shape': list(p.teacher_shape), 'shape': list(p.shape)}
                              for p in planned}
-        write_output(output, s_cfg, planned, lambda p, std: produce(p, shards, std, seed, chooser), shards,
+        write_output(output, s_cfg, planned, lambda p, std: produce(p, shards, std, seed, selector), shards,
                      max_bytes, report)
     finally:
         shards.close()

@@ -252,8 +252,14 @@ def magnitude_squeeze(tensor, shape):
     flat = tensor.reshape(-1)
     if flat.numel() == n:
         return tensor.reshape(shape)
-    keep = flat.abs().topk(n).indices.sort().values
+    keep = magnitudes(flat).topk(n).indices.sort().values
     return flat[keep].reshape(shape)
+
+
+def magnitudes(tensor):
+    """|tensor| in a dtype that topk takes: float32, or float64 for float64 (a bf16 or float8 teacher is ranked
+    by its exact values, and float8 has no topk)."""
+    return tensor.abs().to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
 
 def is_qkv(key):

@@ -451,6 +451,13 @@ def test_gpt2_heads_mode_takes_whole_heads_for_q_k_v(gpt2, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- tensorwise modes
 
+def stored_tensors(folder):
+    """Every tensor of a folder's safetensors files, read with the safetensors package."""
+    from safetensors.torch import load_file
+    return {k: v for name in sorted(os.listdir(folder)) if name.endswith('.safetensors')
+            for k, v in load_file(os.path.join(folder, name)).items()}
+
+
 def top_l1(tensor, dim, s):
     """The s slices along dim with the largest L1 norms, in order (written here, apart from the selector)."""
     other = [d for d in range(tensor.ndim) if d != dim]
@@ -458,7 +465,7 @@ def top_l1(tensor, dim, s):
     return sorted(norms.topk(s).indices.tolist())
 
 
-@pytest.mark.parametrize('mode', ['random_inconsistent', 'l1', 'magnitude'])
+@pytest.mark.parametrize('mode', hf_selection.TENSORWISE)
 def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, monkeypatch, mode):
     """Each student tensor is what weight_selection's ElementSelector makes of its teacher tensor (the timm path),
     except that under magnitude a token's embedding row keeps only its own values (squeezed here a row or two
@@ -478,8 +485,9 @@ def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, mon
         else:
             expected = selector.select(t[source], value.shape, key, source)
         assert torch.equal(value, expected), key
-    # l1 and magnitude read whole tensors, and still only those of the layers kept (0, 2, 4)
-    assert not [k for k in report['keys_read'] if k.startswith(('model.layers.1.', 'model.layers.3.'))]
+    # they read whole tensors, and still only those of the layers kept (0, 2, 4), but for l1_consistent's ranking
+    dropped = [k for k in report['keys_read'] if k.startswith(('model.layers.1.', 'model.layers.3.'))]
+    assert bool(dropped) == (mode == 'l1_consistent')
     assert not torch.equal(s['model.layers.0.mlp.up_proj.weight'],
                            pick(t['model.layers.0.mlp.up_proj.weight'], INTER_48_20, EVEN16))
     forward_finite(load_strict(str(tmp_path / 's')))
@@ -514,12 +522,8 @@ def test_gpt2_l1_prunes_each_tensor_and_biases_follow_their_neurons(gpt2, tmp_pa
 def test_gpt2_l1_consistent_ranks_the_hidden_width_over_the_whole_teacher(gpt2, tmp_path):
     """One hidden index set, by the summed L1 norms of every teacher slice along a width of 32 (the hidden width,
     and q, k and v of c_attn); the MLP width is ranked in each tensor on its own."""
-    from safetensors.torch import load_file
     folder, t = gpt2
-    stored = {}
-    for name in os.listdir(folder):
-        if name.endswith('.safetensors'):
-            stored.update(load_file(os.path.join(folder, name)))
+    stored = stored_tensors(folder)
     scores = torch.zeros(32, dtype=torch.float64)
     for key, value in stored.items():
         for dim, size in enumerate(value.shape):
@@ -602,6 +606,9 @@ def test_bert_tensorwise_modes_load_and_keep_tokens_and_positions(bert, tmp_path
     s = model.state_dict()
     assert torch.isfinite(model(torch.tensor([[2, 7, 9, 3]])).logits).all()
     assert torch.equal(s['cls.predictions.bias'], t['cls.predictions.bias'])  # a bias per token: all kept
+    for key in ('bert.embeddings.position_embeddings.weight', 'bert.embeddings.token_type_embeddings.weight'):
+        for row in range(len(s[key])):  # the first rows, each holding only its own teacher row's values
+            assert torch.isin(s[key][row], t[key][row]).all(), (key, row)
     if mode == 'l1':  # Linear weights [out, in]: a bias keeps its weight's rows; positions: the first 24
         for name, kept in [('bert.encoder.layer.1.attention.self.query', 16),
                            ('bert.encoder.layer.0.intermediate.dense', 20)]:
@@ -610,3 +617,48 @@ def test_bert_tensorwise_modes_load_and_keep_tokens_and_positions(bert, tmp_path
         assert selected(s, t, 'bert.embeddings.position_embeddings.weight', list(range(24)), top_l1(pos, 1, 16))
         types = t['bert.embeddings.token_type_embeddings.weight']
         assert selected(s, t, 'bert.embeddings.token_type_embeddings.weight', None, top_l1(types, 1, 16))
+
+
+def save_as(folder, dtype, out):
+    """A copy of the Hugging Face folder with every tensor stored in `dtype` (the dtypes transformers does not
+    write: float8)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(folder, out)
+    for name in os.listdir(out):
+        if name.endswith('.safetensors'):
+            path = os.path.join(out, name)
+            save_file({k: v.to(dtype) for k, v in load_file(path).items()}, path, metadata={'format': 'pt'})
+    return str(out)
+
+
+@pytest.mark.parametrize('mode', hf_selection.TENSORWISE)
+def test_qwen2_bf16_tied_teacher_tensorwise(tmp_path, mode):
+    """bf16 stays bf16; a student as wide as its teacher is its first layer exactly; an untied student's lm_head
+    starts from the embedding; --exclude still initializes; under l1 the q/k/v biases keep their weights' rows;
+    a float8 teacher selects too (magnitude included: float8 has no topk or gather kernel)."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=4, vocab_size=64, tie_word_embeddings=True)
+    folder = save_teacher(tmp_path / 't', transformers.Qwen2ForCausalLM(config).to(torch.bfloat16))
+    t = {k: v for k, v in load_strict(folder).state_dict().items()}
+    untied = dict(LLAMA_STUDENT, num_hidden_layers=1, tie_word_embeddings=False)
+    hf_selection.select_hf(folder, untied, str(tmp_path / 's'), element_selection=mode, exclude=['mlp'])
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert {v.dtype for v in s.values()} == {torch.bfloat16}
+    assert torch.equal(s['lm_head.weight'], s['model.embed_tokens.weight']) == (mode != 'random_inconsistent')
+    assert not selected(s, t, 'model.layers.0.mlp.up_proj.weight', INTER_48_20, EVEN16)  # excluded: initialized
+    if mode == 'l1':
+        for name, kept in [('q_proj', 16), ('k_proj', 8), ('v_proj', 8)]:
+            w = t[f'model.layers.0.self_attn.{name}.weight']
+            assert selected(s, t, f'model.layers.0.self_attn.{name}.bias', top_l1(w, 0, kept)), name
+    hf_selection.select_hf(folder, {'num_hidden_layers': 1}, str(tmp_path / 'same'), element_selection=mode)
+    same = load_strict(str(tmp_path / 'same')).state_dict()
+    assert all(torch.equal(v, t[k]) for k, v in same.items())
+    fp8 = save_as(folder, torch.float8_e4m3fn, tmp_path / 't8')
+    hf_selection.select_hf(fp8, LLAMA_STUDENT | {'num_hidden_layers': 1}, str(tmp_path / 's8'), element_selection=mode)
+    s8 = stored_tensors(str(tmp_path / 's8'))
+    assert {v.dtype for v in s8.values()} == {torch.float8_e4m3fn}
+    if mode == 'magnitude':  # each token's row: its 16 largest values, in order
+        emb = stored_tensors(fp8)['model.embed_tokens.weight'].float()
+        keep = emb.abs().topk(16, dim=1).indices.sort(dim=1).values
+        assert torch.equal(s8['model.embed_tokens.weight'].float(), emb.gather(1, keep))
