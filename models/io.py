@@ -68,15 +68,21 @@ class UntrustedCheckpoint(UserError):
     """A file that only a full unpickle (which can run any code) would read; the user must opt in."""
 
 
-def torch_load(path, trust=False):
+def torch_load(path, trust=False, mmap=False):
     """torch.load on the CPU, weights_only (tensors, plain types, SAFE_GLOBALS) unless `trust`: a file that
     needs a full unpickle is refused with one line naming what it holds and the flag; missing, truncated or
-    unreadable files are one line too."""
+    unreadable files are one line too. With `mmap`, the tensors of a zip-format file (torch.save's since 1.6)
+    stay in the file's pages, read when used (a legacy-format file is read whole)."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or 'mmap can only be used' not in str(e):
+                    raise
+                return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure to read is the user's file
         if 'Weights only load failed' not in str(e):
             raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {utils.first_line(e)}') \
@@ -118,8 +124,9 @@ def unwrap_state_dict(obj, path='checkpoint', keys=WRAPPER_KEYS, prefix=''):
 
 
 def read_state_dict(path, keys=WRAPPER_KEYS, prefix='', trust=False):
-    """Weights from .pth/.pt/.bin (flat or wrapped) or .safetensors, as a flat state dict (for .safetensors a
-    read-only mapping that reads each tensor when it is looked up)."""
+    """Weights from .pth/.pt/.bin (flat or wrapped) or .safetensors, as a flat state dict whose tensors are read
+    when used: .safetensors gives a read-only mapping that reads each tensor when it is looked up, a zip-format
+    torch file memory-mapped tensors."""
     if path.endswith('.safetensors'):
         if not os.path.isfile(path):
             raise UserError(f'checkpoint not found: {path}')
@@ -129,7 +136,7 @@ def read_state_dict(path, keys=WRAPPER_KEYS, prefix='', trust=False):
         if prefix or (len(lazy) and all(k.startswith('module.') for k in lazy)):  # renamed keys: read it whole
             return unwrap_state_dict(dict(lazy), path, keys, prefix)
         return lazy
-    return unwrap_state_dict(torch_load(path, trust), path, keys, prefix)
+    return unwrap_state_dict(torch_load(path, trust, mmap=True), path, keys, prefix)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,11 +207,15 @@ def bench_timm(args):
     """weight_selection.py's timm path on a random ViT-L saved as .safetensors, in its own process."""
     import timm
     from safetensors.torch import save_file
-    path = os.path.join(args.cache, 'vit_large_patch16_224.safetensors')
+    path = os.path.join(args.cache, f'vit_large_patch16_224.{args.vit_format}')
     if not os.path.isfile(path):
         model = timm.create_model('vit_large_patch16_224', pretrained=False)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-        del model
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if args.vit_format == 'safetensors':
+            save_file(state, path)
+        else:
+            torch.save(state, path)
+        del model, state
     out = os.path.join(args.cache, 'vit_base_ws.pth')
     evict([path])
     cmd = [sys.executable, os.path.join(ROOT, 'weight_selection.py'), '--teacher', 'vit_large_patch16_224',
@@ -226,7 +230,8 @@ def bench_timm(args):
     if os.path.exists(out):
         os.remove(out)
     read_s = timed_read([path])['s']
-    return {'path': 'timm', 'teacher': 'vit_large_patch16_224 (fp32 .safetensors)', 'student': 'vit_base_patch16_224',
+    return {'path': 'timm', 'teacher': f'vit_large_patch16_224 (fp32 .{args.vit_format})',
+            'student': 'vit_base_patch16_224',
             'teacher_bytes': os.path.getsize(path), 'select_s': round(wall, 2), 'select_peak_rss_anon': mem.peak,
             'sequential_read_s': read_s, 'stdout': stdout.strip()}
 
@@ -239,7 +244,9 @@ def main():
     p.add_argument('--element_selection', default='uniform', help='any of weight_selection.py\'s (l1, magnitude, ...)')
     p.add_argument('--delete_teacher', action='store_true', help='remove the synthetic teacher afterwards')
     p.add_argument('--repeat', type=int, default=1, help='alternate read and selection this many times')
-    p.add_argument('--vit', action='store_true', help='also the timm path on a random ViT-L (.safetensors)')
+    p.add_argument('--vit', action='store_true', help='also the timm path on a random ViT-L')
+    p.add_argument('--vit_format', choices=('safetensors', 'pth'), default='safetensors',
+                   help="the ViT-L teacher's file: .safetensors, or a torch.save .pth")
     p.add_argument('--output', default=None, help='write the results as JSON here')
     args = p.parse_args()
     os.makedirs(args.cache, exist_ok=True)

@@ -145,6 +145,21 @@ def test_official_checkpoint_with_namespace_loads_without_the_flag(tmp_path):
     assert torch.equal(io.read_state_dict(str(path))['w'], torch.ones(2))
 
 
+@pytest.mark.skipif(not os.path.isfile('/proc/self/maps'), reason='reads /proc/self/maps (Linux)')
+def test_teacher_weights_stay_in_the_files_pages(tmp_path):
+    """read_state_dict maps a zip-format .pth (torch.save's) instead of copying it into memory, so a big teacher's
+    selection or --initialize holds only what it uses; a legacy-format file, which cannot be mapped, loads too."""
+    from models import io
+    weights = {'w': torch.arange(6.).reshape(2, 3), 'b': torch.ones(2)}
+    torch.save(weights, tmp_path / 'zip.pth')
+    torch.save(weights, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
+    for name in ('zip.pth', 'legacy.pth'):
+        state = io.read_state_dict(str(tmp_path / name))
+        assert state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items())
+        with open('/proc/self/maps') as f:
+            assert (str(tmp_path / name) in f.read()) == (name == 'zip.pth'), name
+
+
 def test_selection_as_safetensors_with_meta_initializes_training(tmp_path, teacher_file, data):
     import json
     from safetensors import safe_open
