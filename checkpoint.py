@@ -224,6 +224,20 @@ def load_model_weights(ckpt, path, model, model_name):
     model.load_state_dict(theirs)
 
 
+# Flags that shape the learning-rate schedule (and the steps it counts): a resumed run that changes one continues
+# on another schedule than its first epochs used.
+SCHEDULE_FLAGS = ('epochs', 'warmup_epochs', 'warmup_steps', 'lr', 'blr', 'min_lr', 'batch_size', 'update_freq',
+                  'global_batch_size')
+
+
+def warn_schedule_changes(args, old):
+    changed = [f'--{k} {getattr(args, k)} (was {old[k]})' for k in SCHEDULE_FLAGS
+               if k in old and old[k] != getattr(args, k, None)]
+    if changed:
+        utils.print_main(f"warning: resumed with other settings than the checkpoint's run: {', '.join(changed)}; "
+                         f'the learning-rate schedule follows the new ones from here on')
+
+
 def resume(args, train_state):
     """Restore a run from its checkpoint (find_checkpoint); returns where to continue."""
     ckpt, path = find_checkpoint(args)
@@ -234,6 +248,7 @@ def resume(args, train_state):
         truncate_log(args.output_dir, args.start_epoch)
         return Resumed(start_epoch=args.start_epoch, best={})
     train_state.load_state_dict(ckpt)
+    warn_schedule_changes(args, ckpt.get('args', {}))
     if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch
         resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], ckpt['partial'])
     else:

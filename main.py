@@ -270,6 +270,11 @@ def build_training(run):
     trainable = losses.FeatureDistillStudent(model, teacher.num_features).to(device) if args.distill == 'feature' \
         else model
     steps_per_epoch = len(data.train) // run.update_freq
+    if steps_per_epoch == 0:
+        raise UserError(f'{data.num_train} training images give {len(data.train)} batches of {args.batch_size} per '
+                        f'process, fewer than one optimizer step of update_freq {run.update_freq} (global batch '
+                        f'{run.global_batch}): nothing would be trained; lower --global_batch_size (or --batch_size / '
+                        f'--update_freq) or train on more images')
     if args.warmup_steps > steps_per_epoch * args.epochs:
         raise UserError(f'--warmup_steps {args.warmup_steps} is more than the run\'s {steps_per_epoch * args.epochs} '
                         f'optimizer steps: the learning rate would never reach --lr; lower --warmup_steps')
@@ -305,6 +310,9 @@ def train(run):
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(args.log_dir, exist_ok=True)
         log_writer = SummaryWriter(log_dir=args.log_dir)
+    if not args.output_dir:
+        utils.print_main('warning: no --output_dir: no checkpoint, log or config will be written, and the run '
+                         'cannot be resumed')
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         if utils.is_main_process():

@@ -224,6 +224,18 @@ def test_malicious_pickle_runs_through_no_entry_point(entry, malicious, tmp_path
     assert not os.path.exists(tmp_path / 'out' / 'checkpoint-0-step1.pth')  # nothing trained
 
 
+def test_resume_with_another_schedule_says_so(tmp_path, trained, data, capsys):
+    import shutil
+    out = tmp_path / 'run'
+    shutil.copytree(trained, out)
+    capsys.readouterr()
+    main.main([*TRAIN, '--data_path', data, '--output_dir', str(out), '--epochs', '2', '--model_ema', 'true',
+               '--model_ema_eval', 'true', '--model_ema_decay', '0.5'])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning: resumed')]
+    assert lines == ["warning: resumed with other settings than the checkpoint's run: --epochs 2 (was 1); the "
+                     'learning-rate schedule follows the new ones from here on']
+
+
 def test_old_checkpoint_resumes_only_with_trust_checkpoint(tmp_path, trained, data, capsys):
     old = torch.load(trained / 'checkpoint-0.pth')
     old['rng'] = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
@@ -280,6 +292,8 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
     (['--lr', '0'], ['--lr 0.0 must be positive']),
     (['--blr', '-1'], ['--blr -1.0 must be positive']),
     (['--num_workers', '-1'], ['--num_workers -1 must be']),
+    (['--global_batch_size', '4096'], ['fewer than one optimizer step of update_freq 1024 (global batch 4096)',
+                                       'nothing would be trained', 'lower --global_batch_size']),
 ])
 def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, capsys):
     out = tmp_path / 'out'
