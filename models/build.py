@@ -62,7 +62,13 @@ def load_initialization(model, path, args):
                 continue
             v = io.linear_as_conv(v, own[k].shape)  # Linear <-> 1x1 conv MLP
         fitted[k] = v
-    io.check_fits(fitted, own, f'--initialize {path} does not fit --model {args.model}', ignore=dropped.__contains__)
+    hint = ''
+    if 'pos_embed' in fitted and 'pos_embed' in own and fitted['pos_embed'].shape != own['pos_embed'].shape:
+        hint = (f'; the selection was made for another input size: select again for this one with '
+                f'weight_selection.py --student_kwargs \'{{"img_size": {args.input_size}}}\' (it resamples the '
+                f"teacher's position grid)")
+    io.check_fits(fitted, own, f'--initialize {path} does not fit --model {args.model}', hint,
+                  ignore=dropped.__contains__)
     model.load_state_dict(fitted, strict=False)
     utils.print_main(f'initialized {len(fitted)} tensors from {path}'
                      + (f'; kept the model\'s own {", ".join(dropped)} (other number of classes)' if dropped else ''))

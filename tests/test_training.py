@@ -152,6 +152,15 @@ def test_initialize_loads_exactly_the_selection(tmp_path):
         build.load_initialization(build.build_model(args, 1000), str(folder / 'convnext.pth'), args)
 
 
+def test_initialize_made_for_another_input_size_names_the_fix(tmp_path):
+    import timm
+    torch.save(timm.create_model('vit_tiny_patch16_224', img_size=64).state_dict(), tmp_path / 'ws.pth')
+    args = main.parse_args(['--model', 'vit_tiny_patch16_224', '--input_size', '32'])
+    with pytest.raises(UserError, match=r'shape pos_embed .*for another input size: select again for this one with '
+                                        r'weight_selection.py --student_kwargs \'\{"img_size": 32\}\''):
+        build.load_initialization(build.build_model(args, 1000), str(tmp_path / 'ws.pth'), args)
+
+
 def test_yaml_and_command_line_precedence(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('lr: 0.001\nepochs: 7\nmodel: vit_tiny_patch16_224\nuse_amp: true\n')
