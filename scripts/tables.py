@@ -7,7 +7,8 @@
 Runs go to OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/ (log.txt, checkpoints), selections to
 OUTPUT/ws/; scripts/collect_results.py turns OUTPUT into the tables. Environment: DATA_ROOT (one folder
 per dataset: DATA_ROOT/cifar100, ...), NGPUS [1], OUTPUT [runs], SEEDS [0] (e.g. "0 1 2"),
-EXTRA (more main.py flags), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
+EXTRA (more main.py flags), SELECT_EXTRA (more weight_selection.py flags, e.g. --student_kwargs
+'{"img_size": 32}' for a small trial at 32 px), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
 <timm name>.pth, used instead of the hub when present (offline); DATASETS and MODELS keep only some
 columns (e.g. DATASETS=cifar100 MODELS=vit_tiny); DATA_PATH: the dataset's folder when DATASETS names one.
 
@@ -158,11 +159,13 @@ def commands(n, env):
                     if sel['student_kwargs']:
                         import json
                         cmd += ['--student_kwargs', json.dumps(sel['student_kwargs'])]
-                    cmds.append(cmd)
+                    cmds.append(cmd + shlex.split(env.get('SELECT_EXTRA', '')))
                 init = ['--initialize', ws_file]
             run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, f'seed{seed}')
             download = ['--download', 'true'] if env.get('DOWNLOAD') == 'true' else []
-            cmd = [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}', os.path.join(HERE, 'main.py'),
+            # one process needs no torchrun (whose report of a failed run is a traceback of its own)
+            launch = [py] if ngpus == '1' else [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}']
+            cmd = [*launch, os.path.join(HERE, 'main.py'),
                    '--config', config, '--data_path', data_path(dataset, env), '--output_dir', run_dir,
                    '--seed', seed, *flags, *init, *download, *shlex.split(env.get('EXTRA', ''))]
             if teacher_dir and '--distill_teacher' in flags:
@@ -187,7 +190,10 @@ def main(argv=None):
             if os.path.exists(output):
                 continue  # selected before
             os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
-        subprocess.run(cmd, check=True)
+        returncode = subprocess.run(cmd).returncode
+        if returncode:  # the step printed its own error above; this names the step, in one line
+            raise SystemExit(f'stopped: this step failed (exit status {returncode}), the steps after it were not '
+                             f'run: {shlex.join(cmd)}')
 
 
 if __name__ == '__main__':

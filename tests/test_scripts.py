@@ -38,6 +38,24 @@ def test_dataset_script_prints_selection_and_both_trainings(tmp_path, dataset):
     assert sum('--teacher_checkpoint' in line for line in select) == 1  # no local ConvNeXt-T: from the hub
 
 
+def test_failed_step_stops_the_table_with_its_own_error_and_names_the_step(tmp_path):
+    """A step that fails (here: no data) stops the script with the step's one error line, then one line naming
+    the step; no traceback (one GPU runs main.py without torchrun)."""
+    proc = bash('cifar10.sh', DATA_PATH=str(tmp_path / 'data'), OUTPUT=str(tmp_path / 'out'), MODELS='vit_tiny')
+    assert_clean_failure(proc, 'CIFAR10 not found')
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('stopped: this step failed (exit status 1)') and 'main.py' in last, last
+    assert proc.stdout.count('+ ') == 1  # the steps after it were not run
+
+
+def test_select_extra_reaches_the_selections_only():
+    proc = bash('cifar10.sh', DRY_RUN='1', DATA_PATH='/d', MODELS='vit_tiny', SELECT_EXTRA='--seed 7',
+                EXTRA='--epochs 1')
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('+ ')]
+    assert [line.endswith('--seed 7') for line in lines] == ['weight_selection.py' in line for line in lines]
+    assert all(line.endswith('--epochs 1') for line in lines if 'main.py' in line)
+
+
 def test_table2_runs_every_dataset():
     proc = bash('table2.sh', DRY_RUN='1', DATA_ROOT='/data')
     assert proc.returncode == 0, proc.stderr
