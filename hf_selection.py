@@ -902,8 +902,10 @@ def run(args):
     for entry in report['tensors'].values():
         counts[entry['action']] = counts.get(entry['action'], 0) + 1
     acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
+    ranking = ' (with the whole teacher once for the ranking)' if args.element_selection == 'l1_consistent' else ''
+
     print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}, "
           f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "
           f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's "
-          f"{meta['teacher_bytes'] / 1e6:.1f} MB; "
+          f"{meta['teacher_bytes'] / 1e6:.1f} MB{ranking}; "
           f"wrote {args.output} ({len(meta['files'])} shard(s)) in {time.time() - start:.1f}s", file=sys.stdout)

@@ -586,11 +586,28 @@ def resolve_args(args):
     return args
 
 
+# Flags of one path only: given to the other, they would be ignored without a word.
+TIMM_ONLY = ('teacher_checkpoint', 'trust_checkpoint', 'teacher_kwargs', 'student', 'student_kwargs', 'num_classes',
+             'keep_head', 'model_type', 'pretrained_model', 'output_dir')
+HF_ONLY = ('head_selection', 'max_shard_size')
+
+
+def refuse_flags(args, parser, flags, why):
+    given = [f for f in flags if getattr(args, f) != parser.get_default(f)]
+    if given:
+        raise UserError(f'--{given[0]} {why}')
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     import hf_selection
     if args.student_config or hf_selection.is_hf_teacher(args.teacher):
+        refuse_flags(args, parser, TIMM_ONLY, 'is for timm models; with a Hugging Face teacher the student is '
+                                              "--student_config '{...}' (the teacher's config.json with overrides)")
         return hf_selection.run(args)
+    refuse_flags(args, parser, HF_ONLY, 'is for Hugging Face teachers (a folder with config.json) and has no effect '
+                                        'with a timm teacher; leave it out')
     args = resolve_args(args)
     teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
     student_kwargs = utils.parse_json_dict(args.student_kwargs, '--student_kwargs')
@@ -642,8 +659,10 @@ def print_summary(args, meta, seconds):
         for group, indices in meta['layer_maps'].items():
             print(f'layers  {group}: student 0..{len(indices) - 1} <- teacher {indices}')
         for key, e in meta['report'].items():
-            if e['action'] in ('resampled', 'excluded') or key == 'pos_embed':
-                print(f"{e['action']:9s} {key} {tuple(e.get('teacher_shape', e['shape']))} -> {tuple(e['shape'])}")
+            if e['action'] == 'excluded':  # no teacher tensor: the student's own init
+                print(f"excluded  {key} {tuple(e['shape'])}: the student's own initialization")
+            elif e['action'] == 'resampled' or key == 'pos_embed':
+                print(f"{e['action']:9s} {key} {tuple(e['teacher_shape'])} -> {tuple(e['shape'])}")
     acts = ', '.join(f'{n} {a}' for a, n in sorted(s['actions'].items()))
     print(f"{args.student} <- {args.teacher} ({args.layer_selection} layers, {args.element_selection} elements): "
           f"{acts}; inherited {s['inherited_params'] / 1e6:.2f}M of the student's {s['student_params'] / 1e6:.2f}M "

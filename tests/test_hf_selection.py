@@ -13,7 +13,7 @@ transformers = pytest.importorskip('transformers', reason='the Hugging Face test
 import hf_selection  # noqa: E402
 import safetensors_io  # noqa: E402
 import weight_selection  # noqa: E402
-from conftest import assert_clean_failure, run_script  # noqa: E402
+from conftest import assert_clean_failure, expect_cli_error, run_script  # noqa: E402
 from utils import UserError  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -356,6 +356,24 @@ def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
                       '--output', str(tmp_path / 's'), timeout=120)
     assert_clean_failure(proc, shard_of(folder, SHARD_L1), 'missing')
     assert proc.returncode == 1 and not os.path.exists(tmp_path / 's')
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--student', 'vit_tiny_patch16_224'], '--student is for timm models'),
+    (['--num_classes', '10'], '--num_classes is for timm models'),
+    (['--keep_head'], '--keep_head is for timm models'),
+])
+def test_timm_flags_with_a_hugging_face_teacher_stop(llama, tmp_path, capsys, flags, needle):
+    argv = ['--teacher', llama[0], '--student_config', '{"num_hidden_layers": 2}', '--output', str(tmp_path / 's')]
+    line = expect_cli_error(weight_selection.main, argv + flags, capsys, needle)
+    assert '--student_config' in line and not os.path.exists(tmp_path / 's')
+
+
+def test_hugging_face_flags_with_a_timm_teacher_stop(tmp_path, capsys):
+    argv = ['--teacher', 'vit_small_patch16_224', '--student', 'vit_tiny_patch16_224', '--head_selection', 'heads',
+            '--output', str(tmp_path / 'ws.pth')]
+    expect_cli_error(weight_selection.main, argv, capsys, '--head_selection is for Hugging Face teachers')
+    assert not os.path.exists(tmp_path / 'ws.pth')
 
 
 # ---------------------------------------------------------------------------------------------- timm, .safetensors
