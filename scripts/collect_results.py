@@ -14,6 +14,8 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tables.py, beside this file
+
 # The paper's numbers: PAPER[table][(row slug, dataset, model)] = test acc@1.
 _T2 = {'imagenet': (73.9, 75.6, 76.1, 76.4), 'svhn': (94.9, 96.5, 95.7, 96.9), 'food101': (79.6, 86.9, 86.9, 89.0),
        'eurosat': (97.5, 98.6, 98.4, 98.8), 'cifar10': (92.4, 97.0, 96.6, 97.4), 'cifar100': (72.3, 81.4, 81.4, 84.4),
@@ -73,9 +75,49 @@ def run_accuracies(log_path):
     return max(accs), accs[-1]
 
 
+def row_flags(table, row, dataset, model):
+    """The main.py flags that scripts/tables.py gives this row on top of its --config files (e.g. Table 6's
+    --model): part of the row's recipe."""
+    import tables
+    try:
+        rows = tables.selected_rows(table, {})
+    except (SystemExit, KeyError, ValueError):  # a folder of a table tables.py does not know
+        return set()
+    return {f[2:] for r, d, m, _, flags in rows if (tables.slug(r), d, m) == (row, dataset, model)
+            for f in flags if f.startswith('--')}
+
+
+def recipe_departures(run_dir, seed, own_flags=()):
+    """How a run departs from the recipe it was launched with: the settings of its config.yaml that differ from
+    the --config files of its command (run_info.json; a later file overriding an earlier one), but for the
+    row's `own_flags`, and fewer epochs logged than it set out to train. Empty when the folder does not say
+    (no config.yaml or run_info.json, or a --config file no longer where the command found it)."""
+    import yaml
+    try:
+        with open(os.path.join(run_dir, 'config.yaml')) as f:
+            ran = yaml.safe_load(f) or {}
+        with open(os.path.join(run_dir, 'run_info.json')) as f:
+            command = json.load(f)['command']
+        recipe = {}
+        for flag, value in zip(command, command[1:]):
+            if flag == '--config':
+                with open(value) as f:
+                    recipe.update(yaml.safe_load(f) or {})
+        with open(os.path.join(run_dir, 'log.txt')) as f:
+            epochs = len({json.loads(line).get('epoch') for line in f if line.strip()})
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    found = [f'{k} {ran[k]} (recipe {v})' for k, v in recipe.items()
+             if k in ran and ran[k] != v and k not in own_flags]
+    if isinstance(ran.get('epochs'), int) and epochs < ran['epochs']:
+        found.append(f"unfinished ({epochs} of {ran['epochs']} epochs logged)")
+    return [f'{seed}: ' + ', '.join(found)] if found else []
+
+
 def collect(root):
-    """{(table, row, dataset, model): [(best, final) per seed]} from root/table<N>/<row>/<dataset>/<model>/seed<S>/."""
-    results = {}
+    """{(table, row, dataset, model): [(best, final, departures) per seed]} from
+    root/table<N>/<row>/<dataset>/<model>/seed<S>/ (departures: recipe_departures)."""
+    results, own = {}, {}
     for dirpath, _, files in os.walk(root):
         if 'log.txt' not in files:
             continue
@@ -85,7 +127,9 @@ def collect(root):
         accs = run_accuracies(os.path.join(dirpath, 'log.txt'))
         if accs is not None:
             key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
-            results.setdefault(key, []).append(accs)
+            if key not in own:
+                own[key] = row_flags(*key)
+            results.setdefault(key, []).append((*accs, recipe_departures(dirpath, parts[4], own[key])))
     return results
 
 
@@ -110,7 +154,8 @@ def write_tables(results, out):
     md = ['# Results\n', 'Test acc@1 (%) as "best / final / paper": ours as mean ± std over seeds of each run\'s '
           'best epoch (the official code\'s "max accuracy", picked on the test set) and of its final epoch, '
           'then the paper\'s number.\n']
-    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'best_mean', 'best_std', 'final_mean', 'final_std', 'paper')]
+    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'best_mean', 'best_std', 'final_mean', 'final_std', 'paper',
+                 'departures_from_recipe')]
     for t in tables:
         keys = sorted({k[1:] for k in results if k[0] == t} | set(PAPER.get(t, {})))
         columns = sorted({(d, m) for _, d, m in keys})
@@ -118,17 +163,27 @@ def write_tables(results, out):
         md.append(f'\n## Table {t}\n')
         md.append('| row | ' + ' | '.join(f'{d} {m} (best / final / paper)' for d, m in columns) + ' |')
         md.append('|---' * (len(columns) + 1) + '|')
+        notes = []
         for r in row_names:
             cells = []
             for d, m in columns:
                 runs = results.get((t, r, d, m), [])
-                best, final = [b for b, _ in runs], [f for _, f in runs]
+                best, final = [b for b, _, _ in runs], [f for _, f, _ in runs]
+                departures = [line for _, _, lines in runs for line in lines]
                 paper = PAPER.get(t, {}).get((r, d, m))
-                cells.append(f"{fmt(best)} / {fmt(final)} / {paper if paper is not None else '-'}")
+                mark = ''
+                if departures:  # not the paper's recipe: the comparison with its number does not hold
+                    notes.append(f'{len(notes) + 1}. {r}, {d} {m}: ' + '; '.join(departures))
+                    mark = f' [off recipe: {len(notes)}]'
+                cells.append(f"{fmt(best)} / {fmt(final)} / {paper if paper is not None else '-'}{mark}")
                 if runs or paper is not None:
                     rows_csv.append((t, r, d, m, len(runs), *_stats(best), *_stats(final),
-                                     paper if paper is not None else ''))
+                                     paper if paper is not None else '', '; '.join(departures)))
             md.append(f'| {r} | ' + ' | '.join(cells) + ' |')
+        if notes:
+            md.append('\nRuns whose settings are not the recipe they were launched with (their config.yaml against '
+                      'the --config files of their command), or that did not finish:\n')
+            md.extend(notes)
     with open(os.path.join(out, 'tables.md'), 'w') as f:
         f.write('\n'.join(md) + '\n')
     with open(os.path.join(out, 'tables.csv'), 'w', newline='') as f:

@@ -194,6 +194,35 @@ def test_collector_on_fixture_logs(tmp_path):
     assert '7,weight_selection,cifar100,vit_tiny,2,81.50,0.71,80.75,0.35,81.4' in csv_text
 
 
+def test_collector_marks_runs_that_left_their_recipe(tmp_path):
+    """A run's config.yaml against the --config files of its command: a trial at 32 px for 1 epoch, and a run
+    killed after 2 of its 3 epochs, are marked and listed; a run as its recipe says is not, nor one whose row
+    sets a flag of its own (Table 6's --model)."""
+    recipe = tmp_path / 'vit_tiny_cifar100.yaml'
+    recipe.write_text('epochs: 3\ninput_size: 224\nlr: 0.002\nmodel: vit_tiny_patch16_224\n')
+    as_recipe = {'epochs': 3, 'input_size': 224, 'lr': 0.002, 'model': 'vit_tiny_patch16_224'}
+    runs = {(7, 'weight_selection'): [({**as_recipe, 'epochs': 1, 'input_size': 32}, 1)],
+            (7, 'random_init'): [(as_recipe, 3), (as_recipe, 2)],
+            (6, 'first_n_layer_selection'): [({**as_recipe, 'model': 'vit_a_patch16_224'}, 3)]}
+    for (table, row), seeds in runs.items():
+        for seed, (config, logged) in enumerate(seeds):
+            folder = tmp_path / 'runs' / f'table{table}' / row / 'cifar100' / 'vit_tiny' / f'seed{seed}'
+            folder.mkdir(parents=True)
+            (folder / 'config.yaml').write_text(''.join(f'{k}: {v}\n' for k, v in config.items()))
+            (folder / 'run_info.json').write_text(json.dumps({'command': ['main.py', '--config', str(recipe)]}))
+            (folder / 'log.txt').write_text(''.join(json.dumps({'epoch': i, 'test_acc1': 50.0}) + '\n'
+                                                    for i in range(logged)))
+    proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / 'res' / 'tables.md').read_text()
+    assert '| - / - / 84.4 | 50.0 / 50.0 / 81.4 [off recipe: 2] |' in md  # ConvNeXt-F's column, then ViT-T's
+    assert '| - / - / 81.4 | 50.0 ± 0.0 (n=2) / 50.0 ± 0.0 (n=2) / 72.3 [off recipe: 1] |' in md
+    assert '1. random_init, cifar100 vit_tiny: seed1: unfinished (2 of 3 epochs logged)\n' in md  # seed0: as said
+    assert '2. weight_selection, cifar100 vit_tiny: seed0: epochs 1 (recipe 3), input_size 32 (recipe 224)\n' in md
+    assert md.count('[off recipe') == 2 and '| first_n_layer_selection | - / - / 84.4 | 50.0 / 50.0 / 77.6 |' in md
+    assert 'seed0: epochs 1 (recipe 3), input_size 32 (recipe 224)' in (tmp_path / 'res' / 'tables.csv').read_text()
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 def test_curves_join_the_evaluated_epochs_of_an_eval_freq_run(tmp_path):
