@@ -281,10 +281,16 @@ def token_axes(s):
     return {'vocab': torch.arange(s.vocab), 'pos': torch.arange(s.positions)}
 
 
+def qkv_sizes(w):
+    """The widths of q, k and v, side by side in GPT-2's fused c_attn."""
+    sizes = axis_sizes(w)
+    return [sizes['q'], sizes['kv'], sizes['kv']]
+
+
 def fused_qkv(q, kv, t):
     """GPT-2's c_attn holds q, k and v side by side: their kept indices, offset into it."""
-    q_t, kv_t = t.heads * t.head_dim, t.kv_heads * t.head_dim
-    return torch.cat([q, q_t + kv, q_t + kv_t + kv])
+    q_t, k_t, _ = qkv_sizes(t)
+    return torch.cat([q, q_t + kv, q_t + k_t + kv])
 
 
 def axis_indices(t, s, family, head_mode, chooser):
@@ -318,7 +324,7 @@ def ranked_widths(t):
 def hidden_l1_scores(teacher, family, t):
     """l1_consistent: each hidden index's summed L1 norm over every teacher tensor's slices along the ranked widths
     (q, k and v of a fused qkv each counted as one). One pass over the whole teacher, a tensor at a time."""
-    ranked, sizes = ranked_widths(t), axis_sizes(t)
+    ranked = ranked_widths(t)
     scores = torch.zeros(t.hidden, dtype=torch.float64)
     for key in teacher.in_file_order():
         if DROPPED.search(key):
@@ -326,8 +332,7 @@ def hidden_l1_scores(teacher, family, t):
         names = family.tensors[kind_of(key, family)]
         tensor = teacher.read(key, [None] * len(names))
         for dim, name in enumerate(names):
-            parts = zip(tensor.split([sizes['q'], sizes['kv'], sizes['kv']], dim), ('q', 'kv', 'kv')) \
-                if name == 'qkv' else [(tensor, name)]
+            parts = zip(tensor.split(qkv_sizes(t), dim), ('q', 'kv', 'kv')) if name == 'qkv' else [(tensor, name)]
             for part, part_name in parts:
                 if part_name in ranked:
                     scores += l1_norms(part, dim)
@@ -365,8 +370,7 @@ class TensorwiseSelector:
 
     def __init__(self, mode, seed, family, t, s, fixed):
         self.mode, self.seed, self.family, self.fixed = mode, seed, family, fixed
-        self.t_parts = [t.heads * t.head_dim, t.kv_heads * t.head_dim, t.kv_heads * t.head_dim]
-        self.s_parts = [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+        self.t_parts, self.s_parts = qkv_sizes(t), qkv_sizes(s)
 
     def __call__(self, p, teacher):
         tensor = teacher.read(p.source, [None] * len(p.names))
