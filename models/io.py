@@ -31,7 +31,11 @@ def check_model_name(name, flag):
     import models  # noqa: F401 - registers the project's students with timm
     if not timm.is_model(name):
         import difflib
-        close = difflib.get_close_matches(name.split('.')[0], timm.list_models(), n=3)
+        base, known = name.split('.')[0], timm.list_models()
+        # a misspelled start of a long name (vit_tinyy) matches the start of the name, not the whole of a short one
+        ratio = {m: difflib.SequenceMatcher(None, base, m[:len(base)]).ratio() for m in known}
+        starts = sorted((m for m in known if ratio[m] >= 0.85), key=lambda m: (-ratio[m], len(m), m))
+        close = list(dict.fromkeys(starts[:3] + difflib.get_close_matches(base, known, n=3)))[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else ''
         raise UserError(f"{flag}: unknown model '{name}' (neither a timm model nor one registered in models/){hint}")
 

@@ -250,6 +250,7 @@ def test_official_readme_commands_parse_and_start(tmp_path, tiny_data):
     (['--data_path', 'MISSING'], ['is not a folder']),
     (['--data_path', 'EMPTY'], ['has no train/ folder']),
     (['--model', 'vit_tiny_patch99'], ["unknown model 'vit_tiny_patch99'"]),
+    (['--model', 'vit_tinyy'], ["unknown model 'vit_tinyy'", 'did you mean vit_tiny_patch16_224,']),
     (['--config', 'BADCONFIG'], ["unknown key 'epoch'", 'epochs']),
     (['--initialize', 'CONVNEXT_STATE'], ['does not fit --model vit_tiny_patch16_224']),
     (['--resume', 'CONVNEXT_CKPT'], ['not of --model vit_tiny_patch16_224']),
