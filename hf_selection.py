@@ -11,7 +11,7 @@ consistency, Section 3.2; L1 and magnitude pruning, Table 7; and l1_consistent) 
 instead, from the whole teacher tensor (l1_consistent first reads the whole teacher once, a tensor at a time,
 to rank the hidden width).
 
-Supported families: LLaMA-style (llama, mistral, qwen2), GPT-2 and BERT. This module needs torch and
+Supported families: LLaMA-style (llama, mistral, qwen2, qwen3), GPT-2 and BERT. This module needs torch and
 safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
@@ -24,7 +24,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -131,7 +131,11 @@ BERT = Family(
     rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
     head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True)
 
-FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'gpt2': GPT2, 'bert': BERT}
+# Qwen3: LLaMA with an RMSNorm over each head's dims for queries and keys (one weight of head_dim, shared by heads)
+QWEN3 = replace(LLAMA, name='qwen3', tensors={**LLAMA.tensors, 'self_attn.q_norm.weight': ('head_dim',),
+                                              'self_attn.k_norm.weight': ('head_dim',)})
+
+FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gpt2': GPT2, 'bert': BERT}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
 DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
@@ -306,6 +310,9 @@ def axis_indices(t, s, family, head_mode, chooser):
         axes['q'] = chooser.pick(t.heads * t.head_dim, s.heads * s.head_dim)
         axes['kv'] = chooser.pick(t.kv_heads * t.head_dim, s.kv_heads * s.head_dim)
     axes['qkv'] = fused_qkv(axes['q'], axes['kv'], t)
+    # a per-head norm (Qwen3's q_norm, k_norm): whole when heads are kept whole, else the within-head dims
+    # chosen as for any width (per dimension, a student head mixes teacher heads, so no choice is exact)
+    axes['head_dim'] = chooser.pick(t.head_dim, s.head_dim)
     return axes
 
 
@@ -597,7 +604,7 @@ def axis_sizes(w):
     """{axis name: size} of a model's Widths."""
     q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
     return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
-            'qkv': q + 2 * kv}
+            'qkv': q + 2 * kv, 'head_dim': w.head_dim}
 
 
 def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):

@@ -202,6 +202,38 @@ def test_qwen2_tied_teacher_untied_student_with_biases(tmp_path):
     assert json.load(open(tmp_path / 's' / 'config.json'))['layer_types'] == ['full_attention']
 
 
+@pytest.mark.parametrize('head_selection', ['auto', 'dims'])
+def test_qwen3_per_head_norms(tmp_path, head_selection):
+    """Qwen3 adds an RMSNorm of head_dim over each head's queries and keys: kept whole with whole heads (auto),
+    its dims chosen as any width's when heads are mixed (dims); everything else as LLaMA's."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(**LLAMA, head_dim=8)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    folder, t = save_teacher(tmp_path / 't', model), model.state_dict()
+    student = dict(LLAMA_STUDENT, head_dim=8 if head_selection == 'auto' else 4)
+    report = hf_selection.select_hf(folder, student, str(tmp_path / 's'), head_selection=head_selection)
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert report['meta']['family'] == 'qwen3'
+    if head_selection == 'auto':  # 8 heads of 8 dims in 4 KV groups -> 4 heads: groups 0 and 2, both heads of each
+        within, q, kv = list(range(8)), rows([0, 1, 4, 5], 8), rows([0, 2], 8)
+    else:  # per dimension: 64 -> 16 query dims, 32 -> 8 key/value dims, 8 -> 4 within a head (stride 2 or 4)
+        within, q, kv = [0, 2, 4, 6], list(range(0, 64, 4)), list(range(0, 32, 4))
+    for name, idx in [('self_attn.q_norm.weight', (within,)), ('self_attn.k_norm.weight', (within,)),
+                      ('self_attn.q_proj.weight', (q, EVEN16)), ('self_attn.k_proj.weight', (kv, EVEN16)),
+                      ('self_attn.o_proj.weight', (EVEN16, q)), ('mlp.up_proj.weight', (INTER_48_20, EVEN16))]:
+        assert selected(s, t, f'model.layers.1.{name}', *idx), name
+    forward_finite(load_strict(str(tmp_path / 's')))
+    if head_selection == 'dims':  # the per-tensor modes choose the norms' dims inside each norm
+        for mode in hf_selection.TENSORWISE:
+            hf_selection.select_hf(folder, student, str(tmp_path / mode), element_selection=mode)
+            forward_finite(load_strict(str(tmp_path / mode)))
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))  # same width: the truncated teacher
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
+
+
 # ---------------------------------------------------------------------------------------------- GPT-2
 
 def test_gpt2_every_tensor(gpt2, tmp_path):
@@ -283,7 +315,7 @@ def set_model_type(copy):
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
-    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, gpt2, bert"),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gpt2, bert"),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
