@@ -32,10 +32,13 @@ class TrainState:
     scaler: object = None             # fp16 GradScaler
     model_ema: object = None          # timm ModelEmaV3
     projector: torch.nn.Module = None  # feature distillation's projector
+    schedule: object = None           # recipe.StepSchedule: its settings are saved, and compared on resume
 
     def state_dict(self, args, epoch, best):
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
                  'args': plain_values(vars(args)), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
+        if self.schedule is not None:
+            state['schedule'] = self.schedule.settings()
         for name in ('scaler', 'projector'):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name).state_dict()
@@ -166,7 +169,7 @@ def save_run_config(args, derived):
     values = {k: v for k, v in vars(args).items() if k != 'config'}
     with open(os.path.join(args.output_dir, 'config.yaml'), 'w') as f:
         yaml.safe_dump(values, f, sort_keys=True)
-    info = {'versions': utils.versions(), 'command': sys.argv, **derived,
+    info = {'versions': utils.versions(), 'command': sys.argv, 'cwd': os.getcwd(), **derived,
             'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
     with open(os.path.join(args.output_dir, 'run_info.json'), 'w') as f:
         json.dump(info, f, indent=1)
@@ -224,18 +227,14 @@ def load_model_weights(ckpt, path, model, model_name):
     model.load_state_dict(theirs)
 
 
-# Flags that shape the learning-rate schedule (and the steps it counts): a resumed run that changes one continues
-# on another schedule than its first epochs used.
-SCHEDULE_FLAGS = ('epochs', 'warmup_epochs', 'warmup_steps', 'lr', 'blr', 'min_lr', 'batch_size', 'update_freq',
-                  'global_batch_size')
-
-
-def warn_schedule_changes(args, old):
-    changed = [f'--{k} {getattr(args, k)} (was {old[k]})' for k in SCHEDULE_FLAGS
-               if k in old and old[k] != getattr(args, k, None)]
+def warn_schedule_changes(saved, now):
+    """A resumed run whose learning-rate schedule (lr, total and warmup steps, ...; derived from the flags, the
+    number of processes and the data) is not the one its checkpoint was trained on continues on the new one."""
+    changed = [f'{k} {now[k]:g} (was {saved[k]:g})' for k in now
+               if k in saved and now[k] is not None and saved[k] is not None and now[k] != saved[k]]
     if changed:
-        utils.print_main(f"warning: resumed with other settings than the checkpoint's run: {', '.join(changed)}; "
-                         f'the learning-rate schedule follows the new ones from here on')
+        utils.print_main(f"warning: resumed on another learning-rate schedule than the checkpoint's run: "
+                         f"{', '.join(changed)}; the remaining steps follow the new one")
 
 
 def resume(args, train_state):
@@ -248,7 +247,8 @@ def resume(args, train_state):
         truncate_log(args.output_dir, args.start_epoch)
         return Resumed(start_epoch=args.start_epoch, best={})
     train_state.load_state_dict(ckpt)
-    warn_schedule_changes(args, ckpt.get('args', {}))
+    if train_state.schedule is not None and 'schedule' in ckpt:
+        warn_schedule_changes(ckpt['schedule'], train_state.schedule.settings())
     if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch
         resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], ckpt['partial'])
     else:

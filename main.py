@@ -290,10 +290,11 @@ def build_training(run):
         from timm.utils import ModelEmaV3
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
     projector = trainable.projector if args.distill == 'feature' else None
-    state = checkpoint.TrainState(model, optimizer, scaler, model_ema, projector)
+    schedule = recipe.build_schedule(args, run.lr, steps_per_epoch, args.epochs)
+    state = checkpoint.TrainState(model, optimizer, scaler, model_ema, projector, schedule)
     return Training(data, state, torch.compile(forward_model) if args.compile else forward_model, criterion,
-                    mixup_fn, recipe.build_schedule(args, run.lr, steps_per_epoch, args.epochs), amp_dtype,
-                    steps_per_epoch, sum(p.numel() for p in model.parameters() if p.requires_grad))
+                    mixup_fn, schedule, amp_dtype, steps_per_epoch,
+                    sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def train(run):
@@ -313,7 +314,7 @@ def train(run):
     if not args.output_dir:
         utils.print_main('warning: no --output_dir: no checkpoint, log or config will be written, and the run '
                          'cannot be resumed')
-    if args.output_dir:
+    else:
         os.makedirs(args.output_dir, exist_ok=True)
         if utils.is_main_process():
             checkpoint.save_run_config(args, {'world_size': run.dist.world_size, 'update_freq': run.update_freq,

@@ -193,6 +193,11 @@ class StepSchedule:
         self.lr, self.min_lr, self.total, self.warmup = lr, args.min_lr, total_steps, warmup_steps
         self.wd, self.wd_end = args.weight_decay, args.weight_decay_end
 
+    def settings(self):
+        """What the schedule is made of, as plain values (a checkpoint keeps them: a resumed run compares)."""
+        return {'lr': self.lr, 'min_lr': self.min_lr, 'total_steps': self.total, 'warmup_steps': self.warmup,
+                'weight_decay': self.wd, 'weight_decay_end': self.wd_end}
+
     def __call__(self, optimizer, step):
         lr = cosine_schedule(step, self.lr, self.min_lr, self.total, self.warmup)
         wd = None if self.wd_end is None else cosine_schedule(step, self.wd, self.wd_end, self.total)

@@ -232,8 +232,17 @@ def test_resume_with_another_schedule_says_so(tmp_path, trained, data, capsys):
     main.main([*TRAIN, '--data_path', data, '--output_dir', str(out), '--epochs', '2', '--model_ema', 'true',
                '--model_ema_eval', 'true', '--model_ema_decay', '0.5'])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning: resumed')]
-    assert lines == ["warning: resumed with other settings than the checkpoint's run: --epochs 2 (was 1); the "
-                     'learning-rate schedule follows the new ones from here on']
+    assert len(lines) == 1 and lines[0].startswith("warning: resumed on another learning-rate schedule than the "
+                                                   "checkpoint's run: total_steps ")
+    assert '(was ' in lines[0] and lines[0].endswith('the remaining steps follow the new one')
+    import checkpoint  # the schedule, not the flags: another --batch_size at the same global batch is no change
+    same = {'lr': 0.002, 'min_lr': 1e-6, 'total_steps': 400, 'warmup_steps': 50, 'weight_decay': 0.05,
+            'weight_decay_end': None}
+    checkpoint.warn_schedule_changes(same, dict(same))
+    checkpoint.warn_schedule_changes(same, dict(same, lr=0.001, total_steps=600))
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: resumed on another learning-rate schedule than the checkpoint's run: lr 0.001 (was 0.002), "
+        'total_steps 600 (was 400); the remaining steps follow the new one']
 
 
 def test_old_checkpoint_resumes_only_with_trust_checkpoint(tmp_path, trained, data, capsys):
