@@ -63,7 +63,9 @@ def load_initialization(model, path, args):
             v = io.linear_as_conv(v, own[k].shape)  # Linear <-> 1x1 conv MLP
         fitted[k] = v
     hint = ''
-    if 'pos_embed' in fitted and 'pos_embed' in own and fitted['pos_embed'].shape != own['pos_embed'].shape:
+    given, wanted = fitted.get('pos_embed'), own.get('pos_embed')
+    if given is not None and wanted is not None and given.shape[-1] == wanted.shape[-1] \
+            and given.shape[-2] != wanted.shape[-2]:  # the same width, another number of positions
         hint = (f'; the selection was made for another input size: select again for this one with '
                 f'weight_selection.py --student_kwargs \'{{"img_size": {args.input_size}}}\' (it resamples the '
                 f"teacher's position grid)")

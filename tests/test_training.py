@@ -159,6 +159,13 @@ def test_initialize_made_for_another_input_size_names_the_fix(tmp_path):
     with pytest.raises(UserError, match=r'shape pos_embed .*for another input size: select again for this one with '
                                         r'weight_selection.py --student_kwargs \'\{"img_size": 32\}\''):
         build.load_initialization(build.build_model(args, 1000), str(tmp_path / 'ws.pth'), args)
+    # another width (a ViT-S file for a ViT-T) is not a matter of input size: no such hint
+    torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8).state_dict(), tmp_path / 's.pth')
+    args = main.parse_args(['--model', 'vit_tiny_patch16_224', '--input_size', '32', '--model_kwargs',
+                            '{"patch_size": 8}'])
+    with pytest.raises(UserError) as info:
+        build.load_initialization(build.build_model(args, 1000), str(tmp_path / 's.pth'), args)
+    assert 'pos_embed (1, 17, 384) vs (1, 17, 192)' in str(info.value) and 'input size' not in str(info.value)
 
 
 def test_yaml_and_command_line_precedence(tmp_path):
