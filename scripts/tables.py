@@ -15,11 +15,13 @@ columns (e.g. DATASETS=cifar100 MODELS=vit_tiny); DATA_PATH: the dataset's folde
 A row whose table changes the recipe passes a second --config (main.py: a later file overrides an
 earlier one), e.g. Table 9's linear probe and Table 11's 600 epochs.
 """
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import zlib
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
@@ -127,6 +129,24 @@ def data_path(dataset, env):
     return os.path.join(env['DATA_ROOT'], dataset)
 
 
+def select_extra(env, row_kwargs):
+    """SELECT_EXTRA's flags, and the row's --student_kwargs with SELECT_EXTRA's merged in (a row's own keys, such
+    as Table 5's pre_norm, stay unless SELECT_EXTRA names them)."""
+    extra, kwargs = shlex.split(env.get('SELECT_EXTRA', '')), dict(row_kwargs or {})
+    if '--student_kwargs' in extra:
+        i = extra.index('--student_kwargs')
+        try:
+            more = json.loads(extra[i + 1])
+        except (IndexError, ValueError):
+            more = None
+        if not isinstance(more, dict):
+            raise SystemExit("error: SELECT_EXTRA: --student_kwargs needs a JSON object, quoted inside the variable, "
+                             "e.g. SELECT_EXTRA=\"--student_kwargs '{\\\"img_size\\\": 32}'\"")
+        kwargs.update(more)
+        del extra[i:i + 2]
+    return extra, kwargs
+
+
 def commands(n, env):
     out = env.get('OUTPUT', 'runs')
     seeds = env.get('SEEDS', '0').split()
@@ -145,6 +165,9 @@ def commands(n, env):
                 student = sel['student'] or STUDENT[model]
                 name = slug(f"{student}_{teacher}_{sel['layers']}_{sel['elements']}_{sel['exclude']}")
                 random_sel = sel['elements'] in ('random', 'random_inconsistent')
+                extra, student_kwargs = select_extra(env, sel['student_kwargs'])
+                if extra or student_kwargs != (sel['student_kwargs'] or {}):  # another selection: its own file
+                    name += f"_x{zlib.crc32(env['SELECT_EXTRA'].encode()):08x}"
                 ws_file = os.path.join(out, 'ws', name + (f'_s{seed}' if random_sel else '') + '.pth')
                 if ws_file not in selected:
                     selected.add(ws_file)
@@ -156,10 +179,9 @@ def commands(n, env):
                         cmd += ['--teacher_checkpoint', ckpt]
                     if sel['exclude']:
                         cmd += ['--exclude', sel['exclude']]
-                    if sel['student_kwargs']:
-                        import json
-                        cmd += ['--student_kwargs', json.dumps(sel['student_kwargs'])]
-                    cmds.append(cmd + shlex.split(env.get('SELECT_EXTRA', '')))
+                    if student_kwargs:
+                        cmd += ['--student_kwargs', json.dumps(student_kwargs)]
+                    cmds.append(cmd + extra)
                 init = ['--initialize', ws_file]
             run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, f'seed{seed}')
             download = ['--download', 'true'] if env.get('DOWNLOAD') == 'true' else []
