@@ -89,29 +89,50 @@ def row_flags(table, row, dataset, model):
 
 def recipe_departures(run_dir, seed, own_flags=()):
     """How a run departs from the recipe it was launched with: the settings of its config.yaml that differ from
-    the --config files of its command (run_info.json; a later file overriding an earlier one), but for the
-    row's `own_flags`, and fewer epochs logged than it set out to train. Empty when the folder does not say
-    (no config.yaml or run_info.json, or a --config file no longer where the command found it)."""
+    the --config files of its command (run_info.json; a later file overriding an earlier one; read as main.py
+    reads them), but for the row's `own_flags` and for the per-process batch when the global batch is the
+    recipe's; and fewer epochs logged than it set out to train. Nothing is said where the folder does not say."""
     import yaml
     try:
         with open(os.path.join(run_dir, 'config.yaml')) as f:
             ran = yaml.safe_load(f) or {}
-        with open(os.path.join(run_dir, 'run_info.json')) as f:
-            command = json.load(f)['command']
-        recipe = {}
-        for flag, value in zip(command, command[1:]):
-            if flag == '--config':
-                with open(value) as f:
-                    recipe.update(yaml.safe_load(f) or {})
         with open(os.path.join(run_dir, 'log.txt')) as f:
             epochs = len({json.loads(line).get('epoch') for line in f if line.strip()})
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return []
-    found = [f'{k} {ran[k]} (recipe {v})' for k, v in recipe.items()
+    found = [f'{k} {ran[k]} (recipe {v})' for k, v in launched_recipe(run_dir).items()
              if k in ran and ran[k] != v and k not in own_flags]
+    if ran.get('global_batch_size'):  # update_freq follows the GPUs: the per-process batch is not the recipe
+        found = [f for f in found if not f.startswith(('batch_size ', 'update_freq '))]
     if isinstance(ran.get('epochs'), int) and epochs < ran['epochs']:
         found.append(f"unfinished ({epochs} of {ran['epochs']} epochs logged)")
     return [f'{seed}: ' + ', '.join(found)] if found else []
+
+
+def launched_recipe(run_dir):
+    """The flag values of the --config files in the run's command, read with main.py's own config reader
+    (relative paths from the folder the run started in); {} where they cannot be read."""
+    try:
+        with open(os.path.join(run_dir, 'run_info.json')) as f:
+            info = json.load(f)
+        command = info['command']
+        paths = [os.path.join(info.get('cwd', ''), value) for flag, value in zip(command, command[1:])
+                 if flag == '--config']
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not paths:
+        return {}
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import config
+    import main
+    from utils import UserError
+    recipe, parser = {}, main.get_args_parser()
+    try:
+        for path in paths:
+            recipe.update(config.load_config(path, parser))
+    except UserError:  # moved, deleted or edited since: no recipe to compare with
+        return {}
+    return recipe
 
 
 def collect(root):

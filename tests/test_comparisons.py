@@ -223,6 +223,28 @@ def test_collector_marks_runs_that_left_their_recipe(tmp_path):
     assert 'seed0: epochs 1 (recipe 3), input_size 32 (recipe 224)' in (tmp_path / 'res' / 'tables.csv').read_text()
 
 
+def test_recipe_departures_read_the_recipe_as_main_does(tmp_path):
+    """2e-3 (a string to YAML, a float to main.py) is the recipe's 0.002; another per-GPU batch at the recipe's
+    global batch is the recipe; a relative --config is found from the folder the run started in; a run whose
+    recipe file is gone still says it did not finish."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import collect_results
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'r.yaml').write_text('lr: 2e-3\nglobal_batch_size: 512\nbatch_size: 64\nepochs: 2\n')
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'config.yaml').write_text('lr: 0.002\nglobal_batch_size: 512\nbatch_size: 32\nepochs: 2\n')
+    (run / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': 1.0}) + '\n')
+    info = {'command': ['main.py', '--config', 'configs/r.yaml'], 'cwd': str(tmp_path)}
+    (run / 'run_info.json').write_text(json.dumps(info))
+    assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: unfinished (1 of 2 epochs logged)']
+    (run / 'config.yaml').write_text('lr: 0.001\nglobal_batch_size: 512\nbatch_size: 32\nepochs: 1\n')
+    assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: lr 0.001 (recipe 0.002), epochs 1 (recipe 2)']
+    (run / 'run_info.json').write_text(json.dumps(dict(info, cwd=str(tmp_path / 'elsewhere'))))
+    (run / 'config.yaml').write_text('lr: 0.001\nepochs: 3\n')
+    assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: unfinished (1 of 3 epochs logged)']
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 def test_curves_join_the_evaluated_epochs_of_an_eval_freq_run(tmp_path):
