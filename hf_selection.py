@@ -11,7 +11,7 @@ consistency, Section 3.2; L1 and magnitude pruning, Table 7; and l1_consistent) 
 instead, from the whole teacher tensor (l1_consistent first reads the whole teacher once, a tensor at a time,
 to rank the hidden width).
 
-Supported families: LLaMA-style (llama, mistral, qwen2, qwen3), GPT-2 and BERT. This module needs torch and
+Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text), GPT-2 and BERT. This module needs torch and
 safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
@@ -54,6 +54,7 @@ class Family:
     attn_is_hidden: bool = False  # attention width = model width (GPT-2, BERT): per dimension, q, k, v take its set
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
     weights_in_out: bool = False  # weights stored [in, out] (GPT-2's Conv1D): a neuron is a column
+    norm_init: float = 1.0  # a fresh norm weight: 1, or 0 where the model scales by (1 + weight) (Gemma)
 
 
 _LLAMA_LAYER = {
@@ -135,7 +136,16 @@ BERT = Family(
 QWEN3 = replace(LLAMA, name='qwen3', tensors={**LLAMA.tensors, 'self_attn.q_norm.weight': ('head_dim',),
                                               'self_attn.k_norm.weight': ('head_dim',)})
 
-FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gpt2': GPT2, 'bert': BERT}
+# Gemma: LLaMA whose RMSNorms scale by (1 + weight) and whose embeddings are tied by default; Gemma 2 adds a norm
+# before and after each MLP, Gemma 3 (its text model) also Qwen3's per-head q_norm/k_norm.
+GEMMA = replace(LLAMA, name='gemma', tied_default=True, norm_init=0.0)
+GEMMA2 = replace(GEMMA, name='gemma2', tensors={**GEMMA.tensors, 'pre_feedforward_layernorm.weight': ('hidden',),
+                                                'post_feedforward_layernorm.weight': ('hidden',)})
+GEMMA3 = replace(GEMMA2, name='gemma3_text', tensors={**GEMMA2.tensors, 'self_attn.q_norm.weight': ('head_dim',),
+                                                      'self_attn.k_norm.weight': ('head_dim',)})
+
+FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gemma': GEMMA, 'gemma2': GEMMA2,
+            'gemma3_text': GEMMA3, 'gpt2': GPT2, 'bert': BERT}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
 DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
@@ -647,10 +657,10 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, tied, exclude):
     return planned
 
 
-def produce(p, teacher, std, seed, selector):
+def produce(p, teacher, std, seed, selector, norm_init=1.0):
     """The student tensor of a plan: the teacher's kept elements (chosen inside the tensor by the
     TensorwiseSelector `selector` when the plan is tensorwise), or a fresh init when excluded (as
-    transformers initializes these models: norms 1, biases 0, weights N(0, initializer_range))."""
+    transformers initializes these models: norms `norm_init`, biases 0, weights N(0, initializer_range))."""
     if p.source is not None and p.tensorwise:
         return selector(p, teacher).contiguous()
     if p.source is not None:
@@ -658,7 +668,7 @@ def produce(p, teacher, std, seed, selector):
     if p.key.endswith('.bias'):
         value = torch.zeros(p.shape)
     elif component_of(p.key) == 'norm':
-        value = torch.ones(p.shape)
+        value = torch.full(p.shape, norm_init)
     else:
         value = torch.empty(p.shape).normal_(0, std, generator=_generator(seed, p.key))
     return value.to(ST_DTYPES[p.dtype])
@@ -858,7 +868,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source,
                                      'teacher_shape': list(p.teacher_shape), 'shape': list(p.shape)}
                              for p in planned}
-        write_output(output, s_cfg, planned, lambda p, std: produce(p, shards, std, seed, selector), shards,
+        write_output(output, s_cfg, planned, lambda p, std: produce(p, shards, std, seed, selector, family.norm_init), shards,
                      max_bytes, report)
     finally:
         shards.close()

@@ -234,6 +234,44 @@ def test_qwen3_per_head_norms(tmp_path, head_selection):
         assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
 
 
+GEMMAS = {'gemma': ('GemmaConfig', 'GemmaForCausalLM'), 'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM'),
+          'gemma3_text': ('Gemma3TextConfig', 'Gemma3ForCausalLM')}
+
+
+@pytest.mark.parametrize('model_type', GEMMAS)
+def test_gemma_families(tmp_path, model_type):
+    """Gemma: tied embeddings by default, and norms that scale by (1 + weight), so an excluded norm starts at 0;
+    Gemma 2 and 3 add norms before and after the MLP, Gemma 3 per-head q/k norms."""
+    config_cls, model_cls = (getattr(transformers, name) for name in GEMMAS[model_type])
+    torch.manual_seed(0)
+    config = config_cls(**{k: v for k, v in LLAMA.items() if k != 'tie_word_embeddings'}, head_dim=4)
+    model = model_cls(config).eval()
+    folder, t = save_teacher(tmp_path / 't', model), model.state_dict()
+    report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), layer_selection='uniform')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert report['meta']['family'] == model_type and 'lm_head.weight' not in report['tensors']  # tied
+    norms = ['input_layernorm', 'post_attention_layernorm'] + \
+        (['pre_feedforward_layernorm', 'post_feedforward_layernorm'] if model_type != 'gemma' else [])
+    q = rows([0, 1, 4, 5])  # whole heads, as for LLaMA
+    expected = [(f'{n}.weight', (EVEN16,)) for n in norms] + [('self_attn.q_proj.weight', (q, EVEN16)),
+                                                              ('mlp.down_proj.weight', (EVEN16, INTER_48_20))]
+    if model_type == 'gemma3_text':
+        expected += [('self_attn.q_norm.weight', (None,)), ('self_attn.k_norm.weight', (None,))]
+    for name, idx in expected:
+        assert torch.equal(s[f'model.layers.1.{name}'], pick(t[f'model.layers.2.{name}'], *idx)), name  # uniform
+    forward_finite(load_strict(str(tmp_path / 's')))
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'x'), exclude=['norm'])
+    excluded = load_strict(str(tmp_path / 'x')).state_dict()
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in excluded.items() if 'norm' in k)
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    if getattr(model.config, 'layer_types', None):
+        model.config.layer_types = model.config.layer_types[:2]
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
+
+
 # ---------------------------------------------------------------------------------------------- GPT-2
 
 def test_gpt2_every_tensor(gpt2, tmp_path):
@@ -315,7 +353,7 @@ def set_model_type(copy):
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
-    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gpt2, bert"),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, gpt2, bert"),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
