@@ -11,11 +11,12 @@ consistency, Section 3.2; L1 and magnitude pruning, Table 7; and l1_consistent) 
 instead, from the whole teacher tensor (l1_consistent first reads the whole teacher once, a tensor at a time,
 to rank the hidden width).
 
-Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text), GPT-2 and BERT. This module needs torch and
+Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3), GPT-2 and BERT. This module needs torch and
 safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
 """
+import itertools
 import json
 import math
 import os
@@ -144,8 +145,14 @@ GEMMA2 = replace(GEMMA, name='gemma2', tensors={**GEMMA.tensors, 'pre_feedforwar
 GEMMA3 = replace(GEMMA2, name='gemma3_text', tensors={**GEMMA2.tensors, 'self_attn.q_norm.weight': ('head_dim',),
                                                       'self_attn.k_norm.weight': ('head_dim',)})
 
+# Phi-3: LLaMA with q, k, v in one qkv_proj and gate, up in one gate_up_proj (rows side by side)
+PHI3 = replace(LLAMA, name='phi3', tensors={
+    **{k: v for k, v in LLAMA.tensors.items() if not k.startswith(('self_attn.', 'mlp.'))},
+    'self_attn.qkv_proj.weight': ('qkv', 'hidden'), 'self_attn.o_proj.weight': ('hidden', 'q'),
+    'mlp.gate_up_proj.weight': ('gate_up', 'hidden'), 'mlp.down_proj.weight': ('hidden', 'inter')})
+
 FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gemma': GEMMA, 'gemma2': GEMMA2,
-            'gemma3_text': GEMMA3, 'gpt2': GPT2, 'bert': BERT}
+            'gemma3_text': GEMMA3, 'phi3': PHI3, 'gpt2': GPT2, 'bert': BERT}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
 DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
@@ -295,16 +302,21 @@ def token_axes(s):
     return {'vocab': torch.arange(s.vocab), 'pos': torch.arange(s.positions)}
 
 
-def qkv_sizes(w):
-    """The widths of q, k and v, side by side in GPT-2's fused c_attn."""
+# Fused axes: the axes of the tensors side by side in one (GPT-2's c_attn and Phi-3's qkv_proj hold q, k and v;
+# Phi-3's gate_up_proj the gate and up projections).
+FUSED = {'qkv': ('q', 'kv', 'kv'), 'gate_up': ('inter', 'inter')}
+
+
+def part_sizes(fused, w):
+    """The widths of a fused axis's parts, in order, for a model's Widths."""
     sizes = axis_sizes(w)
-    return [sizes['q'], sizes['kv'], sizes['kv']]
+    return [sizes[a] for a in FUSED[fused]]
 
 
-def fused_qkv(q, kv, t):
-    """GPT-2's c_attn holds q, k and v side by side: their kept indices, offset into it."""
-    q_t, k_t, _ = qkv_sizes(t)
-    return torch.cat([q, q_t + kv, q_t + k_t + kv])
+def fuse(fused, axes, t):
+    """A fused axis's kept indices: each part's, offset to where the part starts."""
+    offsets = [0, *itertools.accumulate(part_sizes(fused, t))]
+    return torch.cat([start + axes[a] for start, a in zip(offsets, FUSED[fused])])
 
 
 def axis_indices(t, s, family, head_mode, chooser):
@@ -319,7 +331,8 @@ def axis_indices(t, s, family, head_mode, chooser):
     else:
         axes['q'] = chooser.pick(t.heads * t.head_dim, s.heads * s.head_dim)
         axes['kv'] = chooser.pick(t.kv_heads * t.head_dim, s.kv_heads * s.head_dim)
-    axes['qkv'] = fused_qkv(axes['q'], axes['kv'], t)
+    for fused in FUSED:
+        axes[fused] = fuse(fused, axes, t)
     # a per-head norm (Qwen3's q_norm, k_norm): whole when heads are kept whole, else the within-head dims
     # chosen as for any width (per dimension, a student head mixes teacher heads, so no choice is exact)
     axes['head_dim'] = chooser.pick(t.head_dim, s.head_dim)
@@ -349,7 +362,7 @@ def hidden_l1_scores(teacher, family, t):
         names = family.tensors[kind_of(key, family)]
         tensor = teacher.read(key, [None] * len(names))
         for dim, name in enumerate(names):
-            parts = zip(tensor.split(qkv_sizes(t), dim), ('q', 'kv', 'kv')) if name == 'qkv' else [(tensor, name)]
+            parts = zip(tensor.split(part_sizes(name, t), dim), FUSED[name]) if name in FUSED else [(tensor, name)]
             for part, part_name in parts:
                 if part_name in ranked:
                     scores += l1_norms(part, dim)
@@ -381,23 +394,24 @@ class TensorwiseSelector:
       - l1_consistent: the hidden width (and attention widths of its size) ranked over the whole teacher,
         other widths per tensor;
       - magnitude: the tensor's largest-magnitude weights in their order, squeezed into the student's shape.
-    A fused qkv is three tensors (q, k, v) but under magnitude, which squeezes it whole as timm's qkv. Token and
+    A fused tensor is its parts (q, k, v; gate, up) but under magnitude, which squeezes it whole as timm's qkv. Token and
     position rows stay themselves: the first ones are kept, and magnitude squeezes each row on its own (a
     token's row holds only its values). GPT-2 stores weights [in, out]: a bias follows its weight's columns."""
 
     def __init__(self, mode, seed, family, t, s, fixed):
-        self.mode, self.seed, self.family, self.fixed = mode, seed, family, fixed
-        self.t_parts, self.s_parts = qkv_sizes(t), qkv_sizes(s)
+        self.mode, self.seed, self.family, self.fixed, self.t, self.s = mode, seed, family, fixed, t, s
 
     def __call__(self, p, teacher):
         tensor = teacher.read(p.source, [None] * len(p.names))
         anchor = self.anchor(p, teacher)
-        if 'qkv' not in p.names or self.mode == 'magnitude':  # magnitude squeezes a fused qkv whole, as timm's
+        fused = [a for a in p.names if a in FUSED]
+        if not fused or self.mode == 'magnitude':  # magnitude squeezes a fused tensor whole, as timm's qkv
             return self.select(tensor, p.names, p.shape, p.key, anchor)
-        dim = p.names.index('qkv')
-        anchors = [None] * 3 if anchor is None else anchor.split(self.t_parts, 0)
+        dim, t_sizes = p.names.index(fused[0]), part_sizes(fused[0], self.t)
+        anchors = [None] * len(t_sizes) if anchor is None else anchor.split(t_sizes, 0)
         parts = []
-        for i, (part, name, size) in enumerate(zip(tensor.split(self.t_parts, dim), ('q', 'kv', 'kv'), self.s_parts)):
+        for i, (part, name, size) in enumerate(zip(tensor.split(t_sizes, dim), FUSED[fused[0]],
+                                                   part_sizes(fused[0], self.s))):
             names, shape = list(p.names), list(p.shape)
             names[dim], shape[dim] = name, size
             parts.append(self.select(part, names, shape, f'{p.key}[{i}]', anchors[i]))
@@ -614,7 +628,7 @@ def axis_sizes(w):
     """{axis name: size} of a model's Widths."""
     q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
     return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
-            'qkv': q + 2 * kv, 'head_dim': w.head_dim}
+            'qkv': q + 2 * kv, 'gate_up': 2 * w.inter, 'head_dim': w.head_dim}
 
 
 def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):

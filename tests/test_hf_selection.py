@@ -272,6 +272,35 @@ def test_gemma_families(tmp_path, model_type):
         assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
 
 
+def test_phi3_fused_projections(tmp_path):
+    """Phi-3 holds q, k, v in one qkv_proj and gate, up in one gate_up_proj: each part keeps the rows its own
+    tensor would (whole heads with their KV groups; the MLP width's set in both halves)."""
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(**LLAMA, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    folder, t = save_teacher(tmp_path / 't', model), model.state_dict()
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    q, kv = rows([0, 1, 4, 5]), rows([0, 2])  # as for the LLaMA teacher of the same shape
+    qkv = q + [32 + i for i in kv] + [48 + i for i in kv]  # q rows 0..31, k 32..47, v 48..63
+    assert selected(s, t, 'model.layers.0.self_attn.qkv_proj.weight', qkv, EVEN16)
+    assert selected(s, t, 'model.layers.0.self_attn.o_proj.weight', EVEN16, q)
+    assert selected(s, t, 'model.layers.0.mlp.gate_up_proj.weight', INTER_48_20 + [48 + i for i in INTER_48_20], EVEN16)
+    assert selected(s, t, 'model.layers.0.mlp.down_proj.weight', EVEN16, INTER_48_20)
+    forward_finite(load_strict(str(tmp_path / 's')))
+    for mode in hf_selection.TENSORWISE:  # the parts chosen each on its own, the whole loads
+        hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / mode), element_selection=mode)
+        forward_finite(load_strict(str(tmp_path / mode)))
+    w = t['model.layers.0.mlp.gate_up_proj.weight']
+    l1 = load_strict(str(tmp_path / 'l1')).state_dict()['model.layers.0.mlp.gate_up_proj.weight']
+    assert torch.equal(l1, torch.cat([pick(h, top_l1(h, 0, 20), top_l1(h, 1, 16)) for h in (w[:48], w[48:])]))
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
+
+
 # ---------------------------------------------------------------------------------------------- GPT-2
 
 def test_gpt2_every_tensor(gpt2, tmp_path):
@@ -353,7 +382,7 @@ def set_model_type(copy):
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
-    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, gpt2, bert"),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2, bert"),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
