@@ -9,12 +9,14 @@ choice made on the test set.
 """
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tables.py, beside this file
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tables.py beside this file; main.py and config.py above it
 
 # The paper's numbers: PAPER[table][(row slug, dataset, model)] = test acc@1.
 _T2 = {'imagenet': (73.9, 75.6, 76.1, 76.4), 'svhn': (94.9, 96.5, 95.7, 96.9), 'food101': (79.6, 86.9, 86.9, 89.0),
@@ -120,19 +122,28 @@ def launched_recipe(run_dir):
                  if flag == '--config']
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    if not paths:
-        return {}
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return dict(read_recipe(tuple(paths))) if paths else {}
+
+
+@functools.lru_cache(maxsize=None)
+def read_recipe(paths):
+    """The flag values of these --config files, a later one overriding an earlier one, as main.py reads them
+    (read once for all the runs that share them); () when one cannot be read (moved, deleted or edited since)."""
     import config
-    import main
     from utils import UserError
-    recipe, parser = {}, main.get_args_parser()
+    recipe = {}
     try:
         for path in paths:
-            recipe.update(config.load_config(path, parser))
-    except UserError:  # moved, deleted or edited since: no recipe to compare with
-        return {}
-    return recipe
+            recipe.update(config.load_config(path, main_parser()))
+    except UserError:
+        return ()
+    return tuple(recipe.items())
+
+
+@functools.lru_cache(maxsize=None)
+def main_parser():
+    import main
+    return main.get_args_parser()
 
 
 def collect(root):
