@@ -360,7 +360,7 @@ def hidden_l1_scores(teacher, family, t):
         if DROPPED.search(key):
             continue
         names = family.tensors[kind_of(key, family)]
-        tensor = teacher.read(key, [None] * len(names))
+        tensor = teacher.read(key)
         for dim, name in enumerate(names):
             parts = zip(tensor.split(part_sizes(name, t), dim), FUSED[name]) if name in FUSED else [(tensor, name)]
             for part, part_name in parts:
@@ -402,7 +402,7 @@ class TensorwiseSelector:
         self.mode, self.seed, self.family, self.fixed, self.t, self.s = mode, seed, family, fixed, t, s
 
     def __call__(self, p, teacher):
-        tensor = teacher.read(p.source, [None] * len(p.names))
+        tensor = teacher.read(p.source)
         anchor = self.anchor(p, teacher)
         fused = [a for a in p.names if a in FUSED]
         if not fused or self.mode == 'magnitude':  # magnitude squeezes a fused tensor whole, as timm's qkv
@@ -424,7 +424,7 @@ class TensorwiseSelector:
         weight = p.source[:-len('bias')] + 'weight'
         if weight not in teacher.header:
             return None
-        value = teacher.read(weight, [None] * len(teacher.header[weight][1]))
+        value = teacher.read(weight)
         return value.t() if self.family.weights_in_out and value.ndim == 2 else value
 
     def select(self, tensor, names, shape, key, anchor):
@@ -523,9 +523,9 @@ class TeacherShards:
         finally:
             os.close(fd)
 
-    def read(self, key, indices):
-        """The tensor `key` with only `indices[d]` kept along dimension d (None: all). Only the rows from
-        the first to the last kept one are read from the file; the kept elements are then taken, by a
+    def read(self, key, indices=()):
+        """The tensor `key` with only `indices[d]` kept along dimension d (None, or no `indices`: all). Only the
+        rows from the first to the last kept one are read from the file; the kept elements are then taken, by a
         strided slice where they are evenly spaced (Algorithm 1 when the sizes divide), else by index."""
         lo, hi = self.row_span(key, indices)
         name = self.where[key]
