@@ -11,8 +11,9 @@ consistency, Section 3.2; L1 and magnitude pruning, Table 7; and l1_consistent) 
 instead, from the whole teacher tensor (l1_consistent first reads the whole teacher once, a tensor at a time,
 to rank the hidden width).
 
-Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3), GPT-2 and BERT. This module needs torch and
-safetensors only; transformers is not imported (configs are JSON).
+Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2), mixtures of
+experts (mixtral, olmoe, qwen2_moe, qwen3_moe: whole experts kept, the same in every layer), GPT-2 and BERT. This
+module needs torch and safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
 """
@@ -56,6 +57,8 @@ class Family:
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
     weights_in_out: bool = False  # weights stored [in, out] (GPT-2's Conv1D): a neuron is a column
     norm_init: float = 1.0  # a fresh norm weight: 1, or 0 where the model scales by (1 + weight) (Gemma)
+    expert_key: re.Pattern = None  # mixtures of experts: key after the layer -> (experts prefix, expert, rest)
+    sparse_layers: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers say which layers are dense
 
 
 _LLAMA_LAYER = {
@@ -151,8 +154,52 @@ PHI3 = replace(LLAMA, name='phi3', tensors={
     'self_attn.qkv_proj.weight': ('qkv', 'hidden'), 'self_attn.o_proj.weight': ('hidden', 'q'),
     'mlp.gate_up_proj.weight': ('gate_up', 'hidden'), 'mlp.down_proj.weight': ('hidden', 'inter')})
 
+# OLMo 2: LLaMA whose norms come after attention and after the MLP (no input norm), with an RMSNorm over all of
+# the queries and all of the keys (not per head)
+_QK_NORMS = {'self_attn.q_norm.weight': ('q',), 'self_attn.k_norm.weight': ('kv',)}
+OLMO2 = replace(LLAMA, name='olmo2', tensors={
+    **{k: v for k, v in LLAMA.tensors.items() if k != 'input_layernorm.weight'},
+    'post_feedforward_layernorm.weight': ('hidden',), **_QK_NORMS})
+
+# Mixtures of experts: a router (one row per expert) and experts that are LLaMA MLPs of width 'expert_inter'. The
+# checkpoint holds one tensor per expert, its key naming the expert; a kind names them all with '*'.
+_ATTENTION = {k: v for k, v in LLAMA.tensors.items() if not k.startswith('mlp.')}
+_MOE_FIELDS = dict(LLAMA.fields, experts=('num_experts', 'num_local_experts'), top_k='num_experts_per_tok',
+                   expert_inter='intermediate_size')
+
+
+def _experts(prefix, gate, up, down):
+    return {f'{prefix}.*.{gate}.weight': ('expert_inter', 'hidden'),
+            f'{prefix}.*.{up}.weight': ('expert_inter', 'hidden'),
+            f'{prefix}.*.{down}.weight': ('hidden', 'expert_inter')}
+
+
+MIXTRAL = replace(LLAMA, name='mixtral', fields=dict(_MOE_FIELDS, experts='num_local_experts'),
+                  expert_key=re.compile(r'^(block_sparse_moe\.experts)\.(\d+)\.(.+)$'), tensors={
+                      **_ATTENTION, 'block_sparse_moe.gate.weight': ('experts', 'hidden'),
+                      **_experts('block_sparse_moe.experts', 'w1', 'w3', 'w2')})
+_MLP_EXPERTS = re.compile(r'^(mlp\.experts)\.(\d+)\.(.+)$')
+_MLP_EXPERT_TENSORS = {'mlp.gate.weight': ('experts', 'hidden'),
+                       **_experts('mlp.experts', 'gate_proj', 'up_proj', 'down_proj')}
+OLMOE = replace(LLAMA, name='olmoe', fields=dict(_MOE_FIELDS, experts='num_experts'), expert_key=_MLP_EXPERTS,
+                tensors={**_ATTENTION, **_QK_NORMS, **_MLP_EXPERT_TENSORS})
+# Qwen-MoE: experts of moe_intermediate_size; the layers that mlp_only_layers or decoder_sparse_step name keep a
+# dense MLP of intermediate_size. Qwen2-MoE adds a shared expert, always used, weighted by its own 1-row gate.
+# transformers 5 writes Qwen3-MoE's num_experts as num_local_experts: either is read.
+_QWEN_MOE_FIELDS = dict(_MOE_FIELDS, expert_inter='moe_intermediate_size')
+_SHARED_EXPERT = {'mlp.shared_expert.gate_proj.weight': ('shared_inter', 'hidden'),
+                  'mlp.shared_expert.up_proj.weight': ('shared_inter', 'hidden'),
+                  'mlp.shared_expert.down_proj.weight': ('hidden', 'shared_inter'),
+                  'mlp.shared_expert_gate.weight': ('same', 'hidden')}
+QWEN2_MOE = replace(LLAMA, name='qwen2_moe', expert_key=_MLP_EXPERTS, sparse_layers=True,
+                    fields=dict(_QWEN_MOE_FIELDS, shared_inter='shared_expert_intermediate_size'),
+                    tensors={**LLAMA.tensors, **_MLP_EXPERT_TENSORS, **_SHARED_EXPERT})
+QWEN3_MOE = replace(QWEN3, name='qwen3_moe', fields=_QWEN_MOE_FIELDS, expert_key=_MLP_EXPERTS, sparse_layers=True,
+                    tensors={**QWEN3.tensors, **_MLP_EXPERT_TENSORS})
+
 FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gemma': GEMMA, 'gemma2': GEMMA2,
-            'gemma3_text': GEMMA3, 'phi3': PHI3, 'gpt2': GPT2, 'bert': BERT}
+            'gemma3_text': GEMMA3, 'phi3': PHI3, 'olmo2': OLMO2, 'mixtral': MIXTRAL, 'olmoe': OLMOE,
+            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt2': GPT2, 'bert': BERT}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
 DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
@@ -179,10 +226,27 @@ class Widths:
     layers: int
     vocab: int
     positions: int = 0
+    experts: int = 0       # mixtures of experts: experts per layer,
+    top_k: int = 0         # experts used per token,
+    expert_inter: int = 0  # an expert's MLP width,
+    shared_inter: int = 0  # and the shared expert's (Qwen2-MoE)
+
+
+def field_names(family, width):
+    """The config.json names of a width (some have two: transformers 5 renamed Qwen3-MoE's num_experts)."""
+    names = family.fields[width]
+    return (names,) if isinstance(names, str) else names
+
+
+def field_name(config, family, width):
+    """The name config.json uses for a width: the first of its names that the config holds."""
+    names = field_names(family, width)
+    return next((n for n in names if n in config), names[0])
 
 
 def check_whole_numbers(config, family, where):
-    bad = [name for name in list(family.fields.values()) + ['head_dim'] if config.get(name) is not None
+    bad = [name for name in [field_name(config, family, w) for w in family.fields] + ['head_dim']
+           if config.get(name) is not None
            and (isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0)]
     if bad:
         raise UserError(f"{where}: {bad[0]} must be a whole number, got {config[bad[0]]!r}")
@@ -190,7 +254,7 @@ def check_whole_numbers(config, family, where):
 
 def widths_of(config, family, where):
     """The sizes that name every tensor's axes, read from a config.json dict."""
-    f = family.fields
+    f = {width: field_name(config, family, width) for width in family.fields}
     missing = [name for key, name in f.items() if key not in ('inter', 'kv_heads') and name not in config]
     if missing:
         raise UserError(f"{where}: config has no {', '.join(missing)}")
@@ -203,8 +267,13 @@ def widths_of(config, family, where):
         raise UserError(f'{where}: {heads} attention heads do not divide into {kv_heads} key/value heads')
     if 'head_dim' not in config and hidden % heads:
         raise UserError(f'{where}: hidden size {hidden} does not divide into {heads} attention heads')
-    return Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], config[f['vocab']],
-                  config.get(f.get('positions', ''), 0) or 0)
+    optional = {w: config.get(f[w], 0) or 0 for w in ('positions', 'experts', 'top_k', 'expert_inter', 'shared_inter')
+                if w in f}
+    w = Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], config[f['vocab']], **optional)
+    if w.experts and not 0 < w.top_k <= w.experts:
+        raise UserError(f"{where}: {f['top_k']} is {w.top_k}; it must be between 1 and {f['experts']} ({w.experts}), "
+                        f'the experts a token can use')
+    return w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,13 +295,17 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     (layer_types) follow layer selection, and head_dim is written out when the teacher's was explicit, so
     both sides agree on it."""
     extra = ('head_dim',) if family.rotary else ()  # LLaMA-style models honour an explicit head_dim
-    unknown = [k for k in overrides if k not in t_cfg and k not in family.fields.values() and k not in extra]
+    known = {name for width in family.fields for name in field_names(family, width)}
+    unknown = [k for k in overrides if k not in t_cfg and k not in known and k not in extra]
     if unknown:
         raise UserError(f"--student_config: '{unknown[0]}' is not a field of the teacher's config.json "
                         f'({t_cfg.get("model_type")}); check its spelling')
     if overrides.get('model_type', t_cfg.get('model_type')) != t_cfg.get('model_type'):
         raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
                         f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
+    for width in family.fields:  # a width's other name (num_experts for num_local_experts): the teacher's name
+        t_name = field_name(t_cfg, family, width)
+        overrides = {t_name if k in field_names(family, width) else k: v for k, v in overrides.items()}
     s_cfg = {**t_cfg, **overrides}
     check_whole_numbers(s_cfg, family, 'student')
     t_hd = t_cfg.get('head_dim')
@@ -247,7 +320,27 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if isinstance(t_cfg.get('layer_types'), list) and 'layer_types' not in overrides \
             and len(t_cfg['layer_types']) == n_t:
         s_cfg['layer_types'] = [t_cfg['layer_types'][i] for i in layer_map]
+    if family.sparse_layers:
+        given = [k for k in ('mlp_only_layers', 'decoder_sparse_step') if k in overrides]
+        if given:
+            raise UserError(f'--student_config: {given[0]} follows layer selection (a student layer has a dense MLP '
+                            f'where its teacher layer has one); leave it out')
+        dense = dense_layers(t_cfg, n_t)
+        if dense:  # the student names its dense layers one by one
+            s_cfg['mlp_only_layers'] = [j for j, i in enumerate(layer_map) if i in dense]
+            s_cfg['decoder_sparse_step'] = 1
     return s_cfg, layer_map
+
+
+def dense_layers(config, n_layers):
+    """Qwen-MoE's layers with a dense MLP instead of experts, as transformers decides: those mlp_only_layers
+    lists and those decoder_sparse_step steps over (a layer i has experts when (i + 1) % step == 0)."""
+    only, step = config.get('mlp_only_layers') or [], config.get('decoder_sparse_step', 1)
+    if not isinstance(only, list) or not all(isinstance(i, int) for i in only) \
+            or not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise UserError(f'teacher config: mlp_only_layers must be a list of layers and decoder_sparse_step a '
+                        f'positive whole number, got {only!r} and {step!r}')
+    return {i for i in range(n_layers) if i in only or (i + 1) % step}
 
 
 def layer_map_for(selection):
@@ -322,7 +415,9 @@ def fuse(fused, axes, t):
 def axis_indices(t, s, family, head_mode, chooser):
     """{axis name: teacher indices kept} for every axis of the family (a consistent element selection)."""
     hidden = chooser.pick(t.hidden, s.hidden)
-    axes = {'hidden': hidden, 'inter': chooser.pick(t.inter, s.inter), **token_axes(s)}
+    axes = {'hidden': hidden, 'inter': chooser.pick(t.inter, s.inter), **token_axes(s),
+            'expert_inter': chooser.pick(t.expert_inter, s.expert_inter),
+            'shared_inter': chooser.pick(t.shared_inter, s.shared_inter)}
     if head_mode == 'heads':
         q_heads, kv_heads = head_selection(t, s, chooser)
         axes['q'], axes['kv'] = expand_heads(q_heads, t.head_dim), expand_heads(kv_heads, t.head_dim)
@@ -369,11 +464,11 @@ def hidden_l1_scores(teacher, family, t):
     return scores
 
 
-def tensorwise_axes(t, s, family, mode, teacher):
-    """The axes fixed for every tensor under a tensorwise selection: tokens and positions (the first ones) and,
-    for l1_consistent, the ranked widths (their top indices by the whole teacher's L1 sums, Section 3.2's
-    consistency)."""
-    axes = token_axes(s)
+def tensorwise_axes(t, s, family, mode, teacher, experts):
+    """The axes fixed for every tensor under a tensorwise selection: tokens and positions (the first ones), the
+    experts kept, and, for l1_consistent, the ranked widths (their top indices by the whole teacher's L1 sums,
+    Section 3.2's consistency)."""
+    axes = {**token_axes(s), 'experts': experts}
     if mode == 'l1_consistent':
         scores, s_sizes = hidden_l1_scores(teacher, family, t), axis_sizes(s)
         for name in ranked_widths(t):
@@ -381,7 +476,7 @@ def tensorwise_axes(t, s, family, mode, teacher):
     return axes
 
 
-ROW_AXES = ('vocab', 'pos', 'same')  # a row is one token, position or output: it stays itself
+ROW_AXES = ('vocab', 'pos', 'same', 'experts')  # a row is one token, position, output or expert: it stays itself
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -467,7 +562,8 @@ class TensorwiseSelector:
 
 def check_not_wider(t, s):
     sizes = [('hidden', 'hidden size'), ('inter', 'intermediate size'), ('heads', 'attention heads'),
-             ('kv_heads', 'key/value heads'), ('positions', 'positions')]
+             ('kv_heads', 'key/value heads'), ('positions', 'positions'), ('experts', 'experts'),
+             ('expert_inter', "experts' intermediate size"), ('shared_inter', "shared expert's intermediate size")]
     for name, words in sizes:
         if getattr(s, name) > getattr(t, name):
             raise UserError(f'the student has {words} {getattr(s, name)} where the teacher has {getattr(t, name)}; '
@@ -602,33 +698,40 @@ def component_of(key):
         return 'norm'
     if 'attn' in key or 'attention.' in key:
         return 'attn'
-    return 'mlp' if re.search(r'(mlp|intermediate|output)\.', key) else None
+    return 'mlp' if re.search(r'(mlp|intermediate|output|block_sparse_moe)\.', key) else None
 
 
 def kind_of(key, family):
-    """A teacher key without its layer prefix: the name of its tensor in family.tensors."""
+    """A teacher key without its layer prefix (and with '*' for its expert): its tensor's name in family.tensors."""
     return student_keys(key, family, [])[1]
 
 
-def student_keys(key, family, layer_map):
-    """The student keys a teacher key becomes: none when its layer is dropped, one per student layer
-    that selects it otherwise."""
+def student_keys(key, family, layer_map, expert_map=()):
+    """The student keys a teacher key becomes: none when its layer (or expert) is dropped, one per student layer
+    (and expert) that selects it otherwise."""
     m = family.block.match(key)
     if m is None:
         if key not in family.tensors:
             raise UserError(f"teacher tensor '{key}' is not one this selector knows for {family.name} models")
         return [key], key
     prefix, layer, rest = m[1], int(m[2]), m[3]
-    if rest not in family.tensors:
+    e = family.expert_key.match(rest) if family.expert_key else None
+    kind = rest if e is None else f'{e[1]}.*.{e[3]}'
+    if kind not in family.tensors:
         raise UserError(f"teacher tensor '{key}' is not one this selector knows for {family.name} models")
-    return [f'{prefix}.{j}.{rest}' for j, i in enumerate(layer_map) if i == layer], rest
+    layers = [f'{prefix}.{j}' for j, i in enumerate(layer_map) if i == layer]
+    if e is None:
+        return [f'{p}.{rest}' for p in layers], kind
+    experts = [k for k, x in enumerate(expert_map) if x == int(e[2])]
+    return [f'{p}.{e[1]}.{k}.{e[3]}' for p in layers for k in experts], kind
 
 
 def axis_sizes(w):
     """{axis name: size} of a model's Widths."""
     q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
     return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
-            'qkv': q + 2 * kv, 'gate_up': 2 * w.inter, 'head_dim': w.head_dim}
+            'qkv': q + 2 * kv, 'gate_up': 2 * w.inter, 'head_dim': w.head_dim, 'experts': w.experts,
+            'expert_inter': w.expert_inter, 'shared_inter': w.shared_inter}
 
 
 def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
@@ -650,13 +753,13 @@ def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
     return Planned(s_key, t_key, shape, dtype, t_shape, indices, names)
 
 
-def plan_tensors(teacher, family, t, s, axes, layer_map, tied, exclude):
+def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclude):
     """Planned student tensors in the teacher's file order (reads go forward through each shard)."""
     planned, embed_key, embed_kind = [], None, None
     for t_key in teacher.in_file_order():
         if DROPPED.search(t_key):
             continue
-        s_keys, kind = student_keys(t_key, family, layer_map)
+        s_keys, kind = student_keys(t_key, family, layer_map, expert_map)
         if kind in family.embed:
             embed_key, embed_kind = t_key, kind
         if kind == family.head and tied:
@@ -668,7 +771,26 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, tied, exclude):
         # an untied student of a tied teacher: its output layer starts as the shared embedding
         planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, s, axes,
                                 'embed' in exclude))
+    if family.expert_key:
+        check_experts_whole(planned, family, layer_map, expert_map)
     return planned
+
+
+def check_experts_whole(planned, family, layer_map, expert_map):
+    """Every student layer with experts has each of its experts' tensors: a teacher checkpoint that lacks one
+    stops here, rather than leaving a student expert to a random init when the student loads."""
+    have = {}
+    for p in planned:
+        m = family.block.match(p.key)
+        e = m and family.expert_key.match(m[3])
+        if e:
+            have.setdefault((m[1], int(m[2]), e[1], e[3]), set()).add(int(e[2]))
+    for (prefix, j, experts, rest), kept in sorted(have.items()):
+        lost = [k for k in range(len(expert_map)) if k not in kept]
+        if lost:
+            raise UserError(f"the teacher has no '{prefix}.{layer_map[j]}.{experts}.{expert_map[lost[0]]}.{rest}' "
+                            f'though its config.json says each layer has {max(expert_map) + 1} experts or more; '
+                            f'the checkpoint does not match its config')
 
 
 def produce(p, teacher, std, seed, selector, norm_init=1.0):
@@ -861,21 +983,25 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     check_not_wider(t, s)
     head_mode = 'dims' if tensorwise else \
         head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
-    axes = None if tensorwise else axis_indices(t, s, family, head_mode, IndexChooser(element_selection, seed))
+    chooser = IndexChooser('uniform' if tensorwise else element_selection, seed)
+    experts = chooser.pick(t.experts, s.experts)  # the experts kept, in order: an axis that every mode keeps whole
+    axes = None if tensorwise else {**axis_indices(t, s, family, head_mode, chooser), 'experts': experts}
     shards = TeacherShards(folder)
     try:
-        planned = plan_tensors(shards, family, t, s, axes, layer_map,
+        planned = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
                                s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude))
         selector = None
         if tensorwise:  # after the plan, which checks every teacher shape against the config
             selector = TensorwiseSelector(element_selection, seed, family, t, s,
-                                          tensorwise_axes(t, s, family, element_selection, shards))
+                                          tensorwise_axes(t, s, family, element_selection, shards, experts))
         report = {'meta': {
             'teacher': teacher, 'teacher_folder': os.path.abspath(folder), 'family': family.name,
             'student_config': s_cfg, 'student_overrides': overrides,
             'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
                          'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
             'layer_map': layer_map, 'versions': utils.versions(('safetensors',))}}
+        if family.expert_key:
+            report['meta']['experts'] = experts.tolist()  # the teacher expert of each student expert
         if head_mode == 'heads':  # which teacher heads the student's heads are, in order
             report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
                                        'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}
@@ -939,7 +1065,8 @@ def run(args):
     acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
     ranking = ' (with the whole teacher once for the ranking)' if args.element_selection == 'l1_consistent' else ''
 
-    print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}, "
+    experts = f", experts {meta['experts']}" if 'experts' in meta else ''
+    print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}{experts}, "
           f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "
           f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's "
           f"{meta['teacher_bytes'] / 1e6:.1f} MB{ranking}; "

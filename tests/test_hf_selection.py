@@ -1,5 +1,6 @@
-"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2, GPT-2 and BERT
-teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
+"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2/3, Gemma,
+Phi-3, OLMo 2, mixtures of experts, GPT-2 and BERT teachers saved in shards by transformers; every student tensor
+is checked against index lists written out here."""
 import json
 import os
 import shutil
@@ -301,6 +302,185 @@ def test_phi3_fused_projections(tmp_path):
         assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
 
 
+def test_olmo2_norms_after_attention_and_mlp(tmp_path):
+    """OLMo 2: no input norm, a norm after attention and after the MLP, and an RMSNorm over all the queries and
+    all the keys: each norm keeps the rows of the projection it follows (whole heads with their KV groups)."""
+    torch.manual_seed(0)
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**LLAMA, pad_token_id=0, eos_token_id=0)).eval()
+    folder, t = save_teacher(tmp_path / 't', model), model.state_dict()
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    q, kv = rows([0, 1, 4, 5]), rows([0, 2])
+    for name, idx in [('self_attn.q_norm.weight', (q,)), ('self_attn.k_norm.weight', (kv,)),
+                      ('self_attn.q_proj.weight', (q, EVEN16)), ('self_attn.k_proj.weight', (kv, EVEN16)),
+                      ('post_attention_layernorm.weight', (EVEN16,)), ('post_feedforward_layernorm.weight', (EVEN16,)),
+                      ('mlp.down_proj.weight', (EVEN16, INTER_48_20))]:
+        assert selected(s, t, f'model.layers.2.{name}', *idx), name
+    assert not any('input_layernorm' in k for k in s)
+    forward_finite(load_strict(str(tmp_path / 's')))
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
+
+
+# ---------------------------------------------------------------------------------------------- mixtures of experts
+
+# model_type: config and model classes, the teacher's MoE fields, the student's, and the expert's key and projections
+MOES = {
+    'mixtral': ('MixtralConfig', 'MixtralForCausalLM', dict(num_local_experts=8), dict(num_local_experts=4),
+                'block_sparse_moe', ('w1', 'w3', 'w2')),
+    'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM', dict(num_experts=8), dict(num_experts=4), 'mlp',
+              ('gate_proj', 'up_proj', 'down_proj')),
+    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM', dict(num_experts=8, moe_intermediate_size=48, head_dim=4),
+                  dict(num_experts=4, moe_intermediate_size=20), 'mlp', ('gate_proj', 'up_proj', 'down_proj')),
+    'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM',
+                  dict(num_experts=8, moe_intermediate_size=48, shared_expert_intermediate_size=128),
+                  dict(num_experts=4, moe_intermediate_size=20, shared_expert_intermediate_size=48), 'mlp',
+                  ('gate_proj', 'up_proj', 'down_proj')),
+}
+
+
+def saved_tensors(folder):
+    """A saved model's tensors as stored (experts one by one), read with the safetensors package."""
+    from safetensors.torch import load_file
+    return {k: v for name in os.listdir(folder) if name.endswith('.safetensors')
+            for k, v in load_file(os.path.join(folder, name)).items()}
+
+
+def moe_teacher(tmp_path, model_type, **extra):
+    config_cls, model_cls, teacher, student, moe, projections = MOES[model_type]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**LLAMA, **teacher, **extra, num_experts_per_tok=2, pad_token_id=0,
+                                               eos_token_id=0, bos_token_id=0)
+    model = getattr(transformers, model_cls)(config).eval()
+    return save_teacher(tmp_path / 't', model), model, dict(LLAMA_STUDENT, **student), moe, projections
+
+
+@pytest.mark.parametrize('model_type', MOES)
+def test_mixture_of_experts_keeps_whole_experts_and_their_router_rows(tmp_path, model_type):
+    """8 experts -> 4: Algorithm 1's uniform set 0, 2, 4, 6 (stride 8 // 4), each expert selected as a LLaMA MLP and
+    the router keeping those experts' rows; checked on the files as stored, and the student loads and runs."""
+    folder, _, student, moe, (gate, up, down) = moe_teacher(tmp_path, model_type)
+    report = hf_selection.select_hf(folder, student, str(tmp_path / 's'), layer_selection='uniform')
+    load_strict(str(tmp_path / 's'))
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    kept = [0, 2, 4, 6]
+    assert report['meta']['experts'] == kept and report['meta']['family'] == model_type
+    for j, i in enumerate([0, 2, 4]):
+        router = f'model.layers.{{}}.{moe}.gate.weight'
+        assert torch.equal(s[router.format(j)], pick(t[router.format(i)], kept, EVEN16))
+        for k, e in enumerate(kept):
+            for name, idx in [(gate, (INTER_48_20, EVEN16)), (up, (INTER_48_20, EVEN16)),
+                              (down, (EVEN16, INTER_48_20))]:
+                key = f'model.layers.{{}}.{moe}.experts.{{}}.{name}.weight'
+                assert torch.equal(s[key.format(j, k)], pick(t[key.format(i, e)], *idx)), (j, k, name)
+    assert not any(f'experts.{k}.' in key for key in s for k in range(4, 8))
+    if model_type == 'qwen2_moe':  # the shared expert is one more MLP; its 1-row gate keeps its row
+        for name, idx in [('shared_expert.up_proj', (INTER_128_48, EVEN16)), ('shared_expert_gate', (None, EVEN16))]:
+            key = f'model.layers.{{}}.mlp.{name}.weight'
+            assert torch.equal(s[key.format(1)], pick(t[key.format(2)], *idx))
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+@pytest.mark.parametrize('model_type', MOES)
+def test_mixture_of_experts_tensorwise_modes_keep_the_uniform_experts(tmp_path, model_type):
+    """The per-tensor modes choose inside each tensor, but the experts (and so the router's rows) are the same set
+    in every layer: uniform. Under magnitude, each router row keeps its own largest weights, in order."""
+    folder, _, student, moe, _ = moe_teacher(tmp_path, model_type)
+    t = saved_tensors(folder)
+    for mode in hf_selection.TENSORWISE:
+        report = hf_selection.select_hf(folder, student, str(tmp_path / mode), element_selection=mode)
+        assert report['meta']['experts'] == [0, 2, 4, 6]
+        forward_finite(load_strict(str(tmp_path / mode)))
+    router = t[f'model.layers.1.{moe}.gate.weight'][[0, 2, 4, 6]]
+    largest = router.abs().topk(16, dim=1).indices.sort(dim=1).values
+    s = saved_tensors(str(tmp_path / 'magnitude'))
+    assert torch.equal(s[f'model.layers.1.{moe}.gate.weight'], router.gather(1, largest))
+
+
+@pytest.mark.parametrize('model_type', MOES)
+def test_mixture_of_experts_same_width_shallower_is_the_truncated_teacher(tmp_path, model_type):
+    folder, model, _, _, _ = moe_teacher(tmp_path, model_type)
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
+
+
+@pytest.mark.parametrize('model_type,dense,layer_selection,student_dense', [
+    ('qwen3_moe', dict(mlp_only_layers=[2]), 'uniform', [1]),     # teacher layers 0, 2, 4: the second is dense
+    ('qwen2_moe', dict(decoder_sparse_step=2), 'first', [0, 2]),  # experts in layers 1, 3, 5 only
+])
+def test_qwen_moe_dense_layers_follow_layer_selection(tmp_path, model_type, dense, layer_selection, student_dense):
+    """A student layer has a dense MLP where its teacher layer has one: the student's config names them."""
+    folder, _, student, _, _ = moe_teacher(tmp_path, model_type, **dense)
+    report = hf_selection.select_hf(folder, student, str(tmp_path / 's'), layer_selection=layer_selection)
+    config = json.load(open(tmp_path / 's' / 'config.json'))
+    assert config['mlp_only_layers'] == student_dense and config['decoder_sparse_step'] == 1
+    s, t = load_strict(str(tmp_path / 's')).state_dict(), saved_tensors(folder)
+    teacher_of = report['meta']['layer_map']
+    for j in range(3):
+        has_experts = any(k.startswith(f'model.layers.{j}.mlp.experts') for k in s)
+        assert has_experts == (j not in student_dense)
+        if j in student_dense:
+            assert torch.equal(s[f'model.layers.{j}.mlp.down_proj.weight'],
+                               pick(t[f'model.layers.{teacher_of[j]}.mlp.down_proj.weight'], EVEN16, INTER_48_20))
+    forward_finite(load_strict(str(tmp_path / 's')))
+    with pytest.raises(UserError, match='mlp_only_layers follows layer selection'):
+        hf_selection.select_hf(folder, dict(student, mlp_only_layers=[]), str(tmp_path / 'x'))
+
+
+def remove_expert(copy):
+    """Drop expert 2 of layer 0 from its shard (rewritten without it) and from the index."""
+    from safetensors.torch import load_file, save_file
+    key = 'model.layers.0.block_sparse_moe.experts.2.w2.weight'
+    shard = copy / shard_of(copy, key)
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard), metadata={'format': 'pt'})
+    index = json.load(open(copy / 'model.safetensors.index.json'))
+    del index['weight_map'][key]
+    json.dump(index, open(copy / 'model.safetensors.index.json', 'w'))
+
+
+@pytest.mark.parametrize('damage,overrides,match', [
+    (None, {'num_local_experts': 16}, 'the student has experts 16 where the teacher has 8'),
+    (None, {'num_local_experts': 1}, r'student: num_experts_per_tok is 2; it must be between 1 and num_local_experts \(1\)'),
+    (None, {'num_experts': 4}, "'num_experts' is not a field"),
+    (remove_expert, {'num_local_experts': 4},
+     r"no 'model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight'.*does not match its config"),
+])
+def test_mixture_of_experts_bad_input(tmp_path, damage, overrides, match):
+    folder, *_ = moe_teacher(tmp_path, 'mixtral')
+    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
+    out = tmp_path / 'out' / 's'
+    out.parent.mkdir()
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(teacher, overrides, str(out))
+    assert os.listdir(out.parent) == []
+
+
+def test_qwen3_moe_reads_either_name_of_the_expert_count(tmp_path):
+    """Hub configs say num_experts, transformers 5 writes num_local_experts: a teacher with either, and a student
+    override with either, select the same student."""
+    folder, *_ = moe_teacher(tmp_path, 'qwen3_moe')
+    config = json.load(open(os.path.join(folder, 'config.json')))
+    name = 'num_local_experts' if 'num_local_experts' in config else 'num_experts'
+    other = {'num_local_experts': 'num_experts', 'num_experts': 'num_local_experts'}[name]
+    hf_selection.select_hf(folder, {other: 4}, str(tmp_path / 'a'))
+    renamed = shutil.copytree(folder, tmp_path / 'renamed')
+    config[other] = config.pop(name)
+    json.dump(config, open(renamed / 'config.json', 'w'))
+    report = hf_selection.select_hf(str(renamed), {name: 4}, str(tmp_path / 'b'))
+    assert report['meta']['experts'] == [0, 2, 4, 6] and report['meta']['student_config'][other] == 4
+    a, b = saved_tensors(str(tmp_path / 'a')), saved_tensors(str(tmp_path / 'b'))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    load_strict(str(tmp_path / 'b'))
+
+
 # ---------------------------------------------------------------------------------------------- GPT-2
 
 def test_gpt2_every_tensor(gpt2, tmp_path):
@@ -382,7 +562,7 @@ def set_model_type(copy):
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
-    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2, bert"),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt2, bert"),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
