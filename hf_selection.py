@@ -12,7 +12,8 @@ instead, from the whole teacher tensor (l1_consistent first reads the whole teac
 to rank the hidden width).
 
 Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2), mixtures of
-experts (mixtral, olmoe, qwen2_moe, qwen3_moe: whole experts kept, the same in every layer), GPT-2 and BERT. This
+experts (mixtral, olmoe, qwen2_moe, qwen3_moe: whole experts kept, the same in every layer), GPT-2, BERT, and vision
+transformers (vit, dinov2, dinov2_with_registers: same image and patch size, every position kept). This
 module needs torch and safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
@@ -59,6 +60,8 @@ class Family:
     norm_init: float = 1.0  # a fresh norm weight: 1, or 0 where the model scales by (1 + weight) (Gemma)
     expert_key: re.Pattern = None  # mixtures of experts: key after the layer -> (experts prefix, expert, rest)
     sparse_layers: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers say which layers are dense
+    inter_of: object = None  # the MLP width from the config, where no field holds it (DINOv2: hidden x mlp_ratio)
+    fixed_fields: tuple = ()  # fields a student keeps (a ViT's image and patch sizes, which its positions follow)
 
 
 _LLAMA_LAYER = {
@@ -197,9 +200,68 @@ QWEN2_MOE = replace(LLAMA, name='qwen2_moe', expert_key=_MLP_EXPERTS, sparse_lay
 QWEN3_MOE = replace(QWEN3, name='qwen3_moe', fields=_QWEN_MOE_FIELDS, expert_key=_MLP_EXPERTS, sparse_layers=True,
                     tensors={**QWEN3.tensors, **_MLP_EXPERT_TENSORS})
 
+# Vision transformers (ViTModel, ViTFor*; Dinov2Model, Dinov2For*, with registers): BERT-like layers after a
+# patch embedding, a class token and learned positions, which the student keeps (same image and patch size)
+_VIT_TOP = {'embeddings.cls_token': ('same', 'same', 'hidden'),
+            'embeddings.position_embeddings': ('same', 'same', 'hidden'),
+            'embeddings.patch_embeddings.projection.weight': ('hidden', 'same', 'same', 'same'),
+            'embeddings.patch_embeddings.projection.bias': ('hidden',),
+            'layernorm.weight': ('hidden',), 'layernorm.bias': ('hidden',)}
+_VIT_ATTENTION = {'attention.attention.query.weight': ('q', 'hidden'), 'attention.attention.query.bias': ('q',),
+                  'attention.attention.key.weight': ('kv', 'hidden'), 'attention.attention.key.bias': ('kv',),
+                  'attention.attention.value.weight': ('kv', 'hidden'), 'attention.attention.value.bias': ('kv',),
+                  'attention.output.dense.weight': ('hidden', 'q'), 'attention.output.dense.bias': ('hidden',)}
+_VIT_FIELDS = dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
+                   layers='num_hidden_layers')
+_VIT_FIXED = ('image_size', 'patch_size', 'num_channels')
+
+
+def _prefixed(prefixes, tensors):
+    return {p + k: v for p in ('', *prefixes) for k, v in tensors.items()}
+
+
+VIT = Family(
+    'vit', fields=dict(_VIT_FIELDS, pooler='pooler_output_size'),
+    block=re.compile(r'^((?:vit\.)?encoder\.layer)\.(\d+)\.(.+)$'),
+    tensors={**_prefixed(('vit.',), {**_VIT_TOP, 'embeddings.mask_token': ('same', 'same', 'hidden'),
+                                     'pooler.dense.weight': ('pooler', 'hidden'), 'pooler.dense.bias': ('pooler',)}),
+             'classifier.weight': ('same', 'hidden'), 'classifier.bias': ('same',), **_VIT_ATTENTION,
+             'intermediate.dense.weight': ('inter', 'hidden'), 'intermediate.dense.bias': ('inter',),
+             'output.dense.weight': ('hidden', 'inter'), 'output.dense.bias': ('hidden',),
+             **{f'layernorm_{w}.{p}': ('hidden',) for w in ('before', 'after') for p in ('weight', 'bias')}},
+    rotary=False, embed=(), head='', attn_is_hidden=True, fixed_fields=_VIT_FIXED)
+
+
+def dinov2_mlp_width(config):
+    """DINOv2's MLP width (its config's intermediate_size is unused): hidden x mlp_ratio, or for SwiGLU two thirds of
+    it rounded up to a multiple of 8, as transformers' Dinov2SwiGLUFFN."""
+    ratio = config.get('mlp_ratio', 4)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise UserError(f'mlp_ratio must be a positive number, got {ratio!r}')
+    width = int(config['hidden_size'] * ratio)
+    return (int(width * 2 / 3) + 7) // 8 * 8 if config.get('use_swiglu_ffn') else width
+
+
+# The classifier of Dinov2ForImageClassification reads the class token and the mean patch token side by side.
+DINOV2 = Family(
+    'dinov2', fields=_VIT_FIELDS, block=re.compile(r'^((?:dinov2(?:_with_registers)?\.)?encoder\.layer)\.(\d+)\.(.+)$'),
+    tensors={**_prefixed(('dinov2.', 'dinov2_with_registers.'), {
+                 **_VIT_TOP, 'embeddings.mask_token': ('same', 'hidden'),
+                 'embeddings.register_tokens': ('same', 'same', 'hidden')}),
+             'classifier.weight': ('same', 'hidden_pair'), 'classifier.bias': ('same',), **_VIT_ATTENTION,
+             **{f'norm{i}.{p}': ('hidden',) for i in (1, 2) for p in ('weight', 'bias')},
+             'layer_scale1.lambda1': ('hidden',), 'layer_scale2.lambda1': ('hidden',),
+             'mlp.fc1.weight': ('inter', 'hidden'), 'mlp.fc1.bias': ('inter',),
+             'mlp.fc2.weight': ('hidden', 'inter'), 'mlp.fc2.bias': ('hidden',),
+             'mlp.weights_in.weight': ('gate_up', 'hidden'), 'mlp.weights_in.bias': ('gate_up',),
+             'mlp.weights_out.weight': ('hidden', 'inter'), 'mlp.weights_out.bias': ('hidden',)},
+    rotary=False, embed=(), head='', attn_is_hidden=True, inter_of=dinov2_mlp_width,
+    fixed_fields=(*_VIT_FIXED, 'intermediate_size'))
+
 FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gemma': GEMMA, 'gemma2': GEMMA2,
             'gemma3_text': GEMMA3, 'phi3': PHI3, 'olmo2': OLMO2, 'mixtral': MIXTRAL, 'olmoe': OLMOE,
-            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt2': GPT2, 'bert': BERT}
+            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt2': GPT2, 'bert': BERT, 'vit': VIT, 'dinov2': DINOV2,
+            'dinov2_with_registers': DINOV2}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
 DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
@@ -224,12 +286,13 @@ class Widths:
     kv_heads: int
     head_dim: int
     layers: int
-    vocab: int
+    vocab: int = 0
     positions: int = 0
     experts: int = 0       # mixtures of experts: experts per layer,
     top_k: int = 0         # experts used per token,
     expert_inter: int = 0  # an expert's MLP width,
     shared_inter: int = 0  # and the shared expert's (Qwen2-MoE)
+    pooler: int = 0        # ViT's pooler output
 
 
 def field_names(family, width):
@@ -255,21 +318,23 @@ def check_whole_numbers(config, family, where):
 def widths_of(config, family, where):
     """The sizes that name every tensor's axes, read from a config.json dict."""
     f = {width: field_name(config, family, width) for width in family.fields}
-    missing = [name for key, name in f.items() if key not in ('inter', 'kv_heads') and name not in config]
+    missing = [name for key, name in f.items() if key not in ('inter', 'kv_heads', 'pooler') and name not in config]
     if missing:
         raise UserError(f"{where}: config has no {', '.join(missing)}")
     check_whole_numbers(config, family, where)
     hidden, heads = config[f['hidden']], config[f['heads']]
     kv_heads = config.get(f.get('kv_heads', ''), None) or heads
-    inter = config.get(f['inter']) or 4 * hidden  # GPT-2's n_inner null means 4 * n_embd
+    inter = family.inter_of(config) if family.inter_of else \
+        config.get(f['inter']) or 4 * hidden  # GPT-2's n_inner null means 4 * n_embd
     head_dim = config.get('head_dim') or hidden // max(heads, 1)
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise UserError(f'{where}: {heads} attention heads do not divide into {kv_heads} key/value heads')
     if 'head_dim' not in config and hidden % heads:
         raise UserError(f'{where}: hidden size {hidden} does not divide into {heads} attention heads')
-    optional = {w: config.get(f[w], 0) or 0 for w in ('positions', 'experts', 'top_k', 'expert_inter', 'shared_inter')
-                if w in f}
-    w = Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], config[f['vocab']], **optional)
+    optional = {w: config.get(f[w], 0) or 0 for w in ('vocab', 'positions', 'experts', 'top_k', 'expert_inter',
+                                                      'shared_inter') if w in f}
+    pooler = config.get(f['pooler']) or hidden if 'pooler' in f else 0  # ViT's pooler_output_size: hidden if unset
+    w = Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], **optional, pooler=pooler)
     if w.experts and not 0 < w.top_k <= w.experts:
         raise UserError(f"{where}: {f['top_k']} is {w.top_k}; it must be between 1 and {f['experts']} ({w.experts}), "
                         f'the experts a token can use')
@@ -306,8 +371,15 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     for width in family.fields:  # a width's other name (num_experts for num_local_experts): the teacher's name
         t_name = field_name(t_cfg, family, width)
         overrides = {t_name if k in field_names(family, width) else k: v for k, v in overrides.items()}
+    changed = [k for k in family.fixed_fields if k in overrides and overrides[k] != t_cfg.get(k)]
+    if changed:
+        raise UserError(f'--student_config: {changed[0]} stays the teacher\'s in {family.name} models '
+                        f'({FIXED_WHY[changed[0]]}); leave it out')
     s_cfg = {**t_cfg, **overrides}
     check_whole_numbers(s_cfg, family, 'student')
+    if 'pooler' in family.fields and t_cfg.get('pooler_output_size') == t.hidden \
+            and 'pooler_output_size' not in overrides:  # it restated the hidden size: it follows the student's
+        s_cfg['pooler_output_size'] = s_cfg[family.fields['hidden']]
     t_hd = t_cfg.get('head_dim')
     if 'head_dim' not in overrides and t_hd is not None and t_hd == t.hidden // t.heads:
         # the teacher's head_dim only restated hidden/heads: the student's follows its own hidden/heads
@@ -320,6 +392,9 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if isinstance(t_cfg.get('layer_types'), list) and 'layer_types' not in overrides \
             and len(t_cfg['layer_types']) == n_t:
         s_cfg['layer_types'] = [t_cfg['layer_types'][i] for i in layer_map]
+    if isinstance(t_cfg.get('stage_names'), list) and len(t_cfg['stage_names']) == n_t + 1 \
+            and not {'stage_names', 'out_indices', 'out_features'} & set(overrides):
+        s_cfg.update(backbone_stages(t_cfg, layer_map))
     if family.sparse_layers:
         given = [k for k in ('mlp_only_layers', 'decoder_sparse_step') if k in overrides]
         if given:
@@ -330,6 +405,24 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
             s_cfg['mlp_only_layers'] = [j for j, i in enumerate(layer_map) if i in dense]
             s_cfg['decoder_sparse_step'] = 1
     return s_cfg, layer_map
+
+
+def backbone_stages(t_cfg, layer_map):
+    """A backbone config's stages (DINOv2's: the stem, then one per layer) for the student: the stages it outputs
+    are those of the teacher's output layers that the student keeps (the last layer's when none is kept)."""
+    n_t, n_s = len(t_cfg['stage_names']) - 1, len(layer_map)
+    names = t_cfg['stage_names'][:1] + [f'stage{j + 1}' for j in range(n_s)]
+    stage_of = {0: 0, **{i + 1: j + 1 for j, i in enumerate(layer_map)}}  # teacher stage -> student stage
+    wanted = t_cfg.get('out_indices') or []
+    kept = sorted({stage_of[i % (n_t + 1)] for i in wanted if isinstance(i, int) and i % (n_t + 1) in stage_of})
+    kept = kept or [n_s]
+    return {'stage_names': names, 'out_indices': kept, 'out_features': [names[i] for i in kept]}
+
+
+FIXED_WHY = {'image_size': "the student keeps the teacher's learned positions",
+             'patch_size': "the student keeps the teacher's patch embedding and positions",
+             'num_channels': "the student keeps the teacher's patch embedding",
+             'intermediate_size': 'DINOv2 does not read it: its MLP width is hidden_size x mlp_ratio; change mlp_ratio'}
 
 
 def dense_layers(config, n_layers):
@@ -396,8 +489,9 @@ def token_axes(s):
 
 
 # Fused axes: the axes of the tensors side by side in one (GPT-2's c_attn and Phi-3's qkv_proj hold q, k and v;
-# Phi-3's gate_up_proj the gate and up projections).
-FUSED = {'qkv': ('q', 'kv', 'kv'), 'gate_up': ('inter', 'inter')}
+# Phi-3's gate_up_proj and DINOv2's SwiGLU weights_in the gate and up projections; Dinov2ForImageClassification's
+# classifier reads two hidden vectors side by side).
+FUSED = {'qkv': ('q', 'kv', 'kv'), 'gate_up': ('inter', 'inter'), 'hidden_pair': ('hidden', 'hidden')}
 
 
 def part_sizes(fused, w):
@@ -417,7 +511,7 @@ def axis_indices(t, s, family, head_mode, chooser):
     hidden = chooser.pick(t.hidden, s.hidden)
     axes = {'hidden': hidden, 'inter': chooser.pick(t.inter, s.inter), **token_axes(s),
             'expert_inter': chooser.pick(t.expert_inter, s.expert_inter),
-            'shared_inter': chooser.pick(t.shared_inter, s.shared_inter)}
+            'shared_inter': chooser.pick(t.shared_inter, s.shared_inter), 'pooler': chooser.pick(t.pooler, s.pooler)}
     if head_mode == 'heads':
         q_heads, kv_heads = head_selection(t, s, chooser)
         axes['q'], axes['kv'] = expand_heads(q_heads, t.head_dim), expand_heads(kv_heads, t.head_dim)
@@ -545,25 +639,29 @@ class TensorwiseSelector:
         return top_l1(tensor, dim, s)
 
     def magnitude(self, tensor, names, shape):
-        if names[0] not in ROW_AXES:
+        lead = next((d for d, name in enumerate(names) if name not in ROW_AXES), len(names))  # the row dimensions
+        if lead == 0:
             return magnitude_squeeze(tensor, shape)
-        if names[0] in self.fixed:
-            tensor = take(tensor, 0, self.fixed[names[0]])
+        for dim in range(lead):
+            if names[dim] in self.fixed:
+                tensor = take(tensor, dim, self.fixed[names[dim]])
         if tuple(tensor.shape) == tuple(shape):
             return tensor
-        assert tensor.ndim == 2, names  # every family's row-axis tensor is an embedding or a classifier
-        bits = tensor.view(INT_OF_SIZE[tensor.element_size()])  # gather has no float8 kernel: move the bits
-        rows, step = [], max(1, BLOCK_ELEMENTS // tensor.shape[1])  # each row on its own, a block of rows at a time
-        for i in range(0, tensor.shape[0], step):
-            keep = magnitudes(tensor[i:i + step]).topk(shape[1], dim=1).indices.sort(dim=1).values
+        flat = tensor.reshape(math.prod(shape[:lead]), -1)  # a ViT's (1, positions, hidden): rows of positions
+        width = math.prod(shape[lead:])
+        bits = flat.view(INT_OF_SIZE[flat.element_size()])  # gather has no float8 kernel: move the bits
+        rows, step = [], max(1, BLOCK_ELEMENTS // flat.shape[1])  # each row on its own, a block of rows at a time
+        for i in range(0, flat.shape[0], step):
+            keep = magnitudes(flat[i:i + step]).topk(width, dim=1).indices.sort(dim=1).values
             rows.append(bits[i:i + step].gather(1, keep))
-        return torch.cat(rows).view(tensor.dtype)
+        return torch.cat(rows).view(tensor.dtype).reshape(shape)
 
 
 def check_not_wider(t, s):
     sizes = [('hidden', 'hidden size'), ('inter', 'intermediate size'), ('heads', 'attention heads'),
              ('kv_heads', 'key/value heads'), ('positions', 'positions'), ('experts', 'experts'),
-             ('expert_inter', "experts' intermediate size"), ('shared_inter', "shared expert's intermediate size")]
+             ('expert_inter', "experts' intermediate size"), ('shared_inter', "shared expert's intermediate size"),
+             ('pooler', 'pooler output size')]
     for name, words in sizes:
         if getattr(s, name) > getattr(t, name):
             raise UserError(f'the student has {words} {getattr(s, name)} where the teacher has {getattr(t, name)}; '
@@ -696,6 +794,8 @@ def component_of(key):
         return 'embed'
     if 'norm' in key.lower() or re.search(r'(^|\.)ln_', key):
         return 'norm'
+    if re.search(r'(^|\.)embeddings\.', key):  # a ViT's class token, positions and patch embedding
+        return 'embed'
     if 'attn' in key or 'attention.' in key:
         return 'attn'
     return 'mlp' if re.search(r'(mlp|intermediate|output|block_sparse_moe)\.', key) else None
@@ -731,7 +831,8 @@ def axis_sizes(w):
     q, kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
     return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
             'qkv': q + 2 * kv, 'gate_up': 2 * w.inter, 'head_dim': w.head_dim, 'experts': w.experts,
-            'expert_inter': w.expert_inter, 'shared_inter': w.shared_inter}
+            'expert_inter': w.expert_inter, 'shared_inter': w.shared_inter, 'hidden_pair': 2 * w.hidden,
+            'pooler': w.pooler}
 
 
 def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):

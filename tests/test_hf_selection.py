@@ -1,6 +1,6 @@
 """Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2/3, Gemma,
-Phi-3, OLMo 2, mixtures of experts, GPT-2 and BERT teachers saved in shards by transformers; every student tensor
-is checked against index lists written out here."""
+Phi-3, OLMo 2, mixtures of experts, GPT-2, BERT, ViT and DINOv2 teachers saved in shards by transformers; every
+student tensor is checked against index lists written out here."""
 import json
 import os
 import shutil
@@ -448,7 +448,8 @@ def remove_expert(copy):
 
 @pytest.mark.parametrize('damage,overrides,match', [
     (None, {'num_local_experts': 16}, 'the student has experts 16 where the teacher has 8'),
-    (None, {'num_local_experts': 1}, r'student: num_experts_per_tok is 2; it must be between 1 and num_local_experts \(1\)'),
+    (None, {'num_local_experts': 1},
+     r'student: num_experts_per_tok is 2; it must be between 1 and num_local_experts \(1\)'),
     (None, {'num_experts': 4}, "'num_experts' is not a field"),
     (remove_expert, {'num_local_experts': 4},
      r"no 'model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight'.*does not match its config"),
@@ -479,6 +480,144 @@ def test_qwen3_moe_reads_either_name_of_the_expert_count(tmp_path):
     a, b = saved_tensors(str(tmp_path / 'a')), saved_tensors(str(tmp_path / 'b'))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     load_strict(str(tmp_path / 'b'))
+
+
+# ---------------------------------------------------------------------------------------------- vision transformers
+
+VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48, image_size=32,
+           patch_size=8)
+VIT_STUDENT = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+
+
+def vision_teacher(tmp_path, config_cls, model_cls, model_kwargs=(), **config):
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**VIT, **config),
+                                             **dict(model_kwargs)).eval()
+    return save_teacher(tmp_path / 't', model), model
+
+
+def load_vision(folder, teacher, **model_kwargs):
+    model, info = type(teacher).from_pretrained(folder, output_loading_info=True, **model_kwargs)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    return model.eval()
+
+
+def truncate(model, layers):
+    """The model with only its first `layers` layers (transformers 5 names the stack `layers` or `layer`)."""
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList))
+    parent = model.get_submodule(name.rpartition('.')[0])
+    setattr(parent, name.rpartition('.')[2], getattr(parent, name.rpartition('.')[2])[:layers])
+    model.config.num_hidden_layers = layers
+    return model
+
+
+def vision_output(model):
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    out = out.logits if hasattr(out, 'logits') else out.last_hidden_state
+    assert torch.isfinite(out).all()
+    return out
+
+
+@pytest.mark.parametrize('classifier', [True, False])
+def test_vit_every_tensor(tmp_path, classifier):
+    """ViT: the class token, every position and the patch embedding's output channels keep the hidden width's
+    indices; a classifier keeps its classes; a pooler whose output restated the hidden size follows the student's."""
+    cls, kwargs = ('ViTForImageClassification', {}) if classifier else ('ViTModel', {'use_mask_token': True})
+    folder, model = vision_teacher(tmp_path, 'ViTConfig', cls, kwargs, num_labels=5)
+    report = hf_selection.select_hf(folder, dict(VIT_STUDENT, intermediate_size=20), str(tmp_path / 's'),
+                                    layer_selection='uniform')
+    student = load_vision(str(tmp_path / 's'), model, **kwargs)
+    t, s, p = saved_tensors(folder), saved_tensors(str(tmp_path / 's')), 'vit.' if classifier else ''  # as stored
+    assert report['meta']['family'] == 'vit' and report['meta']['layer_map'] == [0, 2]
+    expected = [('embeddings.cls_token', (None, None, EVEN16)),
+                ('embeddings.position_embeddings', (None, None, EVEN16)),
+                ('embeddings.patch_embeddings.projection.weight', (EVEN16,)), ('layernorm.bias', (EVEN16,))]
+    expected += [('classifier.weight', (None, EVEN16))] if classifier else \
+        [('embeddings.mask_token', (None, None, EVEN16)), ('pooler.dense.weight', (EVEN16, EVEN16))]
+    for name, idx in expected:
+        key = name if name.startswith('classifier') else p + name
+        assert torch.equal(s[key], pick(t[key], *idx)), key
+    for name, idx in [('attention.attention.query.weight', (EVEN16, EVEN16)),
+                      ('attention.attention.value.bias', (EVEN16,)),
+                      ('attention.output.dense.weight', (EVEN16, EVEN16)), ('intermediate.dense.weight', (INTER_48_20, EVEN16)),
+                      ('output.dense.weight', (EVEN16, INTER_48_20)), ('layernorm_after.weight', (EVEN16,))]:
+        assert torch.equal(s[f'{p}encoder.layer.1.{name}'], pick(t[f'{p}encoder.layer.2.{name}'], *idx)), name
+    if not classifier:
+        assert json.load(open(tmp_path / 's' / 'config.json'))['pooler_output_size'] == 16
+    vision_output(student)
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))  # the truncated teacher
+    same = vision_output(load_vision(str(tmp_path / 'same'), model, **kwargs))
+    assert torch.equal(same, vision_output(truncate(model, 2)))
+
+
+@pytest.mark.parametrize('variant', ['classifier', 'swiglu', 'registers'])
+def test_dinov2_every_tensor(tmp_path, variant):
+    """DINOv2: its MLP width is hidden x mlp_ratio (128 -> 64, stride 2; SwiGLU's fused gate and up each keep the
+    set), layer scales and the mask token keep the hidden width's indices, and the image classifier, which reads
+    the class token and the mean patch token side by side, keeps the hidden set in each half."""
+    config_cls, model_cls, config = {
+        'classifier': ('Dinov2Config', 'Dinov2ForImageClassification', dict(num_labels=5)),
+        'swiglu': ('Dinov2Config', 'Dinov2Model', dict(use_swiglu_ffn=True)),
+        'registers': ('Dinov2WithRegistersConfig', 'Dinov2WithRegistersModel', dict(num_register_tokens=2))}[variant]
+    folder, model = vision_teacher(tmp_path, config_cls, model_cls, **config)
+    hf_selection.select_hf(folder, VIT_STUDENT, str(tmp_path / 's'), layer_selection='uniform')
+    student = load_vision(str(tmp_path / 's'), model)
+    t, s, p = saved_tensors(folder), saved_tensors(str(tmp_path / 's')), 'dinov2.' if variant == 'classifier' else ''
+    for name, idx in [('embeddings.mask_token', (None, EVEN16)),
+                      ('embeddings.position_embeddings', (None, None, EVEN16))]:
+        assert torch.equal(s[p + name], pick(t[p + name], *idx)), name
+    layer = [('layer_scale1.lambda1', (EVEN16,)), ('norm2.weight', (EVEN16,)),
+             ('attention.attention.key.weight', (EVEN16, EVEN16))]
+    if variant == 'swiglu':  # 32 x 4 = 128 -> 88 in SwiGLU, twice in weights_in; 16 x 4 = 64 -> 48
+        mlp = [round(i * 87 / 47) for i in range(48)]
+        layer += [('mlp.weights_in.weight', (mlp + [88 + i for i in mlp], EVEN16)),
+                  ('mlp.weights_out.weight', (EVEN16, mlp))]
+    else:
+        layer += [('mlp.fc1.weight', (list(range(0, 128, 2)), EVEN16)), ('mlp.fc2.bias', (EVEN16,))]
+    for name, idx in layer:
+        assert torch.equal(s[f'{p}encoder.layer.1.{name}'], pick(t[f'{p}encoder.layer.2.{name}'], *idx)), name
+    if variant == 'classifier':
+        both_halves = EVEN16 + [32 + i for i in EVEN16]
+        assert torch.equal(s['classifier.weight'], pick(t['classifier.weight'], None, both_halves))
+    if variant == 'registers':
+        assert torch.equal(s['embeddings.register_tokens'], pick(t['embeddings.register_tokens'], None, None, EVEN16))
+    assert json.load(open(tmp_path / 's' / 'config.json'))['stage_names'] == ['stem', 'stage1', 'stage2']
+    vision_output(student)
+    for mode in hf_selection.TENSORWISE:
+        hf_selection.select_hf(folder, VIT_STUDENT, str(tmp_path / mode), element_selection=mode)
+        vision_output(load_vision(str(tmp_path / mode), model))
+    magnitude = saved_tensors(str(tmp_path / 'magnitude'))
+    positions = t[p + 'embeddings.position_embeddings'][0]  # under magnitude each position keeps its own values
+    largest = positions.abs().topk(16, dim=1).indices.sort(dim=1).values
+    assert torch.equal(magnitude[p + 'embeddings.position_embeddings'][0], positions.gather(1, largest))
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'image_size': 64}, "image_size stays the teacher's in dinov2 models .the student keeps the teacher's learned "
+                         'positions.'),
+    ({'intermediate_size': 24}, 'DINOv2 does not read it: its MLP width is hidden_size x mlp_ratio; change mlp_ratio'),
+    ({'mlp_ratio': 'four'}, 'mlp_ratio must be a positive number'),
+    ({'mlp_ratio': 8}, 'intermediate size 256 where the teacher has 128'),
+])
+def test_dinov2_bad_student(tmp_path, overrides, match):
+    folder, _ = vision_teacher(tmp_path, 'Dinov2Config', 'Dinov2Model')
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(folder, overrides, str(tmp_path / 's'))
+    assert not os.path.exists(tmp_path / 's')
+
+
+def test_dinov2_backbone_outputs_follow_layer_selection(tmp_path):
+    """A backbone's stages are one per layer: the student outputs the stages of the teacher's output layers it
+    keeps (teacher stages 1 and 3 are its layers 0 and 2, the student's stages 1 and 2 under uniform)."""
+    folder, model = vision_teacher(tmp_path, 'Dinov2Config', 'Dinov2Backbone', out_indices=[1, 3])
+    hf_selection.select_hf(folder, VIT_STUDENT, str(tmp_path / 's'), layer_selection='uniform')
+    config = json.load(open(tmp_path / 's' / 'config.json'))
+    assert config['out_indices'] == [1, 2] and config['out_features'] == ['stage1', 'stage2']
+    student = load_vision(str(tmp_path / 's'), model)
+    with torch.no_grad():
+        maps = student(pixel_values=torch.randn(1, 3, 32, 32)).feature_maps
+    assert len(maps) == 2 and all(m.shape == (1, 16, 4, 4) for m in maps)
 
 
 # ---------------------------------------------------------------------------------------------- GPT-2
