@@ -167,7 +167,7 @@ OLMO2 = replace(LLAMA, name='olmo2', tensors={
 # Mixtures of experts: a router (one row per expert) and experts that are LLaMA MLPs of width 'expert_inter'. The
 # checkpoint holds one tensor per expert, its key naming the expert; a kind names them all with '*'.
 _ATTENTION = {k: v for k, v in LLAMA.tensors.items() if not k.startswith('mlp.')}
-_MOE_FIELDS = dict(LLAMA.fields, experts=('num_experts', 'num_local_experts'), top_k='num_experts_per_tok',
+_MOE_FIELDS = dict(LLAMA.fields, experts=('num_local_experts', 'num_experts'), top_k='num_experts_per_tok',
                    expert_inter='intermediate_size')
 
 
@@ -177,18 +177,18 @@ def _experts(prefix, gate, up, down):
             f'{prefix}.*.{down}.weight': ('hidden', 'expert_inter')}
 
 
-MIXTRAL = replace(LLAMA, name='mixtral', fields=dict(_MOE_FIELDS, experts='num_local_experts'),
+MIXTRAL = replace(LLAMA, name='mixtral', fields=_MOE_FIELDS,
                   expert_key=re.compile(r'^(block_sparse_moe\.experts)\.(\d+)\.(.+)$'), tensors={
                       **_ATTENTION, 'block_sparse_moe.gate.weight': ('experts', 'hidden'),
                       **_experts('block_sparse_moe.experts', 'w1', 'w3', 'w2')})
 _MLP_EXPERTS = re.compile(r'^(mlp\.experts)\.(\d+)\.(.+)$')
 _MLP_EXPERT_TENSORS = {'mlp.gate.weight': ('experts', 'hidden'),
                        **_experts('mlp.experts', 'gate_proj', 'up_proj', 'down_proj')}
-OLMOE = replace(LLAMA, name='olmoe', fields=dict(_MOE_FIELDS, experts='num_experts'), expert_key=_MLP_EXPERTS,
+OLMOE = replace(LLAMA, name='olmoe', fields=_MOE_FIELDS, expert_key=_MLP_EXPERTS,
                 tensors={**_ATTENTION, **_QK_NORMS, **_MLP_EXPERT_TENSORS})
 # Qwen-MoE: experts of moe_intermediate_size; the layers that mlp_only_layers or decoder_sparse_step name keep a
 # dense MLP of intermediate_size. Qwen2-MoE adds a shared expert, always used, weighted by its own 1-row gate.
-# transformers 5 writes Qwen3-MoE's num_experts as num_local_experts: either is read.
+# transformers takes the expert count under either name (and writes Qwen3-MoE's num_experts as num_local_experts).
 _QWEN_MOE_FIELDS = dict(_MOE_FIELDS, expert_inter='moe_intermediate_size')
 _SHARED_EXPERT = {'mlp.shared_expert.gate_proj.weight': ('shared_inter', 'hidden'),
                   'mlp.shared_expert.up_proj.weight': ('shared_inter', 'hidden'),
@@ -296,7 +296,7 @@ class Widths:
 
 
 def field_names(family, width):
-    """The config.json names of a width (some have two: transformers 5 renamed Qwen3-MoE's num_experts)."""
+    """The config.json names of a width (the expert count has two, num_local_experts and num_experts)."""
     names = family.fields[width]
     return (names,) if isinstance(names, str) else names
 
@@ -335,7 +335,11 @@ def widths_of(config, family, where):
                                                       'shared_inter') if w in f}
     pooler = config.get(f['pooler']) or hidden if 'pooler' in f else 0  # ViT's pooler_output_size: hidden if unset
     w = Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], **optional, pooler=pooler)
-    if w.experts and not 0 < w.top_k <= w.experts:
+    values = {n: config[n] for n in field_names(family, 'experts') if n in config} if family.expert_key else {}
+    if len(set(values.values())) > 1:
+        raise UserError(f'{where}: config gives the expert count twice, differently: '
+                        + ', '.join(f'{n} {v}' for n, v in values.items()))
+    if family.expert_key and not 0 < w.top_k <= w.experts:
         raise UserError(f"{where}: {f['top_k']} is {w.top_k}; it must be between 1 and {f['experts']} ({w.experts}), "
                         f'the experts a token can use')
     return w
@@ -368,9 +372,15 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if overrides.get('model_type', t_cfg.get('model_type')) != t_cfg.get('model_type'):
         raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
                         f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
-    for width in family.fields:  # a width's other name (num_experts for num_local_experts): the teacher's name
-        t_name = field_name(t_cfg, family, width)
-        overrides = {t_name if k in field_names(family, width) else k: v for k, v in overrides.items()}
+    for width in family.fields:  # a width with two names (num_local_experts, num_experts): under the teacher's
+        names = field_names(family, width)
+        given = [k for k in overrides if k in names]
+        if len(given) > 1:
+            raise UserError(f'--student_config gives {given[0]} and {given[1]}, two names of one field; give one')
+        if given and len(names) > 1:
+            value = overrides[given[0]]
+            overrides = {k: v for k, v in overrides.items() if k != given[0]}
+            overrides.update({n: value for n in names if n in t_cfg} or {given[0]: value})
     changed = [k for k in family.fixed_fields if k in overrides and overrides[k] != t_cfg.get(k)]
     if changed:
         raise UserError(f'--student_config: {changed[0]} stays the teacher\'s in {family.name} models '
@@ -872,27 +882,36 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
         # an untied student of a tied teacher: its output layer starts as the shared embedding
         planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, s, axes,
                                 'embed' in exclude))
-    if family.expert_key:
-        check_experts_whole(planned, family, layer_map, expert_map)
     return planned
 
 
-def check_experts_whole(planned, family, layer_map, expert_map):
-    """Every student layer with experts has each of its experts' tensors: a teacher checkpoint that lacks one
-    stops here, rather than leaving a student expert to a random init when the student loads."""
-    have = {}
-    for p in planned:
-        m = family.block.match(p.key)
-        e = m and family.expert_key.match(m[3])
+def check_layers_whole(teacher, family, t, dense):
+    """Every teacher layer holds the tensors its like layers hold (those with experts; those in `dense`, without),
+    and a layer with experts holds every tensor of each of its t.experts experts. A checkpoint that lacks one stops
+    here, rather than leaving a student tensor to a random init when the student loads."""
+    kinds, experts, prefix = {}, {}, 'layers'
+    for key in teacher.header:
+        m = family.block.match(key)
+        if m is None or DROPPED.search(key):
+            continue
+        prefix, layer, kind = m[1], int(m[2]), kind_of(key, family)
+        kinds.setdefault(layer, set()).add(kind)
+        e = family.expert_key.match(m[3]) if family.expert_key else None
         if e:
-            have.setdefault((m[1], int(m[2]), e[1], e[3]), set()).add(int(e[2]))
-    for (prefix, j, experts, rest), kept in sorted(have.items()):
-        lost = [k for k in range(len(expert_map)) if k not in kept]
+            experts.setdefault((layer, kind), set()).add(int(e[2]))
+    mismatch = 'the checkpoint does not match its config'
+    for group in ([i for i in range(t.layers) if i in dense], [i for i in range(t.layers) if i not in dense]):
+        alike = set().union(*(kinds.get(i, set()) for i in group))
+        for i in group:
+            lost = sorted(alike - kinds.get(i, set()))
+            if lost:
+                raise UserError(f"the teacher has no '{prefix}.{i}.{lost[0]}' though its other layers have it; "
+                                f'{mismatch}')
+    for (layer, kind), have in sorted(experts.items()):
+        lost = [e for e in range(t.experts) if e not in have]
         if lost:
-            raise UserError(f"the teacher has no '{prefix}.{layer_map[j]}.{experts}.{expert_map[lost[0]]}.{rest}' "
-                            f'though its config.json says each layer has {max(expert_map) + 1} experts or more; '
-                            f'the checkpoint does not match its config')
-
+            raise UserError(f"the teacher has no '{prefix}.{layer}.{kind.replace('*', str(lost[0]))}' though its "
+                            f'config.json gives each layer {t.experts} experts; {mismatch}')
 
 def produce(p, teacher, std, seed, selector, norm_init=1.0):
     """The student tensor of a plan: the teacher's kept elements (chosen inside the tensor by the
@@ -1089,6 +1108,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     axes = None if tensorwise else {**axis_indices(t, s, family, head_mode, chooser), 'experts': experts}
     shards = TeacherShards(folder)
     try:
+        check_layers_whole(shards, family, t, dense_layers(t_cfg, t.layers) if family.sparse_layers else set())
         planned = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
                                s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude))
         selector = None

@@ -3,6 +3,7 @@ Phi-3, OLMo 2, mixtures of experts, GPT-2, BERT, ViT and DINOv2 teachers saved i
 student tensor is checked against index lists written out here."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -333,10 +334,12 @@ MOES = {
                 'block_sparse_moe', ('w1', 'w3', 'w2')),
     'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM', dict(num_experts=8), dict(num_experts=4), 'mlp',
               ('gate_proj', 'up_proj', 'down_proj')),
-    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM', dict(num_experts=8, moe_intermediate_size=48, head_dim=4),
+    # Qwen's dense layers (intermediate_size 40) and experts (moe_intermediate_size 48) differ in width
+    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM',
+                  dict(num_experts=8, moe_intermediate_size=48, head_dim=4, intermediate_size=40),
                   dict(num_experts=4, moe_intermediate_size=20), 'mlp', ('gate_proj', 'up_proj', 'down_proj')),
     'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM',
-                  dict(num_experts=8, moe_intermediate_size=48, shared_expert_intermediate_size=128),
+                  dict(num_experts=8, moe_intermediate_size=48, shared_expert_intermediate_size=128, intermediate_size=40),
                   dict(num_experts=4, moe_intermediate_size=20, shared_expert_intermediate_size=48), 'mlp',
                   ('gate_proj', 'up_proj', 'down_proj')),
 }
@@ -352,7 +355,7 @@ def saved_tensors(folder):
 def moe_teacher(tmp_path, model_type, **extra):
     config_cls, model_cls, teacher, student, moe, projections = MOES[model_type]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**LLAMA, **teacher, **extra, num_experts_per_tok=2, pad_token_id=0,
+    config = getattr(transformers, config_cls)(**{**LLAMA, **teacher, **extra}, num_experts_per_tok=2, pad_token_id=0,
                                                eos_token_id=0, bos_token_id=0)
     model = getattr(transformers, model_cls)(config).eval()
     return save_teacher(tmp_path / 't', model), model, dict(LLAMA_STUDENT, **student), moe, projections
@@ -427,32 +430,47 @@ def test_qwen_moe_dense_layers_follow_layer_selection(tmp_path, model_type, dens
         assert has_experts == (j not in student_dense)
         if j in student_dense:
             assert torch.equal(s[f'model.layers.{j}.mlp.down_proj.weight'],
-                               pick(t[f'model.layers.{teacher_of[j]}.mlp.down_proj.weight'], EVEN16, INTER_48_20))
+                               pick(t[f'model.layers.{teacher_of[j]}.mlp.down_proj.weight'], EVEN16, list(range(0, 40, 2))))
     forward_finite(load_strict(str(tmp_path / 's')))
     with pytest.raises(UserError, match='mlp_only_layers follows layer selection'):
         hf_selection.select_hf(folder, dict(student, mlp_only_layers=[]), str(tmp_path / 'x'))
 
 
-def remove_expert(copy):
-    """Drop expert 2 of layer 0 from its shard (rewritten without it) and from the index."""
+def without(pattern):
+    """A damage for broken_copy: the teacher's tensors whose key matches `pattern` removed from their shards (each
+    rewritten without them) and from the index."""
     from safetensors.torch import load_file, save_file
-    key = 'model.layers.0.block_sparse_moe.experts.2.w2.weight'
-    shard = copy / shard_of(copy, key)
-    tensors = load_file(str(shard))
-    del tensors[key]
-    save_file(tensors, str(shard), metadata={'format': 'pt'})
-    index = json.load(open(copy / 'model.safetensors.index.json'))
-    del index['weight_map'][key]
-    json.dump(index, open(copy / 'model.safetensors.index.json', 'w'))
+
+    def damage(copy):
+        index = json.load(open(copy / 'model.safetensors.index.json'))
+        for key in [k for k in index['weight_map'] if re.fullmatch(pattern, k)]:
+            shard = copy / index['weight_map'].pop(key)
+            tensors = load_file(str(shard))
+            del tensors[key]
+            save_file(tensors, str(shard), metadata={'format': 'pt'})
+        json.dump(index, open(copy / 'model.safetensors.index.json', 'w'))
+    return damage
+
+
+def both_counts(copy):
+    config = json.load(open(copy / 'config.json'))
+    json.dump(dict(config, num_local_experts=8, num_experts=4), open(copy / 'config.json', 'w'))
 
 
 @pytest.mark.parametrize('damage,overrides,match', [
     (None, {'num_local_experts': 16}, 'the student has experts 16 where the teacher has 8'),
     (None, {'num_local_experts': 1},
      r'student: num_experts_per_tok is 2; it must be between 1 and num_local_experts \(1\)'),
-    (None, {'num_experts': 4}, "'num_experts' is not a field"),
-    (remove_expert, {'num_local_experts': 4},
-     r"no 'model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight'.*does not match its config"),
+    (None, {'num_experts': 0}, r'num_experts_per_tok is 2; it must be between 1 and num_local_experts \(0\)'),
+    (None, {'num_experts': 4, 'num_local_experts': 2}, 'gives num_experts and num_local_experts, two names of one'),
+    (both_counts, {}, 'teacher: config gives the expert count twice, differently: num_local_experts 8, num_experts 4'),
+    (without(r'model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight'), {'num_local_experts': 4},
+     r"no 'model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight' though its config.json gives each layer 8 "
+     'experts; the checkpoint does not match its config'),
+    (without(r'model\.layers\.1\.block_sparse_moe\.experts\.\d\.w2\.weight'), {},  # every expert's w2 in a layer
+     r"no 'model\.layers\.1\.block_sparse_moe\.experts\.\*\.w2\.weight' though its other layers have it"),
+    (without(r'model\.layers\.5\.block_sparse_moe\.gate\.weight'), {},
+     r"no 'model\.layers\.5\.block_sparse_moe\.gate\.weight' though its other layers have it"),
 ])
 def test_mixture_of_experts_bad_input(tmp_path, damage, overrides, match):
     folder, *_ = moe_teacher(tmp_path, 'mixtral')
@@ -464,9 +482,28 @@ def test_mixture_of_experts_bad_input(tmp_path, damage, overrides, match):
     assert os.listdir(out.parent) == []
 
 
+@pytest.mark.parametrize('mode,kept', [('consecutive', [0, 1, 2, 3]), ('random', None)])
+def test_mixture_of_experts_expert_set_follows_the_element_selection(tmp_path, mode, kept):
+    """consecutive keeps the first experts; random a random set, the same in every layer; each student router row
+    is its expert's teacher row on the hidden indices the layer's norm keeps (found by value: teacher values are
+    distinct draws). A student with as many experts per token as experts loads and runs."""
+    folder, _, student, moe, _ = moe_teacher(tmp_path, 'mixtral')
+    report = hf_selection.select_hf(folder, student, str(tmp_path / 's'), element_selection=mode)
+    experts = report['meta']['experts']
+    assert experts == kept if kept else (experts == sorted(set(experts)) and len(experts) == 4 and experts != [0, 2, 4, 6])
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    for layer in range(3):
+        norm = t[f'model.layers.{layer}.input_layernorm.weight']
+        hidden = [int((norm == v).nonzero()) for v in s[f'model.layers.{layer}.input_layernorm.weight']]
+        router = f'model.layers.{layer}.{moe}.gate.weight'
+        assert torch.equal(s[router], pick(t[router], experts, hidden))
+    hf_selection.select_hf(folder, dict(student, num_experts_per_tok=4), str(tmp_path / 'all'))
+    forward_finite(load_strict(str(tmp_path / 'all')))
+
+
 def test_qwen3_moe_reads_either_name_of_the_expert_count(tmp_path):
     """Hub configs say num_experts, transformers 5 writes num_local_experts: a teacher with either, and a student
-    override with either, select the same student."""
+    override with either, select the same student, whose config holds the teacher's name only."""
     folder, *_ = moe_teacher(tmp_path, 'qwen3_moe')
     config = json.load(open(os.path.join(folder, 'config.json')))
     name = 'num_local_experts' if 'num_local_experts' in config else 'num_experts'
@@ -477,6 +514,7 @@ def test_qwen3_moe_reads_either_name_of_the_expert_count(tmp_path):
     json.dump(config, open(renamed / 'config.json', 'w'))
     report = hf_selection.select_hf(str(renamed), {name: 4}, str(tmp_path / 'b'))
     assert report['meta']['experts'] == [0, 2, 4, 6] and report['meta']['student_config'][other] == 4
+    assert name not in report['meta']['student_config']
     a, b = saved_tensors(str(tmp_path / 'a')), saved_tensors(str(tmp_path / 'b'))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     load_strict(str(tmp_path / 'b'))
@@ -710,6 +748,8 @@ def set_model_type(copy):
     (None, {'hiden_size': 16}, "'hiden_size' is not a field"),
     (None, {'hidden_size': '16'}, 'hidden_size must be a whole number'),
     (None, {'vocab_size': 32}, 'vocab_size 32, the teacher 64'),
+    (without(r'model\.layers\.4\.self_attn\.q_proj\.weight'), {},  # a layer that layer selection drops, too
+     r"no 'model\.layers\.4\.self_attn\.q_proj\.weight' though its other layers have it; the checkpoint does not"),
 ])
 def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, overrides, match):
     folder, _ = llama
