@@ -339,7 +339,8 @@ MOES = {
                   dict(num_experts=8, moe_intermediate_size=48, head_dim=4, intermediate_size=40),
                   dict(num_experts=4, moe_intermediate_size=20), 'mlp', ('gate_proj', 'up_proj', 'down_proj')),
     'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM',
-                  dict(num_experts=8, moe_intermediate_size=48, shared_expert_intermediate_size=128, intermediate_size=40),
+                  dict(num_experts=8, moe_intermediate_size=48, shared_expert_intermediate_size=128,
+                       intermediate_size=40),
                   dict(num_experts=4, moe_intermediate_size=20, shared_expert_intermediate_size=48), 'mlp',
                   ('gate_proj', 'up_proj', 'down_proj')),
 }
@@ -430,7 +431,8 @@ def test_qwen_moe_dense_layers_follow_layer_selection(tmp_path, model_type, dens
         assert has_experts == (j not in student_dense)
         if j in student_dense:
             assert torch.equal(s[f'model.layers.{j}.mlp.down_proj.weight'],
-                               pick(t[f'model.layers.{teacher_of[j]}.mlp.down_proj.weight'], EVEN16, list(range(0, 40, 2))))
+                               pick(t[f'model.layers.{teacher_of[j]}.mlp.down_proj.weight'], EVEN16,
+                                    list(range(0, 40, 2))))
     forward_finite(load_strict(str(tmp_path / 's')))
     with pytest.raises(UserError, match='mlp_only_layers follows layer selection'):
         hf_selection.select_hf(folder, dict(student, mlp_only_layers=[]), str(tmp_path / 'x'))
@@ -490,7 +492,10 @@ def test_mixture_of_experts_expert_set_follows_the_element_selection(tmp_path, m
     folder, _, student, moe, _ = moe_teacher(tmp_path, 'mixtral')
     report = hf_selection.select_hf(folder, student, str(tmp_path / 's'), element_selection=mode)
     experts = report['meta']['experts']
-    assert experts == kept if kept else (experts == sorted(set(experts)) and len(experts) == 4 and experts != [0, 2, 4, 6])
+    if kept:
+        assert experts == kept
+    else:
+        assert experts == sorted(set(experts)) and len(experts) == 4 and experts != [0, 2, 4, 6]
     t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
     for layer in range(3):
         norm = t[f'model.layers.{layer}.input_layernorm.weight']
@@ -578,7 +583,8 @@ def test_vit_every_tensor(tmp_path, classifier):
         assert torch.equal(s[key], pick(t[key], *idx)), key
     for name, idx in [('attention.attention.query.weight', (EVEN16, EVEN16)),
                       ('attention.attention.value.bias', (EVEN16,)),
-                      ('attention.output.dense.weight', (EVEN16, EVEN16)), ('intermediate.dense.weight', (INTER_48_20, EVEN16)),
+                      ('attention.output.dense.weight', (EVEN16, EVEN16)),
+                      ('intermediate.dense.weight', (INTER_48_20, EVEN16)),
                       ('output.dense.weight', (EVEN16, INTER_48_20)), ('layernorm_after.weight', (EVEN16,))]:
         assert torch.equal(s[f'{p}encoder.layer.1.{name}'], pick(t[f'{p}encoder.layer.2.{name}'], *idx)), name
     if not classifier:
