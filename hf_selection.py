@@ -83,6 +83,11 @@ LLAMA = Family(
              'model.norm.weight': ('hidden',), **_LLAMA_LAYER},
     rotary=True, embed=('model.embed_tokens.weight',), head='lm_head.weight')
 
+def _prefixed(prefixes, tensors):
+    """Top-level tensors under their bare keys and under each prefix (a ...For* model's, e.g. 'bert.')."""
+    return {p + k: v for p in ('', *prefixes) for k, v in tensors.items()}
+
+
 _GPT2_LAYER = {
     'ln_1.weight': ('hidden',), 'ln_1.bias': ('hidden',), 'ln_2.weight': ('hidden',), 'ln_2.bias': ('hidden',),
     'attn.c_attn.weight': ('hidden', 'qkv'), 'attn.c_attn.bias': ('qkv',),
@@ -96,9 +101,9 @@ GPT2 = Family(
     fields=dict(hidden='n_embd', inter='n_inner', heads='n_head', layers='n_layer', vocab='vocab_size',
                 positions='n_positions'),
     block=re.compile(r'^((?:transformer\.)?h)\.(\d+)\.(.+)$'),
-    tensors={**{p + k: v for p in ('', 'transformer.') for k, v in {
+    tensors={**_prefixed(('transformer.',), {
         'wte.weight': ('vocab', 'hidden'), 'wpe.weight': ('pos', 'hidden'),
-        'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}.items()},
+        'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}),
              'lm_head.weight': ('vocab', 'hidden'), **_GPT2_LAYER},
     rotary=False, embed=('wte.weight', 'transformer.wte.weight'), head='lm_head.weight', attn_is_hidden=True,
     tied_default=True, weights_in_out=True)
@@ -135,7 +140,7 @@ BERT = Family(
     fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
                 layers='num_hidden_layers', vocab='vocab_size', positions='max_position_embeddings'),
     block=re.compile(r'^((?:bert\.)?encoder\.layer)\.(\d+)\.(.+)$'),
-    tensors={**{p + k: v for p in ('', 'bert.') for k, v in _BERT_TOP.items()}, **_BERT_HEADS, **_BERT_LAYER},
+    tensors={**_prefixed(('bert.',), _BERT_TOP), **_BERT_HEADS, **_BERT_LAYER},
     rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
     head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True)
 
@@ -214,10 +219,6 @@ _VIT_ATTENTION = {'attention.attention.query.weight': ('q', 'hidden'), 'attentio
 _VIT_FIELDS = dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
                    layers='num_hidden_layers')
 _VIT_FIXED = ('image_size', 'patch_size', 'num_channels')
-
-
-def _prefixed(prefixes, tensors):
-    return {p + k: v for p in ('', *prefixes) for k, v in tensors.items()}
 
 
 VIT = Family(
@@ -913,6 +914,7 @@ def check_layers_whole(teacher, family, t, dense):
             raise UserError(f"the teacher has no '{prefix}.{layer}.{kind.replace('*', str(lost[0]))}' though its "
                             f'config.json gives each layer {t.experts} experts; {mismatch}')
 
+
 def produce(p, teacher, std, seed, selector, norm_init=1.0):
     """The student tensor of a plan: the teacher's kept elements (chosen inside the tensor by the
     TensorwiseSelector `selector` when the plan is tensorwise), or a fresh init when excluded (as
@@ -1129,8 +1131,8 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         report['tensors'] = {p.key: {'action': action_of(p), 'source': p.source,
                                      'teacher_shape': list(p.teacher_shape), 'shape': list(p.shape)}
                              for p in planned}
-        write_output(output, s_cfg, planned, lambda p, std: produce(p, shards, std, seed, selector, family.norm_init), shards,
-                     max_bytes, report)
+        make = lambda p, std: produce(p, shards, std, seed, selector, family.norm_init)  # noqa: E731
+        write_output(output, s_cfg, planned, make, shards, max_bytes, report)
     finally:
         shards.close()
     report['keys_read'] = shards.keys_read
@@ -1185,7 +1187,6 @@ def run(args):
         counts[entry['action']] = counts.get(entry['action'], 0) + 1
     acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
     ranking = ' (with the whole teacher once for the ranking)' if args.element_selection == 'l1_consistent' else ''
-
     experts = f", experts {meta['experts']}" if 'experts' in meta else ''
     print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}{experts}, "
           f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "

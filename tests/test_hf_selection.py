@@ -63,10 +63,10 @@ def gpt2(tmp_path_factory):
     return save_teacher(tmp_path_factory.mktemp('gpt2'), model), model.state_dict()
 
 
-def load_strict(folder, auto=None):
-    """from_pretrained with no missing, unexpected or mismatched key (a causal LM unless `auto` says)."""
+def load_strict(folder, auto=None, **model_kwargs):
+    """from_pretrained with no missing, unexpected or mismatched key (a causal LM unless `auto` names a class)."""
     auto = auto or transformers.AutoModelForCausalLM
-    model, info = auto.from_pretrained(folder, output_loading_info=True)
+    model, info = auto.from_pretrained(folder, output_loading_info=True, **model_kwargs)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
     return model.eval()
 
@@ -540,9 +540,8 @@ def vision_teacher(tmp_path, config_cls, model_cls, model_kwargs=(), **config):
 
 
 def load_vision(folder, teacher, **model_kwargs):
-    model, info = type(teacher).from_pretrained(folder, output_loading_info=True, **model_kwargs)
-    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
-    return model.eval()
+    """The student, strictly, as the teacher's class."""
+    return load_strict(folder, type(teacher), **model_kwargs)
 
 
 def truncate(model, layers):
