@@ -225,7 +225,9 @@ def init_distributed(args):
 
 def close_distributed():
     """Destroy the process group, if any, before the process exits: left to the interpreter's exit, its threads
-    can be torn down running ('terminate called without an active exception', SIGABRT, seen with gloo)."""
+    can be torn down running ('terminate called without an active exception', SIGABRT, seen with gloo). Call it
+    once the objects that hold the group (a DDP model) are freed, as main() does after train() returns: a
+    DistributedDataParallel still alive here gives the same abort."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

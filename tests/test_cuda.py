@@ -167,6 +167,7 @@ dist.all_reduce(total)
 dist.barrier()
 print('backend', dist.get_backend(), 'store', type(store).__name__, 'all_reduce', total.tolist(),
       'grad finite', bool(torch.isfinite(model.module.weight.grad).all()), flush=True)
+del model  # DDP holds the group: alive when it is destroyed, it can abort at exit (utils.close_distributed)
 dist.destroy_process_group()
 """
 
