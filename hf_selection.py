@@ -592,7 +592,7 @@ class TensorwiseSelector:
       - l1: every dimension ranked by the tensor's own slice L1 norms, except that a bias keeps the output
         neurons its weight keeps (Table 7's L1 pruning);
       - l1_consistent: the hidden width (and attention widths of its size) ranked over the whole teacher,
-        other widths per tensor;
+        other widths per tensor, a bias with its weight's neurons as under l1;
       - magnitude: the tensor's largest-magnitude weights in their order, squeezed into the student's shape.
     A fused tensor is its parts (q, k, v; gate, up) but under magnitude, which squeezes it whole as timm's qkv. Token and
     position rows stay themselves: the first ones are kept, and magnitude squeezes each row on its own (a
@@ -618,8 +618,9 @@ class TensorwiseSelector:
         return torch.cat(parts, dim)
 
     def anchor(self, p, teacher):
-        """Under l1, the teacher weight (output neurons first) whose neurons the bias p belongs to, else None."""
-        if self.mode != 'l1' or len(p.shape) != 1 or not p.source.endswith('.bias'):
+        """Under l1 and l1_consistent, the teacher weight (output neurons first) whose neurons the bias p belongs
+        to, else None."""
+        if self.mode not in ('l1', 'l1_consistent') or len(p.shape) != 1 or not p.source.endswith('.bias'):
             return None
         weight = p.source[:-len('bias')] + 'weight'
         if weight not in teacher.header:

@@ -130,7 +130,7 @@ class ElementSelector:
     q/k/v and proj, fc1 rows and fc2 columns stay aligned (Section 3.2, "random selection with
     consistency"). l1_consistent ranks each embedding width (a size of a normalization weight) by the
     summed L1 norm of the teacher's slices of that width, one set for all tensors; other sizes are
-    ranked per tensor.
+    ranked per tensor, but a bias keeps its weight's rows (as under l1).
     The per-tensor modes treat q, k and v of a fused qkv as three tensors: random_inconsistent draws a
     fresh set for every tensor and dimension; l1 is Table 7's L1 pruning, every dimension of a tensor
     ranked by that tensor's own slice L1 norms ("L1 norm inevitably breaks consistency"), except that a
@@ -175,15 +175,13 @@ class ElementSelector:
             return self.cache[t, s]
         if self.mode == 'random_inconsistent':
             return random_indices(t, s, _generator(self.seed, key, dim))
-        if self.mode == 'l1':
+        if self.mode == 'l1_consistent' and t in self.l1_scores:
+            if (t, s) not in self.cache:
+                self.cache[t, s] = self.l1_scores[t].topk(s).indices.sort().values
+            return self.cache[t, s]
+        if self.mode in ('l1', 'l1_consistent'):
             if dim == 0 and anchor is not None and anchor.shape[0] == t:
-                return top_l1(anchor, 0, s)  # a bias follows its weight's rows
-            return top_l1(tensor, dim, s)
-        if self.mode == 'l1_consistent':
-            if t in self.l1_scores:
-                if (t, s) not in self.cache:
-                    self.cache[t, s] = self.l1_scores[t].topk(s).indices.sort().values
-                return self.cache[t, s]
+                return top_l1(anchor, 0, s)  # a bias follows its weight's rows: the neuron stays whole
             return top_l1(tensor, dim, s)
         raise AssertionError(self.mode)
 
@@ -207,8 +205,9 @@ class ElementSelector:
                             for i, part in enumerate(tensor)])
 
     def anchor(self, source, tensor):
-        """Under l1, the teacher weight whose output rows the 1-D tensor `source` belongs to, else None."""
-        if self.mode != 'l1' or tensor.ndim != 1 or not source.endswith(NEURON_PARTS):
+        """Under l1 and l1_consistent, the teacher weight whose output rows the 1-D tensor `source` belongs to,
+        else None."""
+        if self.mode not in ('l1', 'l1_consistent') or tensor.ndim != 1 or not source.endswith(NEURON_PARTS):
             return None
         weight = self.teacher.get(source.rsplit('.', 1)[0] + '.weight')
         if weight is None or weight.ndim == 0 or not weight.is_floating_point():

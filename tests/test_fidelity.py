@@ -119,6 +119,18 @@ def test_l1_consistent_keeps_one_ranking_per_embedding_width():
     assert args.element_selection == 'l1_consistent'
 
 
+def test_l1_consistent_keeps_a_bias_with_its_weight_on_a_width_ranked_per_tensor():
+    import weight_selection as ws
+    # width 3 is no normalization's: ranked per tensor. fc1 rows' L1 1, 6, 5 -> rows 1, 2; the bias alone would
+    # keep 0, 1 (|7|, |4|) and split the neurons; it keeps its weight's rows 1, 2
+    teacher = {'norm.weight': torch.tensor([1., 3.]),
+               'mlp.fc1.weight': torch.tensor([[1., 0.], [0., 6.], [2., 3.]]),
+               'mlp.fc1.bias': torch.tensor([7., 4., 0.5])}
+    student = zeros_like_shapes({'norm.weight': (2,), 'mlp.fc1.weight': (2, 2), 'mlp.fc1.bias': (2,)})
+    sd, _ = ws.select_weights(teacher, student, element_selection='l1_consistent')
+    assert sd['mlp.fc1.weight'].tolist() == [[0., 6.], [2., 3.]] and sd['mlp.fc1.bias'].tolist() == [4., 0.5]
+
+
 def test_l1_bias_follows_teacher_weight_of_the_mapped_block():
     import weight_selection as ws
     # student block 0 <- teacher block 1 (last layer selection): the bias follows teacher block 1's weight

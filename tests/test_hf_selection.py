@@ -1002,7 +1002,7 @@ def test_gpt2_l1_prunes_each_tensor_and_biases_follow_their_neurons(gpt2, tmp_pa
 
 def test_gpt2_l1_consistent_ranks_the_hidden_width_over_the_whole_teacher(gpt2, tmp_path):
     """One hidden index set, by the summed L1 norms of every teacher slice along a width of 32 (the hidden width,
-    and q, k and v of c_attn); the MLP width is ranked in each tensor on its own."""
+    and q, k and v of c_attn); the MLP width is ranked in each tensor on its own, a bias with its weight."""
     folder, t = gpt2
     stored = stored_tensors(folder)
     scores = torch.zeros(32, dtype=torch.float64)
@@ -1021,7 +1021,7 @@ def test_gpt2_l1_consistent_ranks_the_hidden_width_over_the_whole_teacher(gpt2, 
     assert selected(s, t, p + 'attn.c_attn.weight', h, h + [32 + i for i in h] + [64 + i for i in h])
     assert selected(s, t, p + 'attn.c_proj.weight', h, h)
     assert selected(s, t, p + 'mlp.c_fc.weight', h, top_l1(t[p + 'mlp.c_fc.weight'], 1, 64))
-    assert selected(s, t, p + 'mlp.c_fc.bias', top_l1(t[p + 'mlp.c_fc.bias'], 0, 64))
+    assert selected(s, t, p + 'mlp.c_fc.bias', top_l1(t[p + 'mlp.c_fc.weight'], 1, 64))  # its weight's neurons
     assert selected(s, t, p + 'mlp.c_proj.weight', top_l1(t[p + 'mlp.c_proj.weight'], 0, 64), h)
     assert h != EVEN16
 
