@@ -11,9 +11,9 @@ consistency, Section 3.2; L1 and magnitude pruning, Table 7; and l1_consistent) 
 instead, from the whole teacher tensor (l1_consistent first reads the whole teacher once, a tensor at a time,
 to rank the hidden width).
 
-Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2), mixtures of
-experts (mixtral, olmoe, qwen2_moe, qwen3_moe: whole experts kept, the same in every layer), GPT-2, BERT, and vision
-transformers (vit, dinov2, dinov2_with_registers: same image and patch size, every position kept). This
+Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2), mixtures
+of experts (mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss: whole experts kept, the same in every layer), GPT-2, BERT,
+and vision transformers (vit, dinov2, dinov2_with_registers: same image and patch size, every position kept). This
 module needs torch and safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
@@ -62,6 +62,10 @@ class Family:
     sparse_layers: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers say which layers are dense
     inter_of: object = None  # the MLP width from the config, where no field holds it (DINOv2: hidden x mlp_ratio)
     fixed_fields: tuple = ()  # fields a student keeps (a ViT's image and patch sizes, which its positions follow)
+
+    @property
+    def has_experts(self):
+        return 'experts' in self.fields
 
 
 _LLAMA_LAYER = {
@@ -204,6 +208,16 @@ QWEN2_MOE = replace(LLAMA, name='qwen2_moe', expert_key=_MLP_EXPERTS, sparse_lay
                     tensors={**LLAMA.tensors, **_MLP_EXPERT_TENSORS, **_SHARED_EXPERT})
 QWEN3_MOE = replace(QWEN3, name='qwen3_moe', fields=_QWEN_MOE_FIELDS, expert_key=_MLP_EXPERTS, sparse_layers=True,
                     tensors={**QWEN3.tensors, **_MLP_EXPERT_TENSORS})
+# gpt-oss: attention with biases and a learned sink logit per query head; a layer's experts stacked in one tensor
+# per projection ([experts, in, out]: x @ W; axis 'each_expert', the experts kept as in the router's 'experts'),
+# gate and up interleaved in gate_up_proj's columns (gate 0::2, up 1::2); the router has a bias.
+GPT_OSS = replace(LLAMA, name='gpt_oss', fields=_MOE_FIELDS, tensors={
+    **_ATTENTION, 'self_attn.sinks': ('heads',),
+    'mlp.router.weight': ('experts', 'hidden'), 'mlp.router.bias': ('experts',),
+    'mlp.experts.gate_up_proj': ('each_expert', 'hidden', 'gate_up_pairs'),
+    'mlp.experts.gate_up_proj_bias': ('each_expert', 'gate_up_pairs'),
+    'mlp.experts.down_proj': ('each_expert', 'expert_inter', 'hidden'),
+    'mlp.experts.down_proj_bias': ('each_expert', 'hidden')})
 
 # Vision transformers (ViTModel, ViTFor*; Dinov2Model, Dinov2For*, with registers): BERT-like layers after a
 # patch embedding, a class token and learned positions, which the student keeps (same image and patch size)
@@ -261,8 +275,8 @@ DINOV2 = Family(
 
 FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gemma': GEMMA, 'gemma2': GEMMA2,
             'gemma3_text': GEMMA3, 'phi3': PHI3, 'olmo2': OLMO2, 'mixtral': MIXTRAL, 'olmoe': OLMOE,
-            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt2': GPT2, 'bert': BERT, 'vit': VIT, 'dinov2': DINOV2,
-            'dinov2_with_registers': DINOV2}
+            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt_oss': GPT_OSS, 'gpt2': GPT2, 'bert': BERT, 'vit': VIT,
+            'dinov2': DINOV2, 'dinov2_with_registers': DINOV2}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
 DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
@@ -276,6 +290,12 @@ def family_of(config, where):
     if model_type not in FAMILIES:
         raise UserError(f"{where}: unknown architecture model_type '{model_type}'; weight selection for Hugging Face "
                         f"checkpoints supports {', '.join(FAMILIES)}")
+    quantized = config.get('quantization_config')
+    if quantized:  # packed integers and scales: selecting their elements would not select weights
+        method = quantized.get('quant_method', '?') if isinstance(quantized, dict) else '?'
+        raise UserError(f'{where}: the teacher is quantized ({method}); weight selection reads unquantized weights: '
+                        f'give a dequantized copy (transformers: from_pretrained with the quantization config\'s '
+                        f'dequantize=True, then save_pretrained)')
     return FAMILIES[model_type]
 
 
@@ -336,11 +356,11 @@ def widths_of(config, family, where):
                                                       'shared_inter') if w in f}
     pooler = config.get(f['pooler']) or hidden if 'pooler' in f else 0  # ViT's pooler_output_size: hidden if unset
     w = Widths(hidden, inter, heads, kv_heads, head_dim, config[f['layers']], **optional, pooler=pooler)
-    values = {n: config[n] for n in field_names(family, 'experts') if n in config} if family.expert_key else {}
+    values = {n: config[n] for n in field_names(family, 'experts') if n in config} if family.has_experts else {}
     if len(set(values.values())) > 1:
         raise UserError(f'{where}: config gives the expert count twice, differently: '
                         + ', '.join(f'{n} {v}' for n, v in values.items()))
-    if family.expert_key and not 0 < w.top_k <= w.experts:
+    if family.has_experts and not 0 < w.top_k <= w.experts:
         raise UserError(f"{where}: {f['top_k']} is {w.top_k}; it must be between 1 and {f['experts']} ({w.experts}), "
                         f'the experts a token can use')
     return w
@@ -503,6 +523,31 @@ def token_axes(s):
 # Phi-3's gate_up_proj and DINOv2's SwiGLU weights_in the gate and up projections; Dinov2ForImageClassification's
 # classifier reads two hidden vectors side by side).
 FUSED = {'qkv': ('q', 'kv', 'kv'), 'gate_up': ('inter', 'inter'), 'hidden_pair': ('hidden', 'hidden')}
+# Interleaved axes: two tensors' columns alternating (gpt-oss's gate_up_proj: gate at 0::2, up at 1::2)
+INTERLEAVED = {'gate_up_pairs': 'expert_inter'}
+
+
+def interleave(indices):
+    """An interleaved axis's kept indices from its parts' (the same set for both): 2i and 2i + 1 for each i."""
+    return torch.stack([2 * indices, 2 * indices + 1], 1).flatten()
+
+
+def parts_of(name):
+    """The axes of a fused or interleaved axis's parts, in order."""
+    return FUSED[name] if name in FUSED else (INTERLEAVED[name],) * 2
+
+
+def split_parts(tensor, dim, name, w):
+    """A fused or interleaved axis's parts, for a model's Widths."""
+    if name in INTERLEAVED:
+        return [tensor.narrow(dim, k, tensor.shape[dim] - k)[(slice(None),) * dim + (slice(None, None, 2),)]
+                for k in (0, 1)]
+    return list(tensor.split(part_sizes(name, w), dim))
+
+
+def join_parts(parts, dim, name):
+    """split_parts undone."""
+    return torch.stack(parts, dim + 1).flatten(dim, dim + 1) if name in INTERLEAVED else torch.cat(parts, dim)
 
 
 def part_sizes(fused, w):
@@ -533,6 +578,10 @@ def axis_indices(t, s, family, head_mode, chooser):
         axes['kv'] = chooser.pick(t.kv_heads * t.head_dim, s.kv_heads * s.head_dim)
     for fused in FUSED:
         axes[fused] = fuse(fused, axes, t)
+    for name, part in INTERLEAVED.items():
+        axes[name] = interleave(axes[part])
+    # one value per query head (gpt-oss's sinks): those of the heads kept, or per dimension chosen as any width
+    axes['heads'] = torch.tensor(q_heads) if head_mode == 'heads' else chooser.pick(t.heads, s.heads)
     # a per-head norm (Qwen3's q_norm, k_norm): whole when heads are kept whole, else the within-head dims
     # chosen as for any width (per dimension, a student head mixes teacher heads, so no choice is exact)
     axes['head_dim'] = chooser.pick(t.head_dim, s.head_dim)
@@ -573,7 +622,7 @@ def tensorwise_axes(t, s, family, mode, teacher, experts):
     """The axes fixed for every tensor under a tensorwise selection: tokens and positions (the first ones), the
     experts kept, and, for l1_consistent, the ranked widths (their top indices by the whole teacher's L1 sums,
     Section 3.2's consistency)."""
-    axes = {**token_axes(s), 'experts': experts}
+    axes = {**token_axes(s), 'experts': experts, 'each_expert': experts}
     if mode == 'l1_consistent':
         scores, s_sizes = hidden_l1_scores(teacher, family, t), axis_sizes(s)
         for name in ranked_widths(t):
@@ -581,7 +630,7 @@ def tensorwise_axes(t, s, family, mode, teacher, experts):
     return axes
 
 
-ROW_AXES = ('vocab', 'pos', 'same', 'experts')  # a row is one token, position, output or expert: it stays itself
+ROW_AXES = ('vocab', 'pos', 'same', 'experts', 'each_expert')  # a row is one token, position, output or expert
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -596,37 +645,51 @@ class TensorwiseSelector:
       - magnitude: the tensor's largest-magnitude weights in their order, squeezed into the student's shape.
     A fused tensor is its parts (q, k, v; gate, up) but under magnitude, which squeezes it whole as timm's qkv. Token and
     position rows stay themselves: the first ones are kept, and magnitude squeezes each row on its own (a
-    token's row holds only its values). GPT-2 stores weights [in, out]: a bias follows its weight's columns."""
+    token's row holds only its values). A bias follows its weight along the axis they share, the weight's output
+    axis (a row of a Linear, a column of GPT-2's [in, out] Conv1D and of gpt-oss's experts). A stack of experts
+    (gpt-oss) is one tensor per expert, as in checkpoints that store experts one by one."""
 
     def __init__(self, mode, seed, family, t, s, fixed):
         self.mode, self.seed, self.family, self.fixed, self.t, self.s = mode, seed, family, fixed, t, s
 
     def __call__(self, p, teacher):
-        tensor = teacher.read(p.source)
-        anchor = self.anchor(p, teacher)
-        fused = [a for a in p.names if a in FUSED]
+        tensor, anchor = teacher.read(p.source), self.anchor(p, teacher)
+        if p.names[:1] == ('each_expert',) and self.mode != 'magnitude':  # each expert a tensor of its own, as in
+            # checkpoints that store experts one by one (magnitude squeezes each expert's row on its own)
+            return torch.stack([self.one(tensor[e], p.names[1:], p.shape[1:], f'{p.key}[{e}]',
+                                         None if anchor is None else (anchor[0][e], anchor[1][1:]))
+                                for e in self.fixed['each_expert'].tolist()])
+        return self.one(tensor, p.names, p.shape, p.key, anchor)
+
+    def one(self, tensor, names, shape, key, anchor):
+        fused = [a for a in names if a in FUSED or a in INTERLEAVED]
         if not fused or self.mode == 'magnitude':  # magnitude squeezes a fused tensor whole, as timm's qkv
-            return self.select(tensor, p.names, p.shape, p.key, anchor)
-        dim, t_sizes = p.names.index(fused[0]), part_sizes(fused[0], self.t)
-        anchors = [None] * len(t_sizes) if anchor is None else anchor.split(t_sizes, 0)
-        parts = []
-        for i, (part, name, size) in enumerate(zip(tensor.split(t_sizes, dim), FUSED[fused[0]],
-                                                   part_sizes(fused[0], self.s))):
-            names, shape = list(p.names), list(p.shape)
-            names[dim], shape[dim] = name, size
-            parts.append(self.select(part, names, shape, f'{p.key}[{i}]', anchors[i]))
-        return torch.cat(parts, dim)
+            return self.select(tensor, names, shape, key, anchor)
+        name, parts = fused[0], []
+        dim, part_names = names.index(name), parts_of(name)
+        t_parts = split_parts(tensor, dim, name, self.t)
+        anchors = [None] * len(t_parts)
+        if anchor is not None:  # the weight's parts, along its own axis of that name
+            a_dim = anchor[1].index(name)
+            anchors = [(a, anchor[1][:a_dim] + (n,) + anchor[1][a_dim + 1:])
+                       for a, n in zip(split_parts(anchor[0], a_dim, name, self.t), part_names)]
+        s_sizes = axis_sizes(self.s)
+        for i, (part, part_name) in enumerate(zip(t_parts, part_names)):
+            p_names, p_shape = list(names), list(shape)
+            p_names[dim], p_shape[dim] = part_name, s_sizes[part_name]
+            parts.append(self.select(part, p_names, p_shape, f'{key}[{i}]', anchors[i]))
+        return join_parts(parts, dim, name)
 
     def anchor(self, p, teacher):
-        """Under l1 and l1_consistent, the teacher weight (output neurons first) whose neurons the bias p belongs
-        to, else None."""
-        if self.mode not in ('l1', 'l1_consistent') or len(p.shape) != 1 or not p.source.endswith('.bias'):
+        """Under l1 and l1_consistent, the teacher weight whose neurons the bias p belongs to (x.bias: x.weight;
+        gpt-oss's x_bias: x), with its axis names; else None."""
+        m = re.search(r'(\.|_)bias$', p.source)
+        if self.mode not in ('l1', 'l1_consistent') or m is None:
             return None
-        weight = p.source[:-len('bias')] + 'weight'
+        weight = p.source[:m.start()] + ('.weight' if m[1] == '.' else '')
         if weight not in teacher.header:
             return None
-        value = teacher.read(weight)
-        return value.t() if self.family.weights_in_out and value.ndim == 2 else value
+        return teacher.read(weight), self.family.tensors[kind_of(weight, self.family)]
 
     def select(self, tensor, names, shape, key, anchor):
         if self.mode == 'magnitude':
@@ -646,8 +709,9 @@ class TensorwiseSelector:
             return None
         if self.mode == 'random_inconsistent':
             return random_indices(t, s, _generator(self.seed, key, dim))
-        if dim == 0 and anchor is not None and anchor.shape[0] == t:
-            return top_l1(anchor, 0, s)  # a bias follows its weight's neurons
+        if anchor is not None and name in anchor[1]:  # a bias follows its weight's neurons: its output axis
+            dims = [d for d, n in enumerate(anchor[1]) if n == name]
+            return top_l1(anchor[0], dims[-1] if self.family.weights_in_out else dims[0], s)
         return top_l1(tensor, dim, s)
 
     def magnitude(self, tensor, names, shape):
@@ -844,7 +908,7 @@ def axis_sizes(w):
     return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
             'qkv': q + 2 * kv, 'gate_up': 2 * w.inter, 'head_dim': w.head_dim, 'experts': w.experts,
             'expert_inter': w.expert_inter, 'shared_inter': w.shared_inter, 'hidden_pair': 2 * w.hidden,
-            'pooler': w.pooler}
+            'pooler': w.pooler, 'heads': w.heads, 'gate_up_pairs': 2 * w.expert_inter, 'each_expert': w.experts}
 
 
 def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
@@ -924,7 +988,7 @@ def produce(p, teacher, std, seed, selector, norm_init=1.0):
         return selector(p, teacher).contiguous()
     if p.source is not None:
         return teacher.read(p.source, p.indices).contiguous()
-    if p.key.endswith('.bias'):
+    if p.key.endswith(('.bias', '_bias')):
         value = torch.zeros(p.shape)
     elif component_of(p.key) == 'norm':
         value = torch.full(p.shape, norm_init)
@@ -1108,7 +1172,8 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         head_selection if head_selection != 'auto' else ('heads' if family.rotary else 'dims')
     chooser = IndexChooser('uniform' if tensorwise else element_selection, seed)
     experts = chooser.pick(t.experts, s.experts)  # the experts kept, in order: an axis that every mode keeps whole
-    axes = None if tensorwise else {**axis_indices(t, s, family, head_mode, chooser), 'experts': experts}
+    axes = None if tensorwise else {**axis_indices(t, s, family, head_mode, chooser), 'experts': experts,
+                                    'each_expert': experts}
     shards = TeacherShards(folder)
     try:
         check_layers_whole(shards, family, t, dense_layers(t_cfg, t.layers) if family.sparse_layers else set())
@@ -1124,7 +1189,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
             'settings': {'layer_selection': layer_selection, 'element_selection': element_selection, 'seed': seed,
                          'exclude': list(exclude), 'head_selection': head_mode, 'max_shard_size': max_shard_size},
             'layer_map': layer_map, 'versions': utils.versions(('safetensors',))}}
-        if family.expert_key:
+        if family.has_experts:
             report['meta']['experts'] = experts.tolist()  # the teacher expert of each student expert
         if head_mode == 'heads':  # which teacher heads the student's heads are, in order
             report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),

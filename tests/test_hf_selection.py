@@ -1,5 +1,5 @@
 """Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2/3, Gemma,
-Phi-3, OLMo 2, mixtures of experts, GPT-2, BERT, ViT and DINOv2 teachers saved in shards by transformers; every
+Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked), GPT-2, BERT, ViT and DINOv2 teachers saved in shards by transformers; every
 student tensor is checked against index lists written out here."""
 import json
 import os
@@ -525,6 +525,132 @@ def test_qwen3_moe_reads_either_name_of_the_expert_count(tmp_path):
     load_strict(str(tmp_path / 'b'))
 
 
+# gpt-oss: a layer's experts stacked in one tensor per projection, [experts, in, out], gate and up interleaved
+GPT_OSS = dict(LLAMA, num_hidden_layers=4, head_dim=4, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+               layer_types=['sliding_attention', 'full_attention'] * 2)
+GPT_OSS_STUDENT = dict(LLAMA_STUDENT, num_hidden_layers=2, num_local_experts=4)
+
+
+def pairs(indices):
+    """gate_up_proj's columns of the kept MLP neurons: gate 2i and up 2i + 1 for each."""
+    return [c for i in indices for c in (2 * i, 2 * i + 1)]
+
+
+@pytest.fixture(scope='module')
+def gpt_oss(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**GPT_OSS)).eval()
+    return save_teacher(tmp_path_factory.mktemp('gpt_oss'), model), model
+
+
+def test_gpt_oss_every_tensor(gpt_oss, tmp_path):
+    """Experts 0, 2, 4, 6 (8 -> 4) in each stacked tensor and in the router (rows and bias); gate and up keep the
+    same neurons, in their interleaved columns; each kept query head keeps its sink; layer_types follow the
+    layers kept. Checked on the files as stored, and the student loads strictly and runs."""
+    folder, _ = gpt_oss
+    report = hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 's'), layer_selection='uniform')
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    h, inter, experts, heads = EVEN16, INTER_48_20, [0, 2, 4, 6], [0, 1, 4, 5]
+    q, kv = rows(heads), rows([0, 2])
+    assert report['meta']['experts'] == experts and report['meta']['heads']['query'] == heads
+    layers = report['meta']['layer_map']
+    assert layers == [0, 2] and report['meta']['student_config']['layer_types'] == ['sliding_attention'] * 2
+    expected = {'model.embed_tokens.weight': pick(t['model.embed_tokens.weight'], None, h),
+                'lm_head.weight': pick(t['lm_head.weight'], None, h),
+                'model.norm.weight': pick(t['model.norm.weight'], h)}
+    for j, i in enumerate(layers):
+        for name, idx in [('self_attn.q_proj.weight', (q, h)), ('self_attn.q_proj.bias', (q,)),
+                          ('self_attn.k_proj.weight', (kv, h)), ('self_attn.k_proj.bias', (kv,)),
+                          ('self_attn.v_proj.weight', (kv, h)), ('self_attn.v_proj.bias', (kv,)),
+                          ('self_attn.o_proj.weight', (h, q)), ('self_attn.o_proj.bias', (h,)),
+                          ('self_attn.sinks', (heads,)), ('input_layernorm.weight', (h,)),
+                          ('post_attention_layernorm.weight', (h,)),
+                          ('mlp.router.weight', (experts, h)), ('mlp.router.bias', (experts,)),
+                          ('mlp.experts.gate_up_proj', (experts, h, pairs(inter))),
+                          ('mlp.experts.gate_up_proj_bias', (experts, pairs(inter))),
+                          ('mlp.experts.down_proj', (experts, inter, h)), ('mlp.experts.down_proj_bias', (experts, h))]:
+            expected[f'model.layers.{j}.{name}'] = pick(t[f'model.layers.{i}.{name}'], *idx)
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt_oss_same_width_shallower_is_the_truncated_teacher(gpt_oss, tmp_path):
+    folder, model = gpt_oss
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
+    config = transformers.GptOssConfig(**dict(GPT_OSS, num_hidden_layers=2, layer_types=GPT_OSS['layer_types'][:2]))
+    truncated = transformers.GptOssForCausalLM(config)
+    truncated.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
+        ('model.layers.2.', 'model.layers.3.'))})
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(truncated.eval()))
+
+
+def test_gpt_oss_l1_ranks_each_expert_and_biases_follow_their_neurons(gpt_oss, tmp_path):
+    """Under l1 each kept expert is ranked as a tensor of its own (as Mixtral's experts, stored one by one): gate and
+    up each by their own column and row norms, down_proj likewise; a bias keeps its weight's output neurons (the
+    columns of these [in, out] weights); a sink is ranked by its magnitude."""
+    folder, _ = gpt_oss
+    hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 's'), element_selection='l1')
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    p = 'model.layers.1.'
+    for k, e in enumerate([0, 2, 4, 6]):
+        w, b = t[p + 'mlp.experts.gate_up_proj'][e], t[p + 'mlp.experts.gate_up_proj_bias'][e]
+        gate, up = w[:, 0::2], w[:, 1::2]
+        kept = {name: (top_l1(part, 0, 16), top_l1(part, 1, 20)) for name, part in (('gate', gate), ('up', up))}
+        want = torch.stack([pick(gate, *kept['gate']), pick(up, *kept['up'])], 2).flatten(1)
+        assert torch.equal(s[p + 'mlp.experts.gate_up_proj'][k], want), k
+        bias = torch.stack([b[0::2][kept['gate'][1]], b[1::2][kept['up'][1]]], 1).flatten()
+        assert torch.equal(s[p + 'mlp.experts.gate_up_proj_bias'][k], bias), k
+        down = t[p + 'mlp.experts.down_proj'][e]
+        assert torch.equal(s[p + 'mlp.experts.down_proj'][k], pick(down, top_l1(down, 0, 20), top_l1(down, 1, 16)))
+        assert torch.equal(s[p + 'mlp.experts.down_proj_bias'][k],
+                           t[p + 'mlp.experts.down_proj_bias'][e][top_l1(down, 1, 16)])
+    router = t[p + 'mlp.router.weight']
+    assert torch.equal(s[p + 'mlp.router.weight'], pick(router, [0, 2, 4, 6], top_l1(router, 1, 16)))
+    assert torch.equal(s[p + 'self_attn.sinks'], pick(t[p + 'self_attn.sinks'], top_l1(t[p + 'self_attn.sinks'], 0, 4)))
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def quantized(copy):
+    config = json.load(open(copy / 'config.json'))
+    json.dump(dict(config, quantization_config={'quant_method': 'mxfp4'}), open(copy / 'config.json', 'w'))
+
+
+@pytest.mark.parametrize('damage,overrides,match', [
+    (None, {'num_local_experts': 16}, 'the student has experts 16 where the teacher has 8'),
+    (None, {'num_local_experts': 4, 'num_experts_per_tok': 5}, 'num_experts_per_tok is 5; it must be between 1 and'),
+    (without(r'model\.layers\.2\.self_attn\.sinks'), {},
+     r"no 'model\.layers\.2\.self_attn\.sinks' though its other layers have it"),
+    (quantized, {}, r'the teacher is quantized \(mxfp4\); weight selection reads unquantized weights: give a '
+                    'dequantized copy'),
+])
+def test_gpt_oss_bad_input(gpt_oss, tmp_path, damage, overrides, match):
+    folder, _ = gpt_oss
+    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
+    out = tmp_path / 'out' / 's'
+    out.parent.mkdir()
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(teacher, overrides, str(out))
+    assert os.listdir(out.parent) == []
+
+
+@pytest.mark.parametrize('mode', ['random_inconsistent', 'l1_consistent', 'magnitude'])
+def test_gpt_oss_other_tensorwise_modes_load_and_run(gpt_oss, tmp_path, mode):
+    """Under magnitude each kept expert's weights are squeezed on their own (a row of the stack)."""
+    folder, _ = gpt_oss
+    report = hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 's'), element_selection=mode)
+    assert report['meta']['experts'] == [0, 2, 4, 6]
+    forward_finite(load_strict(str(tmp_path / 's')))
+    if mode == 'magnitude':
+        t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+        key = 'model.layers.0.mlp.experts.down_proj'
+        for k, e in enumerate([0, 2, 4, 6]):
+            flat = t[key][e].flatten()
+            assert torch.equal(s[key][k].flatten(), flat[flat.abs().topk(20 * 16).indices.sort().values])
+
+
 # ---------------------------------------------------------------------------------------------- vision transformers
 
 VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48, image_size=32,
@@ -744,7 +870,8 @@ def set_model_type(copy):
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
-    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt2, bert"),
+    (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, "
+                         'gemma3_text, phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss, gpt2, bert'),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
