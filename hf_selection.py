@@ -291,12 +291,16 @@ def family_of(config, where):
         raise UserError(f"{where}: unknown architecture model_type '{model_type}'; weight selection for Hugging Face "
                         f"checkpoints supports {', '.join(FAMILIES)}")
     quantized = config.get('quantization_config')
-    if quantized:  # packed integers and scales: selecting their elements would not select weights
-        method = quantized.get('quant_method', '?') if isinstance(quantized, dict) else '?'
+    method = quantized.get('quant_method', '?') if isinstance(quantized, dict) else '?'
+    if quantized and (model_type, method) not in DEQUANTIZED:  # selecting packed integers would not select weights
         raise UserError(f'{where}: the teacher is quantized ({method}); weight selection reads unquantized weights: '
                         f'give a dequantized copy (transformers: from_pretrained with the quantization config\'s '
                         f'dequantize=True, then save_pretrained)')
     return FAMILIES[model_type]
+
+
+# Quantized checkpoints read here as their dequantized weights (the student is written unquantized): gpt-oss's MXFP4
+DEQUANTIZED = {('gpt_oss', 'mxfp4')}
 
 
 @dataclass(frozen=True)
@@ -406,7 +410,7 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if changed:
         raise UserError(f'--student_config: {changed[0]} stays the teacher\'s in {family.name} models '
                         f'({FIXED_WHY[changed[0]]}); leave it out')
-    s_cfg = {**t_cfg, **overrides}
+    s_cfg = {k: v for k, v in {**t_cfg, **overrides}.items() if k != 'quantization_config'}  # written unquantized
     check_whole_numbers(s_cfg, family, 'student')
     if 'pooler' in family.fields and t_cfg.get('pooler_output_size') == t.hidden \
             and 'pooler_output_size' not in overrides:  # it restated the hidden size: it follows the student's
@@ -763,7 +767,24 @@ class TeacherShards:
         for name in self.files:
             for key, info in read_header(os.path.join(folder, name)).items():
                 self.where[key], self.header[key] = name, info
+        self.packed = self.find_mxfp4()
         self.fds, self.bytes_read, self.keys_read = {}, 0, []
+
+    def find_mxfp4(self):
+        """MXFP4 pairs W_blocks, W_scales: each listed as the weight W, [experts, in, out] in bfloat16, which read()
+        dequantizes; returns {W: ((blocks key, its header entry), (scales key, its header entry))}."""
+        packed = {}
+        for blocks in [k for k in self.header if k.endswith('_blocks') and k[:-7] + '_scales' in self.header]:
+            key, scales = blocks[:-7], blocks[:-7] + '_scales'
+            (b_dtype, b_shape, offsets), (s_dtype, s_shape, _) = self.header[blocks], self.header[scales]
+            if (b_dtype, s_dtype) != ('U8', 'U8') or len(b_shape) != 4 or b_shape[3] != 16 or s_shape != b_shape[:3]:
+                raise UserError(f"teacher tensors '{blocks}' {b_dtype} {list(b_shape)} and '{scales}' {s_dtype} "
+                                f'{list(s_shape)} are not MXFP4 experts ([experts, out, in/32, 16] and [experts, out, '
+                                f'in/32], uint8)')
+            packed[key] = tuple((k, self.header.pop(k), self.where.pop(k)) for k in (blocks, scales))
+            self.header[key], self.where[key] = ('BF16', (b_shape[0], b_shape[2] * 32, b_shape[1]), offsets), \
+                packed[key][0][2]
+        return packed
 
     def in_file_order(self):
         """Every key, shard by shard and by offset inside each: reads then go forward through the files."""
@@ -786,8 +807,10 @@ class TeacherShards:
         Its own descriptor: the reading thread owns the open files."""
         if p.source is None:
             return
-        offset, nbytes = byte_span(self.header[p.source], *self.row_span(p.source, p.indices))
-        fd = os.open(os.path.join(self.folder, self.where[p.source]), os.O_RDONLY)
+        _, info, name = self.packed[p.source][0] if p.source in self.packed else (None, self.header[p.source],
+                                                                                    self.where[p.source])
+        offset, nbytes = byte_span(info, *self.row_span(p.source, p.indices))
+        fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
         finally:
@@ -797,6 +820,8 @@ class TeacherShards:
         """The tensor `key` with only `indices[d]` kept along dimension d (None, or no `indices`: all). Only the
         rows from the first to the last kept one are read from the file; the kept elements are then taken, by a
         strided slice where they are evenly spaced (Algorithm 1 when the sizes divide), else by index."""
+        if key in self.packed:
+            return self.read_mxfp4(key, indices)
         lo, hi = self.row_span(key, indices)
         name = self.where[key]
         tensor = read_rows(self.file(name), os.path.join(self.folder, name), key, self.header[key], lo, hi)
@@ -807,10 +832,40 @@ class TeacherShards:
                 tensor = take(tensor, dim, idx - lo if dim == 0 else idx)
         return tensor
 
+    def read_mxfp4(self, key, indices):
+        """An MXFP4 weight, dequantized one kept expert at a time, each cut to its kept elements at once."""
+        experts = indices[0] if indices and indices[0] is not None else torch.arange(self.header[key][1][0])
+        out = []
+        for e in experts.tolist():
+            (blocks, b_info, b_file), (scales, s_info, s_file) = self.packed[key]
+            weight = dequantize_mxfp4(
+                read_rows(self.file(b_file), os.path.join(self.folder, b_file), blocks, b_info, e, e + 1)[0],
+                read_rows(self.file(s_file), os.path.join(self.folder, s_file), scales, s_info, e, e + 1)[0])
+            self.bytes_read += byte_span(b_info, e, e + 1)[1] + byte_span(s_info, e, e + 1)[1]
+            for dim, idx in enumerate(indices[1:]):
+                if idx is not None:
+                    weight = take(weight, dim, idx)
+            out.append(weight)
+        self.keys_read.append(key)
+        return torch.stack(out)
+
     def close(self):
         for f in self.fds.values():
             f.close()
         self.fds = {}
+
+
+# MXFP4 (OCP microscaling): 4-bit e2m1 values, two a byte (low nibble first), each block of 32 scaled by 2^(s - 127)
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks, scales):
+    """One expert's blocks [out, in/32, 16] and scales [out, in/32] (uint8) -> its weight [in, out] in bfloat16,
+    exact: an e2m1 value times a power of two, computed in float32, within bfloat16's precision."""
+    lut = torch.tensor(FP4_E2M1)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], -1).flatten(-2)  # [out, G, 32]
+    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+    return values.flatten(-2).t().to(torch.bfloat16)
 
 
 def take(tensor, dim, idx):

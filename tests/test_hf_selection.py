@@ -1,6 +1,6 @@
 """Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2/3, Gemma,
-Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked), GPT-2, BERT, ViT and DINOv2 teachers saved in shards by transformers; every
-student tensor is checked against index lists written out here."""
+Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked, and MXFP4-packed), GPT-2, BERT, ViT and DINOv2 teachers saved
+in shards by transformers; every student tensor is checked against index lists written out here."""
 import json
 import os
 import re
@@ -526,9 +526,11 @@ def test_qwen3_moe_reads_either_name_of_the_expert_count(tmp_path):
 
 
 # gpt-oss: a layer's experts stacked in one tensor per projection, [experts, in, out], gate and up interleaved
-GPT_OSS = dict(LLAMA, num_hidden_layers=4, head_dim=4, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
-               layer_types=['sliding_attention', 'full_attention'] * 2)
-GPT_OSS_STUDENT = dict(LLAMA_STUDENT, num_hidden_layers=2, num_local_experts=4)
+# (MXFP4 packs blocks of 32 inputs: the hidden and intermediate sizes are multiples of 32)
+GPT_OSS = dict(LLAMA, intermediate_size=64, num_hidden_layers=4, head_dim=4, num_local_experts=8,
+               num_experts_per_tok=2, sliding_window=4, layer_types=['sliding_attention', 'full_attention'] * 2)
+GPT_OSS_STUDENT = dict(LLAMA_STUDENT, intermediate_size=32, num_hidden_layers=2, num_local_experts=4)
+EVEN32 = list(range(0, 64, 2))  # Algorithm 1 on 64 -> 32
 
 
 def pairs(indices):
@@ -550,7 +552,7 @@ def test_gpt_oss_every_tensor(gpt_oss, tmp_path):
     folder, _ = gpt_oss
     report = hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 's'), layer_selection='uniform')
     t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
-    h, inter, experts, heads = EVEN16, INTER_48_20, [0, 2, 4, 6], [0, 1, 4, 5]
+    h, inter, experts, heads = EVEN16, EVEN32, [0, 2, 4, 6], [0, 1, 4, 5]
     q, kv = rows(heads), rows([0, 2])
     assert report['meta']['experts'] == experts and report['meta']['heads']['query'] == heads
     layers = report['meta']['layer_map']
@@ -598,13 +600,13 @@ def test_gpt_oss_l1_ranks_each_expert_and_biases_follow_their_neurons(gpt_oss, t
     for k, e in enumerate([0, 2, 4, 6]):
         w, b = t[p + 'mlp.experts.gate_up_proj'][e], t[p + 'mlp.experts.gate_up_proj_bias'][e]
         gate, up = w[:, 0::2], w[:, 1::2]
-        kept = {name: (top_l1(part, 0, 16), top_l1(part, 1, 20)) for name, part in (('gate', gate), ('up', up))}
+        kept = {name: (top_l1(part, 0, 16), top_l1(part, 1, 32)) for name, part in (('gate', gate), ('up', up))}
         want = torch.stack([pick(gate, *kept['gate']), pick(up, *kept['up'])], 2).flatten(1)
         assert torch.equal(s[p + 'mlp.experts.gate_up_proj'][k], want), k
         bias = torch.stack([b[0::2][kept['gate'][1]], b[1::2][kept['up'][1]]], 1).flatten()
         assert torch.equal(s[p + 'mlp.experts.gate_up_proj_bias'][k], bias), k
         down = t[p + 'mlp.experts.down_proj'][e]
-        assert torch.equal(s[p + 'mlp.experts.down_proj'][k], pick(down, top_l1(down, 0, 20), top_l1(down, 1, 16)))
+        assert torch.equal(s[p + 'mlp.experts.down_proj'][k], pick(down, top_l1(down, 0, 32), top_l1(down, 1, 16)))
         assert torch.equal(s[p + 'mlp.experts.down_proj_bias'][k],
                            t[p + 'mlp.experts.down_proj_bias'][e][top_l1(down, 1, 16)])
     router = t[p + 'mlp.router.weight']
@@ -615,7 +617,7 @@ def test_gpt_oss_l1_ranks_each_expert_and_biases_follow_their_neurons(gpt_oss, t
 
 def quantized(copy):
     config = json.load(open(copy / 'config.json'))
-    json.dump(dict(config, quantization_config={'quant_method': 'mxfp4'}), open(copy / 'config.json', 'w'))
+    json.dump(dict(config, quantization_config={'quant_method': 'fp8'}), open(copy / 'config.json', 'w'))
 
 
 @pytest.mark.parametrize('damage,overrides,match', [
@@ -623,7 +625,7 @@ def quantized(copy):
     (None, {'num_local_experts': 4, 'num_experts_per_tok': 5}, 'num_experts_per_tok is 5; it must be between 1 and'),
     (without(r'model\.layers\.2\.self_attn\.sinks'), {},
      r"no 'model\.layers\.2\.self_attn\.sinks' though its other layers have it"),
-    (quantized, {}, r'the teacher is quantized \(mxfp4\); weight selection reads unquantized weights: give a '
+    (quantized, {}, r'the teacher is quantized \(fp8\); weight selection reads unquantized weights: give a '
                     'dequantized copy'),
 ])
 def test_gpt_oss_bad_input(gpt_oss, tmp_path, damage, overrides, match):
@@ -634,6 +636,70 @@ def test_gpt_oss_bad_input(gpt_oss, tmp_path, damage, overrides, match):
     with pytest.raises(UserError, match=match):
         hf_selection.select_hf(teacher, overrides, str(out))
     assert os.listdir(out.parent) == []
+
+
+@pytest.fixture(scope='module')
+def gpt_oss_mxfp4(gpt_oss, tmp_path_factory):
+    """The gpt-oss teacher as the hub stores gpt-oss: its experts' projections MXFP4-packed (random blocks, scales
+    2^-3 .. 2^2), and its config saying so; with the weights transformers dequantizes them to."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    folder, _ = gpt_oss
+    out = tmp_path_factory.mktemp('gpt_oss_mxfp4')
+    tensors, dequantized, generator = saved_tensors(folder), {}, torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if k.endswith(('gate_up_proj', 'down_proj'))]:
+        experts, d_in, d_out = tensors.pop(key).shape
+        blocks = torch.randint(0, 256, (experts, d_out, d_in // 32, 16), generator=generator, dtype=torch.uint8)
+        scales = torch.randint(124, 130, (experts, d_out, d_in // 32), generator=generator, dtype=torch.uint8)
+        tensors[key + '_blocks'], tensors[key + '_scales'] = blocks, scales
+        dequantized[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
+    config = json.load(open(os.path.join(folder, 'config.json')))
+    json.dump(dict(config, quantization_config={'quant_method': 'mxfp4', 'modules_to_not_convert': []}),
+              open(out / 'config.json', 'w'))
+    return str(out), dequantized
+
+
+def test_gpt_oss_mxfp4_teacher_is_read_dequantized(gpt_oss_mxfp4, tmp_path, monkeypatch):
+    """Each kept expert is dequantized (as transformers dequantizes it) and selected; the student is written in
+    bfloat16 without quantization_config, and loads strictly and runs. Only the kept experts' blocks are read."""
+    folder, dequantized = gpt_oss_mxfp4
+    spans, read_rows = [], hf_selection.read_rows
+
+    def recorded(f, path, key, info, lo, hi):
+        spans.append((key, lo, hi))
+        return read_rows(f, path, key, info, lo, hi)
+    monkeypatch.setattr(hf_selection, 'read_rows', recorded)
+    hf_selection.select_hf(folder, dict(GPT_OSS_STUDENT, hidden_size=32, num_attention_heads=8,
+                                                 num_key_value_heads=4), str(tmp_path / 's'))
+    s = saved_tensors(str(tmp_path / 's'))
+    assert 'quantization_config' not in json.load(open(tmp_path / 's' / 'config.json'))
+    experts, pairs32 = [0, 2, 4, 6], pairs(EVEN32)
+    for j in range(2):
+        key = f'model.layers.{j}.mlp.experts.'
+        assert s[key + 'gate_up_proj'].dtype == torch.bfloat16
+        assert torch.equal(s[key + 'gate_up_proj'], pick(dequantized[key + 'gate_up_proj'], experts, None, pairs32))
+        assert torch.equal(s[key + 'down_proj'], pick(dequantized[key + 'down_proj'], experts, EVEN32))
+    forward_finite(load_strict(str(tmp_path / 's')))
+    packed = sorted(span for span in spans if span[0].endswith(('_blocks', '_scales')))
+    assert packed == sorted((f'model.layers.{j}.mlp.experts.{w}_{part}', e, e + 1) for j in range(2)
+                            for w in ('gate_up_proj', 'down_proj') for part in ('blocks', 'scales') for e in experts)
+
+
+@pytest.mark.parametrize('mode', ['l1', 'magnitude'])
+def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4, tmp_path, mode):
+    """A per-tensor mode sees the dequantized experts: the student equals that of a bfloat16 teacher holding them."""
+    from safetensors.torch import save_file
+    folder, dequantized = gpt_oss_mxfp4
+    plain = shutil.copytree(folder, tmp_path / 'plain')
+    tensors = {k: v for k, v in saved_tensors(str(plain)).items() if not k.endswith(('_blocks', '_scales'))}
+    save_file({**tensors, **dequantized}, str(plain / 'model.safetensors'), metadata={'format': 'pt'})
+    config = json.load(open(plain / 'config.json'))
+    json.dump({k: v for k, v in config.items() if k != 'quantization_config'}, open(plain / 'config.json', 'w'))
+    for teacher, name in [(folder, 'a'), (str(plain), 'b')]:
+        hf_selection.select_hf(teacher, GPT_OSS_STUDENT, str(tmp_path / name), element_selection=mode)
+    a, b = saved_tensors(str(tmp_path / 'a')), saved_tensors(str(tmp_path / 'b'))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize('mode', ['random_inconsistent', 'l1_consistent', 'magnitude'])
@@ -648,7 +714,7 @@ def test_gpt_oss_other_tensorwise_modes_load_and_run(gpt_oss, tmp_path, mode):
         key = 'model.layers.0.mlp.experts.down_proj'
         for k, e in enumerate([0, 2, 4, 6]):
             flat = t[key][e].flatten()
-            assert torch.equal(s[key][k].flatten(), flat[flat.abs().topk(20 * 16).indices.sort().values])
+            assert torch.equal(s[key][k].flatten(), flat[flat.abs().topk(32 * 16).indices.sort().values])
 
 
 # ---------------------------------------------------------------------------------------------- vision transformers
