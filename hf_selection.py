@@ -772,7 +772,7 @@ class TeacherShards:
 
     def find_mxfp4(self):
         """MXFP4 pairs W_blocks, W_scales: each listed as the weight W, [experts, in, out] in bfloat16, which read()
-        dequantizes; returns {W: ((blocks key, its header entry), (scales key, its header entry))}."""
+        dequantizes; returns {W: ((blocks key, header entry, shard), (scales key, header entry, shard))}."""
         packed = {}
         for blocks in [k for k in self.header if k.endswith('_blocks') and k[:-7] + '_scales' in self.header]:
             key, scales = blocks[:-7], blocks[:-7] + '_scales'
