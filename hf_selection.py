@@ -56,7 +56,6 @@ class Family:
     head: str             # the output embedding (tied to the input one unless tie_word_embeddings is false)
     attn_is_hidden: bool = False  # attention width = model width (GPT-2, BERT): per dimension, q, k, v take its set
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out (the config class default)
-    weights_in_out: bool = False  # weights stored [in, out] (GPT-2's Conv1D): a neuron is a column
     norm_init: float = 1.0  # a fresh norm weight: 1, or 0 where the model scales by (1 + weight) (Gemma)
     expert_key: re.Pattern = None  # mixtures of experts: key after the layer -> (experts prefix, expert, rest)
     sparse_layers: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers say which layers are dense
@@ -110,7 +109,7 @@ GPT2 = Family(
         'ln_f.weight': ('hidden',), 'ln_f.bias': ('hidden',)}),
              'lm_head.weight': ('vocab', 'hidden'), **_GPT2_LAYER},
     rotary=False, embed=('wte.weight', 'transformer.wte.weight'), head='lm_head.weight', attn_is_hidden=True,
-    tied_default=True, weights_in_out=True)
+    tied_default=True)  # Conv1D weights are stored [in, out]: the axis names say so
 
 _BERT_LAYER = {
     'attention.self.query.weight': ('q', 'hidden'), 'attention.self.query.bias': ('q',),
@@ -657,13 +656,17 @@ class TensorwiseSelector:
         self.mode, self.seed, self.family, self.fixed, self.t, self.s = mode, seed, family, fixed, t, s
 
     def __call__(self, p, teacher):
-        tensor, anchor = teacher.read(p.source), self.anchor(p, teacher)
-        if p.names[:1] == ('each_expert',) and self.mode != 'magnitude':  # each expert a tensor of its own, as in
-            # checkpoints that store experts one by one (magnitude squeezes each expert's row on its own)
-            return torch.stack([self.one(tensor[e], p.names[1:], p.shape[1:], f'{p.key}[{e}]',
-                                         None if anchor is None else (anchor[0][e], anchor[1][1:]))
-                                for e in self.fixed['each_expert'].tolist()])
-        return self.one(tensor, p.names, p.shape, p.key, anchor)
+        if p.names[:1] != ('each_expert',):
+            return self.one(teacher.read(p.source), p.names, p.shape, p.key, self.anchor(p, teacher))
+        # a stack of experts: only the kept ones are read, and each is a tensor of its own, as in checkpoints that
+        # store experts one by one (magnitude squeezes each expert's row on its own)
+        experts = self.fixed['each_expert']
+        tensor, anchor = teacher.read(p.source, [experts]), self.anchor(p, teacher, [experts])
+        if self.mode == 'magnitude':
+            return self.magnitude(tensor, ('same', *p.names[1:]), p.shape)
+        return torch.stack([self.one(tensor[k], p.names[1:], p.shape[1:], f'{p.key}[{e}]',
+                                     None if anchor is None else (anchor[0][k], anchor[1][1:]))
+                            for k, e in enumerate(experts.tolist())])
 
     def one(self, tensor, names, shape, key, anchor):
         fused = [a for a in names if a in FUSED or a in INTERLEAVED]
@@ -684,16 +687,16 @@ class TensorwiseSelector:
             parts.append(self.select(part, p_names, p_shape, f'{key}[{i}]', anchors[i]))
         return join_parts(parts, dim, name)
 
-    def anchor(self, p, teacher):
+    def anchor(self, p, teacher, indices=()):
         """Under l1 and l1_consistent, the teacher weight whose neurons the bias p belongs to (x.bias: x.weight;
-        gpt-oss's x_bias: x), with its axis names; else None."""
+        gpt-oss's x_bias: x), with its axis names; else None. `indices`: as for teacher.read."""
         m = re.search(r'(\.|_)bias$', p.source)
         if self.mode not in ('l1', 'l1_consistent') or m is None:
             return None
         weight = p.source[:m.start()] + ('.weight' if m[1] == '.' else '')
         if weight not in teacher.header:
             return None
-        return teacher.read(weight), self.family.tensors[kind_of(weight, self.family)]
+        return teacher.read(weight, indices), self.family.tensors[kind_of(weight, self.family)]
 
     def select(self, tensor, names, shape, key, anchor):
         if self.mode == 'magnitude':
@@ -713,9 +716,9 @@ class TensorwiseSelector:
             return None
         if self.mode == 'random_inconsistent':
             return random_indices(t, s, _generator(self.seed, key, dim))
-        if anchor is not None and name in anchor[1]:  # a bias follows its weight's neurons: its output axis
-            dims = [d for d, n in enumerate(anchor[1]) if n == name]
-            return top_l1(anchor[0], dims[-1] if self.family.weights_in_out else dims[0], s)
+        if anchor is not None and name in anchor[1]:  # a bias follows its weight's neurons: its output axis, the
+            # first of that name ([out, in] BERT pooler; no [in, out] weight repeats an axis)
+            return top_l1(anchor[0], anchor[1].index(name), s)
         return top_l1(tensor, dim, s)
 
     def magnitude(self, tensor, names, shape):
@@ -774,8 +777,12 @@ class TeacherShards:
         """MXFP4 pairs W_blocks, W_scales: each listed as the weight W, [experts, in, out] in bfloat16, which read()
         dequantizes; returns {W: ((blocks key, header entry, shard), (scales key, header entry, shard))}."""
         packed = {}
-        for blocks in [k for k in self.header if k.endswith('_blocks') and k[:-7] + '_scales' in self.header]:
-            key, scales = blocks[:-7], blocks[:-7] + '_scales'
+        for key in sorted({k[:-7] for k in self.header if k.endswith(('_blocks', '_scales'))}):
+            blocks, scales = key + '_blocks', key + '_scales'
+            if blocks not in self.header or scales not in self.header:
+                have, lack = (blocks, scales) if blocks in self.header else (scales, blocks)
+                raise UserError(f"teacher tensor '{have}' has no '{lack}': an MXFP4 weight is stored as both; the "
+                                f'checkpoint is incomplete')
             (b_dtype, b_shape, offsets), (s_dtype, s_shape, _) = self.header[blocks], self.header[scales]
             if (b_dtype, s_dtype) != ('U8', 'U8') or len(b_shape) != 4 or b_shape[3] != 16 or s_shape != b_shape[:3]:
                 raise UserError(f"teacher tensors '{blocks}' {b_dtype} {list(b_shape)} and '{scales}' {s_dtype} "
@@ -807,14 +814,17 @@ class TeacherShards:
         Its own descriptor: the reading thread owns the open files."""
         if p.source is None:
             return
-        _, info, name = self.packed[p.source][0] if p.source in self.packed else (None, self.header[p.source],
-                                                                                    self.where[p.source])
-        offset, nbytes = byte_span(info, *self.row_span(p.source, p.indices))
-        fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        if p.source in self.packed:  # each kept expert's blocks and scales
+            spans = [(name, info, e, e + 1) for _, info, name in self.packed[p.source]
+                     for e in self.kept_experts(p.source, p.indices)]
+        else:
+            spans = [(self.where[p.source], self.header[p.source], *self.row_span(p.source, p.indices))]
+        for name, info, lo, hi in spans:
+            fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, *byte_span(info, lo, hi), os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def read(self, key, indices=()):
         """The tensor `key` with only `indices[d]` kept along dimension d (None, or no `indices`: all). Only the
@@ -834,10 +844,9 @@ class TeacherShards:
 
     def read_mxfp4(self, key, indices):
         """An MXFP4 weight, dequantized one kept expert at a time, each cut to its kept elements at once."""
-        experts = indices[0] if indices and indices[0] is not None else torch.arange(self.header[key][1][0])
-        out = []
-        for e in experts.tolist():
-            (blocks, b_info, b_file), (scales, s_info, s_file) = self.packed[key]
+        (blocks, b_info, b_file), (scales, s_info, s_file) = self.packed[key]
+        out = None
+        for k, e in enumerate(self.kept_experts(key, indices)):
             weight = dequantize_mxfp4(
                 read_rows(self.file(b_file), os.path.join(self.folder, b_file), blocks, b_info, e, e + 1)[0],
                 read_rows(self.file(s_file), os.path.join(self.folder, s_file), scales, s_info, e, e + 1)[0])
@@ -845,9 +854,14 @@ class TeacherShards:
             for dim, idx in enumerate(indices[1:]):
                 if idx is not None:
                     weight = take(weight, dim, idx)
-            out.append(weight)
+            if out is None:
+                out = torch.empty((len(self.kept_experts(key, indices)), *weight.shape), dtype=weight.dtype)
+            out[k] = weight
         self.keys_read.append(key)
-        return torch.stack(out)
+        return out
+
+    def kept_experts(self, key, indices):
+        return (indices[0] if indices and indices[0] is not None else torch.arange(self.header[key][1][0])).tolist()
 
     def close(self):
         for f in self.fds.values():
@@ -1168,7 +1182,8 @@ def download(repo_id):
     except ImportError:
         raise UserError(f"'{repo_id}' is not a local folder and huggingface_hub is not installed; {hint}") from None
     try:
-        return snapshot_download(repo_id, allow_patterns=['config.json', '*.safetensors',
+        # the transformers weights only: '*' would also match a folder's files (gpt-oss's original/*.safetensors)
+        return snapshot_download(repo_id, allow_patterns=['config.json', 'model.safetensors', 'model-*.safetensors',
                                                           'model.safetensors.index.json'])
     except Exception as e:  # noqa: BLE001 - any download failure is reported in one line
         raise UserError(f"cannot fetch '{repo_id}' ({type(e).__name__}: {utils.first_line(e)}); {hint}") from None

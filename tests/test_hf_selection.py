@@ -615,6 +615,34 @@ def test_gpt_oss_l1_ranks_each_expert_and_biases_follow_their_neurons(gpt_oss, t
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
+def test_gpt_oss_dims_mode_and_excluded_mlp(gpt_oss, tmp_path):
+    """--head_selection dims keeps the sinks of Algorithm 1's heads (8 -> 4: 0, 2, 4, 6), as any width's indices;
+    --exclude mlp starts the router and experts afresh: weights N(0, 0.02), biases 0."""
+    folder, _ = gpt_oss
+    hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 's'), head_selection='dims', exclude=['mlp'])
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    assert torch.equal(s['model.layers.1.self_attn.sinks'], pick(t['model.layers.1.self_attn.sinks'], [0, 2, 4, 6]))
+    assert selected(s, t, 'model.layers.1.self_attn.q_proj.weight', EVEN16, EVEN16)
+    for name in ('router.bias', 'experts.gate_up_proj_bias', 'experts.down_proj_bias'):
+        assert not s[f'model.layers.1.mlp.{name}'].any(), name
+    weights = s['model.layers.1.mlp.experts.gate_up_proj']
+    assert 0.01 < float(weights.std()) < 0.03
+    assert not torch.isin(weights, t['model.layers.1.mlp.experts.gate_up_proj']).any()
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt_oss_random_inconsistent_draws_a_set_per_expert(gpt_oss, tmp_path):
+    """Each stacked expert is a tensor of its own: its hidden rows are a fresh random set (found by value: the
+    teacher's values are distinct draws), not one set for the stack."""
+    folder, _ = gpt_oss
+    hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 's'), element_selection='random_inconsistent')
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    key, sets = 'model.layers.0.mlp.experts.down_proj', []
+    for k, e in enumerate([0, 2, 4, 6]):  # [inter, hidden]: the columns of the student's first row
+        sets.append(tuple(int((t[key][e] == v).nonzero()[0, 1]) for v in s[key][k][0]))
+    assert len(set(sets)) == 4, sets
+
+
 def quantized(copy):
     config = json.load(open(copy / 'config.json'))
     json.dump(dict(config, quantization_config={'quant_method': 'fp8'}), open(copy / 'config.json', 'w'))
@@ -664,13 +692,16 @@ def test_gpt_oss_mxfp4_teacher_is_read_dequantized(gpt_oss_mxfp4, tmp_path, monk
     """Each kept expert is dequantized (as transformers dequantizes it) and selected; the student is written in
     bfloat16 without quantization_config, and loads strictly and runs. Only the kept experts' blocks are read."""
     folder, dequantized = gpt_oss_mxfp4
-    spans, read_rows = [], hf_selection.read_rows
+    spans, hints, read_rows, bytes_read, advise = [], [], hf_selection.read_rows, [0], os.posix_fadvise
 
     def recorded(f, path, key, info, lo, hi):
         spans.append((key, lo, hi))
+        bytes_read[0] += safetensors_io.byte_span(info, lo, hi)[1]
         return read_rows(f, path, key, info, lo, hi)
     monkeypatch.setattr(hf_selection, 'read_rows', recorded)
-    hf_selection.select_hf(folder, dict(GPT_OSS_STUDENT, hidden_size=32, num_attention_heads=8,
+    monkeypatch.setattr(os, 'posix_fadvise', lambda fd, offset, n, advice: hints.append((offset, n)) or
+                        advise(fd, offset, n, advice))
+    report = hf_selection.select_hf(folder, dict(GPT_OSS_STUDENT, hidden_size=32, num_attention_heads=8,
                                                  num_key_value_heads=4), str(tmp_path / 's'))
     s = saved_tensors(str(tmp_path / 's'))
     assert 'quantization_config' not in json.load(open(tmp_path / 's' / 'config.json'))
@@ -684,13 +715,51 @@ def test_gpt_oss_mxfp4_teacher_is_read_dequantized(gpt_oss_mxfp4, tmp_path, monk
     packed = sorted(span for span in spans if span[0].endswith(('_blocks', '_scales')))
     assert packed == sorted((f'model.layers.{j}.mlp.experts.{w}_{part}', e, e + 1) for j in range(2)
                             for w in ('gate_up_proj', 'down_proj') for part in ('blocks', 'scales') for e in experts)
+    assert report['meta']['teacher_bytes_read'] == bytes_read[0]
+    # the readahead asks for the kept experts' blocks and scales, and for no other expert's
+    header = safetensors_io.read_header(os.path.join(folder, 'model.safetensors'))
+    packed_spans = {key: info for key, info in header.items() if key.endswith(('_blocks', '_scales'))}
+    hinted = {span for span in hints if any(info[2][0] <= span[0] < info[2][1] for info in packed_spans.values())}
+    wanted = {safetensors_io.byte_span(packed_spans[key], lo, hi) for key, lo, hi in packed}
+    assert hinted == wanted
+
+
+@pytest.mark.parametrize('change,match', [
+    (lambda tensors: tensors.pop('model.layers.2.mlp.experts.down_proj_scales'),
+     r"teacher tensor 'model\.layers\.2\.mlp\.experts\.down_proj_blocks' has no "
+     r"'model\.layers\.2\.mlp\.experts\.down_proj_scales': an MXFP4 weight is stored as both"),
+    (lambda tensors: tensors.update({'model.layers.0.mlp.experts.down_proj_scales': torch.zeros(8, 32, 3,
+                                                                                                dtype=torch.uint8)}),
+     r"'model\.layers\.0\.mlp\.experts\.down_proj_blocks' U8 \[8, 32, 2, 16\] and .*_scales' U8 \[8, 32, 3\] are "
+     r'not MXFP4 experts'),
+])
+def test_gpt_oss_mxfp4_malformed_teacher_stops(gpt_oss_mxfp4, tmp_path, change, match):
+    from safetensors.torch import save_file
+    folder, _ = gpt_oss_mxfp4
+    broken = shutil.copytree(folder, tmp_path / 'broken')
+    tensors = saved_tensors(str(broken))
+    change(tensors)
+    save_file(tensors, str(broken / 'model.safetensors'), metadata={'format': 'pt'})
+    out = tmp_path / 'out' / 's'
+    out.parent.mkdir()
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(str(broken), GPT_OSS_STUDENT, str(out))
+    assert os.listdir(out.parent) == []
 
 
 @pytest.mark.parametrize('mode', ['l1', 'magnitude'])
-def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4, tmp_path, mode):
-    """A per-tensor mode sees the dequantized experts: the student equals that of a bfloat16 teacher holding them."""
+def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4, tmp_path, monkeypatch, mode):
+    """A per-tensor mode sees the dequantized experts: the student equals that of a bfloat16 teacher holding them.
+    It reads (and dequantizes) only the kept experts."""
     from safetensors.torch import save_file
     folder, dequantized = gpt_oss_mxfp4
+    experts_read, read_rows = set(), hf_selection.read_rows
+
+    def recorded(f, path, key, info, lo, hi):
+        if key.endswith('_blocks'):
+            experts_read.update(range(lo, hi))
+        return read_rows(f, path, key, info, lo, hi)
+    monkeypatch.setattr(hf_selection, 'read_rows', recorded)
     plain = shutil.copytree(folder, tmp_path / 'plain')
     tensors = {k: v for k, v in saved_tensors(str(plain)).items() if not k.endswith(('_blocks', '_scales'))}
     save_file({**tensors, **dequantized}, str(plain / 'model.safetensors'), metadata={'format': 'pt'})
@@ -700,6 +769,7 @@ def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4,
         hf_selection.select_hf(teacher, GPT_OSS_STUDENT, str(tmp_path / name), element_selection=mode)
     a, b = saved_tensors(str(tmp_path / 'a')), saved_tensors(str(tmp_path / 'b'))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert experts_read == {0, 2, 4, 6}
 
 
 @pytest.mark.parametrize('mode', ['random_inconsistent', 'l1_consistent', 'magnitude'])
@@ -992,7 +1062,11 @@ def test_hub_id_is_fetched_when_online_and_a_failure_is_one_line(llama, tmp_path
         return llama[0]
     monkeypatch.setattr(huggingface_hub, 'snapshot_download', fetched)
     hf_selection.select_hf('someone/tiny-llama', LLAMA_STUDENT, str(tmp_path / 's'))
-    assert asked[0][0] == 'someone/tiny-llama' and '*.safetensors' in asked[0][1]  # weights only, no pickles
+    assert asked[0][0] == 'someone/tiny-llama'
+    from huggingface_hub.utils import filter_repo_objects  # the hub's own matching: weights only, no pickles, and
+    files = ['config.json', 'model.safetensors.index.json', 'model-00001-of-00002.safetensors', 'model.safetensors',
+             'pytorch_model.bin', 'original/model.safetensors', 'README.md']  # not gpt-oss's original/ copy
+    assert list(filter_repo_objects(files, allow_patterns=asked[0][1])) == files[:4]
     assert os.path.isfile(tmp_path / 's' / 'config.json')
 
     def gated(*args, **kwargs):
@@ -1285,7 +1359,8 @@ def test_bert_tensorwise_modes_load_and_keep_tokens_and_positions(bert, tmp_path
             assert torch.isin(s[key][row], t[key][row]).all(), (key, row)
     if mode == 'l1':  # Linear weights [out, in]: a bias keeps its weight's rows; positions: the first 24
         for name, kept in [('bert.encoder.layer.1.attention.self.query', 16),
-                           ('bert.encoder.layer.0.intermediate.dense', 20)]:
+                           ('bert.encoder.layer.0.intermediate.dense', 20),
+                           ('cls.predictions.transform.dense', 16)]:  # [hidden, hidden]: the rows, its output
             assert selected(s, t, name + '.bias', top_l1(t[name + '.weight'], 0, kept)), name
         pos = t['bert.embeddings.position_embeddings.weight']
         assert selected(s, t, 'bert.embeddings.position_embeddings.weight', list(range(24)), top_l1(pos, 1, 16))
