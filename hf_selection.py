@@ -12,9 +12,9 @@ instead, from the whole teacher tensor (l1_consistent first reads the whole teac
 to rank the hidden width).
 
 Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2), mixtures
-of experts (mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss: whole experts kept, the same in every layer), GPT-2, BERT,
-and vision transformers (vit, dinov2, dinov2_with_registers: same image and patch size, every position kept). This
-module needs torch and safetensors only; transformers is not imported (configs are JSON).
+of experts (mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss: whole experts kept, the same in every layer), GPT-NeoX
+(Pythia), GPT-2, BERT, and vision transformers (vit, dinov2, dinov2_with_registers: same image and patch size, every
+position kept). This module needs torch and safetensors only; transformers is not imported (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
 """
@@ -218,6 +218,26 @@ GPT_OSS = replace(LLAMA, name='gpt_oss', fields=_MOE_FIELDS, tensors={
     'mlp.experts.down_proj': ('each_expert', 'expert_inter', 'hidden'),
     'mlp.experts.down_proj_bias': ('each_expert', 'hidden')})
 
+# GPT-NeoX (Pythia): LayerNorms with biases, q, k and v of each head side by side in query_key_value's rows (a head's
+# q dims, then its k dims, then its v dims), partial rotary embeddings; GPTNeoXModel checkpoints drop `gpt_neox.`
+_NEOX_LAYER = {
+    'input_layernorm.weight': ('hidden',), 'input_layernorm.bias': ('hidden',),
+    'post_attention_layernorm.weight': ('hidden',), 'post_attention_layernorm.bias': ('hidden',),
+    'attention.query_key_value.weight': ('qkv_per_head', 'hidden'),
+    'attention.query_key_value.bias': ('qkv_per_head',),
+    'attention.dense.weight': ('hidden', 'q'), 'attention.dense.bias': ('hidden',),
+    'mlp.dense_h_to_4h.weight': ('inter', 'hidden'), 'mlp.dense_h_to_4h.bias': ('inter',),
+    'mlp.dense_4h_to_h.weight': ('hidden', 'inter'), 'mlp.dense_4h_to_h.bias': ('hidden',)}
+GPT_NEOX = Family(
+    'gpt_neox', fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
+                            layers='num_hidden_layers', vocab='vocab_size'),
+    block=re.compile(r'^((?:gpt_neox\.)?layers)\.(\d+)\.(.+)$'),
+    tensors={**_prefixed(('gpt_neox.',), {'embed_in.weight': ('vocab', 'hidden'),
+                                          **{f'final_layer_norm.{p}': ('hidden',) for p in ('weight', 'bias')}}),
+             'embed_out.weight': ('vocab', 'hidden'), **_NEOX_LAYER},
+    rotary=True, embed=('embed_in.weight', 'gpt_neox.embed_in.weight'), head='embed_out.weight',
+    fixed_fields=('head_dim',))
+
 # Vision transformers (ViTModel, ViTFor*; Dinov2Model, Dinov2For*, with registers): BERT-like layers after a
 # patch embedding, a class token and learned positions, which the student keeps (same image and patch size)
 _VIT_TOP = {'embeddings.cls_token': ('same', 'same', 'hidden'),
@@ -274,14 +294,15 @@ DINOV2 = Family(
 
 FAMILIES = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'qwen3': QWEN3, 'gemma': GEMMA, 'gemma2': GEMMA2,
             'gemma3_text': GEMMA3, 'phi3': PHI3, 'olmo2': OLMO2, 'mixtral': MIXTRAL, 'olmoe': OLMOE,
-            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt_oss': GPT_OSS, 'gpt2': GPT2, 'bert': BERT, 'vit': VIT,
-            'dinov2': DINOV2, 'dinov2_with_registers': DINOV2}
+            'qwen2_moe': QWEN2_MOE, 'qwen3_moe': QWEN3_MOE, 'gpt_oss': GPT_OSS, 'gpt_neox': GPT_NEOX, 'gpt2': GPT2,
+            'bert': BERT, 'vit': VIT, 'dinov2': DINOV2, 'dinov2_with_registers': DINOV2}
 
 # Buffers some older checkpoints still hold; today's models rebuild them, so the student drops them.
-DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|position_ids)$')  # not c_attn.bias
+DROPPED = re.compile(r'(^|\.)(rotary_emb\.inv_freq|(attn|attention)\.(masked_)?bias|position_ids)$')  # not c_attn.bias
 
-EMBED_KEYS = ('embed_tokens.weight', 'lm_head.weight', 'wte.weight', 'wpe.weight', 'word_embeddings.weight',
-              'position_embeddings.weight', 'token_type_embeddings.weight', 'decoder.weight')
+EMBED_KEYS = ('embed_tokens.weight', 'lm_head.weight', 'embed_in.weight', 'embed_out.weight', 'wte.weight',
+              'wpe.weight', 'word_embeddings.weight', 'position_embeddings.weight', 'token_type_embeddings.weight',
+              'decoder.weight')
 
 
 def family_of(config, where):
@@ -456,7 +477,8 @@ def backbone_stages(t_cfg, layer_map):
 FIXED_WHY = {'image_size': "the student keeps the teacher's learned positions",
              'patch_size': "the student keeps the teacher's patch embedding and positions",
              'num_channels': "the student keeps the teacher's patch embedding",
-             'intermediate_size': 'DINOv2 does not read it: its MLP width is hidden_size x mlp_ratio; change mlp_ratio'}
+             'intermediate_size': 'DINOv2 does not read it: its MLP width is hidden_size x mlp_ratio; change mlp_ratio',
+             'head_dim': 'GPT-NeoX does not read it: its heads have hidden_size / num_attention_heads dims'}
 
 
 def dense_layers(config, n_layers):
@@ -526,31 +548,47 @@ def token_axes(s):
 # Phi-3's gate_up_proj and DINOv2's SwiGLU weights_in the gate and up projections; Dinov2ForImageClassification's
 # classifier reads two hidden vectors side by side).
 FUSED = {'qkv': ('q', 'kv', 'kv'), 'gate_up': ('inter', 'inter'), 'hidden_pair': ('hidden', 'hidden')}
-# Interleaved axes: two tensors' columns alternating (gpt-oss's gate_up_proj: gate at 0::2, up at 1::2)
-INTERLEAVED = {'gate_up_pairs': 'expert_inter'}
+# Interleaved axes: parts alternating in units (gpt-oss's gate_up_proj: gate and up in turn, a column each;
+# GPT-NeoX's query_key_value: q, k and v in turn, a head's dims each). Axis: (part axis, parts, Widths field of a
+# unit's size, or None for 1).
+INTERLEAVED = {'gate_up_pairs': ('expert_inter', 2, None), 'qkv_per_head': ('q', 3, 'head_dim')}
 
 
-def interleave(indices):
-    """An interleaved axis's kept indices from its parts' (the same set for both): 2i and 2i + 1 for each i."""
-    return torch.stack([2 * indices, 2 * indices + 1], 1).flatten()
+def units(name, w):
+    """An interleaved axis's (parts, unit size) for a model's Widths."""
+    _, n, field = INTERLEAVED[name]
+    return n, getattr(w, field) if field else 1
+
+
+def interleave(name, indices, t, s):
+    """An interleaved axis's kept indices from its part axis's (the same set in every part): the teacher unit and
+    offset of each kept part index, in the student's order (unit, part, offset)."""
+    (n, unit_t), (_, unit_s) = units(name, t), units(name, s)
+    base = (indices // unit_t * n * unit_t + indices % unit_t).view(-1, unit_s)
+    return torch.stack([base + p * unit_t for p in range(n)], 1).flatten()
 
 
 def parts_of(name):
     """The axes of a fused or interleaved axis's parts, in order."""
-    return FUSED[name] if name in FUSED else (INTERLEAVED[name],) * 2
+    return FUSED[name] if name in FUSED else (INTERLEAVED[name][0],) * INTERLEAVED[name][1]
 
 
 def split_parts(tensor, dim, name, w):
     """A fused or interleaved axis's parts, for a model's Widths."""
     if name in INTERLEAVED:
-        return [tensor.narrow(dim, k, tensor.shape[dim] - k)[(slice(None),) * dim + (slice(None, None, 2),)]
-                for k in (0, 1)]
+        (n, unit), shape = units(name, w), tensor.shape
+        grouped = tensor.reshape(*shape[:dim], -1, n, unit, *shape[dim + 1:])
+        return [grouped.select(dim + 1, p).flatten(dim, dim + 1) for p in range(n)]
     return list(tensor.split(part_sizes(name, w), dim))
 
 
-def join_parts(parts, dim, name):
-    """split_parts undone."""
-    return torch.stack(parts, dim + 1).flatten(dim, dim + 1) if name in INTERLEAVED else torch.cat(parts, dim)
+def join_parts(parts, dim, name, w):
+    """split_parts undone, for a model's Widths."""
+    if name not in INTERLEAVED:
+        return torch.cat(parts, dim)
+    _, unit = units(name, w)
+    grouped = [part.reshape(*part.shape[:dim], -1, unit, *part.shape[dim + 1:]) for part in parts]
+    return torch.stack(grouped, dim + 1).flatten(dim, dim + 2)
 
 
 def part_sizes(fused, w):
@@ -581,8 +619,8 @@ def axis_indices(t, s, family, head_mode, chooser):
         axes['kv'] = chooser.pick(t.kv_heads * t.head_dim, s.kv_heads * s.head_dim)
     for fused in FUSED:
         axes[fused] = fuse(fused, axes, t)
-    for name, part in INTERLEAVED.items():
-        axes[name] = interleave(axes[part])
+    for name, (part, _, _) in INTERLEAVED.items():
+        axes[name] = interleave(name, axes[part], t, s)
     # one value per query head (gpt-oss's sinks): those of the heads kept, or per dimension chosen as any width
     axes['heads'] = torch.tensor(q_heads) if head_mode == 'heads' else chooser.pick(t.heads, s.heads)
     # a per-head norm (Qwen3's q_norm, k_norm): whole when heads are kept whole, else the within-head dims
@@ -614,7 +652,8 @@ def hidden_l1_scores(teacher, family, t):
         names = family.tensors[kind_of(key, family)]
         tensor = teacher.read(key)
         for dim, name in enumerate(names):
-            parts = zip(tensor.split(part_sizes(name, t), dim), FUSED[name]) if name in FUSED else [(tensor, name)]
+            parts = zip(split_parts(tensor, dim, name, t), parts_of(name)) if name in FUSED or name in INTERLEAVED \
+                else [(tensor, name)]
             for part, part_name in parts:
                 if part_name in ranked:
                     scores += l1_norms(part, dim)
@@ -685,7 +724,7 @@ class TensorwiseSelector:
             p_names, p_shape = list(names), list(shape)
             p_names[dim], p_shape[dim] = part_name, s_sizes[part_name]
             parts.append(self.select(part, p_names, p_shape, f'{key}[{i}]', anchors[i]))
-        return join_parts(parts, dim, name)
+        return join_parts(parts, dim, name, self.s)
 
     def anchor(self, p, teacher, indices=()):
         """Under l1 and l1_consistent, the teacher weight whose neurons the bias p belongs to (x.bias: x.weight;
@@ -977,7 +1016,8 @@ def axis_sizes(w):
     return {'hidden': w.hidden, 'inter': w.inter, 'vocab': w.vocab, 'pos': w.positions, 'q': q, 'kv': kv,
             'qkv': q + 2 * kv, 'gate_up': 2 * w.inter, 'head_dim': w.head_dim, 'experts': w.experts,
             'expert_inter': w.expert_inter, 'shared_inter': w.shared_inter, 'hidden_pair': 2 * w.hidden,
-            'pooler': w.pooler, 'heads': w.heads, 'gate_up_pairs': 2 * w.expert_inter, 'each_expert': w.experts}
+            'pooler': w.pooler, 'heads': w.heads, 'gate_up_pairs': 2 * w.expert_inter, 'each_expert': w.experts,
+            'qkv_per_head': 3 * q}
 
 
 def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
@@ -999,8 +1039,9 @@ def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
     return Planned(s_key, t_key, shape, dtype, t_shape, indices, names)
 
 
-def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclude):
-    """Planned student tensors in the teacher's file order (reads go forward through each shard)."""
+def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclude, teacher_tied):
+    """Planned student tensors in the teacher's file order (reads go forward through each shard). `tied`, and
+    `teacher_tied`: whether the student's, and the teacher's, output layer is the input embedding."""
     planned, embed_key, embed_kind = [], None, None
     for t_key in teacher.in_file_order():
         if DROPPED.search(t_key):
@@ -1013,8 +1054,9 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
         for s_key in s_keys:
             planned.append(plan_one(s_key, t_key, kind, teacher, family, t, s, axes,
                                     component_of(s_key) in exclude))
-    if not tied and not any(p.key == family.head for p in planned) and embed_key is not None:
-        # an untied student of a tied teacher: its output layer starts as the shared embedding
+    if teacher_tied and not tied and not any(p.key == family.head for p in planned) and embed_key is not None:
+        # an untied student of a tied teacher: its output layer starts as the shared embedding (a base model's
+        # checkpoint, untied and without an output layer, gives none)
         planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, s, axes,
                                 'embed' in exclude))
     return planned
@@ -1248,7 +1290,8 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     try:
         check_layers_whole(shards, family, t, dense_layers(t_cfg, t.layers) if family.sparse_layers else set())
         planned = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
-                               s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude))
+                               s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude),
+                               t_cfg.get('tie_word_embeddings', family.tied_default))
         selector = None
         if tensorwise:  # after the plan, which checks every teacher shape against the config
             selector = TensorwiseSelector(element_selection, seed, family, t, s,

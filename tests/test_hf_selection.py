@@ -1,6 +1,6 @@
 """Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2/3, Gemma,
-Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked, and MXFP4-packed), GPT-2, BERT, ViT and DINOv2 teachers saved
-in shards by transformers; every student tensor is checked against index lists written out here."""
+Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked, and MXFP4-packed), GPT-NeoX, GPT-2, BERT, ViT and DINOv2
+teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
 import json
 import os
 import re
@@ -787,6 +787,114 @@ def test_gpt_oss_other_tensorwise_modes_load_and_run(gpt_oss, tmp_path, mode):
             assert torch.equal(s[key][k].flatten(), flat[flat.abs().topk(32 * 16).indices.sort().values])
 
 
+# ---------------------------------------------------------------------------------------------- GPT-NeoX (Pythia)
+
+NEOX = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=8,
+            max_position_embeddings=64)
+NEOX_STUDENT = dict(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_hidden_layers=2)
+
+
+@pytest.fixture(scope='module')
+def neox(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**NEOX)).eval()
+    return save_teacher(tmp_path_factory.mktemp('neox'), model), model
+
+
+def neox_qkv_rows(head_dims, head_dim=4):
+    """query_key_value's rows for a student whose head j holds the teacher's (head, dim) pairs head_dims[j]: a
+    head's q dims, then its k dims, then its v dims (rows head * 3 * head_dim + part * head_dim + dim)."""
+    return [h * 3 * head_dim + part * head_dim + d for pairs in head_dims for part in range(3) for h, d in pairs]
+
+
+@pytest.mark.parametrize('head_selection', ['auto', 'dims'])
+def test_gpt_neox_every_tensor(neox, tmp_path, head_selection):
+    """8 heads -> 4: whole heads 0, 2, 4, 6 by default (rotary), each keeping its q, k and v rows; under dims, the
+    query width's Algorithm 1 set (every other dim of 32), q, k and v alike, in each student head's rows."""
+    folder, _ = neox
+    report = hf_selection.select_hf(folder, NEOX_STUDENT, str(tmp_path / 's'), layer_selection='uniform',
+                                    head_selection=head_selection)
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    h = EVEN16
+    if head_selection == 'auto':
+        assert report['meta']['heads']['query'] == [0, 2, 4, 6]
+        head_dims = [[(head, d) for d in range(4)] for head in (0, 2, 4, 6)]
+    else:
+        head_dims = [[divmod(i, 4) for i in EVEN16[4 * j:4 * j + 4]] for j in range(4)]
+    q = [head * 4 + d for pairs in head_dims for head, d in pairs]  # attention.dense's columns
+    expected = {'gpt_neox.embed_in.weight': pick(t['gpt_neox.embed_in.weight'], None, h),
+                'embed_out.weight': pick(t['embed_out.weight'], None, h)}
+    for part in ('weight', 'bias'):
+        expected[f'gpt_neox.final_layer_norm.{part}'] = pick(t[f'gpt_neox.final_layer_norm.{part}'], h)
+    for j, i in enumerate([0, 2]):
+        for name, idx in [('attention.query_key_value.weight', (neox_qkv_rows(head_dims), h)),
+                          ('attention.query_key_value.bias', (neox_qkv_rows(head_dims),)),
+                          ('attention.dense.weight', (h, q)), ('attention.dense.bias', (h,)),
+                          ('mlp.dense_h_to_4h.weight', (EVEN32, h)), ('mlp.dense_h_to_4h.bias', (EVEN32,)),
+                          ('mlp.dense_4h_to_h.weight', (h, EVEN32)), ('mlp.dense_4h_to_h.bias', (h,)),
+                          *[(f'{norm}.{part}', (h,)) for norm in ('input_layernorm', 'post_attention_layernorm')
+                            for part in ('weight', 'bias')]]:
+            expected[f'gpt_neox.layers.{j}.{name}'] = pick(t[f'gpt_neox.layers.{i}.{name}'], *idx)
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt_neox_same_width_shallower_is_the_truncated_teacher(neox, tmp_path):
+    folder, model = neox
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
+    config = transformers.GPTNeoXConfig(**dict(NEOX, num_hidden_layers=2))
+    truncated = transformers.GPTNeoXForCausalLM(config).eval()
+    truncated.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith(('gpt_neox.layers.2.', 'gpt_neox.layers.3.'))})
+    with torch.no_grad():
+        assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(truncated))
+
+
+def test_gpt_neox_l1_ranks_q_k_and_v_each_on_its_own(neox, tmp_path):
+    """Under l1, q, k and v of query_key_value are three tensors (each head's rows of one part), each ranked by its
+    own rows and columns and put back in the student's per-head layout; the bias keeps its part's rows."""
+    folder, _ = neox
+    hf_selection.select_hf(folder, NEOX_STUDENT, str(tmp_path / 's'), element_selection='l1')
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    key = 'gpt_neox.layers.1.attention.query_key_value.'
+    w, b = t[key + 'weight'].view(8, 3, 4, 32), t[key + 'bias'].view(8, 3, 4)
+    weights, biases = [], []
+    for part in range(3):
+        part_w, part_b = w[:, part].reshape(32, 32), b[:, part].reshape(32)
+        rows = top_l1(part_w, 0, 16)
+        weights.append(pick(part_w, rows, top_l1(part_w, 1, 16)).view(4, 4, 16))
+        biases.append(part_b[rows].view(4, 4))
+    assert torch.equal(s[key + 'weight'], torch.stack(weights, 1).reshape(48, 16))
+    assert torch.equal(s[key + 'bias'], torch.stack(biases, 1).reshape(48))
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt_neox_base_model_with_old_buffers_and_head_dim_refused(tmp_path):
+    """A GPTNeoXModel checkpoint (keys without `gpt_neox.`) holding the buffers older Pythia files carry (masks and
+    rotary frequencies) selects a student that GPTNeoXModel loads strictly; head_dim, which GPT-NeoX ignores,
+    cannot be overridden."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    folder = save_teacher(tmp_path / 't', transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**NEOX)))
+    tensors = saved_tensors(folder)
+    for layer in range(4):
+        tensors[f'layers.{layer}.attention.bias'] = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+        tensors[f'layers.{layer}.attention.masked_bias'] = torch.tensor(-1e9)
+        tensors[f'layers.{layer}.attention.rotary_emb.inv_freq'] = torch.ones(1)
+    for name in os.listdir(folder):
+        if name.endswith(('.safetensors', '.index.json')):
+            os.remove(os.path.join(folder, name))
+    save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    hf_selection.select_hf(folder, NEOX_STUDENT, str(tmp_path / 's'))
+    model = load_strict(str(tmp_path / 's'), transformers.GPTNeoXModel)
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).last_hidden_state).all()
+    assert not any('masked_bias' in k or k.endswith('attention.bias') for k in saved_tensors(str(tmp_path / 's')))
+    with pytest.raises(UserError, match='head_dim stays the teacher.s in gpt_neox models .GPT-NeoX does not read it'):
+        hf_selection.select_hf(folder, dict(NEOX_STUDENT, head_dim=8), str(tmp_path / 'x'))
+
+
 # ---------------------------------------------------------------------------------------------- vision transformers
 
 VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48, image_size=32,
@@ -1007,7 +1115,8 @@ def set_model_type(copy):
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
     (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, "
-                         'gemma3_text, phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss, gpt2, bert'),
+                         'gemma3_text, phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss, gpt_neox, gpt2, '
+                         'bert'),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
