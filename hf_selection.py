@@ -478,7 +478,8 @@ FIXED_WHY = {'image_size': "the student keeps the teacher's learned positions",
              'patch_size': "the student keeps the teacher's patch embedding and positions",
              'num_channels': "the student keeps the teacher's patch embedding",
              'intermediate_size': 'DINOv2 does not read it: its MLP width is hidden_size x mlp_ratio; change mlp_ratio',
-             'head_dim': 'GPT-NeoX does not read it: its heads have hidden_size / num_attention_heads dims'}
+             'head_dim': "GPT-NeoX's attention splits hidden_size into num_attention_heads heads whatever head_dim "
+                         'says, and its rotary embedding reads head_dim, so another value breaks the model'}
 
 
 def dense_layers(config, n_layers):
@@ -522,13 +523,14 @@ def expand_heads(heads, head_dim):
     return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
 
 
-def head_selection(t, s, chooser):
+def head_selection(t, s, chooser, head_dim_settable=True):
     """(query heads, key/value heads) the student keeps, whole. Under GQA the key/value heads are chosen
     first and each keeps query heads of its own group, so every query head keeps its own KV head."""
     if s.head_dim != t.head_dim:
+        or_head_dim = ' (or set head_dim)' if head_dim_settable else ''
         raise UserError(f'--head_selection heads keeps whole heads of {t.head_dim} dims, but the student\'s heads '
-                        f'have {s.head_dim}; choose num_attention_heads so that hidden/heads = {t.head_dim} '
-                        f'(or set head_dim), or pass --head_selection dims')
+                        f'have {s.head_dim}; choose num_attention_heads so that hidden/heads = {t.head_dim}'
+                        f'{or_head_dim}, or pass --head_selection dims')
     g_t, g_s = t.heads // t.kv_heads, s.heads // s.kv_heads
     if g_s > g_t:
         raise UserError(f'--head_selection heads: the student has {g_s} query heads per key/value head, the teacher '
@@ -610,7 +612,7 @@ def axis_indices(t, s, family, head_mode, chooser):
             'expert_inter': chooser.pick(t.expert_inter, s.expert_inter),
             'shared_inter': chooser.pick(t.shared_inter, s.shared_inter), 'pooler': chooser.pick(t.pooler, s.pooler)}
     if head_mode == 'heads':
-        q_heads, kv_heads = head_selection(t, s, chooser)
+        q_heads, kv_heads = head_selection(t, s, chooser, 'head_dim' not in family.fixed_fields)
         axes['q'], axes['kv'] = expand_heads(q_heads, t.head_dim), expand_heads(kv_heads, t.head_dim)
     elif family.attn_is_hidden:  # GPT-2, BERT: attention width = model width, so q, k, v each take its set
         axes['q'] = axes['kv'] = hidden
@@ -967,6 +969,7 @@ class Planned:
     indices: list = field(default_factory=list)  # per dimension: teacher indices kept, or None for all
     names: tuple = ()        # per dimension: its axis ('hidden', 'inter', 'q', ..., or 'same')
     tensorwise: bool = False  # indices chosen inside the tensor when it is made (TensorwiseSelector)
+    reordered: bool = False  # an interleaved axis whose unit differs (a head's dims): rows move though all stay
 
     @property
     def nbytes(self):
@@ -1034,14 +1037,27 @@ def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
     if excluded:
         return Planned(s_key, None, shape, dtype, t_shape, names=names)
     if axes is None:
-        return Planned(s_key, t_key, shape, dtype, t_shape, [None] * len(names), names, tensorwise=True)
-    indices = [None if a == 'same' or len(axes[a]) == n else axes[a] for a, n in zip(names, t_shape)]
+        reordered = any(a in INTERLEAVED and units(a, t) != units(a, s) for a in names)
+        return Planned(s_key, t_key, shape, dtype, t_shape, [None] * len(names), names, tensorwise=True,
+                       reordered=reordered)
+    # an axis keeping all its indices in order is read whole; all of them in another order (GPT-NeoX's q, k and v
+    # rows regrouped into fewer, wider heads) is not
+    indices = [None if a == 'same' or torch.equal(axes[a], torch.arange(n)) else axes[a]
+               for a, n in zip(names, t_shape)]
     return Planned(s_key, t_key, shape, dtype, t_shape, indices, names)
 
 
-def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclude, teacher_tied):
+def has_output_layer(architecture):
+    """Whether a model class ends in the vocabulary projection (family.head): a language-model head, not a base
+    model or a classifier. Without an architecture, as before: yes."""
+    return not architecture or bool(re.search(r'CausalLM|LMHead|MaskedLM|PreTraining|ConditionalGeneration',
+                                              architecture))
+
+
+def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclude, teacher_tied, architecture):
     """Planned student tensors in the teacher's file order (reads go forward through each shard). `tied`, and
-    `teacher_tied`: whether the student's, and the teacher's, output layer is the input embedding."""
+    `teacher_tied`: whether the student's, and the teacher's, output layer is the input embedding; `architecture`:
+    the teacher's model class."""
     planned, embed_key, embed_kind = [], None, None
     for t_key in teacher.in_file_order():
         if DROPPED.search(t_key):
@@ -1054,9 +1070,13 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
         for s_key in s_keys:
             planned.append(plan_one(s_key, t_key, kind, teacher, family, t, s, axes,
                                     component_of(s_key) in exclude))
-    if teacher_tied and not tied and not any(p.key == family.head for p in planned) and embed_key is not None:
-        # an untied student of a tied teacher: its output layer starts as the shared embedding (a base model's
-        # checkpoint, untied and without an output layer, gives none)
+    if family.head and not tied and not any(p.key == family.head for p in planned) and embed_key is not None \
+            and has_output_layer(architecture):
+        if not teacher_tied:
+            raise UserError(f"the teacher has no '{family.head}', its output layer, though its config.json unties it "
+                            f'from the input embedding ({architecture or "no architectures"}); the checkpoint is '
+                            f'incomplete')
+        # an untied student of a tied teacher: its output layer starts as the shared embedding
         planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, s, axes,
                                 'embed' in exclude))
     return planned
@@ -1291,7 +1311,8 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         check_layers_whole(shards, family, t, dense_layers(t_cfg, t.layers) if family.sparse_layers else set())
         planned = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
                                s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude),
-                               t_cfg.get('tie_word_embeddings', family.tied_default))
+                               t_cfg.get('tie_word_embeddings', family.tied_default),
+                               (t_cfg.get('architectures') or [''])[0])
         selector = None
         if tensorwise:  # after the plan, which checks every teacher shape against the config
             selector = TensorwiseSelector(element_selection, seed, family, t, s,
@@ -1344,7 +1365,8 @@ def write_output(output, s_cfg, planned, make, shards, max_bytes, report):
 def action_of(p):
     if p.source is None:
         return 'excluded'
-    return 'copied' if p.shape == p.teacher_shape else 'selected'
+    copied = p.shape == p.teacher_shape and not p.reordered and all(i is None for i in p.indices)
+    return 'copied' if copied else 'selected'
 
 
 def run(args):

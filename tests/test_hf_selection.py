@@ -841,6 +841,54 @@ def test_gpt_neox_every_tensor(neox, tmp_path, head_selection):
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
+@pytest.mark.parametrize('mode', ['uniform', 'l1'])
+def test_gpt_neox_fewer_wider_heads_regroup_q_k_and_v(neox, tmp_path, mode):
+    """Same hidden size, 8 heads of 4 dims -> 4 heads of 8 (dims mode): every row is kept, but a student head's q,
+    k and v rows are two teacher heads' each, so query_key_value's rows move; uniform keeps the dims in order,
+    l1 ranks each part's 32 rows (all kept) and keeps them in order too."""
+    folder, _ = neox
+    report = hf_selection.select_hf(folder, {'num_attention_heads': 4}, str(tmp_path / 's'), head_selection='dims',
+                                    element_selection=mode)
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    key = 'gpt_neox.layers.0.attention.query_key_value.weight'
+    rows = [h * 12 + part * 4 + d for j in range(4) for part in range(3) for h in (2 * j, 2 * j + 1) for d in range(4)]
+    assert torch.equal(s[key], t[key][rows])
+    assert report['tensors'][key]['action'] == 'selected'
+    assert report['tensors']['gpt_neox.layers.0.attention.dense.weight']['action'] == 'copied'
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_gpt_neox_l1_consistent_counts_q_k_and_v_toward_the_hidden_ranking(neox, tmp_path):
+    """The hidden width is ranked by the summed L1 norms of every teacher slice along a width of 32: the hidden
+    axis, and q, k and v of each query_key_value (a part's 32 rows: each head's 4 rows of that part)."""
+    folder, _ = neox
+    scores = torch.zeros(32, dtype=torch.float64)
+    for key, value in stored_tensors(folder).items():
+        value = value.double().abs()
+        if key.endswith('query_key_value.weight'):
+            for part in range(3):
+                scores += value.view(8, 3, 4, 32)[:, part].reshape(32, 32).sum(1) + value.sum(0) / 3
+        elif key.endswith('query_key_value.bias'):
+            scores += value.view(8, 3, 4).sum(1).reshape(32)
+        else:
+            for dim, size in enumerate(value.shape):
+                if size == 32:
+                    scores += value.sum(dim=[d for d in range(value.ndim) if d != dim]) if value.ndim > 1 else value
+    h = sorted(scores.topk(16).indices.tolist())
+    hf_selection.select_hf(folder, NEOX_STUDENT, str(tmp_path / 's'), element_selection='l1_consistent')
+    t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
+    assert torch.equal(s['gpt_neox.final_layer_norm.weight'], t['gpt_neox.final_layer_norm.weight'][h])
+    assert h != EVEN16
+
+
+def test_gpt_neox_exclude_embed_starts_both_embeddings_afresh(neox, tmp_path):
+    folder, _ = neox
+    report = hf_selection.select_hf(folder, NEOX_STUDENT, str(tmp_path / 's'), exclude=['embed'])
+    assert {k for k, v in report['tensors'].items() if v['action'] == 'excluded'} == \
+        {'gpt_neox.embed_in.weight', 'embed_out.weight'}
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
 def test_gpt_neox_same_width_shallower_is_the_truncated_teacher(neox, tmp_path):
     folder, model = neox
     hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
@@ -891,8 +939,11 @@ def test_gpt_neox_base_model_with_old_buffers_and_head_dim_refused(tmp_path):
     model = load_strict(str(tmp_path / 's'), transformers.GPTNeoXModel)
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).last_hidden_state).all()
     assert not any('masked_bias' in k or k.endswith('attention.bias') for k in saved_tensors(str(tmp_path / 's')))
-    with pytest.raises(UserError, match='head_dim stays the teacher.s in gpt_neox models .GPT-NeoX does not read it'):
+    with pytest.raises(UserError, match=r"head_dim stays the teacher's in gpt_neox models \(GPT-NeoX's attention "
+                                        'splits hidden_size into num_attention_heads heads whatever head_dim says'):
         hf_selection.select_hf(folder, dict(NEOX_STUDENT, head_dim=8), str(tmp_path / 'x'))
+    with pytest.raises(UserError, match=r'hidden/heads = 4, or pass --head_selection dims$'):  # no head_dim advice
+        hf_selection.select_hf(folder, {'num_attention_heads': 4}, str(tmp_path / 'x'))
 
 
 # ---------------------------------------------------------------------------------------------- vision transformers
@@ -1062,6 +1113,21 @@ def test_gpt2_every_tensor(gpt2, tmp_path):
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
+def test_untied_student_of_a_tied_base_model_gets_no_output_layer(tmp_path):
+    """A GPT2Model checkpoint has no output layer to untie: the untied student is a GPT2Model too, with none.
+    From GPT2LMHeadModel (tied), the untied student's lm_head starts as its selected embedding."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, n_positions=64, vocab_size=64)
+    student = dict(n_embd=16, n_head=2, tie_word_embeddings=False)
+    for cls, name in [(transformers.GPT2Model, 'base'), (transformers.GPT2LMHeadModel, 'lm')]:
+        folder = save_teacher(tmp_path / name, cls(config))
+        report = hf_selection.select_hf(folder, student, str(tmp_path / f'{name}_s'))
+        model = load_strict(str(tmp_path / f'{name}_s'), cls)
+        assert ('lm_head.weight' in report['tensors']) == (name == 'lm')
+    s = model.state_dict()
+    assert torch.equal(s['lm_head.weight'], s['transformer.wte.weight'])
+
+
 def test_gpt2_same_width_shallower_is_the_truncated_teacher(gpt2, tmp_path):
     folder, _ = gpt2
     hf_selection.select_hf(folder, {'n_layer': 2}, str(tmp_path / 's'), layer_selection='first')
@@ -1118,6 +1184,9 @@ def set_model_type(copy):
                          'gemma3_text, phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss, gpt_neox, gpt2, '
                          'bert'),
     (drop_heads_field, {}, 'teacher: config has no num_attention_heads'),
+    (without(r'lm_head\.weight'), {},
+     r"the teacher has no 'lm_head\.weight', its output layer, though its config\.json unties it from the input "
+     r'embedding \(LlamaForCausalLM\); the checkpoint is'),
     (None, {'hidden_size': 64}, 'hidden size 64 where the teacher has 32.*no wider'),
     (None, {'num_attention_heads': 8, 'num_key_value_heads': 3}, '8 attention heads do not divide into 3'),
     (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
