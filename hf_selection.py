@@ -77,19 +77,22 @@ _LLAMA_LAYER = {
     'mlp.down_proj.weight': ('hidden', 'inter'), 'mlp.down_proj.bias': ('hidden',),
     'input_layernorm.weight': ('hidden',), 'post_attention_layernorm.weight': ('hidden',),
 }
+
+
+def _prefixed(prefixes, tensors):
+    """Top-level tensors under their bare keys and under each prefix (a ...For* model's: 'model.', 'bert.')."""
+    return {p + k: v for p in ('', *prefixes) for k, v in tensors.items()}
+
+
+# Base-model checkpoints (LlamaModel, Qwen2Model, ...) name keys without the `model.` of *ForCausalLM; both work.
 LLAMA = Family(
     'llama',
     fields=dict(hidden='hidden_size', inter='intermediate_size', heads='num_attention_heads',
                 kv_heads='num_key_value_heads', layers='num_hidden_layers', vocab='vocab_size'),
-    block=re.compile(r'^(model\.layers)\.(\d+)\.(.+)$'),
-    tensors={'model.embed_tokens.weight': ('vocab', 'hidden'), 'lm_head.weight': ('vocab', 'hidden'),
-             'model.norm.weight': ('hidden',), **_LLAMA_LAYER},
-    rotary=True, embed=('model.embed_tokens.weight',), head='lm_head.weight')
-
-def _prefixed(prefixes, tensors):
-    """Top-level tensors under their bare keys and under each prefix (a ...For* model's, e.g. 'bert.')."""
-    return {p + k: v for p in ('', *prefixes) for k, v in tensors.items()}
-
+    block=re.compile(r'^((?:model\.)?layers)\.(\d+)\.(.+)$'),
+    tensors={**_prefixed(('model.',), {'embed_tokens.weight': ('vocab', 'hidden'), 'norm.weight': ('hidden',)}),
+             'lm_head.weight': ('vocab', 'hidden'), **_LLAMA_LAYER},
+    rotary=True, embed=('embed_tokens.weight', 'model.embed_tokens.weight'), head='lm_head.weight')
 
 _GPT2_LAYER = {
     'ln_1.weight': ('hidden',), 'ln_1.bias': ('hidden',), 'ln_2.weight': ('hidden',), 'ln_2.bias': ('hidden',),
@@ -408,7 +411,8 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     """The teacher's config (checked into its widths `t` by widths_of) with the overrides; per-layer lists
     (layer_types) follow layer selection, and head_dim is written out when the teacher's was explicit, so
     both sides agree on it."""
-    extra = ('head_dim',) if family.rotary else ()  # LLaMA-style models honour an explicit head_dim
+    # LLaMA-style models honour an explicit head_dim; any model can untie its output layer from its embedding
+    extra = ('head_dim', 'tie_word_embeddings') if family.rotary else ('tie_word_embeddings',)
     known = {name for width in family.fields for name in field_names(family, width)}
     unknown = [k for k in overrides if k not in t_cfg and k not in known and k not in extra]
     if unknown:

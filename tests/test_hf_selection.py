@@ -186,6 +186,38 @@ def test_same_width_shallower_student_is_the_truncated_teacher(llama, tmp_path):
         assert torch.equal(forward_finite(student), forward_finite(teacher))
 
 
+def test_llama_base_model_checkpoint(llama, tmp_path):
+    """A LlamaModel checkpoint (keys without `model.`, as LLM-based embedding models ship): a same-width shallower
+    student is the truncated base model, keys as the teacher's, and loads strictly as a LlamaModel."""
+    torch.manual_seed(0)
+    base = transformers.LlamaModel(transformers.LlamaConfig(**LLAMA)).eval()
+    folder = save_teacher(tmp_path / 't', base)
+    assert any(k.startswith('layers.') for k in saved_tensors(folder))
+    hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 's'))
+    student = load_strict(str(tmp_path / 's'), transformers.LlamaModel)
+    base.layers = base.layers[:2]
+    base.config.num_hidden_layers = 2
+    x = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(student(x).last_hidden_state, base(x).last_hidden_state)
+    hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'narrow'))
+    load_strict(str(tmp_path / 'narrow'), transformers.LlamaModel)
+
+
+def test_untie_a_student_whose_teacher_config_leaves_tying_to_the_default(gpt2, tmp_path):
+    """GPT-2's hub config.json has no tie_word_embeddings (tied by default): a student can still be untied, and
+    its lm_head starts as its selected embedding."""
+    folder, _ = gpt2
+    copy = shutil.copytree(folder, tmp_path / 't')
+    config = json.load(open(copy / 'config.json'))
+    config.pop('tie_word_embeddings', None)
+    json.dump(config, open(copy / 'config.json', 'w'))
+    hf_selection.select_hf(str(copy), dict(n_embd=16, n_head=2, tie_word_embeddings=False), str(tmp_path / 's'))
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    assert torch.equal(s['lm_head.weight'], s['transformer.wte.weight'])
+    assert s['lm_head.weight'].data_ptr() != s['transformer.wte.weight'].data_ptr()
+
+
 def test_qwen2_tied_teacher_untied_student_with_biases(tmp_path):
     torch.manual_seed(0)
     config = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
