@@ -34,8 +34,9 @@ import torch
 import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, byte_span, read_header, read_rows, rows_of
-from weight_selection import (BLOCK_ELEMENTS, ELEMENT_SELECTIONS, ElementSelector, _generator, explicit_layers,
-                              group_layers, l1_norms, magnitude_squeeze, magnitudes, random_indices, top_l1)
+from weight_selection import (BLOCK_ELEMENTS, ELEMENT_SELECTIONS, INT_OF_SIZE, ElementSelector, _generator,
+                              explicit_layers, group_layers, l1_norms, magnitude_squeeze, magnitudes, random_indices,
+                              top_l1)
 
 # Element selections that choose some axis per tensor, from its key or its values (the rest: one index set per axis)
 TENSORWISE = ('random_inconsistent', 'l1', 'l1_consistent', 'magnitude')
@@ -679,7 +680,6 @@ def tensorwise_axes(t, s, family, mode, teacher, experts):
 
 
 ROW_AXES = ('vocab', 'pos', 'same', 'experts', 'each_expert')  # a row is one token, position, output or expert
-INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class TensorwiseSelector:

@@ -246,13 +246,60 @@ def top_l1(tensor, dim, s):
 
 def magnitude_squeeze(tensor, shape):
     """Table 7's magnitude pruning: keep the tensor's largest-magnitude weights, in their original
-    order, squeezed into the student's shape."""
+    order, squeezed into the student's shape. Of equal magnitudes at the cut, the first ones are kept.
+    Exact and in blocks of BLOCK_ELEMENTS: the n-th largest magnitude is found digit by digit (a radix select
+    on its bits), then each block keeps what is above it, so the temporaries stay block-sized."""
     n = math.prod(shape)
     flat = tensor.reshape(-1)
     if flat.numel() == n:
         return tensor.reshape(shape)
-    keep = magnitudes(flat).topk(n).indices.sort().values
-    return flat[keep].reshape(shape)
+    blocks = flat.split(BLOCK_ELEMENTS)
+    cut, ties = nth_largest_key(blocks, n)
+    bits = INT_OF_SIZE[flat.element_size()]  # masked selection moves the bits: float8 has no kernel for it
+    out, filled = torch.empty(n, dtype=bits), 0
+    for block in blocks:
+        keys = magnitude_keys(block)
+        keep = keys > cut
+        if ties:
+            at_cut = keys == cut
+            keep |= at_cut & (at_cut.cumsum(0) <= ties)
+            ties -= min(ties, int(at_cut.sum()))
+        kept = block.view(bits)[keep]
+        out[filled:filled + len(kept)] = kept
+        filled += len(kept)
+    assert filled == n, (filled, n)
+    return out.view(flat.dtype).reshape(shape)
+
+
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def magnitude_keys(block):
+    """Integers ordered as |block|: the bits of a non-negative float grow with its value. The sign bit is
+    cleared: a float8 tensor's abs() keeps it on -0.0 (torch 2.15)."""
+    m = magnitudes(block)
+    if m.dtype == torch.float64:
+        return m.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
+    return m.view(torch.int32) & 0x7FFFFFFF
+
+
+def nth_largest_key(blocks, n):
+    """(key of the n-th largest magnitude, how many elements at that key are among the n largest), found a byte
+    at a time from the top: per byte, a 256-bin histogram of the elements whose higher bytes match so far."""
+    width = magnitude_keys(blocks[0][:1]).element_size() * 8
+    prefix, need = 0, n
+    for shift in range(width - 8, -1, -8):
+        counts = torch.zeros(256, dtype=torch.int64)
+        for block in blocks:
+            keys = magnitude_keys(block)
+            if shift < width - 8:
+                keys = keys[(keys >> (shift + 8)) == prefix]
+            counts += torch.bincount(((keys >> shift) & 255).long(), minlength=256)
+        from_top = counts.flip(0).cumsum(0)  # elements whose byte is at least 255, 254, ...
+        i = int((from_top >= need).nonzero()[0])
+        need -= int(from_top[i - 1]) if i else 0
+        prefix = (prefix << 8) | (255 - i)
+    return prefix, need
 
 
 def magnitudes(tensor):

@@ -52,6 +52,23 @@ def test_consecutive_random_l1_magnitude_indices():
     assert ws.ElementSelector('l1', 0, {}).select(w, (2, 2), 'w').tolist() == [[-5., 2.], [0., -4.]]
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn])
+@pytest.mark.parametrize('block', [7, 64, 2 ** 22])
+def test_magnitude_in_blocks_keeps_the_n_largest_first_ties_first(monkeypatch, dtype, block):
+    """The blocked radix select keeps what a stable descending sort of |w| keeps (of equal magnitudes at the
+    cut, the earlier ones), in the original order; bf16 rounded to quarters makes many ties."""
+    monkeypatch.setattr(ws, 'BLOCK_ELEMENTS', block)
+    generator = torch.Generator().manual_seed(0)
+    for numel, n in [(100, 37), (1000, 1), (1000, 999), (257, 100), (300, 299)]:
+        w = (torch.randn(numel, generator=generator) * 4).round() / 4 if dtype == torch.bfloat16 else \
+            torch.randn(numel, generator=generator)
+        w = w.to(dtype)
+        order = torch.sort(w.float().abs() if dtype != torch.float64 else w.abs(), descending=True, stable=True)
+        expected = w[order.indices[:n].sort().values]
+        got = ws.magnitude_squeeze(w, (n,))
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (numel, n)
+
+
 @pytest.mark.parametrize('shape,dim', [((7, 5), 0), ((7, 5), 1), ((3, 4, 5, 2), 0), ((3, 4, 5, 2), 2), ((9,), 0)])
 def test_l1_norms_summed_over_blocks_equal_the_whole_sums(monkeypatch, shape, dim):
     """l1_norms reduces a few rows at a time (BLOCK_ELEMENTS) so that a big Hugging Face tensor gets no float64
