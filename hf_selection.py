@@ -62,6 +62,7 @@ class Family:
     sparse_layers: bool = False  # Qwen-MoE: decoder_sparse_step and mlp_only_layers say which layers are dense
     inter_of: object = None  # the MLP width from the config, where no field holds it (DINOv2: hidden x mlp_ratio)
     fixed_fields: tuple = ()  # fields a student keeps (a ViT's image and patch sizes, which its positions follow)
+    base_prefix: str = ''  # the prefix a base model's checkpoint lacks (LlamaModel's keys have no 'model.'): no head
 
     @property
     def has_experts(self):
@@ -93,7 +94,8 @@ LLAMA = Family(
     block=re.compile(r'^((?:model\.)?layers)\.(\d+)\.(.+)$'),
     tensors={**_prefixed(('model.',), {'embed_tokens.weight': ('vocab', 'hidden'), 'norm.weight': ('hidden',)}),
              'lm_head.weight': ('vocab', 'hidden'), **_LLAMA_LAYER},
-    rotary=True, embed=('embed_tokens.weight', 'model.embed_tokens.weight'), head='lm_head.weight')
+    rotary=True, embed=('embed_tokens.weight', 'model.embed_tokens.weight'), head='lm_head.weight',
+    base_prefix='model.')
 
 _GPT2_LAYER = {
     'ln_1.weight': ('hidden',), 'ln_1.bias': ('hidden',), 'ln_2.weight': ('hidden',), 'ln_2.bias': ('hidden',),
@@ -149,7 +151,7 @@ BERT = Family(
     block=re.compile(r'^((?:bert\.)?encoder\.layer)\.(\d+)\.(.+)$'),
     tensors={**_prefixed(('bert.',), _BERT_TOP), **_BERT_HEADS, **_BERT_LAYER},
     rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
-    head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True)
+    head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True, base_prefix='bert.')
 
 # Qwen3: LLaMA with an RMSNorm over each head's dims for queries and keys (one weight of head_dim, shared by heads)
 QWEN3 = replace(LLAMA, name='qwen3', tensors={**LLAMA.tensors, 'self_attn.q_norm.weight': ('head_dim',),
@@ -240,7 +242,7 @@ GPT_NEOX = Family(
                                           **{f'final_layer_norm.{p}': ('hidden',) for p in ('weight', 'bias')}}),
              'embed_out.weight': ('vocab', 'hidden'), **_NEOX_LAYER},
     rotary=True, embed=('embed_in.weight', 'gpt_neox.embed_in.weight'), head='embed_out.weight',
-    fixed_fields=('head_dim',))
+    fixed_fields=('head_dim',), base_prefix='gpt_neox.')
 
 # Vision transformers (ViTModel, ViTFor*; Dinov2Model, Dinov2For*, with registers): BERT-like layers after a
 # patch embedding, a class token and learned positions, which the student keeps (same image and patch size)
@@ -435,6 +437,9 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if changed:
         raise UserError(f'--student_config: {changed[0]} stays the teacher\'s in {family.name} models '
                         f'({FIXED_WHY[changed[0]]}); leave it out')
+    if 'tie_word_embeddings' in overrides and not isinstance(overrides['tie_word_embeddings'], bool):
+        raise UserError(f"--student_config: tie_word_embeddings must be true or false, got "
+                        f"{overrides['tie_word_embeddings']!r}")
     s_cfg = {k: v for k, v in {**t_cfg, **overrides}.items() if k != 'quantization_config'}  # written unquantized
     check_whole_numbers(s_cfg, family, 'student')
     if 'pooler' in family.fields and t_cfg.get('pooler_output_size') == t.hidden \
@@ -1074,8 +1079,9 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
         for s_key in s_keys:
             planned.append(plan_one(s_key, t_key, kind, teacher, family, t, s, axes,
                                     component_of(s_key) in exclude))
+    base_model = family.base_prefix and embed_key is not None and not embed_key.startswith(family.base_prefix)
     if family.head and not tied and not any(p.key == family.head for p in planned) and embed_key is not None \
-            and has_output_layer(architecture):
+            and has_output_layer(architecture) and not base_model:
         if not teacher_tied:
             raise UserError(f"the teacher has no '{family.head}', its output layer, though its config.json unties it "
                             f'from the input embedding ({architecture or "no architectures"}); the checkpoint is '

@@ -253,6 +253,10 @@ def magnitude_squeeze(tensor, shape):
     flat = tensor.reshape(-1)
     if flat.numel() == n:
         return tensor.reshape(shape)
+    if not 0 < n < flat.numel():
+        if n == 0:
+            return tensor.new_empty(shape)
+        raise ValueError(f'magnitude: cannot keep {n} of {flat.numel()} elements')
     blocks = flat.split(BLOCK_ELEMENTS)
     cut, ties = nth_largest_key(blocks, n)
     bits = INT_OF_SIZE[flat.element_size()]  # masked selection moves the bits: float8 has no kernel for it

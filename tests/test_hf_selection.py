@@ -202,6 +202,16 @@ def test_llama_base_model_checkpoint(llama, tmp_path):
         assert torch.equal(student(x).last_hidden_state, base(x).last_hidden_state)
     hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 'narrow'))
     load_strict(str(tmp_path / 'narrow'), transformers.LlamaModel)
+    # its keys say base model even where its config names a causal LM (as some embedding models' do), tied or not:
+    # no output layer is asked for, nor made for an untied student
+    config = json.load(open(os.path.join(folder, 'config.json')))
+    for tied in (False, True):
+        json.dump(dict(config, architectures=['LlamaForCausalLM'], tie_word_embeddings=tied),
+                  open(os.path.join(folder, 'config.json'), 'w'))
+        report = hf_selection.select_hf(folder, dict(LLAMA_STUDENT, tie_word_embeddings=False),
+                                        str(tmp_path / f'named_{tied}'))
+        assert 'lm_head.weight' not in report['tensors']
+        load_strict(str(tmp_path / f'named_{tied}'), transformers.LlamaModel)
 
 
 def test_untie_a_student_whose_teacher_config_leaves_tying_to_the_default(gpt2, tmp_path):
@@ -1225,6 +1235,7 @@ def set_model_type(copy):
     (None, {'num_hidden_layers': 7}, 'no deeper than its teacher'),
     (None, {'hiden_size': 16}, "'hiden_size' is not a field"),
     (None, {'hidden_size': '16'}, 'hidden_size must be a whole number'),
+    (None, {'tie_word_embeddings': 'false'}, "tie_word_embeddings must be true or false, got 'false'"),
     (None, {'vocab_size': 32}, 'vocab_size 32, the teacher 64'),
     (without(r'model\.layers\.4\.self_attn\.q_proj\.weight'), {},  # a layer that layer selection drops, too
      r"no 'model\.layers\.4\.self_attn\.q_proj\.weight' though its other layers have it; the checkpoint does not"),

@@ -67,6 +67,7 @@ def test_magnitude_in_blocks_keeps_the_n_largest_first_ties_first(monkeypatch, d
         expected = w[order.indices[:n].sort().values]
         got = ws.magnitude_squeeze(w, (n,))
         assert got.dtype == dtype and torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (numel, n)
+    assert ws.magnitude_squeeze(w, (0, 3)).shape == (0, 3)
 
 
 @pytest.mark.parametrize('shape,dim', [((7, 5), 0), ((7, 5), 1), ((3, 4, 5, 2), 0), ((3, 4, 5, 2), 2), ((9,), 0)])
