@@ -71,6 +71,15 @@ def load_strict(folder, auto=None, **model_kwargs):
     return model.eval()
 
 
+def assert_stops_writing_nothing(teacher, overrides, tmp_path, match):
+    """select_hf stops with one UserError matching `match`, and leaves no student and no temporary folder."""
+    out = tmp_path / 'out' / 's'
+    out.parent.mkdir()
+    with pytest.raises(UserError, match=match):
+        hf_selection.select_hf(teacher, overrides, str(out))
+    assert os.listdir(out.parent) == []
+
+
 def pick(tensor, *index_lists):
     for dim, idx in enumerate(index_lists):
         if idx is not None:
@@ -518,12 +527,8 @@ def both_counts(copy):
 ])
 def test_mixture_of_experts_bad_input(tmp_path, damage, overrides, match):
     folder, *_ = moe_teacher(tmp_path, 'mixtral')
-    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
-    out = tmp_path / 'out' / 's'
-    out.parent.mkdir()
-    with pytest.raises(UserError, match=match):
-        hf_selection.select_hf(teacher, overrides, str(out))
-    assert os.listdir(out.parent) == []
+    assert_stops_writing_nothing(broken_copy(folder, tmp_path, damage) if damage else folder, overrides, tmp_path,
+                                 match)
 
 
 @pytest.mark.parametrize('mode,kept', [('consecutive', [0, 1, 2, 3]), ('random', None)])
@@ -700,12 +705,8 @@ def quantized(copy):
 ])
 def test_gpt_oss_bad_input(gpt_oss, tmp_path, damage, overrides, match):
     folder, _ = gpt_oss
-    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
-    out = tmp_path / 'out' / 's'
-    out.parent.mkdir()
-    with pytest.raises(UserError, match=match):
-        hf_selection.select_hf(teacher, overrides, str(out))
-    assert os.listdir(out.parent) == []
+    assert_stops_writing_nothing(broken_copy(folder, tmp_path, damage) if damage else folder, overrides, tmp_path,
+                                 match)
 
 
 @pytest.fixture(scope='module')
@@ -782,11 +783,7 @@ def test_gpt_oss_mxfp4_malformed_teacher_stops(gpt_oss_mxfp4, tmp_path, change, 
     tensors = saved_tensors(str(broken))
     change(tensors)
     save_file(tensors, str(broken / 'model.safetensors'), metadata={'format': 'pt'})
-    out = tmp_path / 'out' / 's'
-    out.parent.mkdir()
-    with pytest.raises(UserError, match=match):
-        hf_selection.select_hf(str(broken), GPT_OSS_STUDENT, str(out))
-    assert os.listdir(out.parent) == []
+    assert_stops_writing_nothing(str(broken), GPT_OSS_STUDENT, tmp_path, match)
 
 
 @pytest.mark.parametrize('mode', ['l1', 'magnitude'])
@@ -1242,12 +1239,8 @@ def set_model_type(copy):
 ])
 def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, overrides, match):
     folder, _ = llama
-    teacher = broken_copy(folder, tmp_path, damage) if damage else folder
-    out = tmp_path / 'out' / 's'
-    out.parent.mkdir()
-    with pytest.raises(UserError, match=match):
-        hf_selection.select_hf(teacher, overrides, str(out))
-    assert os.listdir(out.parent) == []  # no student, no temporary left behind
+    assert_stops_writing_nothing(broken_copy(folder, tmp_path, damage) if damage else folder, overrides, tmp_path,
+                                 match)
 
 
 @pytest.mark.parametrize('kwargs,match', [
