@@ -895,8 +895,8 @@ class TeacherShards:
     def read_mxfp4(self, key, indices):
         """An MXFP4 weight, dequantized one kept expert at a time, each cut to its kept elements at once."""
         (blocks, b_info, b_file), (scales, s_info, s_file) = self.packed[key]
-        out = None
-        for k, e in enumerate(self.kept_experts(key, indices)):
+        out, experts = None, self.kept_experts(key, indices)
+        for k, e in enumerate(experts):
             weight = dequantize_mxfp4(
                 read_rows(self.file(b_file), os.path.join(self.folder, b_file), blocks, b_info, e, e + 1)[0],
                 read_rows(self.file(s_file), os.path.join(self.folder, s_file), scales, s_info, e, e + 1)[0])
@@ -905,12 +905,13 @@ class TeacherShards:
                 if idx is not None:
                     weight = take(weight, dim, idx)
             if out is None:
-                out = torch.empty((len(self.kept_experts(key, indices)), *weight.shape), dtype=weight.dtype)
+                out = torch.empty((len(experts), *weight.shape), dtype=weight.dtype)
             out[k] = weight
         self.keys_read.append(key)
         return out
 
     def kept_experts(self, key, indices):
+        """The experts (rows) of `key` that `indices` keeps: indices[0], or all."""
         return (indices[0] if indices and indices[0] is not None else torch.arange(self.header[key][1][0])).tolist()
 
     def close(self):
