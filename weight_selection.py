@@ -177,7 +177,7 @@ class ElementSelector:
             return random_indices(t, s, _generator(self.seed, key, dim))
         if self.mode == 'l1_consistent' and t in self.l1_scores:
             if (t, s) not in self.cache:
-                self.cache[t, s] = self.l1_scores[t].topk(s).indices.sort().values
+                self.cache[t, s] = largest(self.l1_scores[t], s)
             return self.cache[t, s]
         if self.mode in ('l1', 'l1_consistent'):
             if dim == 0 and anchor is not None and anchor.shape[0] == t:
@@ -239,9 +239,16 @@ def l1_norms(tensor, dim):
     return torch.cat(sums) if dim == 0 else torch.stack(sums).sum(0)
 
 
+def largest(scores, k):
+    """Indices of the k largest scores along the last dimension, in increasing order. Of equal scores the first
+    ones are kept (a stable sort; topk leaves the choice among ties to its kernel): all-zero slices, a bias
+    still at its init, give the same student on every machine."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+
+
 def top_l1(tensor, dim, s):
-    """The s slices along `dim` with the largest L1 norms, in increasing order."""
-    return l1_norms(tensor, dim).topk(s).indices.sort().values
+    """The s slices along `dim` with the largest L1 norms, in increasing order (the first of equal norms)."""
+    return largest(l1_norms(tensor, dim), s)
 
 
 def magnitude_squeeze(tensor, shape):

@@ -70,6 +70,16 @@ def test_magnitude_in_blocks_keeps_the_n_largest_first_ties_first(monkeypatch, d
     assert ws.magnitude_squeeze(w, (0, 3)).shape == (0, 3)
 
 
+def test_l1_ranking_keeps_the_first_of_equal_norms():
+    """Equal L1 norms (all-zero slices, a bias still at its init) are broken by position, the earlier first, as
+    magnitude breaks equal magnitudes: the same student on every machine, whatever topk's kernel does."""
+    w = torch.tensor([[0., 2., 0., 2., 0., 1.], [0., -2., 0., 2., 0., 1.]])  # column norms 0, 4, 0, 4, 0, 2
+    assert ws.top_l1(w, 1, 1).tolist() == [1]
+    assert ws.top_l1(w, 1, 4).tolist() == [0, 1, 3, 5]
+    assert ws.top_l1(torch.zeros(40, 3), 0, 5).tolist() == [0, 1, 2, 3, 4]
+    assert ws.ElementSelector('l1', 0, {}).select(torch.zeros(4, 6), (4, 3), 'b').shape == (4, 3)
+
+
 @pytest.mark.parametrize('shape,dim', [((7, 5), 0), ((7, 5), 1), ((3, 4, 5, 2), 0), ((3, 4, 5, 2), 2), ((9,), 0)])
 def test_l1_norms_summed_over_blocks_equal_the_whole_sums(monkeypatch, shape, dim):
     """l1_norms reduces a few rows at a time (BLOCK_ELEMENTS) so that a big Hugging Face tensor gets no float64
