@@ -35,8 +35,8 @@ import utils
 from utils import UserError
 from safetensors_io import ST_DTYPES, byte_span, read_header, read_rows, rows_of
 from weight_selection import (BLOCK_ELEMENTS, ELEMENT_SELECTIONS, INT_OF_SIZE, ElementSelector, _generator,
-                              explicit_layers, group_layers, l1_norms, magnitude_squeeze, magnitudes, random_indices,
-                              top_l1)
+                              explicit_layers, group_layers, l1_norms, largest, magnitude_keys, magnitude_squeeze,
+                              random_indices, top_l1)
 
 # Element selections that choose some axis per tensor, from its key or its values (the rest: one index set per axis)
 TENSORWISE = ('random_inconsistent', 'l1', 'l1_consistent', 'magnitude')
@@ -63,6 +63,7 @@ class Family:
     inter_of: object = None  # the MLP width from the config, where no field holds it (DINOv2: hidden x mlp_ratio)
     fixed_fields: tuple = ()  # fields a student keeps (a ViT's image and patch sizes, which its positions follow)
     base_prefix: str = ''  # the prefix a base model's checkpoint lacks (LlamaModel's keys have no 'model.'): no head
+    head_bias: tuple = ()  # (the output layer's bias, the key a tied model shares it with and a tied file stores)
 
     @property
     def has_experts(self):
@@ -151,7 +152,8 @@ BERT = Family(
     block=re.compile(r'^((?:bert\.)?encoder\.layer)\.(\d+)\.(.+)$'),
     tensors={**_prefixed(('bert.',), _BERT_TOP), **_BERT_HEADS, **_BERT_LAYER},
     rotary=False, embed=('embeddings.word_embeddings.weight', 'bert.embeddings.word_embeddings.weight'),
-    head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True, base_prefix='bert.')
+    head='cls.predictions.decoder.weight', attn_is_hidden=True, tied_default=True, base_prefix='bert.',
+    head_bias=('cls.predictions.decoder.bias', 'cls.predictions.bias'))
 
 # Qwen3: LLaMA with an RMSNorm over each head's dims for queries and keys (one weight of head_dim, shared by heads)
 QWEN3 = replace(LLAMA, name='qwen3', tensors={**LLAMA.tensors, 'self_attn.q_norm.weight': ('head_dim',),
@@ -680,7 +682,7 @@ def tensorwise_axes(t, s, family, mode, teacher, experts):
     if mode == 'l1_consistent':
         scores, s_sizes = hidden_l1_scores(teacher, family, t), axis_sizes(s)
         for name in ranked_widths(t):
-            axes[name] = scores.topk(s_sizes[name]).indices.sort().values
+            axes[name] = largest(scores, s_sizes[name])
     return axes
 
 
@@ -785,7 +787,7 @@ class TensorwiseSelector:
         bits = flat.view(INT_OF_SIZE[flat.element_size()])  # gather has no float8 kernel: move the bits
         rows, step = [], max(1, BLOCK_ELEMENTS // flat.shape[1])  # each row on its own, a block of rows at a time
         for i in range(0, flat.shape[0], step):
-            keep = magnitudes(flat[i:i + step]).topk(width, dim=1).indices.sort(dim=1).values
+            keep = largest(magnitude_keys(flat[i:i + step]), width)  # as magnitude_squeeze: the first of ties
             rows.append(bits[i:i + step].gather(1, keep))
         return torch.cat(rows).view(tensor.dtype).reshape(shape)
 
@@ -1065,10 +1067,10 @@ def has_output_layer(architecture):
 
 
 def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclude, teacher_tied, architecture):
-    """Planned student tensors in the teacher's file order (reads go forward through each shard). `tied`, and
-    `teacher_tied`: whether the student's, and the teacher's, output layer is the input embedding; `architecture`:
-    the teacher's model class."""
-    planned, embed_key, embed_kind = [], None, None
+    """(planned student tensors in the teacher's file order (reads go forward through each shard), teacher
+    tensors left out because the student ties what the teacher does not). `tied`, and `teacher_tied`: whether the
+    student's, and the teacher's, output layer is the input embedding; `architecture`: the teacher's model class."""
+    planned, unused, embed_key, embed_kind = [], [], None, None
     for t_key in teacher.in_file_order():
         if DROPPED.search(t_key):
             continue
@@ -1076,10 +1078,14 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
         if kind in family.embed:
             embed_key, embed_kind = t_key, kind
         if kind == family.head and tied:
+            if not teacher_tied:
+                unused.append(t_key)
             continue  # a tied student shares the embedding
         for s_key in s_keys:
             planned.append(plan_one(s_key, t_key, kind, teacher, family, t, s, axes,
                                     component_of(s_key) in exclude))
+    if family.head_bias:
+        planned = plan_head_bias(planned, teacher, family, t, s, axes, tied)
     base_model = family.base_prefix and embed_key is not None and not embed_key.startswith(family.base_prefix)
     if family.head and not tied and not any(p.key == family.head for p in planned) and embed_key is not None \
             and has_output_layer(architecture) and not base_model:
@@ -1090,7 +1096,23 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
         # an untied student of a tied teacher: its output layer starts as the shared embedding
         planned.append(plan_one(family.head, embed_key, embed_kind, teacher, family, t, s, axes,
                                 'embed' in exclude))
-    return planned
+    return planned, unused
+
+
+def plan_head_bias(planned, teacher, family, t, s, axes, tied):
+    """BERT's output bias, cls.predictions.decoder.bias, is cls.predictions.bias in a tied model, and a tied file
+    stores only the latter. The student's output bias is the teacher's: decoder.bias where the file has it (an
+    untied teacher uses that one alone), else cls.predictions.bias. A tied student stores it as the latter."""
+    own, shared = family.head_bias
+    source = own if own in teacher.header else shared
+    if source not in teacher.header:
+        return planned
+    if tied:
+        return [plan_one(shared, own, own, teacher, family, t, s, axes, False) if p.key == shared and source == own
+                else p for p in planned if p.key != own]
+    if any(p.key == own for p in planned):
+        return planned
+    return planned + [plan_one(own, shared, shared, teacher, family, t, s, axes, False)]
 
 
 def check_layers_whole(teacher, family, t, dense):
@@ -1320,7 +1342,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
     shards = TeacherShards(folder)
     try:
         check_layers_whole(shards, family, t, dense_layers(t_cfg, t.layers) if family.sparse_layers else set())
-        planned = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
+        planned, unused = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
                                s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude),
                                t_cfg.get('tie_word_embeddings', family.tied_default),
                                (t_cfg.get('architectures') or [''])[0])
@@ -1336,6 +1358,8 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
             'layer_map': layer_map, 'versions': utils.versions(('safetensors',))}}
         if family.has_experts:
             report['meta']['experts'] = experts.tolist()  # the teacher expert of each student expert
+        if unused:  # the teacher's own output layer, which a tied student replaces with its embedding
+            report['meta']['unused'] = unused
         if head_mode == 'heads':  # which teacher heads the student's heads are, in order
             report['meta']['heads'] = {'query': (axes['q'][::t.head_dim] // t.head_dim).tolist(),
                                        'key_value': (axes['kv'][::t.head_dim] // t.head_dim).tolist()}
@@ -1400,6 +1424,9 @@ def run(args):
     acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
     ranking = ' (with the whole teacher once for the ranking)' if args.element_selection == 'l1_consistent' else ''
     experts = f", experts {meta['experts']}" if 'experts' in meta else ''
+    if 'unused' in meta:
+        print(f"note: the teacher's untied {', '.join(meta['unused'])} is left out: the student ties its output "
+              f'layer to its input embedding (tie_word_embeddings)', file=sys.stdout)
     print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}{experts}, "
           f"{meta['settings']['element_selection']} elements, {meta['settings']['head_selection']} attention): "
           f"{acts}; read {meta['teacher_bytes_read'] / 1e6:.1f} MB of the teacher's "
