@@ -1,6 +1,6 @@
 """Reading .safetensors files lazily: the header parsed and checked up front (dtypes, sizes, truncation),
 tensors (or a range of their rows) read only when asked, each with one plain read of its bytes. Used by
-hf_selection.py (sharded Hugging Face teachers) and by models/io.read_state_dict (a timm teacher in one
+hf_selection (sharded Hugging Face teachers) and by models/io.read_state_dict (a timm teacher in one
 .safetensors file). Writing is left to the safetensors package."""
 import json
 import math

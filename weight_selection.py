@@ -609,7 +609,7 @@ def get_args_parser():
                    help='file to write {"model": state_dict, "meta": {...}}; a .safetensors name writes safetensors '
                         '(recommended: no pickle) with the meta as JSON in its header')
     p.add_argument('--quiet', action='store_true', help='print only the summary line')
-    hf = p.add_argument_group('Hugging Face teachers (--teacher a folder with config.json; see hf_selection.py)')
+    hf = p.add_argument_group('Hugging Face teachers (--teacher a folder with config.json; see hf_selection/)')
     hf.add_argument('--student_config', default=None,
                     help='JSON overrides of the teacher\'s config, e.g. {"hidden_size": 1024, "num_hidden_layers": 8}, '
                          'or a config.json file; --output is then a folder')

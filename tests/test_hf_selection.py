@@ -1,4 +1,4 @@
-"""Weight selection from Hugging Face checkpoints (hf_selection.py): tiny random LLaMA (GQA), Qwen2/3, Gemma,
+"""Weight selection from Hugging Face checkpoints (the hf_selection package): tiny random LLaMA (GQA), Qwen2/3, Gemma,
 Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked, and MXFP4-packed), GPT-NeoX, GPT-2, BERT, ViT and DINOv2
 teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
 import json
@@ -735,13 +735,13 @@ def test_gpt_oss_mxfp4_teacher_is_read_dequantized(gpt_oss_mxfp4, tmp_path, monk
     """Each kept expert is dequantized (as transformers dequantizes it) and selected; the student is written in
     bfloat16 without quantization_config, and loads strictly and runs. Only the kept experts' blocks are read."""
     folder, dequantized = gpt_oss_mxfp4
-    spans, hints, read_rows, bytes_read, advise = [], [], hf_selection.read_rows, [0], os.posix_fadvise
+    spans, hints, read_rows, bytes_read, advise = [], [], hf_selection.teacher.read_rows, [0], os.posix_fadvise
 
     def recorded(f, path, key, info, lo, hi):
         spans.append((key, lo, hi))
         bytes_read[0] += safetensors_io.byte_span(info, lo, hi)[1]
         return read_rows(f, path, key, info, lo, hi)
-    monkeypatch.setattr(hf_selection, 'read_rows', recorded)
+    monkeypatch.setattr(hf_selection.teacher, 'read_rows', recorded)
     monkeypatch.setattr(os, 'posix_fadvise', lambda fd, offset, n, advice: hints.append((offset, n)) or
                         advise(fd, offset, n, advice))
     report = hf_selection.select_hf(folder, dict(GPT_OSS_STUDENT, hidden_size=32, num_attention_heads=8,
@@ -792,13 +792,13 @@ def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4,
     It reads (and dequantizes) only the kept experts."""
     from safetensors.torch import save_file
     folder, dequantized = gpt_oss_mxfp4
-    experts_read, read_rows = set(), hf_selection.read_rows
+    experts_read, read_rows = set(), hf_selection.teacher.read_rows
 
     def recorded(f, path, key, info, lo, hi):
         if key.endswith('_blocks'):
             experts_read.update(range(lo, hi))
         return read_rows(f, path, key, info, lo, hi)
-    monkeypatch.setattr(hf_selection, 'read_rows', recorded)
+    monkeypatch.setattr(hf_selection.teacher, 'read_rows', recorded)
     plain = shutil.copytree(folder, tmp_path / 'plain')
     tensors = {k: v for k, v in saved_tensors(str(plain)).items() if not k.endswith(('_blocks', '_scales'))}
     save_file({**tensors, **dequantized}, str(plain / 'model.safetensors'), metadata={'format': 'pt'})
@@ -1433,7 +1433,7 @@ def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, mon
     except that under magnitude a token's embedding row keeps only its own values (squeezed here a row or two
     at a time: BLOCK_ELEMENTS 40 over rows of 32)."""
     folder, t = llama
-    monkeypatch.setattr(hf_selection, 'BLOCK_ELEMENTS', 40)
+    monkeypatch.setattr(hf_selection.axes, 'BLOCK_ELEMENTS', 40)
     report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), layer_selection='uniform',
                                     element_selection=mode, seed=5)
     s = load_strict(str(tmp_path / 's')).state_dict()
