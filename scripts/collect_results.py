@@ -1,4 +1,5 @@
-"""Turn run folders into the paper's tables: mean ± std over seeds, next to the paper's numbers.
+"""Turn run folders into the paper's tables: mean ± std over seeds (the median where the paper reports one: Table 3's
+random selections), next to the paper's numbers.
 
     python scripts/collect_results.py runs --out results     # writes results/tables.md and results/tables.csv
 
@@ -165,19 +166,28 @@ def collect(root):
     return results
 
 
-def fmt(values):
+def fmt(values, median=False):
     if not values:
         return '-'
     if len(values) == 1:
         return f'{values[0]:.1f}'
+    if median:
+        return f'median {statistics.median(values):.1f} (n={len(values)})'
     return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})'
 
 
 def _stats(values):
-    """(mean, std) as CSV text; std empty for a single run."""
+    """(mean, std, median) as CSV text; std empty for a single run."""
     if not values:
-        return '', ''
-    return f'{statistics.mean(values):.2f}', f'{statistics.stdev(values):.2f}' if len(values) > 1 else ''
+        return '', '', ''
+    return (f'{statistics.mean(values):.2f}', f'{statistics.stdev(values):.2f}' if len(values) > 1 else '',
+            f'{statistics.median(values):.2f}')
+
+
+def is_median_row(table, row):
+    """Whether the paper reports this row as a median over selections (scripts/tables.py's MEDIAN_OF_THREE)."""
+    import tables
+    return any((n, tables.slug(r)) == (table, row) for n, r in tables.MEDIAN_OF_THREE)
 
 
 def write_tables(results, out):
@@ -185,9 +195,9 @@ def write_tables(results, out):
     tables = sorted({k[0] for k in results})
     md = ['# Results\n', 'Test acc@1 (%) as "best / final / paper": ours as mean ± std over seeds of each run\'s '
           'best epoch (the official code\'s "max accuracy", picked on the test set) and of its final epoch, '
-          'then the paper\'s number.\n']
-    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'best_mean', 'best_std', 'final_mean', 'final_std', 'paper',
-                 'departures_from_recipe')]
+          'then the paper\'s number; "median" where the paper reports the median of three selections.\n']
+    rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'best_mean', 'best_std', 'best_median', 'final_mean',
+                 'final_std', 'final_median', 'paper', 'departures_from_recipe')]
     for t in tables:
         keys = sorted({k[1:] for k in results if k[0] == t} | set(PAPER.get(t, {})))
         columns = sorted({(d, m) for _, d, m in keys})
@@ -207,7 +217,8 @@ def write_tables(results, out):
                 if departures:  # not the paper's recipe: the comparison with its number does not hold
                     notes.append(f'{len(notes) + 1}. {r}, {d} {m}: ' + '; '.join(departures))
                     mark = f' [off recipe: {len(notes)}]'
-                cells.append(f"{fmt(best)} / {fmt(final)} / {paper if paper is not None else '-'}{mark}")
+                median, paper_cell = is_median_row(t, r), paper if paper is not None else '-'
+                cells.append(f'{fmt(best, median)} / {fmt(final, median)} / {paper_cell}{mark}')
                 if runs or paper is not None:
                     rows_csv.append((t, r, d, m, len(runs), *_stats(best), *_stats(final),
                                      paper if paper is not None else '', '; '.join(departures)))

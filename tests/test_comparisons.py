@@ -191,7 +191,34 @@ def test_collector_on_fixture_logs(tmp_path):
     # best epochs 81.0, 82.0 and final epochs 80.5, 81.0, then the paper's number
     assert '## Table 7' in md and '81.5 ± 0.7 (n=2) / 80.8 ± 0.4 (n=2) / 81.4' in md and '- / - / 79.5' in md
     csv_text = (tmp_path / 'res' / 'tables.csv').read_text()
-    assert '7,weight_selection,cifar100,vit_tiny,2,81.50,0.71,80.75,0.35,81.4' in csv_text
+    assert '7,weight_selection,cifar100,vit_tiny,2,81.50,0.71,81.50,80.75,0.35,80.75,81.4' in csv_text
+
+
+def test_table3_random_selections_are_the_median_of_three(tmp_path):
+    """Table 3's random rows are "the median performance of three different selection results": without SEEDS
+    they run seeds 0, 1 and 2, each with its own selection file, the other rows one seed; the collector reports
+    those rows' median, the others' mean."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import tables
+    env = {'DATA_ROOT': '/data', 'OUTPUT': '/out', 'MODELS': 'vit_tiny'}
+    cmds = [shlex.join(c) for c in tables.commands(3, env)]
+    runs = {row: sorted(c.split('--seed ')[1].split()[0] for c in cmds if f'/table3/{row}/' in c)
+            for row in ('ws_random', 'ws_random_w_o_consistency', 'ws_uniform', 'xavier')}
+    assert runs == {'ws_random': ['0', '1', '2'], 'ws_random_w_o_consistency': ['0', '1', '2'], 'ws_uniform': ['0'],
+                    'xavier': ['0']}
+    selections = [c for c in cmds if 'weight_selection.py' in c and '--element_selection random ' in c]
+    assert len({c.split('--output ')[1] for c in selections}) == 3
+    assert len([c for c in tables.commands(3, dict(env, SEEDS='4')) if '/table3/ws_random/' in shlex.join(c)]) == 1
+    for row, accs in [('ws_random', [80.0, 70.0, 81.0]), ('ws_uniform', [80.0, 70.0, 81.0])]:
+        for seed, acc in enumerate(accs):
+            folder = tmp_path / 'runs' / 'table3' / row / 'cifar100' / 'vit_tiny' / f'seed{seed}'
+            folder.mkdir(parents=True)
+            (folder / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': acc}) + '\n')
+    proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / 'res' / 'tables.md').read_text()
+    assert '| ws_random | - / - / 83.9 | median 80.0 (n=3) / median 80.0 (n=3) / 81.7 |' in md
+    assert '| ws_uniform | - / - / 84.4 | 77.0 ± 6.1 (n=3) / 77.0 ± 6.1 (n=3) / 81.4 |' in md
 
 
 def test_collector_marks_runs_that_left_their_recipe(tmp_path):

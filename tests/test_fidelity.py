@@ -241,6 +241,6 @@ def test_collect_results_reports_best_and_final_epoch(tmp_path):
     assert '| weight_selection | - / - / 23.6 | 62.5 / 60.0 / 28.2 |' in md
     assert 'cifar100 vit_tiny (best / final / paper)' in md
     csv_lines = (tmp_path / 'res' / 'tables.csv').read_text().splitlines()
-    assert csv_lines[0] == 'table,row,dataset,model,n,best_mean,best_std,final_mean,final_std,paper,' \
-                           'departures_from_recipe'
-    assert '9,weight_selection,cifar100,vit_tiny,1,62.50,,60.00,,28.2,' in csv_lines  # no config.yaml: none known
+    assert csv_lines[0] == 'table,row,dataset,model,n,best_mean,best_std,best_median,final_mean,final_std,' \
+                           'final_median,paper,departures_from_recipe'
+    assert '9,weight_selection,cifar100,vit_tiny,1,62.50,,62.50,60.00,,60.00,28.2,' in csv_lines  # no config.yaml
