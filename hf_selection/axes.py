@@ -79,6 +79,11 @@ def interleave(name, indices, t, s):
     return torch.stack([base + p * unit_t for p in range(n)], 1).flatten()
 
 
+def has_parts(name):
+    """Whether an axis holds several tensors' axes (fused side by side, or interleaved)."""
+    return name in FUSED or name in INTERLEAVED
+
+
 def parts_of(name):
     """The axes of a fused or interleaved axis's parts, in order."""
     return FUSED[name] if name in FUSED else (INTERLEAVED[name][0],) * INTERLEAVED[name][1]
@@ -173,8 +178,7 @@ def hidden_l1_scores(teacher, family, t):
         names = family.tensors[kind_of(key, family)]
         tensor = teacher.read(key)
         for dim, name in enumerate(names):
-            parts = zip(split_parts(tensor, dim, name, t), parts_of(name)) if name in FUSED or name in INTERLEAVED \
-                else [(tensor, name)]
+            parts = zip(split_parts(tensor, dim, name, t), parts_of(name)) if has_parts(name) else [(tensor, name)]
             for part, part_name in parts:
                 if part_name in ranked:
                     scores += l1_norms(part, dim)
@@ -228,7 +232,7 @@ class TensorwiseSelector:
                             for k, e in enumerate(experts.tolist())])
 
     def one(self, tensor, names, shape, key, anchor):
-        fused = [a for a in names if a in FUSED or a in INTERLEAVED]
+        fused = [a for a in names if has_parts(a)]
         if not fused or self.mode == 'magnitude':  # magnitude squeezes a fused tensor whole, as timm's qkv
             return self.select(tensor, names, shape, key, anchor)
         name, parts = fused[0], []
