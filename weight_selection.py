@@ -314,8 +314,8 @@ def nth_largest_key(blocks, n):
 
 
 def magnitudes(tensor):
-    """|tensor| in a dtype that topk takes: float32, or float64 for float64 (a bf16 or float8 teacher is ranked
-    by its exact values, and float8 has no topk)."""
+    """|tensor| as float32 (float64 for float64), whose bits magnitude_keys orders: a bf16, float16 or float8
+    value is exact in float32, so every dtype is ranked by its exact values with one key width."""
     return tensor.abs().to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
 

@@ -109,18 +109,16 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
 
 def plan_head_bias(planned, teacher, family, t, s, axes, tied):
     """BERT's output bias, cls.predictions.decoder.bias, is cls.predictions.bias in a tied model, and a tied file
-    stores only the latter. The student's output bias is the teacher's: decoder.bias where the file has it (an
-    untied teacher uses that one alone), else cls.predictions.bias. A tied student stores it as the latter."""
+    stores it as the latter, an untied one as both. The student's output bias is the teacher's: decoder.bias where
+    the file has it (an untied teacher uses that one alone), else cls.predictions.bias; a tied student stores it as
+    cls.predictions.bias, an untied one as decoder.bias, beside the teacher's cls.predictions.bias (or the same)."""
     own, shared = family.head_bias
-    source = own if own in teacher.header else shared
-    if source not in teacher.header:
+    have = [k for k in (own, shared) if k in teacher.header]
+    if not have:  # a base model or a classifier: no output layer
         return planned
-    if tied:
-        return [plan_one(shared, own, own, teacher, family, t, s, axes, False) if p.key == shared and source == own
-                else p for p in planned if p.key != own]
-    if any(p.key == own for p in planned):
-        return planned
-    return planned + [plan_one(own, shared, shared, teacher, family, t, s, axes, False)]
+    sources = {shared: have[0]} if tied else {own: have[0], shared: have[-1]}
+    return [p for p in planned if p.key not in (own, shared)] + \
+        [plan_one(key, source, source, teacher, family, t, s, axes, False) for key, source in sources.items()]
 
 
 def check_layers_whole(teacher, family, t, dense):

@@ -115,7 +115,7 @@ def run(args):
     acts = ', '.join(f'{n} {a}' for a, n in sorted(counts.items()))
     ranking = ' (with the whole teacher once for the ranking)' if args.element_selection == 'l1_consistent' else ''
     experts = f", experts {meta['experts']}" if 'experts' in meta else ''
-    if 'unused' in meta:
+    if 'unused' in meta and not args.quiet:
         print(f"note: the teacher's untied {', '.join(meta['unused'])} is left out: the student ties its output "
               f'layer to its input embedding (tie_word_embeddings)', file=sys.stdout)
     print(f"{meta['family']} student <- {args.teacher} (layers {meta['layer_map']}{experts}, "

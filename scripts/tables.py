@@ -1,6 +1,6 @@
 """The runs behind each of the paper's tables: weight selections and trainings, printed then run.
 
-    DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row, SEEDS seeds
+    DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row, SEEDS seeds (random rows: 0 1 2)
     DRY_RUN=1 DATA_ROOT=/data python scripts/tables.py 10         # print the commands only
     DATA_PATH=/data/cifar100 DATASETS=cifar100 python scripts/tables.py 2   # one dataset (scripts/cifar100.sh)
 

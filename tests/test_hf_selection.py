@@ -450,7 +450,7 @@ def test_mixture_of_experts_tensorwise_modes_keep_the_uniform_experts(tmp_path, 
         assert report['meta']['experts'] == [0, 2, 4, 6]
         forward_finite(load_strict(str(tmp_path / mode)))
     router = t[f'model.layers.1.{moe}.gate.weight'][[0, 2, 4, 6]]
-    largest = router.abs().topk(16, dim=1).indices.sort(dim=1).values
+    largest = first_largest(router.abs(), 16)
     s = saved_tensors(str(tmp_path / 'magnitude'))
     assert torch.equal(s[f'model.layers.1.{moe}.gate.weight'], router.gather(1, largest))
 
@@ -823,7 +823,7 @@ def test_gpt_oss_other_tensorwise_modes_load_and_run(gpt_oss, tmp_path, mode):
         key = 'model.layers.0.mlp.experts.down_proj'
         for k, e in enumerate([0, 2, 4, 6]):
             flat = t[key][e].flatten()
-            assert torch.equal(s[key][k].flatten(), flat[flat.abs().topk(32 * 16).indices.sort().values])
+            assert torch.equal(s[key][k].flatten(), flat[first_largest(flat.abs(), 32 * 16)])
 
 
 # ---------------------------------------------------------------------------------------------- GPT-NeoX (Pythia)
@@ -913,7 +913,7 @@ def test_gpt_neox_l1_consistent_counts_q_k_and_v_toward_the_hidden_ranking(neox,
             for dim, size in enumerate(value.shape):
                 if size == 32:
                     scores += value.sum(dim=[d for d in range(value.ndim) if d != dim]) if value.ndim > 1 else value
-    h = sorted(scores.topk(16).indices.tolist())
+    h = first_largest(scores, 16).tolist()
     hf_selection.select_hf(folder, NEOX_STUDENT, str(tmp_path / 's'), element_selection='l1_consistent')
     t, s = saved_tensors(folder), saved_tensors(str(tmp_path / 's'))
     assert torch.equal(s['gpt_neox.final_layer_norm.weight'], t['gpt_neox.final_layer_norm.weight'][h])
@@ -1092,7 +1092,7 @@ def test_dinov2_every_tensor(tmp_path, variant):
         vision_output(load_vision(str(tmp_path / mode), model))
     magnitude = saved_tensors(str(tmp_path / 'magnitude'))
     positions = t[p + 'embeddings.position_embeddings'][0]  # under magnitude each position keeps its own values
-    largest = positions.abs().topk(16, dim=1).indices.sort(dim=1).values
+    largest = first_largest(positions.abs(), 16)
     assert torch.equal(magnitude[p + 'embeddings.position_embeddings'][0], positions.gather(1, largest))
 
 
@@ -1424,7 +1424,13 @@ def top_l1(tensor, dim, s):
     """The s slices along dim with the largest L1 norms, in order (written here, apart from the selector)."""
     other = [d for d in range(tensor.ndim) if d != dim]
     norms = tensor.double().abs().sum(dim=other) if other else tensor.double().abs()
-    return sorted(norms.topk(s).indices.tolist())
+    return first_largest(norms, s).tolist()
+
+
+def first_largest(values, k):
+    """Indices of the k largest along the last dimension, in order; of equal values, the first ones (the
+    selector's rule for ties, which topk leaves to its kernel)."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
 
 
 @pytest.mark.parametrize('mode', hf_selection.TENSORWISE)
@@ -1442,7 +1448,7 @@ def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, mon
     for key, value in s.items():
         source = report['tensors'][key]['source']
         if mode == 'magnitude' and key in ('model.embed_tokens.weight', 'lm_head.weight'):
-            keep = t[source].abs().topk(16, dim=1).indices.sort(dim=1).values
+            keep = first_largest(t[source].abs(), 16)
             expected = torch.stack([row[k] for row, k in zip(t[source], keep)])
         else:
             expected = selector.select(t[source], value.shape, key, source)
@@ -1493,7 +1499,7 @@ def test_gpt2_l1_consistent_ranks_the_hidden_width_over_the_whole_teacher(gpt2, 
                 for part in value.split(32, dim):
                     other = [d for d in range(value.ndim) if d != dim]
                     scores += part.double().abs().sum(dim=other) if other else part.double().abs()
-    h = sorted(scores.topk(16).indices.tolist())
+    h = first_largest(scores, 16).tolist()
     hf_selection.select_hf(folder, dict(n_embd=16, n_head=2, n_layer=1), str(tmp_path / 's'),
                            element_selection='l1_consistent')
     s = load_strict(str(tmp_path / 's')).state_dict()
@@ -1597,6 +1603,36 @@ def test_tied_student_of_an_untied_teacher_says_what_it_leaves_out(bert, llama, 
         LLAMA_STUDENT, tie_word_embeddings=True)), '--output', str(tmp_path / 'l')])
     assert "note: the teacher's untied lm_head.weight is left out" in capsys.readouterr().out
     assert json.load(open(tmp_path / 'l' / 'selection.json'))['meta']['unused'] == ['lm_head.weight']
+    weight_selection.main(['--teacher', llama[0], '--student_config', json.dumps(dict(
+        LLAMA_STUDENT, tie_word_embeddings=True)), '--output', str(tmp_path / 'q'), '--quiet'])
+    assert len(capsys.readouterr().out.splitlines()) == 1  # --quiet: the summary line only
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_bert_output_bias_from_a_file_that_names_it_decoder_bias(bert, tmp_path, tie):
+    """A BERT file whose output bias is stored only as cls.predictions.decoder.bias (as older exports hold it): a
+    tied student stores it as cls.predictions.bias, an untied one as both, and either computes the truncated
+    teacher's logits."""
+    from safetensors.torch import load_file, save_file
+    folder, t = bert
+    copy = shutil.copytree(folder, tmp_path / 't')
+    for name in os.listdir(copy):
+        if name.endswith('.safetensors'):
+            tensors = load_file(copy / name)
+            if 'cls.predictions.bias' in tensors:
+                tensors['cls.predictions.decoder.bias'] = tensors.pop('cls.predictions.bias')
+                save_file(tensors, copy / name, metadata={'format': 'pt'})
+    index = json.load(open(copy / 'model.safetensors.index.json'))
+    index['weight_map']['cls.predictions.decoder.bias'] = index['weight_map'].pop('cls.predictions.bias')
+    json.dump(index, open(copy / 'model.safetensors.index.json', 'w'))
+    hf_selection.select_hf(str(copy), {'num_hidden_layers': 2, 'tie_word_embeddings': tie}, str(tmp_path / 's'))
+    student = load_strict(str(tmp_path / 's'), transformers.AutoModelForMaskedLM)
+    assert torch.equal(student.cls.predictions.decoder.bias, t['cls.predictions.bias'])
+    teacher = transformers.AutoModelForMaskedLM.from_pretrained(folder).eval()
+    teacher.bert.encoder.layer = teacher.bert.encoder.layer[:2]
+    ids = torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
 
 
 def save_teacher_as_is(model, folder):
@@ -1669,6 +1705,6 @@ def test_qwen2_bf16_tied_teacher_tensorwise(tmp_path, mode):
     assert {v.dtype for v in s8.values()} == {torch.float8_e4m3fn}
     if mode == 'magnitude':  # each token's row: its 16 largest values, in order, the first of equal ones (float8
         emb = stored_tensors(fp8)['model.embed_tokens.weight'].float()  # has many)
-        keep = emb.abs().sort(dim=1, descending=True, stable=True).indices[:, :16].sort(dim=1).values
+        keep = first_largest(emb.abs(), 16)
         assert any(len(set(row.tolist())) < 32 for row in emb.abs())
         assert torch.equal(s8['model.embed_tokens.weight'].float(), emb.gather(1, keep))
