@@ -1,5 +1,6 @@
 """Reading the teacher: a local folder or a hub id; its shards' headers parsed up front (shapes, dtypes,
 completeness), tensors read on demand, a range of rows at a time; MXFP4 experts dequantized as they are read."""
+import itertools
 import json
 import os
 import re
@@ -9,6 +10,11 @@ import torch
 import utils
 from safetensors_io import byte_span, read_header, read_rows, rows_of
 from utils import UserError
+
+
+# Kept rows further apart than this are read apart (the unkept experts of a stack are skipped); closer ones in one
+# read (a weight's kept rows: one read beats thousands of small ones)
+SKIP_GAP_BYTES = 4 << 20
 
 
 class TeacherShards:
@@ -53,12 +59,17 @@ class TeacherShards:
             self.fds[name] = open(os.path.join(self.folder, name), 'rb', buffering=0)
         return self.fds[name]
 
-    def row_span(self, key, indices):
-        """(lo, hi): the rows from the first to the last one kept (all rows when indices[0] is None)."""
+    def row_runs(self, key, indices):
+        """[(lo, hi)]: the spans of rows read for `indices`: from the first kept row to the last (all rows when
+        indices[0] is None), cut where the rows between two kept ones would hold more than SKIP_GAP_BYTES: a stack
+        of experts keeps its kept experts' bytes only, while a weight's kept rows are read in one go."""
         rows = indices[0] if indices else None
-        if rows is not None and len(rows):
-            return int(rows.min()), int(rows.max()) + 1
-        return 0, rows_of(self.header[key])
+        if rows is None or not len(rows):
+            return [(0, rows_of(self.header[key]))]
+        kept = rows.unique()  # sorted
+        row_bytes = byte_span(self.header[key], 0, 1)[1]
+        cuts = ((kept.diff() - 1) * row_bytes > SKIP_GAP_BYTES).nonzero().flatten().add(1).tolist()
+        return [(int(kept[a]), int(kept[b - 1]) + 1) for a, b in zip([0, *cuts], [*cuts, len(kept)])]
 
     def will_need(self, p):
         """Ask the kernel to start reading the rows plan p will want (its readahead, in the background).
@@ -69,7 +80,8 @@ class TeacherShards:
             spans = [(name, info, e, e + 1) for _, info, name in self.packed[p.source]
                      for e in self.kept_experts(p.source, p.indices)]
         else:
-            spans = [(self.where[p.source], self.header[p.source], *self.row_span(p.source, p.indices))]
+            spans = [(self.where[p.source], self.header[p.source], lo, hi) for lo, hi in self.row_runs(p.source,
+                                                                                                     p.indices)]
         for name, info, lo, hi in spans:
             fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
             try:
@@ -79,18 +91,30 @@ class TeacherShards:
 
     def read(self, key, indices=()):
         """The tensor `key` with only `indices[d]` kept along dimension d (None, or no `indices`: all). Only the
-        rows from the first to the last kept one are read from the file; the kept elements are then taken, by a
-        strided slice where they are evenly spaced (Algorithm 1 when the sizes divide), else by index."""
+        rows of row_runs are read from the file; the kept elements are then taken, by a strided slice where they
+        are evenly spaced (Algorithm 1 when the sizes divide), else by index. Rows read in several runs are cut
+        to their kept elements run by run, then joined."""
         if key in self.packed:
             return self.read_mxfp4(key, indices)
-        lo, hi = self.row_span(key, indices)
-        name = self.where[key]
-        tensor = read_rows(self.file(name), os.path.join(self.folder, name), key, self.header[key], lo, hi)
-        self.bytes_read += byte_span(self.header[key], lo, hi)[1]
+        name, info = self.where[key], self.header[key]
+        runs, rows, pieces = self.row_runs(key, indices), indices[0] if indices else None, []
+        for lo, hi in runs:
+            piece = read_rows(self.file(name), os.path.join(self.folder, name), key, info, lo, hi)
+            self.bytes_read += byte_span(info, lo, hi)[1]
+            for dim, idx in enumerate(indices[1:] if len(runs) > 1 else (), 1):
+                if idx is not None:
+                    piece = take(piece, dim, idx)
+            pieces.append(piece)
         self.keys_read.append(key)
-        for dim, idx in enumerate(indices):
+        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if rows is not None:  # each kept row's place among the rows read
+            starts = torch.tensor([lo for lo, _ in runs])
+            run = torch.searchsorted(starts, rows, right=True) - 1
+            before = torch.tensor([0, *itertools.accumulate(hi - lo for lo, hi in runs)])[:-1]
+            tensor = take(tensor, 0, rows - starts[run] + before[run])
+        for dim, idx in enumerate(indices[1:] if len(runs) == 1 else (), 1):
             if idx is not None:
-                tensor = take(tensor, dim, idx - lo if dim == 0 else idx)
+                tensor = take(tensor, dim, idx)
         return tensor
 
     def read_mxfp4(self, key, indices):

@@ -625,6 +625,31 @@ def test_gpt_oss_every_tensor(gpt_oss, tmp_path):
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
+@pytest.mark.parametrize('mode', ['uniform', 'l1'])
+def test_rows_far_apart_are_read_apart(gpt_oss, tmp_path, monkeypatch, mode):
+    """A stack's unkept experts are skipped (rows further apart than SKIP_GAP_BYTES are read apart; here every
+    gap, down to one row of a weight): the student is the same bytes, and what is read of each stack is its kept
+    experts exactly."""
+    folder, _ = gpt_oss
+    hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 'whole'), element_selection=mode)
+    spans, read_rows = [], hf_selection.teacher.read_rows
+
+    def recorded(f, path, key, info, lo, hi):
+        spans.append((key, lo, hi))
+        return read_rows(f, path, key, info, lo, hi)
+    monkeypatch.setattr(hf_selection.teacher, 'read_rows', recorded)
+    monkeypatch.setattr(hf_selection.teacher, 'SKIP_GAP_BYTES', 0)
+    hf_selection.select_hf(folder, GPT_OSS_STUDENT, str(tmp_path / 'apart'), element_selection=mode)
+    whole, apart = saved_tensors(str(tmp_path / 'whole')), saved_tensors(str(tmp_path / 'apart'))
+    assert set(whole) == set(apart) and all(torch.equal(whole[k], apart[k]) for k in whole)
+    stack = 'model.layers.0.mlp.experts.gate_up_proj'
+    runs = [(lo, hi) for key, lo, hi in spans if key == stack]  # under l1 twice: its bias ranks by it
+    assert runs == [(0, 1), (2, 3), (4, 5), (6, 7)] * (2 if mode == 'l1' else 1)
+    if mode == 'uniform':  # heads 0, 1, 4, 5 of 4 dims: q_proj's rows in two runs
+        assert [(lo, hi) for key, lo, hi in spans if key == 'model.layers.0.self_attn.q_proj.weight'] == \
+            [(0, 8), (16, 24)]
+
+
 def test_gpt_oss_same_width_shallower_is_the_truncated_teacher(gpt_oss, tmp_path):
     folder, model = gpt_oss
     hf_selection.select_hf(folder, {'num_hidden_layers': 2}, str(tmp_path / 'same'))
