@@ -114,6 +114,9 @@ def check_args(args):
             raise UserError(f'--{flag} {getattr(args, flag)} must be positive (images per step)')
     if args.num_workers < 0:
         raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
+    if not args.data_path:
+        raise UserError(f'--data_path is missing: give the folder that holds {args.data_set} (or where --download '
+                        f'true lets torchvision fetch it)')
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f'--output_dir {args.output_dir} is a file; give a folder for the checkpoints and logs')
     if args.eval or args.knn_probe:

@@ -311,6 +311,14 @@ def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, c
     assert not os.path.exists(out / 'log.txt')
 
 
+@pytest.mark.parametrize('data_set', ['CIFAR10', 'image_folder'])
+@pytest.mark.parametrize('run', [[], ['--knn_probe', '20']])
+def test_missing_data_path_is_one_line(data_set, run, tmp_path, capsys):
+    argv = [*TRAIN, '--data_set', data_set, '--output_dir', str(tmp_path / 'out'), *run]
+    expect_cli_error(main.main, argv, capsys, f'--data_path is missing: give the folder that holds {data_set}')
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_warmup_as_long_as_the_run_is_said_before_training(tmp_path, data, capsys):
     main.main([*TRAIN, '--data_path', data, '--epochs', '2', '--warmup_epochs', '2', '--save_ckpt', 'false'])
     out = capsys.readouterr().out

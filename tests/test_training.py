@@ -77,7 +77,8 @@ def test_deterministic_mode_is_not_inherited_by_the_next_run_in_the_process(tmp_
     """The transfer study runs main.main() many times in one process: each run sets the mode it asks for."""
     try:
         for flag in ('true', 'false'):
-            main.setup(main.parse_args(['--device', 'cpu', '--deterministic', flag, '--output_dir', str(tmp_path)]))
+            main.setup(main.parse_args(['--device', 'cpu', '--deterministic', flag, '--data_path', str(tmp_path),
+                                        '--output_dir', str(tmp_path)]))
             assert torch.are_deterministic_algorithms_enabled() is (flag == 'true')
             assert torch.backends.cudnn.benchmark is (flag == 'false')
     finally:
