@@ -41,13 +41,20 @@ def build_dataset(is_train, args):
     transform = build_transform(is_train, args)
     if name in ('IMNET', 'image_folder'):
         return image_folder(root, is_train, transform, allow_test=name == 'image_folder')
-    download = bool(args.download)
+    download, made = bool(args.download), None
+    folder = os.path.abspath(root)
+    while download and not os.path.exists(folder):  # the outermost folder a download would create
+        made, folder = folder, os.path.dirname(folder)
     try:
         return torchvision_dataset(name, root, is_train, transform, download)
     except (RuntimeError, FileNotFoundError, OSError) as e:
         offline = (f"offline, place {name}'s files (torchvision's layout) under --data_path {root} by hand, or "
                    f'train on any local ImageFolder with --data_set image_folder')
         if download:
+            if made:  # the folders the failed download made, where it left nothing in them
+                for folder, _, _ in sorted(os.walk(made), reverse=True):
+                    if not os.listdir(folder):
+                        os.rmdir(folder)
             raise UserError(f'cannot download {name} into {root} ({utils.first_line(e)}); {offline}') from None
         raise UserError(f'{name} not found under --data_path {root}; point --data_path at the folder that '
                         f'holds it, pass --download true to let torchvision fetch it, or {offline}') from None

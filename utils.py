@@ -78,8 +78,9 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
-def parse_json_dict(text, flag):
-    """Parse a JSON object given on the command line, e.g. --student_kwargs '{"depth": 6}'."""
+def parse_json_dict(text, flag, example='{"depth": 6}'):
+    """Parse a JSON object given on the command line, e.g. --student_kwargs '{"depth": 6}' (`example`: the one
+    an error shows)."""
     if text is None or text == '':
         return {}
     if isinstance(text, dict):
@@ -88,9 +89,9 @@ def parse_json_dict(text, flag):
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{flag} is not valid JSON ({e.msg} at character {e.pos}): {text!r}; "
-                        f"write e.g. {flag} '{{\"depth\": 6}}'") from None
+                        f"write e.g. {flag} '{example}'") from None
     if not isinstance(value, dict):
-        raise UserError(f"{flag} must be a JSON object such as '{{\"depth\": 6}}', got {text!r}")
+        raise UserError(f"{flag} must be a JSON object such as '{example}', got {text!r}")
     return value
 
 

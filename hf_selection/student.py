@@ -17,7 +17,7 @@ def read_overrides(spec):
             raise UserError(f'--student_config {spec}: neither a JSON object nor an existing config.json file')
         with open(spec) as f:
             text = f.read()
-    return utils.parse_json_dict(text, '--student_config')
+    return utils.parse_json_dict(text, '--student_config', example='{"num_hidden_layers": 4}')
 
 
 def student_config(t_cfg, t, overrides, family, layer_map_fn):

@@ -89,8 +89,8 @@ def torch_load(path, trust=False, mmap=False):
                 return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure to read is the user's file
         if 'Weights only load failed' not in str(e):
-            raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {utils.first_line(e)}') \
-                from None
+            raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): '
+                            f'{type(e).__name__}: {utils.first_line(e)}') from None
         if not trust:
             raise UntrustedCheckpoint(
                 f'refused to load {path}: it holds {_blocked_global(e)}, a Python object that only a full unpickle '
@@ -100,7 +100,8 @@ def torch_load(path, trust=False, mmap=False):
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {utils.first_line(e)}') from None
+        raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {type(e).__name__}: '
+                        f'{utils.first_line(e)}') from None
 
 
 def _blocked_global(error):

@@ -4,6 +4,7 @@ select) against one top-k over the whole weight, the code before it. Each in its
     python scripts/benchmark_magnitude.py blocked
     python scripts/benchmark_magnitude.py topk
 """
+import argparse
 import os
 import resource
 import sys
@@ -25,14 +26,14 @@ def main(method):
     if method == 'topk':
         flat = weight.reshape(-1)
         out = flat[ws.magnitudes(flat).topk(STUDENT[0] * STUDENT[1]).indices.sort().values].reshape(STUDENT)
-    elif method == 'blocked':
-        out = ws.magnitude_squeeze(weight, STUDENT)
     else:
-        raise SystemExit(f'benchmark_magnitude.py: unknown method {method!r}; choose blocked or topk')
+        out = ws.magnitude_squeeze(weight, STUDENT)
     seconds = time.time() - start
     above = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     print(f'{method}: {seconds:.2f} s, peak {above:.0f} MB above the weight, output {out.numel() * 2 / 2**20:.0f} MB')
 
 
 if __name__ == '__main__':
-    main(sys.argv[1] if len(sys.argv) > 1 else 'blocked')
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('method', choices=['blocked', 'topk'], help='blocked: magnitude_squeeze; topk: one top-k')
+    main(parser.parse_args().method)

@@ -27,6 +27,7 @@ cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # every part's output is copied into OUT_DIR first
 : > "$work/parts.tsv"
 
 part() {  # part NAME LIMIT_SECONDS COMMAND...: run it with its output in WORK/NAME.log; record status and time

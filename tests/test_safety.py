@@ -471,14 +471,20 @@ def test_check_data_passes_a_good_folder(data, capsys):
 def test_download_failure_names_the_offline_route(tmp_path, monkeypatch, capsys):
     import datasets
 
-    def no_network(*args, **kwargs):
+    def no_network(self, root, *args, **kwargs):  # as torchvision: the folder made, then the download fails
+        os.makedirs(os.path.join(root, 'cifar-10-batches-py'))
         raise OSError('[Errno -3] Temporary failure in name resolution')
     monkeypatch.setattr(datasets.datasets.CIFAR10, '__init__', no_network)
-    argv = ['--data_set', 'CIFAR10', '--data_path', str(tmp_path), '--download', 'true', '--device', 'cpu',
+    root = tmp_path / 'data' / 'cifar10'
+    argv = ['--data_set', 'CIFAR10', '--data_path', str(root), '--download', 'true', '--device', 'cpu',
             '--num_workers', '0', '--model', 'vit_tiny_patch16_224']
     expect_cli_error(main.main, argv, capsys, 'cannot download CIFAR10', 'name resolution',
-                     f"place CIFAR10's files (torchvision's layout) under --data_path {tmp_path} by hand",
+                     f"place CIFAR10's files (torchvision's layout) under --data_path {root} by hand",
                      '--data_set image_folder')
+    assert not os.path.exists(tmp_path / 'data')  # the empty folders it made are gone
+    (root / 'mine').mkdir(parents=True)  # a folder that was there is left as it was
+    expect_cli_error(main.main, argv, capsys, 'cannot download CIFAR10')
+    assert sorted(os.listdir(root)) == ['cifar-10-batches-py', 'mine']
     expect_cli_error(main.main, argv[:-4] + ['--download', 'false', '--device', 'cpu'], capsys,
                      'CIFAR10 not found', '--download true', '--data_set image_folder')
 
