@@ -465,6 +465,22 @@ def test_mixture_of_experts_same_width_shallower_is_the_truncated_teacher(tmp_pa
         assert torch.equal(forward_finite(load_strict(str(tmp_path / 'same'))), forward_finite(model))
 
 
+@pytest.mark.parametrize('model_type', MOES)
+def test_mixture_of_experts_base_model_checkpoint(tmp_path, model_type):
+    """A base model's file (MixtralModel, ...: keys without 'model.', no lm_head) gives a base student, which
+    loads strictly with AutoModel and, as wide as its teacher, computes the truncated teacher's hidden states."""
+    folder, model, _, _, _ = moe_teacher(tmp_path, model_type)
+    base = save_teacher_as_is(model.model, tmp_path / 'base')
+    hf_selection.select_hf(base, {'num_hidden_layers': 2}, str(tmp_path / 's'))
+    assert not any(k.startswith('model.') or k == 'lm_head.weight' for k in saved_tensors(str(tmp_path / 's')))
+    student = load_strict(str(tmp_path / 's'), transformers.AutoModel)
+    model.model.layers = model.model.layers[:2]
+    model.model.config.num_hidden_layers = 2
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(student(ids).last_hidden_state, model.model(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize('model_type,dense,layer_selection,student_dense', [
     ('qwen3_moe', dict(mlp_only_layers=[2]), 'uniform', [1]),     # teacher layers 0, 2, 4: the second is dense
     ('qwen2_moe', dict(decoder_sparse_step=2), 'first', [0, 2]),  # experts in layers 1, 3, 5 only
