@@ -535,7 +535,7 @@ def test_first_line_of_an_error():
 def test_torchrun_child_error_comes_first_as_one_line(tmp_path):
     from conftest import free_port, run_script
     proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'main.py',
-                      '--epochs', '0', '--device', 'cpu', timeout=300)
+                      '--epochs', '0', '--device', 'cpu', '--data_path', str(tmp_path), timeout=300)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(('*', 'Setting'))]
     ours = 'error: --epochs 0: train at least one epoch (or evaluate with --eval true)'
