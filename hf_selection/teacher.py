@@ -14,7 +14,7 @@ from utils import UserError
 
 # Kept rows further apart than this are read apart (the unkept experts of a stack are skipped); closer ones in one
 # read (a weight's kept rows: one read beats thousands of small ones)
-SKIP_GAP_BYTES = 4 << 20
+SKIP_GAP_BYTES = 1 << 20
 
 
 class TeacherShards:
