@@ -217,14 +217,39 @@ class TensorwiseSelector:
 
     def __init__(self, mode, seed, family, t, s, fixed):
         self.mode, self.seed, self.family, self.fixed, self.t, self.s = mode, seed, family, fixed, t, s
+        self.held, self.last = None, None  # the previous plan's last read, offered to this one (see read)
+
+    def read(self, teacher, key, indices=()):
+        """teacher.read, except that the previous plan's last read is reused when it is the one asked for: a
+        bias's weight, read to rank its neurons, is the next plan's tensor (x.bias sorts before x.weight), and a
+        weight is the anchor of the bias after it (gpt-oss's x before x_bias). __call__ keeps it only for a plan
+        that reads it, so no other plan's reads happen beside it and the peak memory stays as it was."""
+        held, self.held = self.held, None
+        if held is not None and held[0] == key and len(held[1]) == len(indices) \
+                and all(torch.equal(a, b) for a, b in zip(held[1], indices)):
+            tensor = held[2]
+        else:
+            self.held, held = held, None  # not this read: kept for the plan's other one
+            tensor = teacher.read(key, indices)
+        self.last = (key, indices, tensor)
+        return tensor
 
     def __call__(self, p, teacher):
+        wanted = (p.source, self.anchor_key(p, teacher))
+        self.held = self.last if self.last is not None and self.last[0] in wanted else None
+        self.last = None
+        try:
+            return self.make(p, teacher)
+        finally:
+            self.held = None
+
+    def make(self, p, teacher):
         if p.names[:1] != ('each_expert',):
-            return self.one(teacher.read(p.source), p.names, p.shape, p.key, self.anchor(p, teacher))
+            return self.one(self.read(teacher, p.source), p.names, p.shape, p.key, self.anchor(p, teacher))
         # a stack of experts: only the kept ones are read, and each is a tensor of its own, as in checkpoints that
         # store experts one by one (magnitude squeezes each expert's row on its own)
         experts = self.fixed['each_expert']
-        tensor, anchor = teacher.read(p.source, [experts]), self.anchor(p, teacher, [experts])
+        tensor, anchor = self.read(teacher, p.source, [experts]), self.anchor(p, teacher, [experts])
         if self.mode == 'magnitude':
             return self.magnitude(tensor, ('same', *p.names[1:]), p.shape)
         return torch.stack([self.one(tensor[k], p.names[1:], p.shape[1:], f'{p.key}[{e}]',
@@ -250,16 +275,21 @@ class TensorwiseSelector:
             parts.append(self.select(part, p_names, p_shape, f'{key}[{i}]', anchors[i]))
         return join_parts(parts, dim, name, self.s)
 
-    def anchor(self, p, teacher, indices=()):
+    def anchor_key(self, p, teacher):
         """Under l1 and l1_consistent, the teacher weight whose neurons the bias p belongs to (x.bias: x.weight;
-        gpt-oss's x_bias: x), with its axis names; else None. `indices`: as for teacher.read."""
+        gpt-oss's x_bias: x); else None."""
         m = re.search(r'(\.|_)bias$', p.source)
         if self.mode not in ('l1', 'l1_consistent') or m is None:
             return None
         weight = p.source[:m.start()] + ('.weight' if m[1] == '.' else '')
-        if weight not in teacher.header:
+        return weight if weight in teacher.header else None
+
+    def anchor(self, p, teacher, indices=()):
+        """anchor_key's weight, read (with `indices` as for teacher.read), and its axis names; or None."""
+        weight = self.anchor_key(p, teacher)
+        if weight is None:
             return None
-        return teacher.read(weight, indices), self.family.tensors[kind_of(weight, self.family)]
+        return self.read(teacher, weight, indices), self.family.tensors[kind_of(weight, self.family)]
 
     def select(self, tensor, names, shape, key, anchor):
         if self.mode == 'magnitude':
