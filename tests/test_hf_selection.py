@@ -92,6 +92,13 @@ def selected(s, t, key, *index_lists):
     return torch.equal(s[key], pick(t[key], *index_lists))
 
 
+def assert_tensors_are(s, expected):
+    """The student holds exactly the keys of `expected`, each tensor equal to its expected value."""
+    assert set(s) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(s[key], value), key
+
+
 def forward_finite(model):
     logits = model(torch.tensor([[1, 5, 9, 3]]), use_cache=False).logits
     assert torch.isfinite(logits).all()
@@ -122,9 +129,7 @@ def test_llama_gqa_every_tensor(llama, tmp_path, selection, layers):
                           ('mlp.down_proj.weight', (h, inter)), ('input_layernorm.weight', (h,)),
                           ('post_attention_layernorm.weight', (h,))]:
             expected[dst + name] = pick(t[src + name], *idx)
-    assert set(s) == set(expected)
-    for key, value in expected.items():
-        assert torch.equal(s[key], value), key
+    assert_tensors_are(s, expected)
     assert report['meta']['layer_map'] == layers
     assert report['tensors']['model.layers.0.self_attn.q_proj.weight']['source'] == \
         f'model.layers.{layers[0]}.self_attn.q_proj.weight'
@@ -635,9 +640,7 @@ def test_gpt_oss_every_tensor(gpt_oss, tmp_path):
                           ('mlp.experts.gate_up_proj_bias', (experts, pairs(inter))),
                           ('mlp.experts.down_proj', (experts, inter, h)), ('mlp.experts.down_proj_bias', (experts, h))]:
             expected[f'model.layers.{j}.{name}'] = pick(t[f'model.layers.{i}.{name}'], *idx)
-    assert set(s) == set(expected)
-    for key, value in expected.items():
-        assert torch.equal(s[key], value), key
+    assert_tensors_are(s, expected)
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
@@ -918,9 +921,7 @@ def test_gpt_neox_every_tensor(neox, tmp_path, head_selection):
                           *[(f'{norm}.{part}', (h,)) for norm in ('input_layernorm', 'post_attention_layernorm')
                             for part in ('weight', 'bias')]]:
             expected[f'gpt_neox.layers.{j}.{name}'] = pick(t[f'gpt_neox.layers.{i}.{name}'], *idx)
-    assert set(s) == set(expected)
-    for key, value in expected.items():
-        assert torch.equal(s[key], value), key
+    assert_tensors_are(s, expected)
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
@@ -1190,9 +1191,7 @@ def test_gpt2_every_tensor(gpt2, tmp_path):
                           ('mlp.c_proj.weight', (inter, h)), ('mlp.c_proj.bias', (h,))]:
             expected[dst + name] = pick(t[src + name], *idx)
     expected['lm_head.weight'] = expected['transformer.wte.weight']  # tied
-    assert set(s) == set(expected)
-    for key, value in expected.items():
-        assert torch.equal(s[key], value), key
+    assert_tensors_are(s, expected)
     forward_finite(load_strict(str(tmp_path / 's')))
 
 
@@ -1592,9 +1591,7 @@ def test_bert_every_tensor(bert, tmp_path):
             expected[dst + name + '.bias'] = pick(t[src + name + '.bias'], idx[0])
     expected['cls.predictions.decoder.weight'] = expected['bert.embeddings.word_embeddings.weight']  # tied
     expected['cls.predictions.decoder.bias'] = expected['cls.predictions.bias']  # the same parameter in the model
-    assert set(s) == set(expected)
-    for key, value in expected.items():
-        assert torch.equal(s[key], value), key
+    assert_tensors_are(s, expected)
 
 
 def test_bert_same_width_shallower_is_the_truncated_teacher(bert, tmp_path):
