@@ -96,15 +96,18 @@ class TeacherShards:
         to their kept elements run by run, then joined."""
         if key in self.packed:
             return self.read_mxfp4(key, indices)
+        def rest(tensor):  # the kept elements along every dimension but the first
+            for dim, idx in enumerate(indices[1:], 1):
+                if idx is not None:
+                    tensor = take(tensor, dim, idx)
+            return tensor
+
         name, info = self.where[key], self.header[key]
         runs, rows, pieces = self.row_runs(key, indices), indices[0] if indices else None, []
         for lo, hi in runs:
             piece = read_rows(self.file(name), os.path.join(self.folder, name), key, info, lo, hi)
             self.bytes_read += byte_span(info, lo, hi)[1]
-            for dim, idx in enumerate(indices[1:] if len(runs) > 1 else (), 1):
-                if idx is not None:
-                    piece = take(piece, dim, idx)
-            pieces.append(piece)
+            pieces.append(rest(piece) if len(runs) > 1 else piece)
         self.keys_read.append(key)
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if rows is not None:  # each kept row's place among the rows read
@@ -112,10 +115,7 @@ class TeacherShards:
             run = torch.searchsorted(starts, rows, right=True) - 1
             before = torch.tensor([0, *itertools.accumulate(hi - lo for lo, hi in runs)])[:-1]
             tensor = take(tensor, 0, rows - starts[run] + before[run])
-        for dim, idx in enumerate(indices[1:] if len(runs) == 1 else (), 1):
-            if idx is not None:
-                tensor = take(tensor, dim, idx)
-        return tensor
+        return rest(tensor) if len(runs) == 1 else tensor  # one run: its rows first, as views where they can be
 
     def read_mxfp4(self, key, indices):
         """An MXFP4 weight, dequantized one kept expert at a time, each cut to its kept elements at once."""
