@@ -7,7 +7,9 @@
   (c) end to end with the CPU loader (timm's transforms in --num_workers DataLoader workers);
   and evaluation throughput on the GPU path. Prints b/a and b/c and the projected time of a 300-epoch run
   (training plus one evaluation per epoch), and writes everything with device, versions and settings to
-  --output (JSON). Flags after the script's own are main.py's (recipe, data, model):
+  --output (JSON). With --profile, a torch.profiler summary of a few more GPU-path batches goes beside it
+  (where the time goes when a target is missed). Flags after the script's own are main.py's (recipe, data,
+  model):
 
     python scripts/benchmark.py --output benchmarks/vit_tiny_eager.json -- \\
         --config configs/vit_tiny_cifar100.yaml --model vit_tiny_patch16_224 --data_set image_folder \\
@@ -49,6 +51,25 @@ class Take:
         return itertools.islice(iter(self.loader), self.n)
 
 
+class Labelled:
+    """A loader whose batch fetches are one profiler range each, so a trace tells the data path from the step."""
+
+    def __init__(self, loader, label):
+        self.loader, self.label = loader, label
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            with torch.profiler.record_function(self.label):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+
 class Repeat:
     """One batch, n times: the model-only measurement."""
 
@@ -79,6 +100,9 @@ def parse(argv):
     p.add_argument('--steps', type=int, default=100, help='timed batches (per measurement)')
     p.add_argument('--skip_cpu_loader', action='store_true', help='leave out (c)')
     p.add_argument('--epochs_projected', type=int, default=300)
+    p.add_argument('--profile', type=int, default=0, metavar='N',
+                   help='profile N more GPU-path batches with torch.profiler; the summary goes to OUTPUT with '
+                        '_profile.txt for .json (0: no profile)')
     p.add_argument('main_args', nargs=argparse.REMAINDER, help="-- then main.py's flags")
     bench = p.parse_args(argv)
     args = trainer.parse_args(bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args)
@@ -112,7 +136,31 @@ def measure(bench, args, device):
     if not bench.skip_cpu_loader:
         cpu_train = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'false'}), device).train
         results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), bench.warmup, bench.steps)
+    if bench.profile:
+        write_profile(setup, gpu.train, bench.profile, bench.output[:-len('.json')] + '_profile.txt'
+                      if bench.output.endswith('.json') else bench.output + '_profile.txt')
     return results, gpu, amp_dtype
+
+
+def write_profile(setup, loader, steps, path):
+    """torch.profiler over `steps` GPU-path training batches (after the timed ones, so compiled and warm): the
+    ops by their own device time (CPU time without CUDA), the batch fetches under the range 'data_path'."""
+    device = setup[5]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        train_throughput(setup, lambda n, e: Labelled(Take(loader, n, e), 'data_path'), 0, steps)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
+    head = (f'torch.profiler over {steps} GPU-path training batches, sorted by {sort_by}; the range data_path is '
+            f'the batch fetches (random resized crops, flips, RandAugment and random erasing of uint8 images on the device).\n'
+            f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}; {utils.versions()}\n\n')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    utils.atomic_write(path, lambda f: f.write((head + table + '\n').encode()))
+    print(f'profile written to {path}')
 
 
 def main(argv=None):

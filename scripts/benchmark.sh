@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 4's measurement on one GPU: ViT-T and the paper's ConvNeXt-F (Linear MLP), eager and compiled,
 # the recipe of configs/<model>_cifar10.yaml at 224 px, batch 256, bf16, channels_last, on CIFAR-10 held as
-# an ImageFolder (python ../shared/data/cifar10/make_imagefolder.py DATA). Writes one JSON per setting and
-# summary.md into OUT_DIR. A setting that fails is reported and the others still run (exit status 1 then).
+# an ImageFolder (python ../shared/data/cifar10/make_imagefolder.py DATA). Writes one JSON and one torch.profiler
+# summary (<setting>_profile.txt, 10 more GPU-path batches) per setting and summary.md into OUT_DIR. A setting
+# that fails is reported and the others still run (exit status 1 then).
 #   bash scripts/benchmark.sh DATA OUT_DIR [more main.py flags, e.g. --num_workers 15]
-# BENCHMARK_FLAGS holds benchmark.py's own flags, e.g. BENCHMARK_FLAGS='--warmup 10 --steps 50' for a shorter run;
+# BENCHMARK_FLAGS holds benchmark.py's own flags, e.g. BENCHMARK_FLAGS='--warmup 10 --steps 50' for a shorter run
+# ('--profile 0' for no profiles);
 # PYTHON the interpreter (default python).
 set -euo pipefail
 data=${1:?usage: bash scripts/benchmark.sh DATA OUT_DIR [main.py flags]}
@@ -17,7 +19,7 @@ py=${PYTHON:-python}
 for model in vit_tiny convnext_femto; do
   name=$([ $model = vit_tiny ] && echo vit_tiny_patch16_224 || echo convnext_femto_linear)
   for compile in false true; do
-    "$py" scripts/benchmark.py ${BENCHMARK_FLAGS:-} --output "$out/${model}_compile_${compile}.json" -- \
+    "$py" scripts/benchmark.py --profile 10 ${BENCHMARK_FLAGS:-} --output "$out/${model}_compile_${compile}.json" -- \
       --config configs/${model}_cifar10.yaml --model "$name" --data_set image_folder --data_path "$data" \
       --batch_size 256 --use_amp true --channels_last true --compile $compile --device cuda "$@" \
       || { echo "benchmark.sh: $model compile $compile failed" >&2; failed=1; }

@@ -60,7 +60,9 @@ def cuda_tests(work):
 def benchmark(out):
     folder = os.path.join(out, 'benchmark')
     settings = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, '*.json')))}
-    return {'settings': settings, 'summary_md': read(os.path.join(folder, 'summary.md')) or None}
+    profiles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, '*_profile.txt')))
+    return {'settings': settings, 'summary_md': read(os.path.join(folder, 'summary.md')) or None,
+            'profiles': profiles}
 
 
 def parts(work):
@@ -101,6 +103,9 @@ def markdown(r, work):
         lines += [f"- {k}: images/s {v['images_per_sec']}, ratios {v['ratios']}" for k, v in b['settings'].items()]
     else:
         lines.append('no result')
+    if b['profiles']:
+        lines += ['', 'torch.profiler summaries (ops by their own device time, batch fetches as `data_path`): ' +
+                  ', '.join(f'`benchmark/{name}`' for name in b['profiles'])]
     for name, p in r['parts'].items():  # the end of each failed part's output
         if p['status'] not in ('ok', 'skipped'):
             tail = read(os.path.join(work, f'{name}.log')).splitlines()[-20:]
