@@ -1,7 +1,7 @@
 """Checks that need a CUDA device (pytest -m cuda; scripts/gpu_check.sh runs them on a GPU): the GPU data path
-on the device against the same path on CPU tensors, bf16 training steps of ViT-T and ConvNeXt-F (eager and
-compiled, channels_last), torchrun with NCCL, exact resume after SIGKILL with --deterministic true, the EMA,
-and --gpu_data auto's choice and memory rule. Skipped without a CUDA device.
+on the device against the same path on CPU tensors, no host synchronisation in its steps, bf16 training steps
+of ViT-T and ConvNeXt-F (eager and compiled, channels_last), torchrun with NCCL, exact resume after SIGKILL
+with --deterministic true, the EMA, and --gpu_data auto's choice and memory rule. Skipped without a CUDA device.
 
 Dry run without a GPU: WS_CUDA_TEST_DEVICE=cpu python -m pytest -m cuda tests/test_cuda.py runs every body
 with 'cpu' in place of 'cuda' (and gloo in place of NCCL) to catch wrong flags and typos. The assertions that
@@ -16,6 +16,7 @@ import torch
 import main
 import gpu_transforms as gt
 import datasets
+import engine
 import gpu_data
 import recipe
 from conftest import ROOT, final_weights, free_port, kill_after_checkpoint, log_lines, run_script, write_image_folder
@@ -120,6 +121,49 @@ def test_gpu_loaders_on_device_match_cpu_tensors(data):
     scale = torch.tensor(STD).view(1, 3, 1, 1) * 255
     for (x, y), (x_cpu, y_cpu) in zip(val_dev, val_cpu, strict=True):
         assert torch.equal(y.cpu(), y_cpu) and ((x.cpu() - x_cpu) * scale).abs().max() <= 1.01
+
+
+class SyncChecked:
+    """A loader under torch.cuda.set_sync_debug_mode('error') from its second batch's fetch until its last batch is
+    handed out: a host synchronisation there (fetching a batch, or the training step of a batch other than the
+    first, which makes the optimizer's state, and the last, which prints the loss) raises, naming the op. Off on
+    the CPU dry run."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        check, last = DEVICE == 'cuda', len(self.loader) - 1
+        try:
+            for k, batch in enumerate(self.loader):  # the first fetch copies the epoch's order to the device
+                if check and k in (0, last):
+                    torch.cuda.set_sync_debug_mode('default')
+                yield batch
+                if check:
+                    torch.cuda.set_sync_debug_mode('error')
+        finally:
+            if check:
+                torch.cuda.set_sync_debug_mode('default')
+
+
+@pytest.mark.parametrize('model', [VIT, CONVNEXT], ids=['vit_tiny', 'convnext_femto'])
+def test_gpu_path_training_steps_never_wait_for_the_device(data, model):
+    """The GPU data path with the paper's augmentation and a bf16, channels_last training step (mixup and cutmix,
+    AdamW, gradient clipping) make no host synchronisation between an epoch's first batch and its last: each
+    one would leave the GPU idle while Python catches up, which the benchmark's ratio to the model alone shows."""
+    args = main.parse_args([*model, *TINY, '--data_path', data, '--gpu_data', 'true', '--use_amp', 'true',
+                            '--channels_last', 'true', '--clip_grad', '1.0', '--aa', 'rand-m9-mstd0.5-inc1',
+                            '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0'])
+    t = main.build_training(main.setup(args))
+    assert 'GPU data path' in t.data.how and t.mixup_fn is not None
+    t.data.train.sampler.set_epoch(0)
+    stats = engine.train_one_epoch(t.forward_model, t.criterion, SyncChecked(t.data.train), t.state.optimizer,
+                                   torch.device(DEVICE), 0, t.schedule, amp_dtype=t.amp_dtype, scaler=t.state.scaler,
+                                   clip_grad=args.clip_grad, mixup_fn=t.mixup_fn, print_freq=10 ** 6)
+    assert stats['steps'] == 6 and math.isfinite(stats['loss'])
 
 
 # ------------------------------------------------------------------------------------------- training
