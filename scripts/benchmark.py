@@ -155,9 +155,10 @@ def write_profile(setup, loader, steps, path):
             torch.cuda.synchronize(device)
     sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     head = (f'torch.profiler over {steps} GPU-path training batches, sorted by {sort_by}; the range data_path is '
-            f'the batch fetches (random resized crops, flips, RandAugment and random erasing of uint8 images on the device).\n'
-            f'device: {torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}; {utils.versions()}\n\n')
+            f'the batch fetches (random resized crops, flips, RandAugment and random erasing of uint8 images on '
+            f'the device).\ndevice: {name}; {utils.versions()}\n\n')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     utils.atomic_write(path, lambda f: f.write((head + table + '\n').encode()))
     print(f'profile written to {path}')
