@@ -14,8 +14,8 @@ to rank the hidden width).
 Supported families: LLaMA-style (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2), mixtures
 of experts (mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss: whole experts kept, the same in every layer), GPT-NeoX
 (Pythia), GPT-2, BERT, and vision transformers (vit, dinov2, dinov2_with_registers: same image and patch size, every
-position kept). This package needs torch only: safetensors_io parses the files, and transformers is not imported
-(configs are JSON).
+position kept). This package needs nothing beyond the project's requirements (torch, timm, numpy): safetensors_io
+parses the files, and it needs neither safetensors nor transformers (configs are JSON).
 
     python weight_selection.py --teacher HF_FOLDER --student_config '{"hidden_size": 1024, ...}' --output OUT
 

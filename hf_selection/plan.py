@@ -43,9 +43,10 @@ def component_of(key):
     return 'mlp' if re.search(r'(mlp|intermediate|output|block_sparse_moe)\.', key) else None
 
 
-def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
+def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded, experts=None):
     """A student tensor's plan. `axes`: the teacher indices kept along each axis, the same in every tensor; None
-    under a tensorwise selection, where the whole teacher tensor is read and TensorwiseSelector chooses."""
+    under a tensorwise selection, where the whole teacher tensor is read and TensorwiseSelector chooses, but for
+    a stack's experts: `experts`, the kept ones, which alone it reads (and the readahead asks for)."""
     dtype, t_shape, _ = teacher.header[t_key]
     names = family.tensors[kind]
     t_sizes, s_sizes = axis_sizes(t), axis_sizes(s)
@@ -58,8 +59,9 @@ def plan_one(s_key, t_key, kind, teacher, family, t, s, axes, excluded):
         return Planned(s_key, None, shape, dtype, t_shape, names=names)
     if axes is None:
         reordered = any(a in INTERLEAVED and units(a, t) != units(a, s) for a in names)
-        return Planned(s_key, t_key, shape, dtype, t_shape, [None] * len(names), names, tensorwise=True,
-                       reordered=reordered)
+        indices = [torch.tensor(experts) if a == 'each_expert' and experts is not None and len(experts) < n else None
+                   for a, n in zip(names, t_shape)]
+        return Planned(s_key, t_key, shape, dtype, t_shape, indices, names, tensorwise=True, reordered=reordered)
     # an axis keeping all its indices in order is read whole; all of them in another order (GPT-NeoX's q, k and v
     # rows regrouped into fewer, wider heads) is not
     indices = [None if a == 'same' or torch.equal(axes[a], torch.arange(n)) else axes[a]
@@ -91,7 +93,7 @@ def plan_tensors(teacher, family, t, s, axes, layer_map, expert_map, tied, exclu
             continue  # a tied student shares the embedding
         for s_key in s_keys:
             planned.append(plan_one(s_key, t_key, kind, teacher, family, t, s, axes,
-                                    component_of(s_key) in exclude))
+                                    component_of(s_key) in exclude, expert_map))
     if family.head_bias:
         planned = plan_head_bias(planned, teacher, family, t, s, axes, tied)
     base_model = family.base_prefix and embed_key is not None and not embed_key.startswith(family.base_prefix)
@@ -117,8 +119,12 @@ def plan_head_bias(planned, teacher, family, t, s, axes, tied):
     if not have:  # a base model or a classifier: no output layer
         return planned
     sources = {shared: have[0]} if tied else {own: have[0], shared: have[-1]}
-    return [p for p in planned if p.key not in (own, shared)] + \
-        [plan_one(key, source, source, teacher, family, t, s, axes, False) for key, source in sources.items()]
+    biases = sorted((plan_one(key, source, source, teacher, family, t, s, axes, False)
+                     for key, source in sources.items()),
+                    key=lambda p: (teacher.where[p.source], teacher.header[p.source][2][0]))  # in file order
+    at = next((i for i, p in enumerate(planned) if p.key in (own, shared)), len(planned))  # where the file has them
+    rest = [p for p in planned if p.key not in (own, shared)]
+    return rest[:at] + biases + rest[at:]
 
 
 def check_layers_whole(teacher, family, t, dense):

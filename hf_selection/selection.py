@@ -1,5 +1,6 @@
 """The whole selection: settings checked, the teacher's config and the student's, the plan, then the student
 folder and its selection.json; and the command line's Hugging Face branch."""
+import json
 import os
 import sys
 
@@ -59,7 +60,7 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         planned, unused = plan_tensors(shards, family, t, s, axes, layer_map, experts.tolist(),
                                s_cfg.get('tie_word_embeddings', family.tied_default), set(exclude),
                                t_cfg.get('tie_word_embeddings', family.tied_default),
-                               (t_cfg.get('architectures') or [''])[0])
+                               architecture_of(t_cfg, os.path.join(folder, 'config.json')))
         selector = None
         if tensorwise:  # after the plan, which checks every teacher shape against the config
             selector = TensorwiseSelector(element_selection, seed, family, t, s,
@@ -86,6 +87,17 @@ def select_hf(teacher, student_overrides, output, layer_selection='first', eleme
         shards.close()
     report['keys_read'] = shards.keys_read
     return report
+
+
+def architecture_of(config, path):
+    """The model class a config.json names first (architectures), '' when it names none."""
+    names = config.get('architectures')
+    if names is None:
+        return ''
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f'{path}: architectures is {json.dumps(names)}; transformers writes a list of model '
+                        f'classes there, e.g. ["LlamaForCausalLM"]')
+    return names[0] if names else ''
 
 
 def action_of(p):

@@ -96,18 +96,12 @@ class TeacherShards:
         to their kept elements run by run, then joined."""
         if key in self.packed:
             return self.read_mxfp4(key, indices)
-        def rest(tensor):  # the kept elements along every dimension but the first
-            for dim, idx in enumerate(indices[1:], 1):
-                if idx is not None:
-                    tensor = take(tensor, dim, idx)
-            return tensor
-
         name, info = self.where[key], self.header[key]
         runs, rows, pieces = self.row_runs(key, indices), indices[0] if indices else None, []
         for lo, hi in runs:
             piece = read_rows(self.file(name), os.path.join(self.folder, name), key, info, lo, hi)
             self.bytes_read += byte_span(info, lo, hi)[1]
-            pieces.append(rest(piece) if len(runs) > 1 else piece)
+            pieces.append(take_rest(piece, indices) if len(runs) > 1 else piece)
         self.keys_read.append(key)
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if rows is not None:  # each kept row's place among the rows read
@@ -115,7 +109,8 @@ class TeacherShards:
             run = torch.searchsorted(starts, rows, right=True) - 1
             before = torch.tensor([0, *itertools.accumulate(hi - lo for lo, hi in runs)])[:-1]
             tensor = take(tensor, 0, rows - starts[run] + before[run])
-        return rest(tensor) if len(runs) == 1 else tensor  # one run: its rows first, as views where they can be
+        # one run: its rows first, then the other dimensions, as views where they can be
+        return take_rest(tensor, indices) if len(runs) == 1 else tensor
 
     def read_mxfp4(self, key, indices):
         """An MXFP4 weight, dequantized one kept expert at a time, each cut to its kept elements at once."""
@@ -126,9 +121,7 @@ class TeacherShards:
                 read_rows(self.file(b_file), os.path.join(self.folder, b_file), blocks, b_info, e, e + 1)[0],
                 read_rows(self.file(s_file), os.path.join(self.folder, s_file), scales, s_info, e, e + 1)[0])
             self.bytes_read += byte_span(b_info, e, e + 1)[1] + byte_span(s_info, e, e + 1)[1]
-            for dim, idx in enumerate(indices[1:]):
-                if idx is not None:
-                    weight = take(weight, dim, idx)
+            weight = take_rest(weight[None], indices)[0]  # one expert: the stack's dimensions after the first
             if out is None:
                 out = torch.empty((len(experts), *weight.shape), dtype=weight.dtype)
             out[k] = weight
@@ -168,6 +161,14 @@ def take(tensor, dim, idx):
     return tensor.index_select(dim, idx)
 
 
+def take_rest(tensor, indices):
+    """tensor's kept elements along every dimension but the first (indices[d] for dimension d; None: all)."""
+    for dim, idx in enumerate(indices[1:], 1):
+        if idx is not None:
+            tensor = take(tensor, dim, idx)
+    return tensor
+
+
 def shard_files(folder):
     """Shard file names: those of model.safetensors.index.json, or model.safetensors; checked to exist."""
     index = os.path.join(folder, 'model.safetensors.index.json')
@@ -177,6 +178,10 @@ def shard_files(folder):
                 weight_map = json.load(f)['weight_map']
         except (ValueError, KeyError, TypeError):
             raise UserError(f'{index}: not a safetensors index (no weight_map)') from None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n and os.path.basename(n) == n
+                                                       for n in weight_map.values()):
+            raise UserError(f'{index}: its weight_map is not a mapping of tensor names to shard file names in '
+                            f'the folder, e.g. {{"lm_head.weight": "model-00001-of-00002.safetensors"}}')
         files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
         files = ['model.safetensors']

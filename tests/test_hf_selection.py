@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ transformers = pytest.importorskip('transformers', reason='the Hugging Face test
 import hf_selection  # noqa: E402
 import safetensors_io  # noqa: E402
 import weight_selection  # noqa: E402
-from conftest import assert_clean_failure, expect_cli_error, run_script  # noqa: E402
+from conftest import ROOT, assert_clean_failure, expect_cli_error, run_script  # noqa: E402
 from utils import UserError  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -510,6 +512,14 @@ def test_qwen_moe_dense_layers_follow_layer_selection(tmp_path, model_type, dens
         hf_selection.select_hf(folder, dict(student, mlp_only_layers=[]), str(tmp_path / 'x'))
 
 
+def edit_json(name, change):
+    """A damage for broken_copy: the copy's JSON file `name` replaced by change(its content)."""
+    def damage(copy):
+        content = json.load(open(copy / name))
+        json.dump(change(content), open(copy / name, 'w'))
+    return damage
+
+
 def without(pattern):
     """A damage for broken_copy: the teacher's tensors whose key matches `pattern` removed from their shards (each
     rewritten without them) and from the index."""
@@ -526,9 +536,7 @@ def without(pattern):
     return damage
 
 
-def both_counts(copy):
-    config = json.load(open(copy / 'config.json'))
-    json.dump(dict(config, num_local_experts=8, num_experts=4), open(copy / 'config.json', 'w'))
+both_counts = edit_json('config.json', lambda config: dict(config, num_local_experts=8, num_experts=4))
 
 
 @pytest.mark.parametrize('damage,overrides,match', [
@@ -737,9 +745,7 @@ def test_gpt_oss_random_inconsistent_draws_a_set_per_expert(gpt_oss, tmp_path):
     assert len(set(sets)) == 4, sets
 
 
-def quantized(copy):
-    config = json.load(open(copy / 'config.json'))
-    json.dump(dict(config, quantization_config={'quant_method': 'fp8'}), open(copy / 'config.json', 'w'))
+quantized = edit_json('config.json', lambda config: dict(config, quantization_config={'quant_method': 'fp8'}))
 
 
 @pytest.mark.parametrize('damage,overrides,match', [
@@ -836,16 +842,18 @@ def test_gpt_oss_mxfp4_malformed_teacher_stops(gpt_oss_mxfp4, tmp_path, change, 
 @pytest.mark.parametrize('mode', ['l1', 'magnitude'])
 def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4, tmp_path, monkeypatch, mode):
     """A per-tensor mode sees the dequantized experts: the student equals that of a bfloat16 teacher holding them.
-    It reads (and dequantizes) only the kept experts."""
+    It reads (and dequantizes) only the kept experts, and the readahead asks for no other expert's bytes."""
     from safetensors.torch import save_file
     folder, dequantized = gpt_oss_mxfp4
-    experts_read, read_rows = set(), hf_selection.teacher.read_rows
+    experts_read, read_rows, hints, advise = set(), hf_selection.teacher.read_rows, [], os.posix_fadvise
 
     def recorded(f, path, key, info, lo, hi):
         if key.endswith('_blocks'):
             experts_read.update(range(lo, hi))
         return read_rows(f, path, key, info, lo, hi)
     monkeypatch.setattr(hf_selection.teacher, 'read_rows', recorded)
+    monkeypatch.setattr(os, 'posix_fadvise', lambda fd, offset, n, advice: hints.append((offset, n)) or
+                        advise(fd, offset, n, advice))
     plain = shutil.copytree(folder, tmp_path / 'plain')
     tensors = {k: v for k, v in saved_tensors(str(plain)).items() if not k.endswith(('_blocks', '_scales'))}
     save_file({**tensors, **dequantized}, str(plain / 'model.safetensors'), metadata={'format': 'pt'})
@@ -853,6 +861,12 @@ def test_gpt_oss_mxfp4_tensorwise_selects_the_dequantized_weights(gpt_oss_mxfp4,
     json.dump({k: v for k, v in config.items() if k != 'quantization_config'}, open(plain / 'config.json', 'w'))
     for teacher, name in [(folder, 'a'), (str(plain), 'b')]:
         hf_selection.select_hf(teacher, GPT_OSS_STUDENT, str(tmp_path / name), element_selection=mode)
+        if name == 'a':  # the hints into the packed experts are kept experts' rows (those of the plans read ahead)
+            header = safetensors_io.read_header(os.path.join(folder, 'model.safetensors'))
+            packed = [info for key, info in header.items() if key.endswith(('_blocks', '_scales'))]
+            hinted = {span for span in hints if any(info[2][0] <= span[0] < info[2][1] for info in packed)}
+            assert hinted and hinted <= {safetensors_io.byte_span(info, e, e + 1) for info in packed
+                                         for e in (0, 2, 4, 6)}
     a, b = saved_tensors(str(tmp_path / 'a')), saved_tensors(str(tmp_path / 'b'))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert experts_read == {0, 2, 4, 6}
@@ -1247,19 +1261,19 @@ def truncate_shard(copy):
         f.truncate(os.path.getsize(path) - 100)
 
 
-def drop_heads_field(copy):
-    config = json.load(open(copy / 'config.json'))
-    del config['num_attention_heads']
-    json.dump(config, open(copy / 'config.json', 'w'))
-
-
-def set_model_type(copy):
-    config = json.load(open(copy / 'config.json'))
-    json.dump(dict(config, model_type='t5'), open(copy / 'config.json', 'w'))
+drop_heads_field = edit_json('config.json', lambda config: {k: v for k, v in config.items()
+                                                             if k != 'num_attention_heads'})
+set_model_type = edit_json('config.json', lambda config: dict(config, model_type='t5'))
 
 
 @pytest.mark.parametrize('damage,overrides,match', [
     (lambda c: os.remove(c / 'config.json'), {}, 'has no config.json'),
+    (edit_json('model.safetensors.index.json', lambda index: dict(index, weight_map=list(index['weight_map']))), {},
+     'its weight_map is not a mapping of tensor names to shard file names'),
+    (edit_json('model.safetensors.index.json', lambda index: dict(index, weight_map={
+        k: '../' + v for k, v in index['weight_map'].items()})), {}, 'its weight_map is not a mapping'),
+    (edit_json('config.json', lambda config: dict(config, architectures='LlamaForCausalLM')), {},
+     r'architectures is "LlamaForCausalLM"; transformers writes a list of model classes there'),
     (remove_shard, {}, r'shard model-000\d\d-of-000\d\d\.safetensors named in .* is missing'),
     (truncate_shard, {}, r'model-000\d\d-of-000\d\d\.safetensors: truncated'),
     (set_model_type, {}, "unknown architecture model_type 't5'.*supports llama, mistral, qwen2, qwen3, gemma, gemma2, "
@@ -1284,6 +1298,17 @@ def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, over
     folder, _ = llama
     assert_stops_writing_nothing(broken_copy(folder, tmp_path, damage) if damage else folder, overrides, tmp_path,
                                  match)
+
+
+def test_selection_needs_neither_safetensors_nor_transformers(llama, tmp_path):
+    """The engine parses safetensors itself and reads configs as JSON: with both packages unimportable it still
+    writes the student (loaded here, with them, to check it)."""
+    code = ('import sys; sys.modules["safetensors"] = sys.modules["transformers"] = None; '
+            f'sys.path.insert(0, {ROOT!r}); import hf_selection; '
+            f'hf_selection.select_hf({llama[0]!r}, {LLAMA_STUDENT!r}, {str(tmp_path / "s")!r})')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    forward_finite(load_strict(str(tmp_path / 's')))
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -1592,6 +1617,19 @@ def test_bert_every_tensor(bert, tmp_path):
     expected['cls.predictions.decoder.weight'] = expected['bert.embeddings.word_embeddings.weight']  # tied
     expected['cls.predictions.decoder.bias'] = expected['cls.predictions.bias']  # the same parameter in the model
     assert_tensors_are(s, expected)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_bert_plans_read_the_teacher_file_in_order(bert, tmp_path, tie):
+    """Every teacher tensor is read where the file has it, the output bias too (reads go forward)."""
+    folder, _ = bert
+    report = hf_selection.select_hf(folder, {'num_hidden_layers': 2, 'hidden_size': 16, 'num_attention_heads': 2,
+                                             'tie_word_embeddings': tie}, str(tmp_path / 's'))
+    shards = hf_selection.teacher.TeacherShards(folder)
+    sources = [entry['source'] for key, entry in report['tensors'].items()
+               if not (key == 'cls.predictions.decoder.weight' and not tie)]  # an untied head: the embedding again
+    places = [(shards.where[source], shards.header[source][2][0]) for source in sources]
+    assert 'cls.predictions.bias' in sources and places == sorted(places)
 
 
 def test_bert_same_width_shallower_is_the_truncated_teacher(bert, tmp_path):
