@@ -222,8 +222,10 @@ def load_model_weights(ckpt, path, model, model_name):
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise UserError(f'--resume {path} is not a checkpoint of main.py (no "model" entry)')
     own, theirs = model.state_dict(), ckpt['model']
-    check_fits(theirs, own, f"--resume {path} holds a checkpoint of {ckpt.get('model_name', 'another model')}, "
-                            f'not of --model {model_name}')
+    saved = ckpt.get('model_name')
+    check_fits(theirs, own, f'--resume {path} holds a {model_name} of another shape (other --model_kwargs?)'
+               if saved == model_name else f"--resume {path} holds a checkpoint of {saved or 'another model'}, not of "
+               f'--model {model_name}')
     model.load_state_dict(theirs)
 
 

@@ -3,6 +3,7 @@ command line overrides every file; each value checked against its flag's type), 
 flags that a checkpoint was trained with; and the checks of a run's settings before any work."""
 import argparse
 import os
+import re
 
 import utils
 from models import io
@@ -114,6 +115,8 @@ def check_args(args):
             raise UserError(f'--{flag} {getattr(args, flag)} must be positive (images per step)')
     if args.num_workers < 0:
         raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
+        raise UserError(f'--device {args.device}: pass cuda (each process its own GPU under torchrun), cuda:N or cpu')
     if not args.data_path:
         raise UserError(f'--data_path is missing: give the folder that holds {args.data_set} (or where --download '
                         f'true lets torchvision fetch it)')

@@ -23,14 +23,21 @@ def build_model(args, num_classes):
     # --input_size reaches the models that take an image size (ViTs); an explicit img_size must fit the model
     default_img_size = None if 'img_size' in kwargs else args.input_size
     model = io.create_model(name, '--model', default_img_size=default_img_size, **kwargs)
-    check_input_size(model, args.input_size)
+    check_input_size(model, args.input_size, f'--model {args.model}',
+                     lambda fixed: f'pass --input_size {fixed}, or leave img_size out of --model_kwargs')
     return model
 
 
-def check_input_size(model, size):
-    """A ViT cuts the image into patches: a size that is not a multiple of the patch size silently drops the
-    border pixels (or yields no patch at all)."""
-    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+def check_input_size(model, size, what, fix):
+    """A ViT of fixed image size (timm's default) stops at its first batch of another size: say so before the
+    run starts (`fix(its size)`: what to do). And it cuts the image into patches: a size that is not a
+    multiple of the patch size silently drops the border pixels (or yields no patch at all)."""
+    embed = getattr(model, 'patch_embed', None)
+    fixed = getattr(embed, 'img_size', None)
+    if fixed is not None and getattr(embed, 'strict_img_size', False) and tuple(fixed) != (size, size):
+        raise UserError(f'{what} takes {fixed[0]} px images only, and --input_size is {size}; '
+                        + fix(fixed[0]))
+    patch = getattr(embed, 'patch_size', None)
     if patch is None:
         return
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
@@ -127,6 +134,9 @@ def build_distill_teacher(args, num_classes, device):
     head = [v for k, v in state.items() if io.is_classifier(k, layout) and k.endswith('weight')]
     kwargs.setdefault('num_classes', head[0].shape[0] if head else 0)  # the checkpoint's classes, or none
     teacher = io.create_model(args.distill_teacher, '--distill_teacher', **kwargs)
+    check_input_size(teacher, args.input_size, f'--distill_teacher {args.distill_teacher}',
+                     lambda fixed: 'pass --distill_teacher_kwargs \'{"dynamic_img_size": true}\' (its position '
+                                   'grid is then resampled to each batch\'s size)')
     teacher.load_state_dict(state)
     if args.distill == 'logit' and teacher.num_classes != num_classes:
         raise UserError(f'--distill logit needs a teacher with the dataset\'s {num_classes} classes; '

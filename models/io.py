@@ -79,6 +79,9 @@ def torch_load(path, trust=False, mmap=False):
     stay in the file's pages, read when used (a legacy-format file is read whole)."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
+    if not written_by_torch_save(path):  # an image, a text, random bytes: not a file to trust or refuse
+        raise UserError(f'cannot read checkpoint {path}: it is not a file torch.save writes (neither a zip archive '
+                        f'nor a pickle); check the path')
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             try:
@@ -102,6 +105,13 @@ def torch_load(path, trust=False, mmap=False):
     except Exception as e:  # noqa: BLE001
         raise UserError(f'cannot read checkpoint {path} (truncated or not a torch file?): {type(e).__name__}: '
                         f'{utils.first_line(e)}') from None
+
+
+def written_by_torch_save(path):
+    """Whether the file starts as torch.save's files do: a zip archive (since torch 1.6) or a protocol-2 pickle."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head == b'PK\x03\x04' or head[:1] == b'\x80'
 
 
 def _blocked_global(error):

@@ -129,6 +129,19 @@ def test_torch_load_refuses_code_and_names_the_flag(malicious):
     assert 'posix.system' in str(e.value) and '--trust_checkpoint true' in str(e.value)
 
 
+@pytest.mark.parametrize('content', [b'\xff\xd8\xff\xe0\x00\x10JFIF' + bytes(200), b'hello, not a checkpoint\n'],
+                         ids=['jpeg', 'text'])
+def test_a_file_that_is_no_checkpoint_is_not_called_untrusted(tmp_path, content):
+    """A wrong path (an image, a text file) gets 'not a file torch.save writes', never advice to trust it."""
+    from models import io
+    path = tmp_path / 'x.pth'
+    path.write_bytes(content)
+    with pytest.raises(utils.UserError) as e:
+        io.torch_load(str(path))
+    assert 'not a file torch.save writes' in str(e.value) and '--trust_checkpoint' not in str(e.value)
+    assert not isinstance(e.value, io.UntrustedCheckpoint)
+
+
 def test_trusted_file_is_fully_unpickled(malicious, capsys):
     from models import io
     path, marker = malicious
@@ -291,6 +304,13 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
 @pytest.mark.parametrize('flags,needles', [
     (['--input_size', '36'], ['--input_size 36 is not a multiple', 'patch size 8', '32 or 40']),
     (['--input_size', '4'], ['--input_size 4 is not a multiple', 'e.g. 8']),
+    (['--model_kwargs', '{"patch_size": 8, "depth": 2, "img_size": 64}'],
+     ['--model vit_tiny_patch16_224 takes 64 px images only, and --input_size is 32', 'pass --input_size 64']),
+    (['--distill', 'feature', '--distill_teacher', 'vit_tiny_patch16_224', '--distill_teacher_kwargs',
+      '{"depth": 1}', '--distill_teacher_checkpoint', 'TEACHER'],
+     ['--distill_teacher vit_tiny_patch16_224 takes 224 px images only, and --input_size is 32',
+      '\'{"dynamic_img_size": true}\'']),
+    (['--device', 'gpu'], ['--device gpu: pass cuda', 'cuda:N or cpu']),
     (['--epochs', '2', '--warmup_epochs', '5'], ['shorter than --warmup_epochs 5', 'lower --warmup_epochs']),
     (['--warmup_steps', '100'], ['--warmup_steps 100 is more than', 'lower --warmup_steps']),
     (['--epochs', '0'], ['--epochs 0: train at least one epoch']),
@@ -305,6 +325,10 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
                                        'nothing would be trained', 'lower --global_batch_size']),
 ])
 def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, capsys):
+    if 'TEACHER' in flags:
+        import timm
+        torch.save(timm.create_model('vit_tiny_patch16_224', depth=1).state_dict(), tmp_path / 'teacher.pth')
+        flags = [str(tmp_path / 'teacher.pth') if f == 'TEACHER' else f for f in flags]
     out = tmp_path / 'out'
     argv = [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags]
     expect_cli_error(main.main, argv, capsys, *needles)
