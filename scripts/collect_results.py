@@ -90,11 +90,22 @@ def row_flags(table, row, dataset, model):
             for f in flags if f.startswith('--')}
 
 
+# main.py settings that say where and how a run ran (paths, processes, checkpoints, logging, speed), not what it
+# trained: never a departure from the recipe
+WHERE_AND_HOW = {
+    'config', 'data_path', 'eval_data_path', 'output_dir', 'log_dir', 'download', 'check_data', 'device', 'num_workers',
+    'pin_mem', 'gpu_data', 'gpu_data_size', 'compile', 'channels_last', 'deterministic', 'dist_url', 'dist_on_itp',
+    'world_size', 'local_rank', 'dist_eval', 'auto_resume', 'resume', 'start_epoch', 'save_ckpt', 'save_ckpt_freq',
+    'save_ckpt_num', 'save_every_steps', 'print_freq', 'eval_freq', 'enable_wandb', 'project', 'wandb_ckpt',
+    'trust_checkpoint', 'seed', 'initialize', 'distill_teacher_checkpoint', 'model_key', 'model_prefix'}
+
+
 def recipe_departures(run_dir, seed, own_flags=()):
     """How a run departs from the recipe it was launched with: the settings of its config.yaml that differ from
-    the --config files of its command (run_info.json; a later file overriding an earlier one; read as main.py
-    reads them), but for the row's `own_flags` and for the per-process batch when the global batch is the
-    recipe's; and fewer epochs logged than it set out to train. Nothing is said where the folder does not say."""
+    main.py's defaults as the --config files of its command set them (run_info.json; a later file overriding an
+    earlier one; read as main.py reads them), but for the row's `own_flags`, for WHERE_AND_HOW and for the
+    per-process batch when the global batch is the recipe's; and fewer epochs logged than it set out to train.
+    Nothing is said where the folder does not say."""
     import yaml
     try:
         with open(os.path.join(run_dir, 'config.yaml')) as f:
@@ -103,8 +114,10 @@ def recipe_departures(run_dir, seed, own_flags=()):
             epochs = len({json.loads(line).get('epoch') for line in f if line.strip()})
     except (OSError, ValueError, yaml.YAMLError):
         return []
-    found = [f'{k} {ran[k]} (recipe {v})' for k, v in launched_recipe(run_dir).items()
-             if k in ran and ran[k] != v and k not in own_flags]
+    launched = launched_recipe(run_dir)
+    recipe = {**launched, **{k: v for k, v in main_defaults().items() if k not in launched}} if launched else {}
+    found = [f"{k} {ran[k]} (recipe {'none' if v in ('', None) else v})" for k, v in recipe.items()
+             if k in ran and ran[k] != v and k not in own_flags and k not in WHERE_AND_HOW]
     if ran.get('global_batch_size'):  # update_freq follows the GPUs: the per-process batch is not the recipe
         found = [f for f in found if not f.startswith(('batch_size ', 'update_freq '))]
     if isinstance(ran.get('epochs'), int) and epochs < ran['epochs']:
@@ -139,6 +152,12 @@ def read_recipe(paths):
     except UserError:
         return ()
     return tuple(recipe.items())
+
+
+@functools.lru_cache(maxsize=None)
+def main_defaults():
+    """main.py's settings when no flag is given."""
+    return vars(main_parser().parse_args([]))
 
 
 @functools.lru_cache(maxsize=None)

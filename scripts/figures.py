@@ -79,9 +79,24 @@ def plot_budget(runs, labels, out):
     fig.savefig(out, dpi=120)
 
 
-def attention_products(state, block, head, num_heads):
+def vit_heads(model, what):
+    """The attention heads of a timm ViT (fused qkv), the figure's subject; one line for another model."""
+    from utils import UserError
+    blocks = getattr(model, 'blocks', None)
+    if not blocks or not hasattr(blocks[0], 'attn') or not hasattr(blocks[0].attn, 'qkv'):
+        raise UserError(f'{what} is a {type(model).__name__}: the attention figure needs a timm ViT (blocks with a '
+                        f'fused attn.qkv)')
+    return blocks[0].attn.num_heads, len(blocks)
+
+
+def attention_products(state, block, head, num_heads, what='the state'):
     """W_q,h^T W_k,h and (W_proj,h W_v,h)^T of one head: the bilinear forms of the attention logits
     and of the value path, both d x d."""
+    from utils import UserError
+    missing = [k for k in (f'blocks.{block}.attn.qkv.weight', f'blocks.{block}.attn.proj.weight') if k not in state]
+    if missing:
+        raise UserError(f'{what} has no {missing[0]}: the attention figure needs a timm ViT, and --block within '
+                        f'its depth')
     w = state[f'blocks.{block}.attn.qkv.weight'].float()
     d = w.shape[1]
     k = d // num_heads
@@ -91,24 +106,31 @@ def attention_products(state, block, head, num_heads):
 
 
 def plot_attention(args):
-    import timm
     import torch
     import models  # noqa: F401
     import utils
     from models import io
     plt = _plt()
-    teacher_state, _ = io.load_pretrained(args.teacher, args.teacher_checkpoint,
-                                       utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs'),
-                                       trust=args.trust_checkpoint)
+    teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
+    teacher_state, _ = io.load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs,
+                                          trust=args.trust_checkpoint)
+    with torch.device('meta'):  # its structure only: the number of heads
+        teacher_heads, _ = vit_heads(io.create_model(args.teacher, '--teacher', **teacher_kwargs),
+                                     f'--teacher {args.teacher}')
     torch.manual_seed(0)
-    student = timm.create_model(args.student, **utils.parse_json_dict(args.student_kwargs, '--student_kwargs'))
+    student = io.create_model(args.student, '--student',
+                              **utils.parse_json_dict(args.student_kwargs, '--student_kwargs'))
+    student_heads, depth = vit_heads(student, f'--student {args.student}')
+    if not 0 <= args.block < depth or not 0 <= args.head < student_heads:
+        raise utils.UserError(f'--block {args.block} --head {args.head}: the student has blocks 0..{depth - 1} and '
+                              f'heads 0..{student_heads - 1}')
     selected = io.read_state_dict(args.selection, trust=args.trust_checkpoint)
-    panels = [('random init', student.state_dict(), student.blocks[0].attn.num_heads),
-              ('teacher', teacher_state, int(args.teacher_heads)),
-              ('weight selection', selected, student.blocks[0].attn.num_heads)]
+    panels = [('random init', student.state_dict(), student_heads, '--student'),
+              ('teacher', teacher_state, teacher_heads, '--teacher'),
+              ('weight selection', selected, student_heads, f'--selection {args.selection}')]
     fig, axes = plt.subplots(2, 3, figsize=(11, 7))
-    for col, (name, state, heads) in enumerate(panels):
-        qk, vo = attention_products(state, args.block, args.head, heads)
+    for col, (name, state, heads, what) in enumerate(panels):
+        qk, vo = attention_products(state, args.block, args.head, heads, what)
         for row, (mat, title) in enumerate([(qk, 'W_q W_k^T'), (vo, 'W_v W_proj')]):
             lim = abs(mat).max()
             axes[row, col].imshow(mat, cmap='RdBu_r', vmin=-lim, vmax=lim)
@@ -131,7 +153,6 @@ def main(argv=None):
     s.add_argument('--teacher', required=True)
     s.add_argument('--teacher_checkpoint', default=None)
     s.add_argument('--teacher_kwargs', default='')
-    s.add_argument('--teacher_heads', default=6, type=int)
     s.add_argument('--selection', required=True, help="weight_selection.py's output")
     s.add_argument('--student', required=True)
     s.add_argument('--trust_checkpoint', type=str2bool, default=False,

@@ -205,6 +205,9 @@ def commands(n, env):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (['-h'], ['--help']):
+        print(__doc__)
+        return
     if len(argv) != 1 or not argv[0].isdigit():
         raise SystemExit('error: usage: tables.py TABLE (2 3 4 5 6 7 8 9 10 11 12 16 17)')
     env = os.environ

@@ -16,7 +16,7 @@ import losses
 import main
 from models import build
 import models  # noqa: F401
-from conftest import ROOT, run_script, write_image_folder
+from conftest import ROOT, expect_cli_error, run_script, write_image_folder
 from models.initializers import apply_init
 from utils import UserError
 
@@ -252,7 +252,7 @@ def test_collector_marks_runs_that_left_their_recipe(tmp_path):
 
 def test_recipe_departures_read_the_recipe_as_main_does(tmp_path):
     """2e-3 (a string to YAML, a float to main.py) is the recipe's 0.002; another per-GPU batch at the recipe's
-    global batch is the recipe; a relative --config is found from the folder the run started in; a run whose
+    global batch is the recipe; a flag the files leave at main.py's default is compared with it; a relative --config is found from the folder the run started in; a run whose
     recipe file is gone still says it did not finish."""
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import collect_results
@@ -267,6 +267,11 @@ def test_recipe_departures_read_the_recipe_as_main_does(tmp_path):
     assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: unfinished (1 of 2 epochs logged)']
     (run / 'config.yaml').write_text('lr: 0.001\nglobal_batch_size: 512\nbatch_size: 32\nepochs: 1\n')
     assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: lr 0.001 (recipe 0.002), epochs 1 (recipe 2)']
+    # a setting the recipe files leave at main.py's default (the model's shape) counts; where the run ran does not
+    (run / 'config.yaml').write_text('lr: 0.002\nepochs: 2\nmodel_kwargs: \'{"depth": 2}\'\nclip_grad: 1.0\n'
+                                     'data_path: /elsewhere\nseed: 3\nnum_workers: 2\n')
+    assert collect_results.recipe_departures(str(run), 'seed0') == [
+        'seed0: model_kwargs {"depth": 2} (recipe none), clip_grad 1.0 (recipe none), unfinished (1 of 2 epochs logged)']
     (run / 'run_info.json').write_text(json.dumps(dict(info, cwd=str(tmp_path / 'elsewhere'))))
     (run / 'config.yaml').write_text('lr: 0.001\nepochs: 3\n')
     assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: unfinished (1 of 3 epochs logged)']
@@ -291,7 +296,7 @@ def test_curves_join_the_evaluated_epochs_of_an_eval_freq_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_figures_are_written(tmp_path):
+def test_figures_are_written(tmp_path, capsys):
     pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
     runs = []
     for name, init in [('random', None), ('ws', 'ws.pth')]:
@@ -319,3 +324,13 @@ def test_figures_are_written(tmp_path):
                       '--student_kwargs', '{"img_size": 32, "patch_size": 8}', '--out', str(tmp_path / 'attn.png'))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / 'attn.png').stat().st_size > 1000
+    # a model or block the figure cannot show: one line each, no figure
+    common = ['attention', '--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', str(teacher),
+              '--teacher_kwargs', '{"img_size": 32, "patch_size": 8}', '--selection', str(sel),
+              '--out', str(tmp_path / 'bad.png')]
+    vit_t = ['--student', 'vit_tiny_patch16_224', '--student_kwargs', '{"img_size": 32, "patch_size": 8}']
+    expect_cli_error(figures.main, [*common, *vit_t, '--block', '12'], capsys,
+                     '--block 12 --head 0: the student has blocks 0..11 and heads 0..2')
+    expect_cli_error(figures.main, [*common, '--student', 'convnext_atto'], capsys,
+                     '--student convnext_atto is a ConvNeXt: the attention figure needs a timm ViT')
+    assert not (tmp_path / 'bad.png').exists()
