@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import utils
-from models.io import UntrustedCheckpoint, check_fits, torch_load
+from models.io import MODEL_ALIASES, UntrustedCheckpoint, check_fits, torch_load
 from utils import UserError
 
 CHECKPOINT_NAME = re.compile(r'^checkpoint-(\d+)(?:-step(\d+))?\.pth$')
@@ -223,9 +223,10 @@ def load_model_weights(ckpt, path, model, model_name):
         raise UserError(f'--resume {path} is not a checkpoint of main.py (no "model" entry)')
     own, theirs = model.state_dict(), ckpt['model']
     saved = ckpt.get('model_name')
-    check_fits(theirs, own, f'--resume {path} holds a {model_name} of another shape (other --model_kwargs?)'
-               if saved == model_name else f"--resume {path} holds a checkpoint of {saved or 'another model'}, not of "
-               f'--model {model_name}')
+    same = saved is not None and MODEL_ALIASES.get(saved, saved) == MODEL_ALIASES.get(model_name, model_name)
+    check_fits(theirs, own, f'--resume {path} holds a {saved} of another shape (other --model_kwargs, or another '
+               f'number of classes?)' if same else
+               f"--resume {path} holds a checkpoint of {saved or 'another model'}, not of --model {model_name}")
     model.load_state_dict(theirs)
 
 

@@ -3,7 +3,6 @@ command line overrides every file; each value checked against its flag's type), 
 flags that a checkpoint was trained with; and the checks of a run's settings before any work."""
 import argparse
 import os
-import re
 
 import utils
 from models import io
@@ -108,6 +107,15 @@ def eval_checkpoint(args, argv, make_parser):
     return ckpt
 
 
+def device_type(name):
+    """'cpu', 'cuda', ... for a device name torch parses (cuda:1, cpu:0); None for one it does not."""
+    import torch
+    try:
+        return torch.device(name).type
+    except (RuntimeError, TypeError):
+        return None
+
+
 def check_args(args):
     """Values that would crash later or silently train something else than asked: one line, before any work."""
     for flag in ('batch_size', 'global_batch_size'):
@@ -115,7 +123,7 @@ def check_args(args):
             raise UserError(f'--{flag} {getattr(args, flag)} must be positive (images per step)')
     if args.num_workers < 0:
         raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
+    if device_type(args.device) not in ('cpu', 'cuda'):
         raise UserError(f'--device {args.device}: pass cuda (each process its own GPU under torchrun), cuda:N or cpu')
     if not args.data_path:
         raise UserError(f'--data_path is missing: give the folder that holds {args.data_set} (or where --download '

@@ -30,20 +30,21 @@ def build_model(args, num_classes):
 
 def check_input_size(model, size, what, fix):
     """A ViT of fixed image size (timm's default) stops at its first batch of another size: say so before the
-    run starts (`fix(its size)`: what to do). And it cuts the image into patches: a size that is not a
-    multiple of the patch size silently drops the border pixels (or yields no patch at all)."""
+    run starts (`fix(its size)`: what to do). And it cuts the image into patches: unless it pads the image
+    (dynamic_img_pad), a size that is not a multiple of the patch size silently drops the border pixels (or
+    yields no patch at all)."""
     embed = getattr(model, 'patch_embed', None)
     fixed = getattr(embed, 'img_size', None)
     if fixed is not None and getattr(embed, 'strict_img_size', False) and tuple(fixed) != (size, size):
         raise UserError(f'{what} takes {fixed[0]} px images only, and --input_size is {size}; '
                         + fix(fixed[0]))
     patch = getattr(embed, 'patch_size', None)
-    if patch is None:
+    if patch is None or getattr(embed, 'dynamic_img_pad', False):
         return
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
     if any(size < p or size % p for p in patch):
         fits = [max(p, size // p * p) for p in patch[:1]] + [(size // patch[0] + 1) * patch[0]]
-        raise UserError(f'--input_size {size} is not a multiple of the model\'s patch size {patch[0]}; use e.g. '
+        raise UserError(f'--input_size {size} is not a multiple of the patch size {patch[0]} of {what}; use e.g. '
                         f'{" or ".join(str(f) for f in sorted(set(fits)))}')
 
 

@@ -108,10 +108,12 @@ def torch_load(path, trust=False, mmap=False):
 
 
 def written_by_torch_save(path):
-    """Whether the file starts as torch.save's files do: a zip archive (since torch 1.6) or a protocol-2 pickle."""
+    """Whether the file starts as torch.save's files do: a zip archive (since torch 1.6), or a legacy pickle, whose
+    first object is torch's magic number (a PROTO opcode first from protocol 2 on; protocols 0 and 1 start with
+    the number as a LONG, 'L')."""
     with open(path, 'rb') as f:
         head = f.read(4)
-    return head == b'PK\x03\x04' or head[:1] == b'\x80'
+    return head == b'PK\x03\x04' or head[:1] in (b'\x80', b'L')
 
 
 def _blocked_global(error):

@@ -80,24 +80,23 @@ def run_accuracies(log_path):
 
 def row_flags(table, row, dataset, model):
     """The main.py flags that scripts/tables.py gives this row on top of its --config files (e.g. Table 6's
-    --model): part of the row's recipe."""
+    --model, and --initialize where the row trains from a selection): part of the row's recipe."""
     import tables
     try:
         rows = tables.selected_rows(table, {})
     except (SystemExit, KeyError, ValueError):  # a folder of a table tables.py does not know
         return set()
-    return {f[2:] for r, d, m, _, flags in rows if (tables.slug(r), d, m) == (row, dataset, model)
-            for f in flags if f.startswith('--')}
+    return {f[2:] for r, d, m, sel, flags in rows if (tables.slug(r), d, m) == (row, dataset, model)
+            for f in [*flags, *(['--initialize'] if sel is not None else [])] if f.startswith('--')}
 
 
 # main.py settings that say where and how a run ran (paths, processes, checkpoints, logging, speed), not what it
-# trained: never a departure from the recipe
+# trained: never a departure from the recipe; nor are the flags main.py accepts and ignores (main.NO_EFFECT)
 WHERE_AND_HOW = {
-    'config', 'data_path', 'eval_data_path', 'output_dir', 'log_dir', 'download', 'check_data', 'device', 'num_workers',
-    'pin_mem', 'gpu_data', 'gpu_data_size', 'compile', 'channels_last', 'deterministic', 'dist_url', 'dist_on_itp',
-    'world_size', 'local_rank', 'dist_eval', 'auto_resume', 'resume', 'start_epoch', 'save_ckpt', 'save_ckpt_freq',
-    'save_ckpt_num', 'save_every_steps', 'print_freq', 'eval_freq', 'enable_wandb', 'project', 'wandb_ckpt',
-    'trust_checkpoint', 'seed', 'initialize', 'distill_teacher_checkpoint', 'model_key', 'model_prefix'}
+    'config', 'data_path', 'output_dir', 'log_dir', 'download', 'check_data', 'device', 'num_workers', 'pin_mem',
+    'compile', 'channels_last', 'deterministic', 'dist_url', 'local_rank', 'dist_eval', 'auto_resume', 'resume',
+    'start_epoch', 'save_ckpt', 'save_ckpt_freq', 'save_ckpt_num', 'save_every_steps', 'print_freq', 'eval_freq',
+    'trust_checkpoint', 'seed', 'distill_teacher_checkpoint', 'model_key', 'model_prefix'}
 
 
 def recipe_departures(run_dir, seed, own_flags=()):
@@ -117,7 +116,7 @@ def recipe_departures(run_dir, seed, own_flags=()):
     launched = launched_recipe(run_dir)
     recipe = {**launched, **{k: v for k, v in main_defaults().items() if k not in launched}} if launched else {}
     found = [f"{k} {ran[k]} (recipe {'none' if v in ('', None) else v})" for k, v in recipe.items()
-             if k in ran and ran[k] != v and k not in own_flags and k not in WHERE_AND_HOW]
+             if k in ran and ran[k] != v and k not in own_flags and k not in WHERE_AND_HOW | no_effect()]
     if ran.get('global_batch_size'):  # update_freq follows the GPUs: the per-process batch is not the recipe
         found = [f for f in found if not f.startswith(('batch_size ', 'update_freq '))]
     if isinstance(ran.get('epochs'), int) and epochs < ran['epochs']:
@@ -152,6 +151,12 @@ def read_recipe(paths):
     except UserError:
         return ()
     return tuple(recipe.items())
+
+
+@functools.lru_cache(maxsize=None)
+def no_effect():
+    import main
+    return set(main.NO_EFFECT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,7 +249,8 @@ def write_tables(results, out):
             md.append(f'| {r} | ' + ' | '.join(cells) + ' |')
         if notes:
             md.append('\nRuns whose settings are not the recipe they were launched with (their config.yaml against '
-                      'the --config files of their command), or that did not finish:\n')
+                      "main.py's defaults as the --config files of their command set them), or that did not "
+                      'finish:\n')
             md.extend(notes)
     with open(os.path.join(out, 'tables.md'), 'w') as f:
         f.write('\n'.join(md) + '\n')

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-call GPU check (issue 14), about 9 minutes on an H100: versions and device, the CUDA tests
 # (pytest -m cuda tests/test_cuda.py), then scripts/benchmark.sh's throughput grid in the time left. Writes
-# OUT_DIR/gpu_check.json, gpu_check.md, gpu_check.log (every part's output) and OUT_DIR/benchmark/ (8 files).
+# OUT_DIR/gpu_check.json, gpu_check.md, gpu_check.log (every part's output) and OUT_DIR/benchmark/ (4 JSONs,
+# 4 profiles, summary.md).
 # A part that fails or runs out of time is recorded and the next one runs.
 #   bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]
 # (two calls, one with each flag, when one call's 10 minutes do not hold both)

@@ -222,7 +222,7 @@ def test_table3_random_selections_are_the_median_of_three(tmp_path):
 
 
 def test_collector_marks_runs_that_left_their_recipe(tmp_path):
-    """A run's config.yaml against the --config files of its command: a trial at 32 px for 1 epoch, and a run
+    """A run's config.yaml against main.py's defaults as the --config files of its command set them: a trial at 32 px for 1 epoch, and a run
     killed after 2 of its 3 epochs, are marked and listed; a run as its recipe says is not, nor one whose row
     sets a flag of its own (Table 6's --model)."""
     recipe = tmp_path / 'vit_tiny_cifar100.yaml'
@@ -268,10 +268,16 @@ def test_recipe_departures_read_the_recipe_as_main_does(tmp_path):
     (run / 'config.yaml').write_text('lr: 0.001\nglobal_batch_size: 512\nbatch_size: 32\nepochs: 1\n')
     assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: lr 0.001 (recipe 0.002), epochs 1 (recipe 2)']
     # a setting the recipe files leave at main.py's default (the model's shape) counts; where the run ran does not
+    # (and flags main.py ignores do not); a selection row's --initialize is its own, a random-init row has none
     (run / 'config.yaml').write_text('lr: 0.002\nepochs: 2\nmodel_kwargs: \'{"depth": 2}\'\nclip_grad: 1.0\n'
-                                     'data_path: /elsewhere\nseed: 3\nnum_workers: 2\n')
+                                     'data_path: /elsewhere\nseed: 3\nnum_workers: 2\nnb_classes: 100\n'
+                                     'initialize: ws.pth\n')
     assert collect_results.recipe_departures(str(run), 'seed0') == [
-        'seed0: model_kwargs {"depth": 2} (recipe none), clip_grad 1.0 (recipe none), unfinished (1 of 2 epochs logged)']
+        'seed0: model_kwargs {"depth": 2} (recipe none), clip_grad 1.0 (recipe none), initialize ws.pth (recipe none), '
+        'unfinished (1 of 2 epochs logged)']
+    own = collect_results.row_flags(2, 'weight_selection', 'cifar100', 'vit_tiny')
+    assert own == {'initialize'} and collect_results.row_flags(2, 'random_init', 'cifar100', 'vit_tiny') == set()
+    assert 'initialize' not in collect_results.recipe_departures(str(run), 'seed0', own)[0]
     (run / 'run_info.json').write_text(json.dumps(dict(info, cwd=str(tmp_path / 'elsewhere'))))
     (run / 'config.yaml').write_text('lr: 0.001\nepochs: 3\n')
     assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: unfinished (1 of 3 epochs logged)']

@@ -149,14 +149,17 @@ class SyncChecked:
                 torch.cuda.set_sync_debug_mode('default')
 
 
-@pytest.mark.parametrize('model', [VIT, CONVNEXT], ids=['vit_tiny', 'convnext_femto'])
-def test_gpu_path_training_steps_never_wait_for_the_device(data, model):
-    """The GPU data path with the paper's augmentation and a bf16, channels_last training step (mixup and cutmix,
-    AdamW, gradient clipping) make no host synchronisation between an epoch's first batch and its last: each
-    one would leave the GPU idle while Python catches up, which the benchmark's ratio to the model alone shows."""
+@pytest.mark.parametrize('model,size,mixing', [(VIT, '32', ['--mixup', '0.8', '--cutmix', '0']),
+                                                (CONVNEXT, '64', ['--mixup', '0', '--cutmix', '1.0'])],
+                         ids=['vit_tiny_32px_mixup', 'convnext_femto_64px_cutmix'])
+def test_gpu_path_training_steps_never_wait_for_the_device(data, model, size, mixing):
+    """The GPU data path with the paper's augmentation (at 32 px resize, pad and crop; above, random resized
+    crops) and a bf16, channels_last training step (mixup or cutmix, AdamW, gradient clipping) make no host
+    synchronisation between an epoch's first batch and its last: each one would leave the GPU idle while Python
+    catches up, which the benchmark's ratio to the model alone shows."""
     args = main.parse_args([*model, *TINY, '--data_path', data, '--gpu_data', 'true', '--use_amp', 'true',
                             '--channels_last', 'true', '--clip_grad', '1.0', '--aa', 'rand-m9-mstd0.5-inc1',
-                            '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0'])
+                            '--reprob', '0.25', '--input_size', size, *mixing])
     t = main.build_training(main.setup(args))
     assert 'GPU data path' in t.data.how and t.mixup_fn is not None
     t.data.train.sampler.set_epoch(0)

@@ -1,6 +1,7 @@
 """Safe checkpoints and honest failures (issue #16): every file we write loads with plain torch.load
 (weights_only=True) and with timm's checkpoint_path; no foreign file runs code unless --trust_checkpoint."""
 import json
+import math
 import os
 import random
 import re
@@ -140,6 +141,25 @@ def test_a_file_that_is_no_checkpoint_is_not_called_untrusted(tmp_path, content)
         io.torch_load(str(path))
     assert 'not a file torch.save writes' in str(e.value) and '--trust_checkpoint' not in str(e.value)
     assert not isinstance(e.value, io.UntrustedCheckpoint)
+
+
+@pytest.mark.parametrize('protocol', [1, 2, 4, 5])  # protocol 0: torch.load itself cannot read what torch.save wrote
+def test_every_torch_save_format_is_a_checkpoint(tmp_path, protocol):
+    """The legacy format in any pickle protocol (only 2 loads weights-only) and the zip format are torch.save's:
+    read, or refused as untrusted with the flag that reads them, never called 'not a checkpoint'."""
+    from models import io
+    weights = {'w': torch.arange(3.)}
+    torch.save(weights, tmp_path / 'zip.pth', pickle_protocol=protocol)
+    torch.save(weights, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    for name in ('zip.pth', 'legacy.pth'):
+        path = str(tmp_path / name)
+        assert io.written_by_torch_save(path), name
+        try:
+            state = io.torch_load(path)
+        except io.UntrustedCheckpoint as e:
+            assert '--trust_checkpoint true' in str(e)
+            state = io.torch_load(path, trust=True)
+        assert torch.equal(state['w'], weights['w']), name
 
 
 def test_trusted_file_is_fully_unpickled(malicious, capsys):
@@ -311,6 +331,9 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
      ['--distill_teacher vit_tiny_patch16_224 takes 224 px images only, and --input_size is 32',
       '\'{"dynamic_img_size": true}\'']),
     (['--device', 'gpu'], ['--device gpu: pass cuda', 'cuda:N or cpu']),
+    (['--distill', 'feature', '--distill_teacher', 'vit_tiny_patch16_224', '--distill_teacher_kwargs',
+      '{"depth": 1, "dynamic_img_size": true}', '--distill_teacher_checkpoint', 'TEACHER', '--input_size', '40'],
+     ['--input_size 40 is not a multiple of the patch size 16 of --distill_teacher vit_tiny_patch16_224']),
     (['--epochs', '2', '--warmup_epochs', '5'], ['shorter than --warmup_epochs 5', 'lower --warmup_epochs']),
     (['--warmup_steps', '100'], ['--warmup_steps 100 is more than', 'lower --warmup_steps']),
     (['--epochs', '0'], ['--epochs 0: train at least one epoch']),
@@ -333,6 +356,19 @@ def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, c
     argv = [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags]
     expect_cli_error(main.main, argv, capsys, *needles)
     assert not os.path.exists(out / 'log.txt')
+
+
+def test_a_vit_that_pads_runs_at_any_input_size(tmp_path, data):
+    """timm's dynamic_img_pad pads the image to whole patches: no pixel is dropped, so any size trains."""
+    record = main.main([*TRAIN, '--data_path', data, '--epochs', '1', '--input_size', '36', '--model_kwargs',
+                        '{"patch_size": 8, "depth": 1, "dynamic_img_size": true, "dynamic_img_pad": true}'])
+    assert math.isfinite(record['train_loss'])
+
+
+def test_device_names_that_torch_parses_pass_the_check(data):
+    import config
+    for name in ('cpu', 'cpu:0', 'cuda', 'cuda:1'):
+        config.check_args(main.parse_args([*TRAIN, '--data_path', data, '--device', name]))
 
 
 @pytest.mark.parametrize('data_set', ['CIFAR10', 'image_folder'])

@@ -262,7 +262,7 @@ def test_official_readme_commands_parse_and_start(tmp_path, tiny_data):
     (['--config', 'BADCONFIG'], ["unknown key 'epoch'", 'epochs']),
     (['--initialize', 'CONVNEXT_STATE'], ['does not fit --model vit_tiny_patch16_224']),
     (['--resume', 'CONVNEXT_CKPT'], ['not of --model vit_tiny_patch16_224']),
-    (['--resume', 'DEEPER_CKPT'], ['holds a vit_tiny_patch16_224 of another shape (other --model_kwargs?)',
+    (['--resume', 'DEEPER_CKPT'], ['holds a vit_tiny of another shape (other --model_kwargs, or another number',
                                    'missing blocks.3.norm1.weight']),
     (['--initialize', 'missing.pth'], ['checkpoint not found']),
     (['--global_batch_size', '10'], ['not a multiple']),
@@ -282,7 +282,7 @@ def test_main_bad_input(tmp_path, tiny_data, capsys, args, needles):
         special.update(CONVNEXT_STATE=str(tmp_path / 'cx.pth'), CONVNEXT_CKPT=str(tmp_path / 'cx_ckpt.pth'))
     if 'DEEPER_CKPT' in args:  # the same model, 3 blocks deep where --model builds 12
         deeper = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=3)
-        torch.save({'model': deeper.state_dict(), 'model_name': 'vit_tiny_patch16_224'}, tmp_path / 'deeper.pth')
+        torch.save({'model': deeper.state_dict(), 'model_name': 'vit_tiny'}, tmp_path / 'deeper.pth')  # an alias
         special['DEEPER_CKPT'] = str(tmp_path / 'deeper.pth')
     out = tmp_path / 'out'
     argv = [*VIT, *TINY, '--data_path', tiny_data, '--epochs', '1', '--output_dir', str(out)]
