@@ -143,6 +143,7 @@ def test_a_file_that_is_no_checkpoint_is_not_called_untrusted(tmp_path, content)
     assert not isinstance(e.value, io.UntrustedCheckpoint)
 
 
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')  # torch's note that protocols above 2 are unusual
 @pytest.mark.parametrize('protocol', [1, 2, 4, 5])  # protocol 0: torch.load itself cannot read what torch.save wrote
 def test_every_torch_save_format_is_a_checkpoint(tmp_path, protocol):
     """The legacy format in any pickle protocol (only 2 loads weights-only) and the zip format are torch.save's:
