@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import config  # noqa: E402
 import datasets  # noqa: E402
 import main as trainer  # noqa: E402
 import recipe  # noqa: E402
@@ -106,6 +107,7 @@ def parse(argv):
     p.add_argument('main_args', nargs=argparse.REMAINDER, help="-- then main.py's flags")
     bench = p.parse_args(argv)
     args = trainer.parse_args(bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args)
+    config.check_args(args)  # main.py's one-line answers to bad flags (--device gpu, no --data_path, ...)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise utils.UserError('no CUDA device here; pass --device cpu (with small settings) to try the benchmark')
     return bench, args

@@ -326,14 +326,18 @@ def test_benchmark_smoke_on_cpu(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_benchmark_refuses_cuda_without_a_gpu(tmp_path, data, capsys):
+@pytest.mark.parametrize('flags, expected', [
+    ([], ('no CUDA device', '--device cpu')),
+    (['--device', 'gpu'], ('--device gpu', 'cuda:N or cpu')),  # main.py's own check, not torch's traceback
+])
+def test_benchmark_refuses_a_device_it_cannot_use(tmp_path, data, capsys, flags, expected):
     from conftest import expect_cli_error
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not flags:
         pytest.skip('a CUDA device is present')
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import benchmark
     expect_cli_error(benchmark.main, ['--output', str(tmp_path / 'b.json'), '--', '--data_set', 'image_folder',
-                                      '--data_path', data], capsys, 'no CUDA device', '--device cpu')
+                                      '--data_path', data, *flags], capsys, *expected)
     assert not (tmp_path / 'b.json').exists()
 
 
