@@ -24,6 +24,10 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     """The teacher's config (checked into its widths `t` by widths_of) with the overrides; per-layer lists
     (layer_types) follow layer selection, and head_dim is written out when the teacher's was explicit, so
     both sides agree on it."""
+    if overrides.get('model_type', t_cfg.get('model_type')) != t_cfg.get('model_type'):
+        raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
+                        f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
+    overrides = check_switches(t_cfg, overrides)
     # LLaMA-style models honour an explicit head_dim; any model can untie its output layer from its embedding
     extra = ('head_dim', 'tie_word_embeddings') if family.rotary else ('tie_word_embeddings',)
     known = {name for width in family.fields for name in field_names(family, width)}
@@ -31,9 +35,7 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if unknown:
         raise UserError(f"--student_config: '{unknown[0]}' is not a field of the teacher's config.json "
                         f'({t_cfg.get("model_type")}); check its spelling')
-    if overrides.get('model_type', t_cfg.get('model_type')) != t_cfg.get('model_type'):
-        raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
-                        f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
+    check_sizes(overrides, family)
     for width in family.fields:  # a width with two names (num_local_experts, num_experts): under the teacher's
         names = field_names(family, width)
         given = [k for k in overrides if k in names]
@@ -80,6 +82,47 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
             s_cfg['mlp_only_layers'] = [j for j, i in enumerate(layer_map) if i in dense]
             s_cfg['decoder_sparse_step'] = 1
     return s_cfg, layer_map
+
+
+# Fields that add or remove tensors (biases, cross-attention, token types, a classifier's rows): the student
+# keeps the teacher's, since the teacher has no weights for what another value would add, and transformers would
+# fill those at random, or drop selected ones, when it loads the student.
+SWITCHES = ('attention_bias', 'mlp_bias', 'qkv_bias', 'use_bias', 'bias', 'add_cross_attention', 'type_vocab_size',
+            'use_swiglu_ffn', 'use_mask_token', 'use_qk_norm', 'qk_layernorm', 'id2label', 'label2id', 'num_labels')
+
+
+def check_switches(t_cfg, overrides):
+    """The overrides, checked to leave every SWITCHES field as the teacher has it. A field the teacher's
+    config.json leaves out has transformers' default: 2 labels, or (the others) off, as false or null. Labels
+    that restate the default the teacher left out are then dropped (num_labels, which config.json never stores)."""
+    labels = {'0': 'LABEL_0', '1': 'LABEL_1'}  # transformers' default, which it does not write out
+    defaults = {'id2label': labels, 'label2id': {v: int(k) for k, v in labels.items()},
+                'num_labels': len(t_cfg.get('id2label') or labels)}
+    for key in SWITCHES:
+        if key not in overrides:
+            continue
+        if key in t_cfg or key in defaults:
+            teacher = t_cfg.get(key, defaults.get(key))
+            same = overrides[key] == teacher
+        else:
+            teacher, same = 'unset', overrides[key] in (False, None)
+        if not same:
+            why = ("the student keeps the teacher's classifier; change the labels when you fine-tune "
+                   '(from_pretrained(..., num_labels=N, ignore_mismatched_sizes=True))' if key in defaults else
+                   'another value adds or removes tensors the teacher has no weights for')
+            raise UserError(f"--student_config: {key} stays the teacher's ({teacher!r}): {why}; leave it out")
+    return {k: v for k, v in overrides.items() if k in t_cfg or k not in defaults}  # restated defaults: as the teacher
+
+
+def check_sizes(overrides, family):
+    """A size the user gives is a positive whole number; null only where config.json may leave it to a default
+    (GPT-2's n_inner, the key/value heads, head_dim, the pooler output size). 0 would otherwise read as unset."""
+    may_be_null = {n for w in ('inter', 'kv_heads', 'pooler') if w in family.fields for n in field_names(family, w)}
+    sizes = {n for w in family.fields for n in field_names(family, w)} | {'head_dim'}
+    for key, value in overrides.items():
+        if key in sizes and not (value is None and key in may_be_null | {'head_dim'}) \
+                and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UserError(f'--student_config: {key} must be a positive whole number, got {value!r}')
 
 
 def backbone_stages(t_cfg, layer_map):

@@ -170,9 +170,11 @@ def take_rest(tensor, indices):
 
 
 def shard_files(folder):
-    """Shard file names: those of model.safetensors.index.json, or model.safetensors; checked to exist."""
+    """Shard file names: model.safetensors, or those of model.safetensors.index.json; checked to exist."""
     index = os.path.join(folder, 'model.safetensors.index.json')
-    if os.path.isfile(index):
+    if os.path.isfile(os.path.join(folder, 'model.safetensors')):  # first, as from_pretrained looks: an index
+        files = ['model.safetensors']                                 # beside it (stale) is read by neither
+    elif os.path.isfile(index):
         try:
             with open(index) as f:
                 weight_map = json.load(f)['weight_map']
@@ -183,8 +185,6 @@ def shard_files(folder):
             raise UserError(f'{index}: its weight_map is not a mapping of tensor names to shard file names in '
                             f'the folder, e.g. {{"lm_head.weight": "model-00001-of-00002.safetensors"}}')
         files = sorted(set(weight_map.values()))
-    elif os.path.isfile(os.path.join(folder, 'model.safetensors')):
-        files = ['model.safetensors']
     else:
         other = [n for n in os.listdir(folder) if n.endswith(('.bin', '.pt', '.pth'))]
         hint = f' (found {other[0]}: convert it to safetensors first)' if other else ''

@@ -543,7 +543,7 @@ both_counts = edit_json('config.json', lambda config: dict(config, num_local_exp
     (None, {'num_local_experts': 16}, 'the student has experts 16 where the teacher has 8'),
     (None, {'num_local_experts': 1},
      r'student: num_experts_per_tok is 2; it must be between 1 and num_local_experts \(1\)'),
-    (None, {'num_experts': 0}, r'num_experts_per_tok is 2; it must be between 1 and num_local_experts \(0\)'),
+    (None, {'num_experts': 0}, 'num_experts must be a positive whole number, got 0'),
     (None, {'num_experts': 4, 'num_local_experts': 2}, 'gives num_experts and num_local_experts, two names of one'),
     (both_counts, {}, 'teacher: config gives the expert count twice, differently: num_local_experts 8, num_experts 4'),
     (without(r'model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight'), {'num_local_experts': 4},
@@ -1288,9 +1288,22 @@ set_model_type = edit_json('config.json', lambda config: dict(config, model_type
     (None, {'hidden_size': 16, 'num_attention_heads': 8}, 'keeps whole heads of 4 dims.*--head_selection dims'),
     (None, {'num_hidden_layers': 7}, 'no deeper than its teacher'),
     (None, {'hiden_size': 16}, "'hiden_size' is not a field"),
-    (None, {'hidden_size': '16'}, 'hidden_size must be a whole number'),
+    (None, {'hidden_size': '16'}, "hidden_size must be a positive whole number, got '16'"),
     (None, {'tie_word_embeddings': 'false'}, "tie_word_embeddings must be true or false, got 'false'"),
     (None, {'vocab_size': 32}, 'vocab_size 32, the teacher 64'),
+    # 0 and null are not sizes (0 used to read as unset: a traceback, numbers the user never gave, or a student
+    # whose config.json transformers cannot load)
+    (None, {'hidden_size': 0}, 'hidden_size must be a positive whole number, got 0'),
+    (None, {'num_hidden_layers': None}, 'num_hidden_layers must be a positive whole number, got None'),
+    (None, {'head_dim': 0}, 'head_dim must be a positive whole number, got 0'),
+    (None, {'intermediate_size': 0}, 'intermediate_size must be a positive whole number, got 0'),
+    (None, {'num_key_value_heads': 0}, 'num_key_value_heads must be a positive whole number, got 0'),
+    # switches that add tensors the teacher has no weights for (transformers would fill them at random)
+    (None, {'attention_bias': True}, "attention_bias stays the teacher's .False.: another value adds or removes"),
+    (None, {'mlp_bias': True}, "mlp_bias stays the teacher's"),
+    (None, {'num_labels': 3}, "num_labels stays the teacher's .2.: the student keeps the teacher's classifier"),
+    (None, {'id2label': {'0': 'cat'}}, "id2label stays the teacher's"),
+    (None, {'model_type': 'gpt2', 'n_embd': 16}, "model_type 'gpt2' differs from the teacher's 'llama'"),
     (without(r'model\.layers\.4\.self_attn\.q_proj\.weight'), {},  # a layer that layer selection drops, too
      r"no 'model\.layers\.4\.self_attn\.q_proj\.weight' though its other layers have it; the checkpoint does not"),
 ])
@@ -1298,6 +1311,42 @@ def test_bad_input_one_clear_error_nothing_written(llama, tmp_path, damage, over
     folder, _ = llama
     assert_stops_writing_nothing(broken_copy(folder, tmp_path, damage) if damage else folder, overrides, tmp_path,
                                  match)
+
+
+def test_switches_left_as_the_teacher_has_them_are_accepted(llama, tmp_path):
+    """A student config.json that restates the teacher's switches, or transformers' default labels that the
+    teacher leaves out, is not refused; num_labels, which config.json does not store, is not written."""
+    restated = dict(LLAMA_STUDENT, attention_bias=False, num_labels=2,
+                    id2label={'0': 'LABEL_0', '1': 'LABEL_1'})
+    hf_selection.select_hf(llama[0], restated, str(tmp_path / 's'))
+    config = json.load(open(tmp_path / 's' / 'config.json'))
+    assert 'num_labels' not in config and config['attention_bias'] is False
+    forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def test_a_stale_index_beside_model_safetensors_is_not_read(llama, tmp_path):
+    """from_pretrained reads model.safetensors where a folder has it, whatever index lies beside it; so does the
+    selection, or the two would read different teachers."""
+    folder, model = tmp_path / 't', transformers.LlamaForCausalLM.from_pretrained(llama[0])
+    model.save_pretrained(folder, max_shard_size='1GB')  # one file
+    shutil.copy(os.path.join(llama[0], 'model.safetensors.index.json'), folder)
+    index = json.load(open(folder / 'model.safetensors.index.json'))
+    for shard in set(index['weight_map'].values()):
+        (folder / shard).write_bytes(b'stale')  # were they read, the selection would stop
+    hf_selection.select_hf(str(folder), {}, str(tmp_path / 's'))
+    student = load_strict(str(tmp_path / 's'))
+    assert all(torch.equal(v, llama[1][k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize('teacher, overrides, match', [
+    ('bert', {'type_vocab_size': 1}, "type_vocab_size stays the teacher's .2."),
+    ('gpt2', {'add_cross_attention': True}, "add_cross_attention stays the teacher's .False."),
+    ('vit', {'qkv_bias': False}, "qkv_bias stays the teacher's .True."),  # would drop the selected q/k/v biases
+])
+def test_switches_that_add_or_remove_tensors_stop(request, tmp_path, teacher, overrides, match):
+    folder = vision_teacher(tmp_path, 'ViTConfig', 'ViTModel')[0] if teacher == 'vit' \
+        else request.getfixturevalue(teacher)[0]
+    assert_stops_writing_nothing(folder, overrides, tmp_path, match)
 
 
 def test_selection_needs_neither_safetensors_nor_transformers(llama, tmp_path):
