@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
-def run_cli(main_fn, argv=None):
-    """Run main_fn(argv); report a UserError as one line on stderr and exit 1."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (see run_cli): not an Exception, so only cleanups catch it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main_fn, argv=None, clean_on_sigterm=False):
+    """Run main_fn(argv); report a UserError as one line on stderr and exit 1. clean_on_sigterm: SIGTERM (a
+    scheduler's kill, `kill PID`) ends main_fn as Ctrl-C does, so that its cleanups remove what it had half
+    written, and exits 143. Not for training: a process blocked in a collective would outlive the launcher's
+    SIGTERM, since Python runs a signal handler only between bytecodes."""
+    if clean_on_sigterm:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main_fn(argv)
     except UserError as e:
@@ -43,6 +57,9 @@ def run_cli(main_fn, argv=None):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print('terminated', file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 def first_line(error, limit=200):

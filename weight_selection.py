@@ -728,4 +728,4 @@ def print_summary(args, meta, seconds):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main)
+    utils.run_cli(main, clean_on_sigterm=True)  # no half-written student is left behind

@@ -1419,6 +1419,26 @@ def test_cli_bad_input_exits_with_one_line(llama, tmp_path):
     assert proc.returncode == 1 and not os.path.exists(tmp_path / 's')
 
 
+def test_sigterm_while_writing_leaves_nothing_behind(llama, tmp_path):
+    """A scheduler's SIGTERM half-way through the student (sent here by the third tensor's read) ends the CLI as
+    Ctrl-C does: the temporary folder is removed, one line, exit status 143."""
+    code = (f'import os, runpy, signal, sys; sys.path.insert(0, {ROOT!r}); import hf_selection.selection as s\n'
+            'made, produce = [], s.produce\n'
+            'def killed_midway(*args):\n'
+            '    made.append(1)\n'
+            '    if len(made) == 3:\n'
+            '        os.kill(os.getpid(), signal.SIGTERM)\n'
+            '    return produce(*args)\n'
+            's.produce = killed_midway\n'
+            f'sys.argv = ["weight_selection.py", "--teacher", {llama[0]!r}, "--student_config", '
+            f'{json.dumps(json.dumps(LLAMA_STUDENT))}, "--output", {str(tmp_path / "out" / "s")!r}]\n'
+            f'runpy.run_path({os.path.join(ROOT, "weight_selection.py")!r}, run_name="__main__")\n')
+    (tmp_path / 'out').mkdir()
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip().splitlines()[-1] == 'terminated', proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and os.listdir(tmp_path / 'out') == []
+
+
 @pytest.mark.parametrize('flags,needle', [
     (['--student', 'vit_tiny_patch16_224'], '--student is for timm models'),
     (['--num_classes', '10'], '--num_classes is for timm models'),
