@@ -21,13 +21,14 @@ def autocast(device, amp_dtype):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule, *, update_freq=1,
                     amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
-                    log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None):
+                    log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None, channels_last=False):
     """One epoch. `schedule(optimizer, step)` sets the lr (and weight decay) of an optimizer step;
     `start_step` is the optimizer step count at which this call starts; `partial` the state of an epoch
     interrupted after some steps ({'loss_sum', 'micro', 'seen'}, as given to `on_step`), whose remaining
     batches `loader` yields. After each optimizer step
-    `on_step(step, get_partial)` is called (mid-epoch checkpoints). Returns the epoch's mean loss, last lr
-    and throughput."""
+    `on_step(step, get_partial)` is called (mid-epoch checkpoints). `channels_last`: the model's memory format,
+    which batches are given on the device too (a compiled model would otherwise also compile for the other
+    layout). Returns the epoch's mean loss, last lr and throughput."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     partial = partial or {'loss_sum': torch.zeros((), device=device), 'micro': 0, 'seen': 0}
@@ -43,7 +44,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
         final_micro = (micro + 1) % update_freq == 0
         if micro % update_freq == 0:  # the lr (and wd) of this optimizer step, set per step
             schedule(optimizer, step)
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format(channels_last))
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -111,13 +112,17 @@ def log_progress(loss, optimizer, epoch, step, micro, num_micro, images_per_sec,
 
 
 @torch.no_grad()
-def evaluate(loader, model, device, amp_dtype=None, sharded=False):
+def memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
+def evaluate(loader, model, device, amp_dtype=None, sharded=False, channels_last=False):
     """Top-1/top-5 accuracy and loss over the loader; `sharded`: each process holds its own shard, and the
-    totals are summed over processes."""
+    totals are summed over processes; `channels_last` as in train_one_epoch."""
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, correct@1, correct@5, n
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format(channels_last))
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             output = model(images)

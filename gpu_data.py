@@ -5,6 +5,8 @@ decode_to_uint8 stores a split; GpuLoader yields its batches (the CPU loader's p
 per-process share, seeded per batch so that mid-epoch resume is exact); fits / train_transform decide
 whether --gpu_data auto can use it.
 """
+import functools
+
 import torch
 from torchvision import datasets, transforms
 
@@ -45,17 +47,23 @@ def _array_of(dataset):
 
 
 def _image_sizes(dataset):
-    """(width, height) of every image of an ImageFolder, read from the file headers."""
+    """(width, height) of every image of an ImageFolder, read from the file headers (once per process: the
+    choice of a pre-crop side and the decoding both ask, and a benchmark builds its loaders twice)."""
+    return _sizes_of(tuple(path for path, _ in dataset.samples))
+
+
+@functools.lru_cache(maxsize=4)
+def _sizes_of(paths):
     from PIL import Image
     sizes = set()
-    for path, _ in dataset.samples:
+    for path in paths:
         try:
             with Image.open(path) as im:
                 sizes.add(im.size)
         except Exception:  # noqa: BLE001 - the loader's error names the file and the fix
             load_image(path)
             raise
-    return sizes
+    return frozenset(sizes)
 
 
 class _ToFixedUint8:
@@ -142,7 +150,7 @@ class GpuLoader:
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
         for k in range(len(order) // self.batch_size):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            seed = ((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k
+            seed = (((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k) % (2 ** 63)
             yield self._layout(self.transform(self.images[idx], seed)), self.labels[idx]
 
     def _layout(self, x):

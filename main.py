@@ -355,16 +355,18 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
         t.forward_model, t.criterion, t.data.train, t.state.optimizer, run.device, epoch, t.schedule,
         update_freq=run.update_freq, amp_dtype=t.amp_dtype, scaler=t.state.scaler, clip_grad=args.clip_grad,
         mixup_fn=t.mixup_fn, model_ema=t.state.model_ema, log_writer=log_writer, print_freq=args.print_freq,
-        start_step=epoch * t.steps_per_epoch + done, partial=partial, on_step=on_step)
+        start_step=epoch * t.steps_per_epoch + done, partial=partial, on_step=on_step, channels_last=args.channels_last)
     record = {'epoch': epoch, 'train_loss': stats['loss'], 'train_lr': stats['lr'],
               'images_per_sec': round(stats['images_per_sec'], 1)}
     if t.data.val is not None and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
         # the plain model (state.model): through DDP, a model with buffers (the linear probe's BatchNorm) would
         # broadcast them at every forward, and sharded evaluation can give ranks different numbers of batches
-        test = engine.evaluate(t.data.val, t.state.model, run.device, t.amp_dtype, t.data.eval_sharded)
+        test = engine.evaluate(t.data.val, t.state.model, run.device, t.amp_dtype, t.data.eval_sharded,
+                               args.channels_last)
         record.update(test_loss=test['loss'], test_acc1=test['acc1'], test_acc5=test['acc5'])
         if t.state.model_ema is not None and args.model_ema_eval:
-            ema = engine.evaluate(t.data.val, t.state.model_ema.module, run.device, t.amp_dtype, t.data.eval_sharded)
+            ema = engine.evaluate(t.data.val, t.state.model_ema.module, run.device, t.amp_dtype, t.data.eval_sharded,
+                                  args.channels_last)
             record.update(test_acc1_ema=ema['acc1'], test_acc5_ema=ema['acc5'])
     record.update(epoch_seconds=round(time.time() - start, 2), n_parameters=t.n_parameters)
     return record
@@ -380,7 +382,7 @@ def evaluate_only(run, ckpt):
     checkpoint.load_model_weights(ckpt, args.resume, model, args.model)
     build.place(model, args, run.device)
     amp_dtype, _ = recipe.build_amp(args, run.device)
-    stats = engine.evaluate(val, model, run.device, amp_dtype, sharded)
+    stats = engine.evaluate(val, model, run.device, amp_dtype, sharded, args.channels_last)
     utils.print_main(f"acc@1 {stats['acc1']:.2f} acc@5 {stats['acc5']:.2f} loss {stats['loss']:.4f} "
                      f"on {stats['n']} test images")  # n is summed over processes
     return stats

@@ -84,14 +84,32 @@ class Repeat:
         return itertools.repeat(self.batch, self.n)
 
 
-def train_throughput(setup, loader_of, warmup, steps):
-    """Images per second of engine.train_one_epoch over `steps` batches, after `warmup` batches (compile,
-    cuDNN autotuning, worker start-up)."""
+def train_throughput(setup, loader_of, warmup, steps, channels_last=False):
+    """Images per second of engine.train_one_epoch over `steps` batches after `warmup` ones (compile, cuDNN
+    autotuning, worker start-up), in one pass over the loader: a second pass would first wait for the batches
+    its workers had prefetched for the first, which training never does."""
     model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype = setup
-    common = dict(amp_dtype=amp_dtype, mixup_fn=mixup_fn, print_freq=10 ** 9)
-    engine.train_one_epoch(model, criterion, loader_of(warmup, 0), optimizer, device, 0, scheduler, **common)
-    stats = engine.train_one_epoch(model, criterion, loader_of(steps, 1), optimizer, device, 1, scheduler, **common)
-    return stats['images_per_sec']
+    marks = []
+
+    def mark(step, get_partial):
+        if step in (warmup, warmup + steps):
+            seen = get_partial()['seen']  # waits for the device, as the timing needs
+            marks.append((time.time(), seen))
+    if warmup == 0:
+        sync(device)
+        marks.append((time.time(), 0))
+    engine.train_one_epoch(model, criterion, loader_of(warmup + steps, 0), optimizer, device, 0, scheduler,
+                           amp_dtype=amp_dtype, mixup_fn=mixup_fn, print_freq=10 ** 9, on_step=mark,
+                           channels_last=channels_last)
+    if len(marks) != 2:
+        raise utils.UserError(f'the training set gives fewer than {warmup + steps} batches; lower --warmup or --steps')
+    (start, seen_start), (end, seen_end) = marks
+    return (seen_end - seen_start) / (end - start)
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def parse(argv):
@@ -128,23 +146,24 @@ def measure(bench, args, device):
              amp_dtype)
     gpu.train.sampler.set_epoch(0)
     batch = next(iter(gpu.train))
-    results = {'model_only': train_throughput(setup, lambda n, e: Repeat(batch, n), bench.warmup, bench.steps),
-               'gpu_path': train_throughput(setup, lambda n, e: Take(gpu.train, n, e), bench.warmup, bench.steps)}
+    timed = dict(warmup=bench.warmup, steps=bench.steps, channels_last=args.channels_last)
+    results = {'model_only': train_throughput(setup, lambda n, e: Repeat(batch, n), **timed),
+               'gpu_path': train_throughput(setup, lambda n, e: Take(gpu.train, n, e), **timed)}
     if gpu.val is not None:
-        engine.evaluate(Take(gpu.val, 2), model, device, amp_dtype)  # warm up
+        engine.evaluate(Take(gpu.val, 2), model, device, amp_dtype, channels_last=args.channels_last)  # warm up
         start = time.time()
-        stats = engine.evaluate(gpu.val, model, device, amp_dtype)
+        stats = engine.evaluate(gpu.val, model, device, amp_dtype, channels_last=args.channels_last)
         results['eval_gpu_path'] = stats['n'] / (time.time() - start)
     if not bench.skip_cpu_loader:
         cpu_train = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'false'}), device).train
-        results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), bench.warmup, bench.steps)
+        results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), **timed)
     if bench.profile:
         write_profile(setup, gpu.train, bench.profile, bench.output[:-len('.json')] + '_profile.txt'
-                      if bench.output.endswith('.json') else bench.output + '_profile.txt')
+                      if bench.output.endswith('.json') else bench.output + '_profile.txt', args.channels_last)
     return results, gpu, amp_dtype
 
 
-def write_profile(setup, loader, steps, path):
+def write_profile(setup, loader, steps, path, channels_last):
     """torch.profiler over `steps` GPU-path training batches (after the timed ones, so compiled and warm): the
     ops by their own device time (CPU time without CUDA), the batch fetches under the range 'data_path'."""
     device = setup[5]
@@ -152,9 +171,8 @@ def write_profile(setup, loader, steps, path):
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        train_throughput(setup, lambda n, e: Labelled(Take(loader, n, e), 'data_path'), 0, steps)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
+        train_throughput(setup, lambda n, e: Labelled(Take(loader, n, e), 'data_path'), 0, steps, channels_last)
+        sync(device)
     sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'

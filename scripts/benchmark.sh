@@ -7,7 +7,7 @@
 #   bash scripts/benchmark.sh DATA OUT_DIR [more main.py flags, e.g. --num_workers 15]
 # BENCHMARK_FLAGS holds benchmark.py's own flags, e.g. BENCHMARK_FLAGS='--warmup 10 --steps 50' for a shorter run
 # ('--profile 0' for no profiles);
-# PYTHON the interpreter (default python).
+# PYTHON the interpreter (default python3, else python).
 set -euo pipefail
 data=${1:?usage: bash scripts/benchmark.sh DATA OUT_DIR [main.py flags]}
 out=${2:?usage: bash scripts/benchmark.sh DATA OUT_DIR [main.py flags]}
@@ -15,10 +15,10 @@ shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 failed=0
-py=${PYTHON:-python}
-for model in vit_tiny convnext_femto; do
-  name=$([ $model = vit_tiny ] && echo vit_tiny_patch16_224 || echo convnext_femto_linear)
-  for compile in false true; do
+py=${PYTHON:-$(command -v python3 || command -v python)}
+for compile in false true; do  # both eager settings first: a call cut short by its time limit loses a compiled one
+  for model in vit_tiny convnext_femto; do
+    name=$([ $model = vit_tiny ] && echo vit_tiny_patch16_224 || echo convnext_femto_linear)
     "$py" scripts/benchmark.py --profile 10 ${BENCHMARK_FLAGS:-} --output "$out/${model}_compile_${compile}.json" -- \
       --config configs/${model}_cifar10.yaml --model "$name" --data_set image_folder --data_path "$data" \
       --batch_size 256 --use_amp true --channels_last true --compile $compile --device cuda "$@" \

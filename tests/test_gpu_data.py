@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import ROOT, final_weights, kill_after_checkpoint, run_script, write_image_folder
 import datasets
 import gpu_data
+import utils
 import gpu_transforms as gt
 from timm.data import auto_augment as aa
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -233,6 +234,21 @@ def test_eval_transform_matches_cpu_path():
 
 
 
+def test_gpu_loader_batch_seeds_fit_a_generator_for_any_run_seed():
+    """The per-batch seed mixes run seed, epoch, rank and batch; from --seed ~1800 on it passed 2**64, which
+    torch.Generator.manual_seed refuses."""
+    images, labels = torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.arange(8)
+    seeds = []
+
+    def transform(x, seed):
+        torch.Generator().manual_seed(seed)
+        seeds.append(seed)
+        return x.float()
+    loader = gpu_data.GpuLoader(images, labels, 2, transform, train=True, seed=10 ** 6, rank=1, world_size=2)
+    loader.sampler.set_epoch(5)
+    assert len(list(loader)) == 2 and len(set(seeds)) == 2 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
 def test_gpu_loader_shards_and_reshuffles():
     """Two ranks take disjoint halves of one seeded shuffle, a new one each epoch; skipping k batches resumes
     at batch k with the same augmentation; evaluation shards cover every image once."""
@@ -323,6 +339,58 @@ def test_benchmark_smoke_on_cpu(tmp_path, data):
     assert 'sorted by self_cpu_time_total' in profile and 'Self CPU' in profile
     rows = {line.split()[0] for line in profile.splitlines() if line.strip()}
     assert {'data_path', 'aten::addmm'} <= rows, sorted(rows)[:20]
+
+
+def test_benchmark_times_warmup_and_steps_in_one_pass_over_the_loader():
+    """Warm-up and timed batches come from one iterator, as in training: a fresh iterator over a loader with
+    workers would first wait for the batches they had prefetched for the last one. The rate counts the timed
+    batches' images only."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import benchmark
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    passes = []
+
+    class Batches:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            passes.append(self.n)
+            return iter([(torch.randn(5, 3, 2, 2), torch.randint(0, 3, (5,)))] * self.n)
+    setup = (model, lambda images, output, targets: torch.nn.functional.cross_entropy(output, targets), optimizer,
+             lambda optimizer, step: None, None, torch.device('cpu'), None)
+    assert benchmark.train_throughput(setup, lambda n, epoch: Batches(n), warmup=3, steps=4) > 0
+    assert passes == [7]
+    with pytest.raises(utils.UserError, match='fewer than 7 batches'):
+        benchmark.train_throughput(setup, lambda n, epoch: Batches(n - 1), warmup=3, steps=4)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_engine_gives_batches_in_the_models_memory_format(channels_last):
+    """With --channels_last the CPU loader's batches reach the model channels-last, as the GPU path's do (a
+    compiled model would otherwise compile again for the other layout), in training and evaluation."""
+    import engine
+    seen = []
+
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(12, 3)
+
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return self.linear(x.flatten(1))
+    model = Record()
+    batches = [(torch.randn(5, 3, 2, 2), torch.randint(0, 3, (5,)))] * 2
+    engine.train_one_epoch(model, lambda images, output, targets: torch.nn.functional.cross_entropy(output, targets),
+                           batches, torch.optim.SGD(model.parameters(), lr=0.1), torch.device('cpu'), 0,
+                           lambda optimizer, step: None, print_freq=10 ** 9, channels_last=channels_last)
+    engine.evaluate(batches, model, torch.device('cpu'), channels_last=channels_last)
+    assert seen == [channels_last] * 4
 
 
 @pytest.mark.slow
