@@ -171,16 +171,19 @@ def atomic_save(obj, path):
 
 
 def code_version():
-    """The git commit of this code (with -dirty if modified), recorded by every run."""
+    """The git commit of this code (with -dirty if modified), recorded by every run; where there is no git
+    checkout (a copy of the working tree sent to another machine), WS_CODE_VERSION as the sender set it."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True,
                              text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev + ('-dirty' if dirty else '')) or 'unknown'
     except (OSError, subprocess.SubprocessError):
-        return 'unknown'
+        rev = ''
+    if not rev:
+        return os.environ.get('WS_CODE_VERSION') or 'unknown'
+    return rev + ('-dirty' if dirty else '')
 
 
 def versions(packages=('torchvision', 'timm')):

@@ -5,7 +5,9 @@
 # 4 profiles, summary.md).
 # A part that fails or runs out of time is recorded and the next one runs.
 #   bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]
-# (two calls, one with each flag, when one call's 10 minutes do not hold both)
+# (two calls, one with each flag, when one call's 10 minutes do not hold both). The device's copy of the checkout
+# has no .git: set WS_CODE_VERSION=$(git rev-parse --short HEAD) (its value here) in the command, and every record
+# names the commit.
 # DATA_DIR: CIFAR-10 as an ImageFolder (default /tmp/c10); made from .carry/cifar10 (a copy of
 # ../shared/data/cifar10) when it does not exist. Environment:
 #   PYTHON                    the interpreter (default python3)
@@ -48,6 +50,12 @@ part nvidia_smi 30 nvidia-smi --query-gpu=name,memory.total,driver_version --for
 tail -n +2 "$work/nvidia_smi.log" > "$work/nvidia_smi.txt"
 # torch.compile's Triton builds its launchers with the system's C compiler: without one, compiled runs fail
 part c_compiler 10 sh -c 'command -v cc && cc --version | head -n 1'
+# ...and Python's headers and libcuda as well: one tiny compiled function says at once whether compiled runs can
+# work (and warms the compiler), rather than each compiled test and setting failing after its tracing
+part compile_probe 180 "$PYTHON" -c 'import torch, sys
+if not torch.cuda.is_available():
+    sys.exit(print("no CUDA: skipped"))
+print(torch.compile(lambda x: x.sin() + 1)(torch.ones(8, device="cuda")).sum().item(), "compiled on cuda")'
 if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
   skip cuda_tests '--no-tests'
 else
@@ -77,6 +85,6 @@ else
   fi
 fi
 echo $(($(date +%s) - start)) > "$work/elapsed"
-cat "$work"/nvidia_smi.log "$work"/c_compiler.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
+cat "$work"/nvidia_smi.log "$work"/c_compiler.log "$work"/compile_probe.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
   > "$out/gpu_check.log" 2>/dev/null
 "$PYTHON" scripts/gpu_report.py "$out" "$work"
