@@ -35,8 +35,12 @@ class TrainState:
     schedule: object = None           # recipe.StepSchedule: its settings are saved, and compared on resume
 
     def state_dict(self, args, epoch, best):
+        # each process's random states (drop path, mixup, ...); 'rng' is rank 0's, as in a single process
+        rng = utils.gather_from_ranks(utils.rng_state())
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
-                 'args': plain_values(vars(args)), 'best': best, 'rng': utils.rng_state(), 'model_name': args.model}
+                 'args': plain_values(vars(args)), 'best': best, 'rng': rng[0], 'model_name': args.model}
+        if len(rng) > 1:
+            state['rng_per_rank'] = rng
         if self.schedule is not None:
             state['schedule'] = self.schedule.settings()
         for name in ('scaler', 'projector'):
@@ -54,8 +58,22 @@ class TrainState:
             self.model_ema.module.load_state_dict(ckpt['model_ema'])
         if self.projector is not None and 'projector' in ckpt:
             self.projector.load_state_dict(ckpt['projector'])
-        if 'rng' in ckpt:
-            utils.set_rng_state(ckpt['rng'])
+        rng = own_share(ckpt, 'rng')
+        if rng is not None:
+            utils.set_rng_state(rng)
+
+
+def own_share(ckpt, key):
+    """This process's value of a per-process entry (its `<key>_per_rank`) when the checkpoint was written by as
+    many processes as run now, else `ckpt[key]` (rank 0's; with another process count the run is not exact)."""
+    shares = ckpt.get(key + '_per_rank')
+    if shares is not None and len(shares) == utils.world_size():
+        return shares[utils.rank()]
+    if shares is not None and key == 'rng':
+        utils.print_main(f'note: the checkpoint was written by {len(shares)} processes, this run has '
+                         f'{utils.world_size()}: each starts from rank 0\'s random state, so the resumed run is not '
+                         f'bit-exact')
+    return ckpt.get(key)
 
 
 def plain_values(value):
@@ -110,7 +128,10 @@ def save_epoch(args, epoch, record, best, train_state):
 def save_mid_epoch(args, epoch, step_in_epoch, partial, best, train_state):
     """checkpoint-<epoch>-step<k>.pth: enough to finish the epoch exactly as an uninterrupted run would."""
     state = train_state.state_dict(args, epoch, best)
-    state.update(step_in_epoch=step_in_epoch, partial=partial)
+    partials = utils.gather_from_ranks(partial)  # each process's running loss sum (all-reduced at the epoch's end)
+    state.update(step_in_epoch=step_in_epoch, partial=partials[0])
+    if len(partials) > 1:
+        state['partial_per_rank'] = partials
     save_checkpoint(args.output_dir, f'checkpoint-{epoch}-step{step_in_epoch}.pth', state,
                     keep_last=args.save_ckpt_num)
 
@@ -253,7 +274,7 @@ def resume(args, train_state):
     if train_state.schedule is not None and 'schedule' in ckpt:
         warn_schedule_changes(ckpt['schedule'], train_state.schedule.settings())
     if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch
-        resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], ckpt['partial'])
+        resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], own_share(ckpt, 'partial'))
     else:
         resumed = Resumed(ckpt['epoch'] + 1, ckpt.get('best', {}))
     truncate_log(args.output_dir, resumed.start_epoch)

@@ -302,6 +302,21 @@ def unwrap_model(model):
             return model
 
 
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...]: every process's own value (random states, running sums), which a
+    checkpoint written by rank 0 alone must hold for each; [obj] in a single process. A collective: every
+    process calls it."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_mean(tensor):
     if world_size() > 1:
         tensor = tensor.clone()

@@ -100,6 +100,27 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, data):
     assert seed_diff > 1e-2  # the comparison can tell different runs apart
 
 
+def test_ddp_resume_restores_each_process_its_own_random_states(tmp_path, data):
+    """2 processes with drop path and mixup: continuing from the first epoch's checkpoint gives the uninterrupted
+    run's weights bit for bit, since each process gets back its own random states (before, every process took
+    rank 0's: the same mixup draws on both ranks, and rank 0's drop-path masks)."""
+    common = ['--epochs', '2', '--batch_size', '2', '--num_workers', '0', '--drop_path', '0.1', '--mixup', '0.8',
+              '--save_ckpt_num', '2', '--disable_eval', 'true']
+    torchrun = ['-m', 'torch.distributed.run', '--nproc_per_node=2']
+    reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
+    proc = run_script(*torchrun, f'--master_port={free_port()}', *main_cmd(data, reference, *common)[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed.mkdir()
+    (resumed / 'checkpoint-0.pth').write_bytes((reference / 'checkpoint-0.pth').read_bytes())
+    (resumed / 'log.txt').write_text((reference / 'log.txt').read_text())
+    proc = run_script(*torchrun, f'--master_port={free_port()}', *main_cmd(data, resumed, *common)[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'continuing at epoch 1' in proc.stdout
+    a, b = final_weights(reference, 1)['model'], final_weights(resumed, 1)['model']
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert log_lines(reference) == log_lines(resumed)
+
+
 def _workers(pid):
     """The main.py worker processes started by the torchrun process `pid`."""
     out = []
