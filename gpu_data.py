@@ -167,13 +167,14 @@ VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd', 'IMNET')
 
 def fits(args, device):
     """Whether both splits, as uint8 squares of their native side (or gpu_side), take at most half of the
-    device's free memory: the default of --gpu_data auto."""
+    device's free memory, on every process's device (so that all take the same path): the default of
+    --gpu_data auto."""
     if device.type != 'cuda':
         return False
     side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
     count = IMAGES.get(args.data_set) or sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
     free, _ = torch.cuda.mem_get_info(device)
-    return count * 3 * side * side <= free // 2
+    return utils.on_every_rank(count * 3 * side * side <= free // 2, device)
 
 
 def varied_sizes(args):

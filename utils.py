@@ -317,6 +317,16 @@ def gather_from_ranks(obj):
     return gathered
 
 
+def on_every_rank(flag, device):
+    """Whether `flag` holds on every process (a decision each takes from its own state, such as free memory,
+    that all must take alike); `flag` in a single process."""
+    if world_size() == 1:
+        return bool(flag)
+    value = torch.tensor(int(bool(flag)), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def all_reduce_mean(tensor):
     if world_size() > 1:
         tensor = tensor.clone()

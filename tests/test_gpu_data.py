@@ -409,6 +409,31 @@ def test_benchmark_refuses_a_device_it_cannot_use(tmp_path, data, capsys, flags,
     assert not (tmp_path / 'b.json').exists()
 
 
+def _fits_on_rank(rank, store_file, free_per_rank, results):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=len(free_per_rank))
+    torch.cuda.mem_get_info = lambda device=None: (free_per_rank[rank], 10 ** 12)
+    utils_device = torch.device('cpu')  # the vote's tensor lives here under gloo; fits asks about 'cuda'
+    utils_on_every_rank = utils.on_every_rank
+    utils.on_every_rank = lambda flag, device: utils_on_every_rank(flag, utils_device)
+    args = SimpleNamespace(data_set='CIFAR10', gpu_data_size=None, input_size=224, crop_pct=None)
+    results[rank] = gpu_data.fits(args, torch.device('cuda'))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gpu_data_fits_only_where_every_process_has_room(tmp_path):
+    """Each process measures its own device's free memory; all must take the same path, so one short of room
+    sends every process to the CPU loader (a rank on another path, or stopping alone, would hang the others)."""
+    import torch.multiprocessing as mp
+    cifar_bytes = 60_000 * 3 * 32 * 32
+    for free, expected in (([2 * cifar_bytes, 2 * cifar_bytes], True), ([2 * cifar_bytes, cifar_bytes], False)):
+        results = mp.Manager().dict()
+        mp.spawn(_fits_on_rank, args=(str(tmp_path / f'store{expected}'), free, results), nprocs=2)
+        assert dict(results) == {0: expected, 1: expected}
+
+
 def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     """--gpu_data auto's rule: both splits as uint8 squares within half of the free memory; never on the CPU."""
     from types import SimpleNamespace
