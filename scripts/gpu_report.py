@@ -26,7 +26,11 @@ def device(work):
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             info.update(name=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1),
-                        capability='.'.join(map(str, torch.cuda.get_device_capability(0))))
+                        capability='.'.join(map(str, torch.cuda.get_device_capability(0))),
+                        # TF32 matmuls (an image's override, as NGC containers set) would move the data path's
+                        # resampling off the CPU path's values by a level or two
+                        tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                        tf32_override_env=os.environ.get('TORCH_ALLOW_TF32_CUBLAS_OVERRIDE'))
     except Exception as e:
         info['error'] = str(e)
     return info

@@ -63,20 +63,25 @@ def checkpoint_names(folder):
 def kill_after_checkpoint(args, folder, extra_seconds=0.0, timeout=120):
     """Start `python *args`, wait until it has written a checkpoint into `folder` that was not there before,
     then `extra_seconds` more, and SIGKILL it (no clean-up of any kind runs). True if it was still running
-    to be killed, False if it had ended by itself."""
+    to be killed, False if it had ended by itself; a run that failed by itself fails the test with its stderr."""
     import signal
+    import tempfile
     import time
     before = checkpoint_names(folder)
-    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and child.poll() is None and checkpoint_names(folder) <= before:
-        time.sleep(0.005)
-    time.sleep(extra_seconds)
-    running = child.poll() is None
-    if running:
-        child.send_signal(signal.SIGKILL)
-    child.wait()
+    with tempfile.TemporaryFile() as stderr:
+        child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + timeout
+        while time.time() < deadline and child.poll() is None and checkpoint_names(folder) <= before:
+            time.sleep(0.005)
+        time.sleep(extra_seconds)
+        running = child.poll() is None
+        if running:
+            child.send_signal(signal.SIGKILL)
+        child.wait()
+        if not running and child.returncode != 0:
+            stderr.seek(0)
+            raise AssertionError(f'the run failed before it could be killed (exit status {child.returncode}): '
+                                 + stderr.read().decode(errors='replace')[-2000:])
     return running
 
 
