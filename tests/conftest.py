@@ -43,6 +43,27 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
+def run_torchrun(*args, timeout=600):
+    """run_script('-m', 'torch.distributed.run', *args), except that past the timeout torchrun gets SIGTERM,
+    which it passes on to its workers: they run in sessions of their own, which killing torchrun would leave
+    running (holding a GPU for whatever runs next)."""
+    import signal
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *args], cwd=ROOT,
+                            env=dict(os.environ, PYTHONWARNINGS='ignore'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f'torchrun ran past {timeout} s and was stopped: {err[-2000:]}') from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def log_lines(folder, drop_timing=True):
     """A run's log.txt records, without the timing fields that differ between identical runs."""
     with open(os.path.join(folder, 'log.txt')) as f:

@@ -19,7 +19,8 @@ import datasets
 import engine
 import gpu_data
 import recipe
-from conftest import ROOT, final_weights, free_port, kill_after_checkpoint, log_lines, run_script, write_image_folder
+from conftest import (ROOT, final_weights, free_port, kill_after_checkpoint, log_lines, run_script, run_torchrun,
+                      write_image_folder)
 from test_gpu_data import FILL, natural_image, to_tensor
 from utils import UserError
 
@@ -224,12 +225,12 @@ def test_torchrun_one_process_nccl(tmp_path, data):
     all_reduce; main.py itself trains on LOCAL_RANK's device (with one process it makes no process group)."""
     script = tmp_path / 'nccl_check.py'
     script.write_text(NCCL_SCRIPT.format(root=ROOT, device=DEVICE, backend=BACKEND))
-    torchrun = ['-m', 'torch.distributed.run', '--nproc_per_node=1', f'--master_port={free_port()}']
-    proc = run_script(*torchrun, str(script), timeout=LIMIT)
+    torchrun = ['--nproc_per_node=1', f'--master_port={free_port()}']
+    proc = run_torchrun(*torchrun, str(script), timeout=LIMIT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f'backend {BACKEND} ' in proc.stdout and 'all_reduce [2.0, 2.0, 2.0] grad finite True' in proc.stdout
     out = tmp_path / 'run'
-    proc = run_script(*torchrun, 'main.py', *VIT, *TINY, '--data_path', data, '--output_dir', str(out),
+    proc = run_torchrun(*torchrun, 'main.py', *VIT, *TINY, '--data_path', data, '--output_dir', str(out),
                       '--use_amp', 'true', timeout=LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'world_size 1 x batch_size 4' in proc.stdout and (out / 'checkpoint-0.pth').exists()
