@@ -13,6 +13,7 @@
 #   PYTHON                    the interpreter (default python3)
 #   GPU_CHECK_BUDGET          seconds for everything (570); GPU_CHECK_TEST_LIMIT: for the tests (360)
 #   GPU_CHECK_BENCHMARK=0     as --no-benchmark; GPU_CHECK_TESTS=0 as --no-tests
+#   GPU_CHECK_TAR=1           benchmark/ packed as OUT_DIR/benchmark.tgz (a device call returns at most 8 files)
 #   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
 #   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 12';
 #                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
@@ -88,3 +89,9 @@ echo $(($(date +%s) - start)) > "$work/elapsed"
 cat "$work"/nvidia_smi.log "$work"/c_compiler.log "$work"/compile_probe.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
   > "$out/gpu_check.log" 2>/dev/null
 "$PYTHON" scripts/gpu_report.py "$out" "$work"
+rc=$?
+# GPU_CHECK_TAR=1: benchmark/ (up to 9 files) as one benchmark.tgz, for a device call that returns 8 files at most
+if [ "${GPU_CHECK_TAR:-0}" = 1 ] && [ -d "$out/benchmark" ]; then
+  tar -czf "$out/benchmark.tgz" -C "$out" benchmark && rm -rf "$out/benchmark"
+fi
+exit $rc
