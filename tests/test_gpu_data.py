@@ -410,15 +410,16 @@ def test_benchmark_refuses_a_device_it_cannot_use(tmp_path, data, capsys, flags,
 
 
 def _fits_on_rank(rank, store_file, free_per_rank, results):
+    """gpu_data.fits on this rank, for each case of free memory per rank; the vote runs on the CPU (gloo)."""
     import torch.distributed as dist
     from types import SimpleNamespace
-    dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=len(free_per_rank))
-    torch.cuda.mem_get_info = lambda device=None: (free_per_rank[rank], 10 ** 12)
-    utils_device = torch.device('cpu')  # the vote's tensor lives here under gloo; fits asks about 'cuda'
-    utils_on_every_rank = utils.on_every_rank
-    utils.on_every_rank = lambda flag, device: utils_on_every_rank(flag, utils_device)
+    dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=2)
+    on_every_rank = utils.on_every_rank
+    utils.on_every_rank = lambda flag, device: on_every_rank(flag, torch.device('cpu'))
     args = SimpleNamespace(data_set='CIFAR10', gpu_data_size=None, input_size=224, crop_pct=None)
-    results[rank] = gpu_data.fits(args, torch.device('cuda'))
+    for case, free in enumerate(free_per_rank):
+        torch.cuda.mem_get_info = lambda device=None: (free[rank], 10 ** 12)
+        results[(case, rank)] = gpu_data.fits(args, torch.device('cuda'))
     dist.destroy_process_group()
 
 
@@ -427,11 +428,11 @@ def test_gpu_data_fits_only_where_every_process_has_room(tmp_path):
     """Each process measures its own device's free memory; all must take the same path, so one short of room
     sends every process to the CPU loader (a rank on another path, or stopping alone, would hang the others)."""
     import torch.multiprocessing as mp
-    cifar_bytes = 60_000 * 3 * 32 * 32
-    for free, expected in (([2 * cifar_bytes, 2 * cifar_bytes], True), ([2 * cifar_bytes, cifar_bytes], False)):
-        results = mp.Manager().dict()
-        mp.spawn(_fits_on_rank, args=(str(tmp_path / f'store{expected}'), free, results), nprocs=2)
-        assert dict(results) == {0: expected, 1: expected}
+    cifar = 60_000 * 3 * 32 * 32
+    results = mp.Manager().dict()
+    mp.spawn(_fits_on_rank, args=(str(tmp_path / 'store'), [(2 * cifar, 2 * cifar), (2 * cifar, cifar)], results),
+             nprocs=2)
+    assert dict(results) == {(0, 0): True, (0, 1): True, (1, 0): False, (1, 1): False}
 
 
 def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
