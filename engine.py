@@ -111,11 +111,11 @@ def log_progress(loss, optimizer, epoch, step, micro, num_micro, images_per_sec,
         log_writer.add_scalar('train/lr', lr, step)
 
 
-@torch.no_grad()
 def memory_format(channels_last):
     return torch.channels_last if channels_last else torch.preserve_format
 
 
+@torch.no_grad()
 def evaluate(loader, model, device, amp_dtype=None, sharded=False, channels_last=False):
     """Top-1/top-5 accuracy and loss over the loader; `sharded`: each process holds its own shard, and the
     totals are summed over processes; `channels_last` as in train_one_epoch."""

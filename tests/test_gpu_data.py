@@ -374,7 +374,7 @@ def test_engine_gives_batches_in_the_models_memory_format(channels_last):
     """With --channels_last the CPU loader's batches reach the model channels-last, as the GPU path's do (a
     compiled model would otherwise compile again for the other layout), in training and evaluation."""
     import engine
-    seen = []
+    seen, grads = [], []
 
     class Record(torch.nn.Module):
         def __init__(self):
@@ -383,6 +383,7 @@ def test_engine_gives_batches_in_the_models_memory_format(channels_last):
 
         def forward(self, x):
             seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            grads.append(torch.is_grad_enabled())
             return self.linear(x.flatten(1))
     model = Record()
     batches = [(torch.randn(5, 3, 2, 2), torch.randint(0, 3, (5,)))] * 2
@@ -391,6 +392,7 @@ def test_engine_gives_batches_in_the_models_memory_format(channels_last):
                            lambda optimizer, step: None, print_freq=10 ** 9, channels_last=channels_last)
     engine.evaluate(batches, model, torch.device('cpu'), channels_last=channels_last)
     assert seen == [channels_last] * 4
+    assert grads == [True, True, False, False]  # evaluation runs without autograd
 
 
 @pytest.mark.slow
