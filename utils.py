@@ -283,7 +283,7 @@ def world_size():
 
 
 def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank() == 0
 
 
 def print_main(*args, **kwargs):

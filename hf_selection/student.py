@@ -117,10 +117,11 @@ def check_switches(t_cfg, overrides):
 def check_sizes(overrides, family):
     """A size the user gives is a positive whole number; null only where config.json may leave it to a default
     (GPT-2's n_inner, the key/value heads, head_dim, the pooler output size). 0 would otherwise read as unset."""
-    may_be_null = {n for w in ('inter', 'kv_heads', 'pooler') if w in family.fields for n in field_names(family, w)}
+    may_be_null = {n for w in ('inter', 'kv_heads', 'pooler') if w in family.fields
+                   for n in field_names(family, w)} | {'head_dim'}
     sizes = {n for w in family.fields for n in field_names(family, w)} | {'head_dim'}
     for key, value in overrides.items():
-        if key in sizes and not (value is None and key in may_be_null | {'head_dim'}) \
+        if key in sizes and not (value is None and key in may_be_null) \
                 and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise UserError(f'--student_config: {key} must be a positive whole number, got {value!r}')
 
