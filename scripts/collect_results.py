@@ -3,7 +3,7 @@ random selections), next to the paper's numbers.
 
     python scripts/collect_results.py runs --out results     # writes results/tables.md and results/tables.csv
 
-Reads OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/log.txt as scripts/tables.py lays them out. Each run
+Reads OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>*/log.txt as scripts/tables.py lays them out. Each run
 gives two accuracies, reported side by side: "best", the highest test acc@1 over epochs (what the official
 code reports as "max accuracy", chosen on the test set), and "final", the last epoch's, which involves no
 choice made on the test set.

@@ -1,13 +1,14 @@
 """The runs behind each of the paper's tables: weight selections and trainings, printed then run.
 
-    DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row, SEEDS seeds (random rows: 0 1 2)
+    DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row (random rows: selections 0 1 2)
     DRY_RUN=1 DATA_ROOT=/data python scripts/tables.py 10         # print the commands only
     DATA_PATH=/data/cifar100 DATASETS=cifar100 python scripts/tables.py 2   # one dataset (scripts/cifar100.sh)
 
-Runs go to OUTPUT/table<N>/<row>/<dataset>/<model>/seed<S>/ (log.txt, checkpoints), selections to
-OUTPUT/ws/; scripts/collect_results.py turns OUTPUT into the tables. Environment: DATA_ROOT (one folder
-per dataset: DATA_ROOT/cifar100, ...), NGPUS [1], OUTPUT [runs], SEEDS [0; 0 1 2 for Table 3's random
-selections, whose median the paper reports] (e.g. "0 1 2"),
+Runs go to OUTPUT/table<N>/<row>/<dataset>/<model>/seed<T>/ (log.txt, checkpoints; seed<T>_selection<S>/ in
+Table 3's random rows), selections to OUTPUT/ws/; scripts/collect_results.py turns OUTPUT into the tables.
+Environment: DATA_ROOT (one folder per dataset: DATA_ROOT/cifar100, ...), NGPUS [1], OUTPUT [runs],
+SEEDS: training seeds [0] (e.g. "0 1 2"), SELECTION_SEEDS: the selections of Table 3's random rows, whose
+median the paper reports, each trained with every training seed [0 1 2],
 EXTRA (more main.py flags), SELECT_EXTRA (more weight_selection.py flags, e.g. --student_kwargs
 '{"img_size": 32}' for a small trial at 32 px), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
 <timm name>.pth, used instead of the hub when present (offline); DATASETS and MODELS keep only some
@@ -30,8 +31,8 @@ from recipe import DATA_SETS, STUDENTS as STUDENT, TEACHERS as TEACHER  # noqa: 
 
 VIT_S, CONVNEXT_T = TEACHER['vit_tiny'], TEACHER['convnext_femto']
 # Rows the paper reports as "the median performance of three different selection results" (Table 3's random
-# selections): without SEEDS they run three seeds, each its own selection (and training seed), and
-# collect_results.py reports their median.
+# selections): three selections (SELECTION_SEEDS), each trained with the same training seeds (SEEDS), so that
+# the spread is the selection's; folders seed<T>_selection<S>, whose median collect_results.py reports.
 MEDIAN_OF_THREE = {(3, 'ws random'), (3, 'ws random w/o consistency')}
 ALL = ['imagenet', 'svhn', 'food101', 'eurosat', 'cifar10', 'cifar100', 'stl10', 'flowers', 'pets', 'dtd']
 
@@ -154,7 +155,10 @@ def select_extra(env, row_kwargs):
 
 def commands(n, env):
     out = env.get('OUTPUT', 'runs')
-    seeds = env.get('SEEDS', '0').split()
+    seeds, selection_seeds = env.get('SEEDS', '0').split(), env.get('SELECTION_SEEDS', '0 1 2').split()
+    for var, values in (('SEEDS', seeds), ('SELECTION_SEEDS', selection_seeds)):
+        if not values or not all(v.isdigit() for v in values):
+            raise SystemExit(f"error: {var}={env.get(var)!r}: give whole numbers separated by spaces, e.g. {var}='0 1 2'")
     teacher_dir, ngpus = env.get('TEACHER_DIR'), env.get('NGPUS', '1')
     py = sys.executable if not env.get('PYTHON') else env['PYTHON']
     cmds, selected = [], set()
@@ -163,7 +167,11 @@ def commands(n, env):
         placeholders = {'{linear_probe}': os.path.join(HERE, 'configs', f'linear_probe_{model}_{dataset}.yaml'),
                         '{config_600ep}': os.path.join(HERE, 'configs', f'{model}_{dataset}_600ep.yaml')}
         flags = [placeholders.get(f, f) for f in flags]
-        for seed in seeds if 'SEEDS' in env or (n, row) not in MEDIAN_OF_THREE else ['0', '1', '2']:
+        median = (n, row) in MEDIAN_OF_THREE
+        # (training seed, selection seed, run folder); outside the median rows the selection takes the training seed
+        runs = ([(t, s, f'seed{t}_selection{s}') for t in seeds for s in selection_seeds] if median
+                else [(t, t, f'seed{t}') for t in seeds])
+        for seed, selection_seed, folder in runs:
             init = []
             if sel is not None:
                 teacher = sel['teacher'] or TEACHER[model]
@@ -173,12 +181,12 @@ def commands(n, env):
                 extra, student_kwargs = select_extra(env, sel['student_kwargs'])
                 if extra or student_kwargs != (sel['student_kwargs'] or {}):  # another selection: its own file
                     name += f"_x{zlib.crc32(env['SELECT_EXTRA'].encode()):08x}"
-                ws_file = os.path.join(out, 'ws', name + (f'_s{seed}' if random_sel else '') + '.pth')
+                ws_file = os.path.join(out, 'ws', name + (f'_s{selection_seed}' if random_sel else '') + '.pth')
                 if ws_file not in selected:
                     selected.add(ws_file)
                     cmd = [py, os.path.join(HERE, 'weight_selection.py'), '--teacher', teacher, '--student', student,
                            '--layer_selection', sel['layers'], '--element_selection', sel['elements'],
-                           '--seed', seed, '--output', ws_file]
+                           '--seed', selection_seed, '--output', ws_file]
                     ckpt = os.path.join(teacher_dir, teacher + '.pth') if teacher_dir else None
                     if ckpt and os.path.exists(ckpt):
                         cmd += ['--teacher_checkpoint', ckpt]
@@ -188,7 +196,7 @@ def commands(n, env):
                         cmd += ['--student_kwargs', json.dumps(student_kwargs)]
                     cmds.append(cmd + extra)
                 init = ['--initialize', ws_file]
-            run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, f'seed{seed}')
+            run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, folder)
             download = ['--download', 'true'] if env.get('DOWNLOAD') == 'true' else []
             # one process needs no torchrun (whose report of a failed run is a traceback of its own)
             launch = [py] if ngpus == '1' else [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}']

@@ -195,23 +195,36 @@ def test_collector_on_fixture_logs(tmp_path):
 
 
 def test_table3_random_selections_are_the_median_of_three(tmp_path):
-    """Table 3's random rows are "the median performance of three different selection results": without SEEDS
-    they run seeds 0, 1 and 2, each with its own selection file, the other rows one seed; the collector reports
-    those rows' median, the others' mean."""
+    """Table 3's random rows are "the median performance of three different selection results": they run
+    selections 0, 1 and 2, each its own file, all trained with the same training seed (so that the spread is the
+    selection's), the other rows one run per training seed; the collector reports those rows' median, the
+    others' mean."""
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import tables
     env = {'DATA_ROOT': '/data', 'OUTPUT': '/out', 'MODELS': 'vit_tiny'}
     cmds = [shlex.join(c) for c in tables.commands(3, env)]
-    runs = {row: sorted(c.split('--seed ')[1].split()[0] for c in cmds if f'/table3/{row}/' in c)
-            for row in ('ws_random', 'ws_random_w_o_consistency', 'ws_uniform', 'xavier')}
-    assert runs == {'ws_random': ['0', '1', '2'], 'ws_random_w_o_consistency': ['0', '1', '2'], 'ws_uniform': ['0'],
-                    'xavier': ['0']}
+
+    def trainings(cmds, row):  # (run folder, training seed, selection file) of each training of the row
+        return sorted((c.split('--output_dir ')[1].split()[0].rsplit('/', 1)[1], c.split('--seed ')[1].split()[0],
+                       c.split('--initialize ')[1].split()[0] if '--initialize' in c else None)
+                      for c in cmds if f'/table3/{row}/' in c)
+
+    ws = '/out/ws/vit_tiny_patch16_224_vit_small_patch16_224_augreg_in21k_first_random_s'
+    assert trainings(cmds, 'ws_random') == [(f'seed0_selection{s}', '0', f'{ws}{s}.pth') for s in '012']
+    assert [run[:2] for run in trainings(cmds, 'ws_random_w_o_consistency')] == [
+        ('seed0_selection0', '0'), ('seed0_selection1', '0'), ('seed0_selection2', '0')]
+    assert trainings(cmds, 'xavier') == [('seed0', '0', None)]
+    assert [run[:2] for run in trainings(cmds, 'ws_uniform')] == [('seed0', '0')]
     selections = [c for c in cmds if 'weight_selection.py' in c and '--element_selection random ' in c]
-    assert len({c.split('--output ')[1] for c in selections}) == 3
-    assert len([c for c in tables.commands(3, dict(env, SEEDS='4')) if '/table3/ws_random/' in shlex.join(c)]) == 1
+    assert sorted(c.split('--output ')[1] for c in selections) == [f'{ws}{s}.pth' for s in '012']
+    assert sorted(c.split('--seed ')[1].split()[0] for c in selections) == ['0', '1', '2']
+    more = [shlex.join(c) for c in tables.commands(3, dict(env, SEEDS='4 5', SELECTION_SEEDS='7'))]
+    assert [run[:2] for run in trainings(more, 'ws_random')] == [('seed4_selection7', '4'), ('seed5_selection7', '5')]
+    assert [run[:2] for run in trainings(more, 'xavier')] == [('seed4', '4'), ('seed5', '5')]
     for row, accs in [('ws_random', [80.0, 70.0, 81.0]), ('ws_uniform', [80.0, 70.0, 81.0])]:
         for seed, acc in enumerate(accs):
-            folder = tmp_path / 'runs' / 'table3' / row / 'cifar100' / 'vit_tiny' / f'seed{seed}'
+            name = f'seed0_selection{seed}' if row == 'ws_random' else f'seed{seed}'
+            folder = tmp_path / 'runs' / 'table3' / row / 'cifar100' / 'vit_tiny' / name
             folder.mkdir(parents=True)
             (folder / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': acc}) + '\n')
     proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
