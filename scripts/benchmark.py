@@ -84,23 +84,25 @@ class Repeat:
         return itertools.repeat(self.batch, self.n)
 
 
-def train_throughput(setup, loader_of, warmup, steps, channels_last=False):
+def train_throughput(setup, loader_of, warmup, steps, channels_last=False, update_freq=1):
     """Images per second of engine.train_one_epoch over `steps` batches after `warmup` ones (compile, cuDNN
     autotuning, worker start-up), in one pass over the loader: a second pass would first wait for the batches
-    its workers had prefetched for the first, which training never does."""
+    its workers had prefetched for the first, which training never does. An optimizer step every `update_freq`
+    batches, as training accumulates them (both counts rounded up to whole windows)."""
     model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype = setup
+    warmup, steps = (-(-n // update_freq) * update_freq for n in (warmup, steps))
     marks = []
 
     def mark(step, get_partial):
-        if step in (warmup, warmup + steps):
+        if step * update_freq in (warmup, warmup + steps):
             seen = get_partial()['seen']  # waits for the device, as the timing needs
             marks.append((time.time(), seen))
     if warmup == 0:
         sync(device)
         marks.append((time.time(), 0))
     engine.train_one_epoch(model, criterion, loader_of(warmup + steps, 0), optimizer, device, 0, scheduler,
-                           amp_dtype=amp_dtype, mixup_fn=mixup_fn, print_freq=10 ** 9, on_step=mark,
-                           channels_last=channels_last)
+                           update_freq=update_freq, amp_dtype=amp_dtype, mixup_fn=mixup_fn, print_freq=10 ** 9,
+                           on_step=mark, channels_last=channels_last)
     if len(marks) != 2:
         raise utils.UserError(f'the training set gives fewer than {warmup + steps} batches; lower --warmup or --steps')
     (start, seen_start), (end, seen_end) = marks
@@ -133,20 +135,21 @@ def parse(argv):
 
 def measure(bench, args, device):
     """{measurement: images per second}, the GPU-path loaders and the AMP dtype, with main.py's recipe."""
-    lr = recipe.learning_rate(args, trainer.resolve_batch(args, 1)[1])
+    update_freq, global_batch = trainer.resolve_batch(args, 1)  # one process, as the benchmark runs
+    lr = recipe.learning_rate(args, global_batch)
     gpu = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'true'}), device)
     model = build.build_model(args, gpu.num_classes).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     mixup_fn, criterion = recipe.build_criterion(args, gpu.num_classes)
     optimizer = recipe.build_optimizer(model, args, device, lr)
-    scheduler = recipe.build_schedule(args, lr, len(gpu.train), args.epochs)
+    scheduler = recipe.build_schedule(args, lr, len(gpu.train) // update_freq, args.epochs)
     amp_dtype, _ = recipe.build_amp(args, device)
     setup = (torch.compile(model) if args.compile else model, criterion, optimizer, scheduler, mixup_fn, device,
              amp_dtype)
     gpu.train.sampler.set_epoch(0)
     batch = next(iter(gpu.train))
-    timed = dict(warmup=bench.warmup, steps=bench.steps, channels_last=args.channels_last)
+    timed = dict(warmup=bench.warmup, steps=bench.steps, channels_last=args.channels_last, update_freq=update_freq)
     results = {'model_only': train_throughput(setup, lambda n, e: Repeat(batch, n), **timed),
                'gpu_path': train_throughput(setup, lambda n, e: Take(gpu.train, n, e), **timed)}
     if gpu.val is not None:
@@ -159,11 +162,12 @@ def measure(bench, args, device):
         results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), **timed)
     if bench.profile:
         write_profile(setup, gpu.train, bench.profile, bench.output[:-len('.json')] + '_profile.txt'
-                      if bench.output.endswith('.json') else bench.output + '_profile.txt', args.channels_last)
+                      if bench.output.endswith('.json') else bench.output + '_profile.txt', args.channels_last,
+                      update_freq)
     return results, gpu, amp_dtype
 
 
-def write_profile(setup, loader, steps, path, channels_last):
+def write_profile(setup, loader, steps, path, channels_last, update_freq=1):
     """torch.profiler over `steps` GPU-path training batches (after the timed ones, so compiled and warm): the
     ops by their own device time (CPU time without CUDA), the batch fetches under the range 'data_path'."""
     device = setup[5]
@@ -171,7 +175,8 @@ def write_profile(setup, loader, steps, path, channels_last):
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        train_throughput(setup, lambda n, e: Labelled(Take(loader, n, e), 'data_path'), 0, steps, channels_last)
+        train_throughput(setup, lambda n, e: Labelled(Take(loader, n, e), 'data_path'), 0, steps, channels_last,
+                         update_freq)
         sync(device)
     sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
@@ -201,6 +206,7 @@ def main(argv=None):
         'ratios': {k: round(v, 3) for k, v in ratios.items()},
         f'projected_{bench.epochs_projected}_epoch_minutes': round(bench.epochs_projected * epoch_seconds / 60, 1),
         'settings': {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
+                     'update_freq': trainer.resolve_batch(args, 1)[0],
                      'compile': args.compile, 'use_amp': args.use_amp, 'amp_dtype': str(amp_dtype),
                      'channels_last': args.channels_last, 'aa': args.aa, 'reprob': args.reprob,
                      'mixup': args.mixup, 'cutmix': args.cutmix, 'num_workers': args.num_workers,

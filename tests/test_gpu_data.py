@@ -367,6 +367,13 @@ def test_benchmark_times_warmup_and_steps_in_one_pass_over_the_loader():
     assert passes == [7]
     with pytest.raises(utils.UserError, match='fewer than 7 batches'):
         benchmark.train_throughput(setup, lambda n, epoch: Batches(n - 1), warmup=3, steps=4)
+    # with the recipe's accumulation (update_freq 2), one optimizer step per two batches, as in training, and
+    # the counts rounded up to whole windows: 4 warm-up and 4 timed batches, 4 optimizer steps
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    passes.clear()
+    assert benchmark.train_throughput(setup, lambda n, epoch: Batches(n), warmup=3, steps=3, update_freq=2) > 0
+    assert passes == [8] and len(steps) == 4
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
