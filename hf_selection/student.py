@@ -35,7 +35,7 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if unknown:
         raise UserError(f"--student_config: '{unknown[0]}' is not a field of the teacher's config.json "
                         f'({t_cfg.get("model_type")}); check its spelling')
-    check_sizes(overrides, family)
+    overrides = check_sizes(t_cfg, overrides, family)
     for width in family.fields:  # a width with two names (num_local_experts, num_experts): under the teacher's
         names = field_names(family, width)
         given = [k for k in overrides if k in names]
@@ -114,16 +114,27 @@ def check_switches(t_cfg, overrides):
     return {k: v for k, v in overrides.items() if k in t_cfg or k not in defaults}  # restated defaults: as the teacher
 
 
-def check_sizes(overrides, family):
-    """A size the user gives is a positive whole number; null only where config.json may leave it to a default
-    (GPT-2's n_inner, the key/value heads, head_dim, the pooler output size). 0 would otherwise read as unset."""
-    may_be_null = {n for w in ('inter', 'kv_heads', 'pooler') if w in family.fields
-                   for n in field_names(family, w)} | {'head_dim'}
-    sizes = {n for w in family.fields for n in field_names(family, w)} | {'head_dim'}
+def check_sizes(t_cfg, overrides, family):
+    """The overrides, checked: a size the user gives is a positive whole number (0 would otherwise read as unset),
+    or null where the teacher's config.json has it null too (GPT-2's n_inner); a null size the teacher leaves out
+    is dropped, so that the student has the teacher's default. Which sizes transformers lets be null differs by
+    family (LLaMA's head_dim may be, Gemma's may not): a null the teacher does not have could write a student
+    that transformers refuses to load."""
+    names = [field_names(family, w) for w in family.fields] + [('head_dim',)]
+    # each size name -> the teacher's config.json key for that size (under either name of a width), if any
+    teacher_key = {n: next((m for m in group if m in t_cfg), None) for group in names for n in group}
+    dropped = set()
     for key, value in overrides.items():
-        if key in sizes and not (value is None and key in may_be_null) \
-                and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise UserError(f'--student_config: {key} must be a positive whole number, got {value!r}')
+        if key not in teacher_key:
+            continue
+        t_key = teacher_key[key]
+        if value is None and (t_key is None or t_cfg[t_key] is None):
+            dropped |= {key} if t_key is None else set()
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            why = '' if value is not None else \
+                f" (null only where the teacher's config.json has it null; the teacher has {t_cfg[t_key]!r})"
+            raise UserError(f'--student_config: {key} must be a positive whole number, got {value!r}{why}')
+    return {k: v for k, v in overrides.items() if k not in dropped}
 
 
 def backbone_stages(t_cfg, layer_map):

@@ -1184,6 +1184,22 @@ def test_dinov2_backbone_outputs_follow_layer_selection(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- GPT-2
 
+def test_null_sizes_restate_the_teachers_defaults(gpt2, tmp_path):
+    """A null size is accepted where the teacher's config.json has it null (GPT-2's n_inner: 4 x n_embd), and
+    dropped where the teacher leaves it out, so the student has the teacher's default; both load."""
+    folder, _ = gpt2
+    teacher = json.load(open(os.path.join(folder, 'config.json')))
+    assert teacher['n_inner'] is None
+    shutil.copytree(folder, tmp_path / 'left_out')  # the same teacher, its config.json without n_inner
+    del teacher['n_inner']
+    (tmp_path / 'left_out' / 'config.json').write_text(json.dumps(teacher))
+    for name, teacher_folder in (('s', folder), ('s2', str(tmp_path / 'left_out'))):
+        hf_selection.select_hf(teacher_folder, dict(n_embd=16, n_head=2, n_inner=None), str(tmp_path / name))
+        config = json.load(open(tmp_path / name / 'config.json'))
+        assert config.get('n_inner', 'left out') == (None if name == 's' else 'left out')
+        assert load_strict(str(tmp_path / name)).transformer.h[0].mlp.c_fc.weight.shape == (16, 64)
+
+
 def test_gpt2_every_tensor(gpt2, tmp_path):
     folder, t = gpt2
     student = dict(n_embd=16, n_head=2, n_layer=2, n_positions=32, n_inner=48)
@@ -1298,6 +1314,10 @@ set_model_type = edit_json('config.json', lambda config: dict(config, model_type
     (None, {'head_dim': 0}, 'head_dim must be a positive whole number, got 0'),
     (None, {'intermediate_size': 0}, 'intermediate_size must be a positive whole number, got 0'),
     (None, {'num_key_value_heads': 0}, 'num_key_value_heads must be a positive whole number, got 0'),
+    # a null the teacher's config.json does not have (transformers refuses LLaMA's intermediate_size null)
+    (None, dict(LLAMA_STUDENT, intermediate_size=None), 'intermediate_size must be a positive whole number, got '
+                                                        "None .null only where the teacher's config.json has it null"),
+    (None, {'num_key_value_heads': None}, 'num_key_value_heads must be a positive whole number, got None'),
     # switches that add tensors the teacher has no weights for (transformers would fill them at random)
     (None, {'attention_bias': True}, "attention_bias stays the teacher's .False.: another value adds or removes"),
     (None, {'mlp_bias': True}, "mlp_bias stays the teacher's"),
