@@ -150,7 +150,7 @@ class GpuLoader:
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
         for k in range(len(order) // self.batch_size):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            seed = (((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k) % (2 ** 63)
+            seed = (((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 10_000_019 + first + k) % (2 ** 64)
             yield self._layout(self.transform(self.images[idx], seed)), self.labels[idx]
 
     def _layout(self, x):
