@@ -128,6 +128,10 @@ def parse(argv):
     bench = p.parse_args(argv)
     args = trainer.parse_args(bench.main_args[1:] if bench.main_args[:1] == ['--'] else bench.main_args)
     config.check_args(args)  # main.py's one-line answers to bad flags (--device gpu, no --data_path, ...)
+    for flag, value, least in (('--warmup', bench.warmup, 0), ('--steps', bench.steps, 1),
+                               ('--epochs_projected', bench.epochs_projected, 1), ('--profile', bench.profile, 0)):
+        if value < least:
+            raise utils.UserError(f'{flag} {value}: give a whole number of at least {least}')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise utils.UserError('no CUDA device here; pass --device cpu (with small settings) to try the benchmark')
     return bench, args

@@ -464,3 +464,20 @@ def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (80 * 2 ** 30, 10 ** 12))
     assert gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)  # 256 px: 19.9 GB
     assert not gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'IMNET'}), cuda)
+
+
+@pytest.mark.parametrize('bench_flags, expected', [
+    (['--steps', '0'], '--steps 0: give a whole number of at least 1'),
+    (['--warmup', '-1'], '--warmup -1: give a whole number of at least 0'),
+    (['--profile', '-2'], '--profile -2: give a whole number of at least 0'),
+])
+def test_benchmark_refuses_counts_it_cannot_time(tmp_path, capsys, bench_flags, expected):
+    """A count of batches that cannot be timed is one line naming the flag, not the loader's 'fewer than N
+    batches' (which then named the wrong cause)."""
+    from conftest import expect_cli_error
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import benchmark
+    expect_cli_error(benchmark.main, ['--output', str(tmp_path / 'b.json'), *bench_flags, '--', '--data_set',
+                                      'image_folder', '--data_path', str(tmp_path), '--device', 'cpu'], capsys,
+                     expected)
+    assert not (tmp_path / 'b.json').exists()
