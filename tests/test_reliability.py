@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (ROOT, assert_clean_failure, final_weights, free_port, kill_after_checkpoint, log_lines, run_script,
-                      write_image_folder)
+                      run_torchrun, write_image_folder)
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 
@@ -101,21 +101,20 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, data):
 
 
 def test_ddp_resume_restores_each_process_its_own_random_states(tmp_path, data):
-    """2 processes with drop path and mixup: continuing from the first epoch's checkpoint gives the uninterrupted
-    run's weights bit for bit, since each process gets back its own random states (before, every process took
-    rank 0's: the same mixup draws on both ranks, and rank 0's drop-path masks)."""
+    """2 processes with drop path and mixup: continuing from a checkpoint in the middle of the first epoch gives
+    the uninterrupted run's weights and log bit for bit, since each process gets back its own random states and
+    running loss sum (before, every process took rank 0's: the same mixup draws on both ranks, rank 0's
+    drop-path masks, and rank 0's loss sum in both halves of the epoch's mean loss)."""
     common = ['--epochs', '2', '--batch_size', '2', '--num_workers', '0', '--drop_path', '0.1', '--mixup', '0.8',
-              '--save_ckpt_num', '2', '--disable_eval', 'true']
-    torchrun = ['-m', 'torch.distributed.run', '--nproc_per_node=2']
+              '--save_every_steps', '1', '--save_ckpt_num', '20', '--disable_eval', 'true']
     reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
-    proc = run_script(*torchrun, f'--master_port={free_port()}', *main_cmd(data, reference, *common)[1:])
+    proc = run_torchrun('--nproc_per_node=2', f'--master_port={free_port()}', *main_cmd(data, reference, *common)[1:])
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed.mkdir()
-    (resumed / 'checkpoint-0.pth').write_bytes((reference / 'checkpoint-0.pth').read_bytes())
-    (resumed / 'log.txt').write_text((reference / 'log.txt').read_text())
-    proc = run_script(*torchrun, f'--master_port={free_port()}', *main_cmd(data, resumed, *common)[1:])
+    (resumed / 'checkpoint-0-step2.pth').write_bytes((reference / 'checkpoint-0-step2.pth').read_bytes())
+    proc = run_torchrun('--nproc_per_node=2', f'--master_port={free_port()}', *main_cmd(data, resumed, *common)[1:])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'continuing at epoch 1' in proc.stdout
+    assert 'step 2 of the epoch' in proc.stdout
     a, b = final_weights(reference, 1)['model'], final_weights(resumed, 1)['model']
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert log_lines(reference) == log_lines(resumed)
