@@ -140,24 +140,27 @@ def evaluate(loader, model, device, amp_dtype=None, sharded=False, channels_last
 
 
 @torch.no_grad()
-def features(loader, model, device, amp_dtype=None):
-    """L2-normalized pre-logits features (timm's forward_head(pre_logits=True)) and labels of a loader."""
+def features(loader, model, device, amp_dtype=None, channels_last=False):
+    """L2-normalized pre-logits features (timm's forward_head(pre_logits=True)) and labels of a loader; batches
+    in the model's memory format, as in training."""
     model.eval()
     feats, labels = [], []
     for images, targets in loader:
         with autocast(device, amp_dtype):
-            f = model.forward_head(model.forward_features(images.to(device, non_blocking=True)), pre_logits=True)
+            images = images.to(device, non_blocking=True, memory_format=memory_format(channels_last))
+            f = model.forward_head(model.forward_features(images), pre_logits=True)
         feats.append(torch.nn.functional.normalize(f.float().flatten(1), dim=1))
         labels.append(targets.to(device))
     return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
-def knn_accuracy(train_loader, test_loader, model, device, k=20, temperature=0.07, amp_dtype=None):
+def knn_accuracy(train_loader, test_loader, model, device, k=20, temperature=0.07, amp_dtype=None,
+                 channels_last=False):
     """Top-1 accuracy (%) of a k-nearest-neighbour vote over cosine similarities, each neighbour weighted
     by exp(similarity / temperature) (DINO's k-NN protocol): how good a model's features are, untrained."""
-    bank, bank_labels = features(train_loader, model, device, amp_dtype)
-    test, test_labels = features(test_loader, model, device, amp_dtype)
+    bank, bank_labels = features(train_loader, model, device, amp_dtype, channels_last)
+    test, test_labels = features(test_loader, model, device, amp_dtype, channels_last)
     classes = int(max(bank_labels.max(), test_labels.max())) + 1
     correct = 0
     for start in range(0, len(test), 1024):  # a (1024 x train) similarity block at a time

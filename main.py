@@ -400,7 +400,8 @@ def knn_probe(run):
     loaders = [torch.utils.data.DataLoader(d, batch_size=batch_size, num_workers=args.num_workers)
                for d in (train_set, test_set)]
     amp_dtype, _ = recipe.build_amp(args, run.device)
-    acc = engine.knn_accuracy(*loaders, model, run.device, k=args.knn_probe, amp_dtype=amp_dtype)
+    acc = engine.knn_accuracy(*loaders, model, run.device, k=args.knn_probe, amp_dtype=amp_dtype,
+                              channels_last=args.channels_last)
     stats = {'knn_acc1': acc, 'k': args.knn_probe, 'n_train': len(train_set), 'n_test': len(test_set),
              'initialize': build.initialization_file(args.initialize, args.model), 'init': args.init,
              'features': args.knn_features}

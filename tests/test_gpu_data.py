@@ -385,7 +385,8 @@ def test_benchmark_times_warmup_and_steps_in_one_pass_over_the_loader():
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_engine_gives_batches_in_the_models_memory_format(channels_last):
     """With --channels_last the CPU loader's batches reach the model channels-last, as the GPU path's do (a
-    compiled model would otherwise compile again for the other layout), in training and evaluation."""
+    compiled model would otherwise compile again for the other layout), in training, evaluation and the k-NN
+    probe."""
     import engine
     seen, grads = [], []
 
@@ -395,17 +396,24 @@ def test_engine_gives_batches_in_the_models_memory_format(channels_last):
             self.linear = torch.nn.Linear(12, 3)
 
         def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+        def forward_features(self, x):
             seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
             grads.append(torch.is_grad_enabled())
-            return self.linear(x.flatten(1))
+            return x.flatten(1)
+
+        def forward_head(self, x, pre_logits=False):
+            return x if pre_logits else self.linear(x)
     model = Record()
     batches = [(torch.randn(5, 3, 2, 2), torch.randint(0, 3, (5,)))] * 2
     engine.train_one_epoch(model, lambda images, output, targets: torch.nn.functional.cross_entropy(output, targets),
                            batches, torch.optim.SGD(model.parameters(), lr=0.1), torch.device('cpu'), 0,
                            lambda optimizer, step: None, print_freq=10 ** 9, channels_last=channels_last)
     engine.evaluate(batches, model, torch.device('cpu'), channels_last=channels_last)
-    assert seen == [channels_last] * 4
-    assert grads == [True, True, False, False]  # evaluation runs without autograd
+    engine.knn_accuracy(batches, batches, model, torch.device('cpu'), k=1, channels_last=channels_last)
+    assert seen == [channels_last] * 8
+    assert grads == [True, True] + [False] * 6  # evaluation and the probe run without autograd
 
 
 @pytest.mark.slow
