@@ -172,8 +172,9 @@ def main_parser():
 
 
 def collect(root):
-    """{(table, row, dataset, model): [(best, final, departures) per seed]} from
-    root/table<N>/<row>/<dataset>/<model>/seed<S>/ (departures: recipe_departures)."""
+    """{(table, row, dataset, model): [(best, final, departures, folder) per run]} from
+    root/table<N>/<row>/<dataset>/<model>/seed<S>/ (departures: recipe_departures); in the median rows, only the
+    seed<T>_selection<S>/ folders that scripts/tables.py writes there."""
     results, own = {}, {}
     for dirpath, _, files in os.walk(root):
         if 'log.txt' not in files:
@@ -181,22 +182,41 @@ def collect(root):
         parts = os.path.relpath(dirpath, root).split(os.sep)
         if len(parts) != 5 or not parts[0].startswith('table') or not parts[4].startswith('seed'):
             continue
+        if is_median_row(int(parts[0][5:]), parts[1]) != ('_selection' in parts[4]):
+            print(f'note: skipped {dirpath}: scripts/tables.py writes seed<T>_selection<S> folders in the rows the '
+                  f'paper reports as a median over selections, seed<T> folders elsewhere', file=sys.stderr)
+            continue
         accs = run_accuracies(os.path.join(dirpath, 'log.txt'))
         if accs is not None:
             key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
             if key not in own:
                 own[key] = row_flags(*key)
-            results.setdefault(key, []).append((*accs, recipe_departures(dirpath, parts[4], own[key])))
+            results.setdefault(key, []).append((*accs, recipe_departures(dirpath, parts[4], own[key]), parts[4]))
     return results
 
 
-def fmt(values, median=False):
+def cell_values(runs, which, median):
+    """The values a cell sums up: each run's accuracy (`which`: 0 best, 1 final); in a median row, for each
+    training seed the median over its selections, so that the spread between selections and the one between
+    training seeds are not mixed."""
+    if not median:
+        return [run[which] for run in runs]
+    by_seed = {}
+    for run in runs:
+        by_seed.setdefault(run[3].split('_selection')[0], []).append(run[which])
+    return [statistics.median(v) for _, v in sorted(by_seed.items())]
+
+
+def fmt(values, median=False, n_runs=None):
     if not values:
         return '-'
+    if median:
+        if len(values) == 1:
+            return f'median {values[0]:.1f} (n={n_runs})'
+        return (f'medians {statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} '
+                f'(n={n_runs}, {len(values)} seeds)')
     if len(values) == 1:
         return f'{values[0]:.1f}'
-    if median:
-        return f'median {statistics.median(values):.1f} (n={len(values)})'
     return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n={len(values)})'
 
 
@@ -219,7 +239,9 @@ def write_tables(results, out):
     tables = sorted({k[0] for k in results})
     md = ['# Results\n', 'Test acc@1 (%) as "best / final / paper": ours as mean ± std over seeds of each run\'s '
           'best epoch (the official code\'s "max accuracy", picked on the test set) and of its final epoch, '
-          'then the paper\'s number; "median" where the paper reports the median of three selections.\n']
+          'then the paper\'s number; "median" where the paper reports the median of three selections ("medians '
+          'm ± s" with several training seeds: mean ± std over training seeds of the median over selections; '
+          'in tables.csv such rows sum up those medians).\n']
     rows_csv = [('table', 'row', 'dataset', 'model', 'n', 'best_mean', 'best_std', 'best_median', 'final_mean',
                  'final_std', 'final_median', 'paper', 'departures_from_recipe')]
     for t in tables:
@@ -234,15 +256,16 @@ def write_tables(results, out):
             cells = []
             for d, m in columns:
                 runs = results.get((t, r, d, m), [])
-                best, final = [b for b, _, _ in runs], [f for _, f, _ in runs]
-                departures = [line for _, _, lines in runs for line in lines]
+                median = is_median_row(t, r)
+                best, final = cell_values(runs, 0, median), cell_values(runs, 1, median)
+                departures = [line for run in runs for line in run[2]]
                 paper = PAPER.get(t, {}).get((r, d, m))
                 mark = ''
                 if departures:  # not the paper's recipe: the comparison with its number does not hold
                     notes.append(f'{len(notes) + 1}. {r}, {d} {m}: ' + '; '.join(departures))
                     mark = f' [off recipe: {len(notes)}]'
-                median, paper_cell = is_median_row(t, r), paper if paper is not None else '-'
-                cells.append(f'{fmt(best, median)} / {fmt(final, median)} / {paper_cell}{mark}')
+                paper_cell = paper if paper is not None else '-'
+                cells.append(f'{fmt(best, median, len(runs))} / {fmt(final, median, len(runs))} / {paper_cell}{mark}')
                 if runs or paper is not None:
                     rows_csv.append((t, r, d, m, len(runs), *_stats(best), *_stats(final),
                                      paper if paper is not None else '', '; '.join(departures)))

@@ -221,17 +221,35 @@ def test_table3_random_selections_are_the_median_of_three(tmp_path):
     more = [shlex.join(c) for c in tables.commands(3, dict(env, SEEDS='4 5', SELECTION_SEEDS='7'))]
     assert [run[:2] for run in trainings(more, 'ws_random')] == [('seed4_selection7', '4'), ('seed5_selection7', '5')]
     assert [run[:2] for run in trainings(more, 'xavier')] == [('seed4', '4'), ('seed5', '5')]
-    for row, accs in [('ws_random', [80.0, 70.0, 81.0]), ('ws_uniform', [80.0, 70.0, 81.0])]:
-        for seed, acc in enumerate(accs):
-            name = f'seed0_selection{seed}' if row == 'ws_random' else f'seed{seed}'
-            folder = tmp_path / 'runs' / 'table3' / row / 'cifar100' / 'vit_tiny' / name
+
+    def write_runs(root, runs):
+        for row, name, acc in runs:
+            folder = root / 'table3' / row / 'cifar100' / 'vit_tiny' / name
             folder.mkdir(parents=True)
             (folder / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': acc}) + '\n')
-    proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
-    assert proc.returncode == 0, proc.stderr
-    md = (tmp_path / 'res' / 'tables.md').read_text()
+
+    def collected(root):
+        proc = run_script(os.path.join('scripts', 'collect_results.py'), str(root), '--out', str(root / 'res'))
+        assert proc.returncode == 0, proc.stderr
+        return (root / 'res' / 'tables.md').read_text(), proc.stderr
+
+    accs = [80.0, 70.0, 81.0]
+    write_runs(tmp_path / 'one', [('ws_random', f'seed0_selection{s}', a) for s, a in enumerate(accs)]
+               + [('ws_uniform', f'seed{s}', a) for s, a in enumerate(accs)])
+    md, _ = collected(tmp_path / 'one')
     assert '| ws_random | - / - / 83.9 | median 80.0 (n=3) / median 80.0 (n=3) / 81.7 |' in md
     assert '| ws_uniform | - / - / 84.4 | 77.0 ± 6.1 (n=3) / 77.0 ± 6.1 (n=3) / 81.4 |' in md
+    # with two training seeds, the median over selections per training seed (80 and 85), then their mean ± std:
+    # not one median over six runs, which would mix the two spreads (it would say 80.5); a seed<T> folder in a
+    # median row (not what tables.py writes there) is left out, with a note
+    write_runs(tmp_path / 'two', [('ws_random', f'seed{t}_selection{s}', a + 5 * t) for t in (0, 1)
+                                  for s, a in enumerate(accs)] + [('ws_random', 'seed7', 10.0)])
+    md, err = collected(tmp_path / 'two')
+    assert '| ws_random | - / - / 83.9 | medians 82.5 ± 3.5 (n=6, 2 seeds) / medians 82.5 ± 3.5 (n=6, 2 seeds) / 81.7 |' \
+        in md, md
+    assert 'skipped' in err and 'seed7' in err
+    csv_text = (tmp_path / 'two' / 'res' / 'tables.csv').read_text()
+    assert '3,ws_random,cifar100,vit_tiny,6,82.50,3.54,82.50,82.50,3.54,82.50,81.7' in csv_text
 
 
 def test_collector_marks_runs_that_left_their_recipe(tmp_path):
