@@ -84,13 +84,18 @@ class Repeat:
         return itertools.repeat(self.batch, self.n)
 
 
+def whole_windows(batches, update_freq):
+    """`batches` rounded up to whole accumulation windows: the batches train_throughput runs."""
+    return -(-batches // update_freq) * update_freq
+
+
 def train_throughput(setup, loader_of, warmup, steps, channels_last=False, update_freq=1):
     """Images per second of engine.train_one_epoch over `steps` batches after `warmup` ones (compile, cuDNN
     autotuning, worker start-up), in one pass over the loader: a second pass would first wait for the batches
     its workers had prefetched for the first, which training never does. An optimizer step every `update_freq`
     batches, as training accumulates them (both counts rounded up to whole windows)."""
     model, criterion, optimizer, scheduler, mixup_fn, device, amp_dtype = setup
-    warmup, steps = (-(-n // update_freq) * update_freq for n in (warmup, steps))
+    warmup, steps = whole_windows(warmup, update_freq), whole_windows(steps, update_freq)
     marks = []
 
     def mark(step, get_partial):
@@ -185,7 +190,7 @@ def write_profile(setup, loader, steps, path, channels_last, update_freq=1):
     sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    head = (f'torch.profiler over {steps} GPU-path training batches, sorted by {sort_by}; the range data_path is '
+    head = (f'torch.profiler over {whole_windows(steps, update_freq)} GPU-path training batches, sorted by {sort_by}; the range data_path is '
             f'the batch fetches (random resized crops, flips, RandAugment and random erasing of uint8 images on '
             f'the device).\ndevice: {name}; {utils.versions()}\n\n')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -199,6 +204,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     utils.seed_everything(args.seed)
     results, gpu, amp_dtype = measure(bench, args, device)
+    update_freq = trainer.resolve_batch(args, 1)[0]  # as measure() steps the optimizer
     ratios = {'gpu_path / model_only': results['gpu_path'] / results['model_only']}
     if 'cpu_loader' in results:
         ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']
@@ -210,12 +216,13 @@ def main(argv=None):
         'ratios': {k: round(v, 3) for k, v in ratios.items()},
         f'projected_{bench.epochs_projected}_epoch_minutes': round(bench.epochs_projected * epoch_seconds / 60, 1),
         'settings': {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
-                     'update_freq': trainer.resolve_batch(args, 1)[0],
+                     'update_freq': update_freq,
                      'compile': args.compile, 'use_amp': args.use_amp, 'amp_dtype': str(amp_dtype),
                      'channels_last': args.channels_last, 'aa': args.aa, 'reprob': args.reprob,
                      'mixup': args.mixup, 'cutmix': args.cutmix, 'num_workers': args.num_workers,
                      'data_set': args.data_set, 'train_images': n_train, 'eval_images': n_val,
-                     'warmup_batches': bench.warmup, 'timed_batches': bench.steps},
+                     'warmup_batches': whole_windows(bench.warmup, update_freq),
+                     'timed_batches': whole_windows(bench.steps, update_freq)},
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({os.cpu_count()} cores)',
         'versions': utils.versions(),
         'command': ['python', 'scripts/benchmark.py', *(argv if argv is not None else sys.argv[1:])],

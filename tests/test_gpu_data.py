@@ -326,23 +326,25 @@ def test_gpu_path_rejects_policies_it_does_not_implement(tmp_path, data):
 @pytest.mark.slow
 def test_benchmark_smoke_on_cpu(tmp_path, data):
     """scripts/benchmark.py end to end with tiny settings: all three measurements, the JSON record and the
-    profiler summary, in which the batch fetches are a range of their own."""
+    profiler summary, in which the batch fetches are a range of their own; with update_freq 2, the batch counts
+    it ran (rounded up to whole accumulation windows) are the ones it reports."""
     import json
     out = tmp_path / 'bench' / 'b.json'
     proc = run_script('scripts/benchmark.py', '--output', str(out), '--warmup', '1', '--steps', '2', '--profile', '2',
                       '--',
                       '--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}',
                       '--input_size', '32', '--data_set', 'image_folder', '--data_path', data, '--device', 'cpu',
-                      '--batch_size', '4', '--num_workers', '0')
+                      '--batch_size', '4', '--num_workers', '0', '--update_freq', '2')
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
+    assert [report['settings'][k] for k in ('update_freq', 'warmup_batches', 'timed_batches')] == [2, 2, 2]
     assert set(report['images_per_sec']) == {'model_only', 'gpu_path', 'cpu_loader', 'eval_gpu_path'}
     assert all(v > 0 for v in report['images_per_sec'].values())
     assert set(report['ratios']) == {'gpu_path / model_only', 'gpu_path / cpu_loader'}
     assert report['settings']['batch_size'] == 4 and report['versions']['torch'] == torch.__version__
     assert report['projected_300_epoch_minutes'] > 0
     profile = (tmp_path / 'bench' / 'b_profile.txt').read_text()
-    assert 'sorted by self_cpu_time_total' in profile and 'Self CPU' in profile
+    assert 'over 2 GPU-path training batches, sorted by self_cpu_time_total' in profile and 'Self CPU' in profile
     rows = {line.split()[0] for line in profile.splitlines() if line.strip()}
     assert {'data_path', 'aten::addmm'} <= rows, sorted(rows)[:20]
 
