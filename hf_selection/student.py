@@ -128,8 +128,10 @@ def check_sizes(t_cfg, overrides, family):
         if key not in teacher_key:
             continue
         t_key = teacher_key[key]
-        if value is None and (t_key is None or t_cfg[t_key] is None):
-            dropped |= {key} if t_key is None else set()
+        if value is None and t_key is None:
+            dropped.add(key)
+        elif value is None and t_cfg[t_key] is None:
+            continue  # restates the teacher's null
         elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             why = '' if value is not None else \
                 f" (null only where the teacher's config.json has it null; the teacher has {t_cfg[t_key]!r})"

@@ -143,7 +143,8 @@ def parse(argv):
 
 
 def measure(bench, args, device):
-    """{measurement: images per second}, the GPU-path loaders and the AMP dtype, with main.py's recipe."""
+    """{measurement: images per second}, the GPU-path loaders, the AMP dtype and the update_freq the optimizer
+    stepped with, with main.py's recipe."""
     update_freq, global_batch = trainer.resolve_batch(args, 1)  # one process, as the benchmark runs
     lr = recipe.learning_rate(args, global_batch)
     gpu = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'true'}), device)
@@ -173,7 +174,7 @@ def measure(bench, args, device):
         write_profile(setup, gpu.train, bench.profile, bench.output[:-len('.json')] + '_profile.txt'
                       if bench.output.endswith('.json') else bench.output + '_profile.txt', args.channels_last,
                       update_freq)
-    return results, gpu, amp_dtype
+    return results, gpu, amp_dtype, update_freq
 
 
 def write_profile(setup, loader, steps, path, channels_last, update_freq=1):
@@ -190,9 +191,9 @@ def write_profile(setup, loader, steps, path, channels_last, update_freq=1):
     sort_by = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    head = (f'torch.profiler over {whole_windows(steps, update_freq)} GPU-path training batches, sorted by {sort_by}; the range data_path is '
-            f'the batch fetches (random resized crops, flips, RandAugment and random erasing of uint8 images on '
-            f'the device).\ndevice: {name}; {utils.versions()}\n\n')
+    head = (f'torch.profiler over {whole_windows(steps, update_freq)} GPU-path training batches, sorted by '
+            f'{sort_by}; the range data_path is the batch fetches (random resized crops, flips, RandAugment and '
+            f'random erasing of uint8 images on the device).\ndevice: {name}; {utils.versions()}\n\n')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     utils.atomic_write(path, lambda f: f.write((head + table + '\n').encode()))
     print(f'profile written to {path}')
@@ -203,8 +204,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     utils.seed_everything(args.seed)
-    results, gpu, amp_dtype = measure(bench, args, device)
-    update_freq = trainer.resolve_batch(args, 1)[0]  # as measure() steps the optimizer
+    results, gpu, amp_dtype, update_freq = measure(bench, args, device)
     ratios = {'gpu_path / model_only': results['gpu_path'] / results['model_only']}
     if 'cpu_loader' in results:
         ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']

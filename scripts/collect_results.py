@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+import typing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tables.py beside this file; main.py and config.py above it
@@ -171,8 +172,15 @@ def main_parser():
     return main.get_args_parser()
 
 
+class Run(typing.NamedTuple):
+    best: float         # the highest test acc@1 over epochs
+    final: float        # the last epoch's
+    departures: list    # recipe_departures
+    folder: str         # seed<T>, or seed<T>_selection<S> in the median rows
+
+
 def collect(root):
-    """{(table, row, dataset, model): [(best, final, departures, folder) per run]} from
+    """{(table, row, dataset, model): [Run per run folder]} from
     root/table<N>/<row>/<dataset>/<model>/seed<S>/ (departures: recipe_departures); in the median rows, only the
     seed<T>_selection<S>/ folders that scripts/tables.py writes there."""
     results, own = {}, {}
@@ -191,19 +199,19 @@ def collect(root):
             key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
             if key not in own:
                 own[key] = row_flags(*key)
-            results.setdefault(key, []).append((*accs, recipe_departures(dirpath, parts[4], own[key]), parts[4]))
+            results.setdefault(key, []).append(Run(*accs, recipe_departures(dirpath, parts[4], own[key]), parts[4]))
     return results
 
 
 def cell_values(runs, which, median):
-    """The values a cell sums up: each run's accuracy (`which`: 0 best, 1 final); in a median row, for each
+    """The values a cell sums up: each run's accuracy (`which`: 'best' or 'final'); in a median row, for each
     training seed the median over its selections, so that the spread between selections and the one between
     training seeds are not mixed."""
     if not median:
-        return [run[which] for run in runs]
+        return [getattr(run, which) for run in runs]
     by_seed = {}
     for run in runs:
-        by_seed.setdefault(run[3].split('_selection')[0], []).append(run[which])
+        by_seed.setdefault(run.folder.split('_selection')[0], []).append(getattr(run, which))
     return [statistics.median(v) for _, v in sorted(by_seed.items())]
 
 
@@ -257,8 +265,8 @@ def write_tables(results, out):
             for d, m in columns:
                 runs = results.get((t, r, d, m), [])
                 median = is_median_row(t, r)
-                best, final = cell_values(runs, 0, median), cell_values(runs, 1, median)
-                departures = [line for run in runs for line in run[2]]
+                best, final = cell_values(runs, 'best', median), cell_values(runs, 'final', median)
+                departures = [line for run in runs for line in run.departures]
                 paper = PAPER.get(t, {}).get((r, d, m))
                 mark = ''
                 if departures:  # not the paper's recipe: the comparison with its number does not hold
