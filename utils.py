@@ -6,6 +6,7 @@ Nothing here knows about models, weight selection or the recipe.
 import argparse
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -233,15 +234,25 @@ def init_distributed(args):
         return Dist()
     if world == 1:
         return Dist(rank, world, local, False)
+    join_process_group(args, rank, world, local)
+    return Dist(rank, world, local, True)
+
+
+def join_process_group(args, rank, world, local, timeout=datetime.timedelta(minutes=30)):
+    """NCCL on this process's GPU (`local`), else gloo, through the launcher's store; returns the backend.
+    With world 1 it makes a group of one (init_distributed does not; the CUDA tests do, to run NCCL)."""
     use_cuda = args.device.startswith('cuda') and torch.cuda.is_available()
+    kwargs = {}
     if use_cuda:
         torch.cuda.set_device(local)
-    timeout = datetime.timedelta(minutes=30)
+        if 'device_id' in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
+            kwargs['device_id'] = torch.device('cuda', local)  # barriers and collectives on this GPU, said once
     store = _restart_safe_store(args.dist_url, rank, world, timeout)
-    dist.init_process_group(backend='nccl' if use_cuda else 'gloo', init_method=None if store else args.dist_url,
-                            store=store, world_size=world, rank=rank, timeout=timeout)
+    backend = 'nccl' if use_cuda else 'gloo'
+    dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
+                            world_size=world, rank=rank, timeout=timeout, **kwargs)
     dist.barrier()
-    return Dist(rank, world, local, True)
+    return backend
 
 
 def close_distributed():

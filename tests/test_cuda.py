@@ -193,18 +193,14 @@ def test_bf16_training_step_eager(tmp_path, data, model):
 
 
 NCCL_SCRIPT = """
-import datetime, os, sys
+import os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import main, utils
 args = main.parse_args(['--device', {device!r}])
 rank, world_size, local = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+backend = utils.join_process_group(args, rank, world_size, local)  # main.py's, with a group of one
 device = torch.device({device!r}, local) if {device!r} == 'cuda' else torch.device('cpu')
-if device.type == 'cuda':
-    torch.cuda.set_device(device)
-store = utils._restart_safe_store(args.dist_url, rank, world_size, datetime.timedelta(minutes=2))  # main.py's
-dist.init_process_group({backend!r}, init_method=None if store else 'env://', store=store, rank=rank,
-                        world_size=world_size)
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4).to(device),
                                                   device_ids=[local] if device.type == 'cuda' else None)
 with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -213,7 +209,7 @@ loss.backward()
 total = torch.full((3,), 2.0, device=device)
 dist.all_reduce(total)
 dist.barrier()
-print('backend', dist.get_backend(), 'store', type(store).__name__, 'all_reduce', total.tolist(),
+print('backend', backend, dist.get_backend(), 'all_reduce', total.tolist(),
       'grad finite', bool(torch.isfinite(model.module.weight.grad).all()), flush=True)
 del model  # DDP holds the group: alive when it is destroyed, it can abort at exit (utils.close_distributed)
 dist.destroy_process_group()
@@ -221,14 +217,14 @@ dist.destroy_process_group()
 
 
 def test_torchrun_one_process_nccl(tmp_path, data):
-    """One torchrun process: a process group with NCCL (through main.py's restart-safe store) runs DDP and an
-    all_reduce; main.py itself trains on LOCAL_RANK's device (with one process it makes no process group)."""
+    """One torchrun process: a process group with NCCL (joined by main.py's utils.join_process_group) runs DDP
+    and an all_reduce; main.py itself trains on LOCAL_RANK's device (with one process it makes no process group)."""
     script = tmp_path / 'nccl_check.py'
-    script.write_text(NCCL_SCRIPT.format(root=ROOT, device=DEVICE, backend=BACKEND))
+    script.write_text(NCCL_SCRIPT.format(root=ROOT, device=DEVICE))
     torchrun = ['--nproc_per_node=1', f'--master_port={free_port()}']
     proc = run_torchrun(*torchrun, str(script), timeout=LIMIT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert f'backend {BACKEND} ' in proc.stdout and 'all_reduce [2.0, 2.0, 2.0] grad finite True' in proc.stdout
+    assert f'backend {BACKEND} {BACKEND} ' in proc.stdout and 'all_reduce [2.0, 2.0, 2.0] grad finite True' in proc.stdout
     out = tmp_path / 'run'
     proc = run_torchrun(*torchrun, 'main.py', *VIT, *TINY, '--data_path', data, '--output_dir', str(out),
                       '--use_amp', 'true', timeout=LIMIT)
