@@ -165,16 +165,29 @@ IMAGES = {'CIFAR10': 60_000, 'CIFAR100': 60_000, 'flowers': 8_189, 'pets': 7_349
 VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd', 'IMNET')
 
 
+def stored_bytes(args):
+    """The bytes of both splits as decode_to_uint8 stores them (uint8 RGB). A named dataset: its IMAGES count
+    at its native side, or at gpu_side where its sizes vary (read from the table, not the files). An image
+    folder, split by split: at its images' one size (kept as it is, however large), else at gpu_side."""
+    if args.data_set != 'image_folder':
+        side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
+        return IMAGES[args.data_set] * 3 * side * side
+    total = 0
+    for is_train in (True, False):
+        dataset = raw_dataset(is_train, args)[0]
+        sizes = _image_sizes(dataset)
+        width, height = next(iter(sizes)) if len(sizes) == 1 else (gpu_side(args),) * 2
+        total += len(dataset) * 3 * width * height
+    return total
+
+
 def fits(args, device):
-    """Whether both splits, as uint8 squares of their native side (or gpu_side), take at most half of the
-    device's free memory, on every process's device (so that all take the same path): the default of
-    --gpu_data auto."""
+    """Whether both splits, as stored (stored_bytes), take at most half of the device's free memory, on every
+    process's device (so that all take the same path): the default of --gpu_data auto."""
     if device.type != 'cuda':
         return False
-    side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
-    count = IMAGES.get(args.data_set) or sum(len(raw_dataset(is_train, args)[0]) for is_train in (True, False))
     free, _ = torch.cuda.mem_get_info(device)
-    return utils.on_every_rank(count * 3 * side * side <= free // 2, device)
+    return utils.on_every_rank(stored_bytes(args) <= free // 2, device)
 
 
 def varied_sizes(args):
@@ -205,8 +218,9 @@ def choose(args, device):
     if args.gpu_data == 'false':
         return False
     if args.gpu_data == 'true' and device.type == 'cuda' and not fits(args, device):
-        raise UserError(f'--gpu_data true: {args.data_set} does not fit in half of the free GPU memory; pass '
-                        f'--gpu_data false (or a smaller --gpu_data_size)')
+        raise UserError(f'--gpu_data true: {args.data_set} ({stored_bytes(args) / 2 ** 30:.1f} GiB as uint8) does '
+                        f'not fit in half of the free GPU memory; pass --gpu_data false (or, where its image sizes '
+                        f'vary, a smaller --gpu_data_size)')
     if args.gpu_data == 'auto' and not fits(args, device):
         return False
     try:

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,8 +14,9 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never touch the network
 
 
-def write_image_folder(root, train=8, val=3, classes=3, seed=0, varied_sizes=False):
-    """A tiny ImageFolder (root/train/c<k>/*.png, root/val/...) whose classes differ in brightness."""
+def write_image_folder(root, train=8, val=3, classes=3, seed=0, varied_sizes=False, shape=(32, 32)):
+    """A tiny ImageFolder (root/train/c<k>/*.png, root/val/...) whose classes differ in brightness; images of
+    `shape` (height, width), or of one height per class with varied_sizes."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -22,8 +25,8 @@ def write_image_folder(root, train=8, val=3, classes=3, seed=0, varied_sizes=Fal
             folder = os.path.join(root, split, f'c{c}')
             os.makedirs(folder)
             for i in range(n):
-                shape = (36 + 4 * c, 40, 3) if varied_sizes else (32, 32, 3)
-                pixels = (rng.random(shape) * 80 + 60 * c).astype('uint8')
+                size = (36 + 4 * c, 40, 3) if varied_sizes else (*shape, 3)
+                pixels = (rng.random(size) * 80 + 60 * c).astype('uint8')
                 Image.fromarray(pixels).save(os.path.join(folder, f'{i}.png'))
     return str(root)
 
@@ -47,10 +50,13 @@ def run_torchrun(*args, timeout=600):
     """run_script('-m', 'torch.distributed.run', *args), except that past the timeout torchrun gets SIGTERM,
     which it passes on to its workers: they run in sessions of their own, which killing torchrun would leave
     running (holding a GPU for whatever runs next)."""
-    import signal
-    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *args], cwd=ROOT,
-                            env=dict(os.environ, PYTHONWARNINGS='ignore'), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory(prefix='torchrun_') as tmp:  # torchrun leaves a torchelastic_* folder in it
+        return _run_torchrun(args, timeout, dict(os.environ, PYTHONWARNINGS='ignore', TMPDIR=tmp))
+
+
+def _run_torchrun(args, timeout, env):
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -285,12 +285,12 @@ def test_gpu_data_auto_takes_the_device_path_when_it_fits(tmp_path, data, monkey
 
 
 def test_gpu_data_fits_rule_on_device(data, monkeypatch, tmp_path):
-    """Both splits as uint8 squares of gpu_side (32 / 0.875 -> 36 px for an image folder) within half of
-    the free memory; --gpu_data true stops with one line when they do not fit."""
+    """Both splits as stored (the fixture's 32 px images at their own size) within half of the free memory;
+    --gpu_data true stops with one line when they do not fit."""
     args = main.parse_args([*VIT, *TINY, '--data_path', data])
     device = torch.device(DEVICE, 0) if DEVICE == 'cuda' else torch.device(DEVICE)
     assert gpu_data.fits(args, device)  # the real free memory
-    need = (24 + 9) * 3 * 36 * 36
+    need = (24 + 9) * 3 * 32 * 32
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * need, 10 ** 12))
     assert gpu_data.fits(args, device)
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * need - 2, 10 ** 12))

@@ -476,6 +476,19 @@ def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     assert not gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'IMNET'}), cuda)
 
 
+@pytest.mark.parametrize('folder', [dict(shape=(48, 72)), dict(varied_sizes=True)], ids=['one_size', 'varied'])
+def test_gpu_data_fit_rule_counts_the_bytes_it_will_store(tmp_path, folder):
+    """--gpu_data auto's estimate is what decode_to_uint8 then stores: an image folder of one size kept at that
+    size (however much larger than the input), one of varied sizes at gpu_side squares."""
+    import main
+    root = write_image_folder(tmp_path / 'data', train=4, val=2, classes=2, **folder)
+    args = main.parse_args(['--data_set', 'image_folder', '--data_path', root, '--input_size', '32',
+                            '--num_workers', '0'])
+    stored = sum(gpu_data.decode_to_uint8(is_train, args)[0].numel() for is_train in (True, False))
+    assert gpu_data.stored_bytes(args) == stored
+    assert stored == (12 * 3 * 48 * 72 if 'shape' in folder else 12 * 3 * 36 * 36)  # 32 / 0.875 -> 36
+
+
 @pytest.mark.parametrize('bench_flags, expected', [
     (['--steps', '0'], '--steps 0: give a whole number of at least 1'),
     (['--warmup', '-1'], '--warmup -1: give a whole number of at least 0'),
