@@ -60,14 +60,22 @@ def _run_torchrun(args, timeout, env):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+        err = _stop_torchrun(proc)
         raise AssertionError(f'torchrun ran past {timeout} s and was stopped: {err[-2000:]}') from None
+    except BaseException:  # pytest-timeout's or Ctrl-C's interruption: no worker may outlive the test
+        _stop_torchrun(proc)
+        raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stop_torchrun(proc):
+    """SIGTERM, which torchrun passes on to its workers, then SIGKILL a minute later; returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
 
 
 def log_lines(folder, drop_timing=True):
@@ -80,7 +88,7 @@ def log_lines(folder, drop_timing=True):
 
 def final_weights(folder, epoch):
     import torch
-    return torch.load(os.path.join(folder, f'checkpoint-{epoch}.pth'), weights_only=False)
+    return torch.load(os.path.join(folder, f'checkpoint-{epoch}.pth'), weights_only=True)
 
 
 def checkpoint_names(folder):
@@ -91,20 +99,20 @@ def kill_after_checkpoint(args, folder, extra_seconds=0.0, timeout=120):
     """Start `python *args`, wait until it has written a checkpoint into `folder` that was not there before,
     then `extra_seconds` more, and SIGKILL it (no clean-up of any kind runs). True if it was still running
     to be killed, False if it had ended by itself; a run that failed by itself fails the test with its stderr."""
-    import signal
-    import tempfile
     import time
     before = checkpoint_names(folder)
     with tempfile.TemporaryFile() as stderr:
         child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.time() + timeout
-        while time.time() < deadline and child.poll() is None and checkpoint_names(folder) <= before:
-            time.sleep(0.005)
-        time.sleep(extra_seconds)
-        running = child.poll() is None
-        if running:
-            child.send_signal(signal.SIGKILL)
-        child.wait()
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and child.poll() is None and checkpoint_names(folder) <= before:
+                time.sleep(0.005)
+            time.sleep(extra_seconds)
+        finally:  # also when the test is interrupted (pytest-timeout): the run must not outlive it
+            running = child.poll() is None
+            if running:
+                child.send_signal(signal.SIGKILL)
+            child.wait()
         if not running and child.returncode != 0:
             stderr.seek(0)
             raise AssertionError(f'the run failed before it could be killed (exit status {child.returncode}): '

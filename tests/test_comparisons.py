@@ -79,7 +79,7 @@ def test_distillation_runs_end_to_end(tmp_path, data):
     out = tmp_path / 'feature'
     main.main([*SMALL, '--data_path', data, '--distill', 'feature', *TEACHER_KW, '--distill_teacher_checkpoint', str(t0),
                '--output_dir', str(out)])
-    ckpt = torch.load(out / 'checkpoint-0.pth', weights_only=False)
+    ckpt = torch.load(out / 'checkpoint-0.pth', weights_only=True)
     assert set(ckpt['projector']) == {'0.weight', '0.bias', '2.weight', '2.bias'}
     assert not any(k.startswith('model.') for k in ckpt['model'])
     with pytest.raises(UserError, match='needs a teacher with the dataset'):
@@ -142,7 +142,7 @@ def test_linear_probe_trains_only_the_head(tmp_path, data, model):
     torch.manual_seed(0)
     initial = build.prepare_linear_probe(build.build_model(args, 3)).state_dict()
     main.main(flags)
-    trained = torch.load(tmp_path / 'probe' / 'checkpoint-0.pth', weights_only=False)['model']
+    trained = torch.load(tmp_path / 'probe' / 'checkpoint-0.pth', weights_only=True)['model']
     changed = {k for k in initial if initial[k].is_floating_point() and not torch.equal(initial[k], trained[k])}
     head = 'head.' if model[1].startswith('vit') else 'head.fc.'
     assert changed and all(k.startswith(head) for k in changed), changed

@@ -178,7 +178,7 @@ def check_bf16_step(tmp_path, data, model, compile):
     record = main.main([*model, *TINY, '--data_path', data, '--output_dir', str(out), '--use_amp', 'true',
                         '--channels_last', 'true', '--compile', compile])
     assert math.isfinite(record['train_loss']) and math.isfinite(record['test_loss'])
-    ckpt = torch.load(out / 'checkpoint-0.pth', map_location='cpu', weights_only=False)
+    ckpt = torch.load(out / 'checkpoint-0.pth', map_location='cpu', weights_only=True)
     assert ckpt['args']['compile'] == (compile == 'true') and ckpt['args']['use_amp']
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
     moments = [s['exp_avg'] for s in ckpt['optimizer']['state'].values()]
@@ -264,7 +264,7 @@ def test_ema_on_device_follows_its_update_rule(tmp_path, data):
     record = train(data, out, '--model_ema', 'true', '--model_ema_decay', '0.9', '--model_ema_eval', 'true',
                    '--gpu_data', 'false', '--num_workers', '1', '--save_every_steps', '1', '--save_ckpt_num', '10')
     assert 'test_acc1_ema' in record
-    steps = [torch.load(out / f'checkpoint-0-step{k}.pth', weights_only=False) for k in range(1, 6)]
+    steps = [torch.load(out / f'checkpoint-0-step{k}.pth', weights_only=True) for k in range(1, 6)]
     assert all(v.device.type == DEVICE for v in steps[0]['model_ema'].values())
     for k, d, before, now in zip(range(2, 6), decays, steps, steps[1:]):
         for name, model_v in now['model'].items():

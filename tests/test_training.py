@@ -117,8 +117,8 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
     with open(os.path.join(resumed, 'log.txt'), 'w') as f:
         f.write(json.dumps(read_log(full)[0]) + '\n')
     main.main([*common, '--output_dir', resumed])
-    a = torch.load(os.path.join(full, 'checkpoint-1.pth'), weights_only=False)
-    b = torch.load(os.path.join(resumed, 'checkpoint-1.pth'), weights_only=False)
+    a = torch.load(os.path.join(full, 'checkpoint-1.pth'), weights_only=True)
+    b = torch.load(os.path.join(resumed, 'checkpoint-1.pth'), weights_only=True)
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
     sa, sb = a['optimizer']['state'], b['optimizer']['state']

@@ -383,7 +383,7 @@ def test_cli_writes_selection_with_meta(tmp_path, teacher_file):
                       'random', '--seed', '3', '--exclude', 'norm', '--output', str(out))
     assert proc.returncode == 0, proc.stderr
     assert 'inherited' in proc.stdout and 'wrote' in proc.stdout
-    ckpt = torch.load(out, weights_only=False)
+    ckpt = torch.load(out, weights_only=True)
     meta = ckpt['meta']
     assert meta['element_selection'] == 'random' and meta['seed'] == 3 and meta['exclude'] == ['norm']
     assert len(meta['teacher_checkpoint_sha256']) == 64
