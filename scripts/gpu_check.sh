@@ -53,15 +53,17 @@ tail -n +2 "$work/nvidia_smi.log" > "$work/nvidia_smi.txt"
 part c_compiler 10 sh -c 'command -v cc && cc --version | head -n 1'
 # ...and Python's headers and libcuda as well: one tiny compiled function says at once whether compiled runs can
 # work (and warms the compiler), rather than each compiled test and setting failing after its tracing
-part compile_probe 180 "$PYTHON" -c 'import torch, sys
+part compile_probe 120 "$PYTHON" -c 'import torch, sys
 if not torch.cuda.is_available():
     sys.exit(print("no CUDA: skipped"))
 print(torch.compile(lambda x: x.sin() + 1)(torch.ones(8, device="cuda")).sum().item(), "compiled on cuda")'
 if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
   skip cuda_tests '--no-tests'
 else
-  per_test=()  # with pytest-timeout, a hung test costs 150 s and the others still run
-  "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 150)
+  # with pytest-timeout, a hung test costs 200 s and the others still run; a test's own subprocesses stop at
+  # 150 s each (test_cuda.LIMIT) and report their stderr first
+  per_test=()
+  "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 200)
   part cuda_tests "${GPU_CHECK_TEST_LIMIT:-360}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
     -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
 fi
