@@ -15,7 +15,7 @@
 #   GPU_CHECK_BENCHMARK=0     as --no-benchmark; GPU_CHECK_TESTS=0 as --no-tests
 #   GPU_CHECK_TAR=1           benchmark/ packed as OUT_DIR/benchmark.tgz (a device call returns at most 8 files)
 #   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
-#   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 12';
+#   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 15';
 #                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
 set -uo pipefail
 case "${1:-}" in
@@ -84,7 +84,7 @@ else
   else
     export BENCHMARK_FLAGS=${BENCHMARK_FLAGS:---warmup 10 --steps 50}
     part benchmark $(($(left) - 20)) bash scripts/benchmark.sh "$data" "$out/benchmark" \
-      ${GPU_CHECK_BENCHMARK_ARGS:---num_workers 12}
+      ${GPU_CHECK_BENCHMARK_ARGS:---num_workers 15}
   fi
 fi
 echo $(($(date +%s) - start)) > "$work/elapsed"
