@@ -10,7 +10,7 @@ import functools
 import torch
 from torchvision import datasets, transforms
 
-from datasets import EpochSampler, build_dataset, load_image, mean_std, set_transform
+from datasets import EpochSampler, build_dataset, eval_plan, load_image, mean_std, set_transform
 import utils
 from utils import UserError
 
@@ -157,23 +157,26 @@ class GpuLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-# train + test images per dataset (datasets.py's table); image folders are counted
-IMAGES = {'CIFAR10': 60_000, 'CIFAR100': 60_000, 'flowers': 8_189, 'pets': 7_349, 'stl10': 13_000,
-          'food101': 101_000, 'dtd': 5_640, 'svhn': 99_289, 'eurosat': 27_000, 'IMNET': 1_331_167}
+# (training, evaluation) images per dataset, as datasets.py splits them; image folders are counted
+IMAGES = {'CIFAR10': (50_000, 10_000), 'CIFAR100': (50_000, 10_000), 'flowers': (2_040, 6_149),
+          'pets': (3_680, 3_669), 'stl10': (5_000, 8_000), 'food101': (75_750, 25_250), 'dtd': (3_760, 1_880),
+          'svhn': (73_257, 26_032), 'eurosat': (21_600, 5_400), 'IMNET': (1_281_167, 50_000)}
 # Datasets whose images differ in size: the GPU path stores them pre-cropped to a square of gpu_side, so
 # its random resized crops see less of each image than the CPU path's do.
 VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd', 'IMNET')
 
 
 def stored_bytes(args):
-    """The bytes of both splits as decode_to_uint8 stores them (uint8 RGB). A named dataset: its IMAGES count
-    at its native side, or at gpu_side where its sizes vary (read from the table, not the files). An image
-    folder, split by split: at its images' one size (kept as it is, however large), else at gpu_side."""
+    """The bytes of the splits build_loaders stores (the training split, and the evaluation split unless
+    evaluation is off), as decode_to_uint8 stores them: uint8 RGB. A named dataset: its IMAGES counts at its
+    native side, or at gpu_side where its sizes vary (read from the table, not the files). An image folder, split
+    by split: at its images' one size (kept as it is, however large), else at gpu_side."""
+    splits = (True, False) if eval_plan(args, 1).wanted else (True,)
     if args.data_set != 'image_folder':
         side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
-        return IMAGES[args.data_set] * 3 * side * side
+        return sum(IMAGES[args.data_set][0 if is_train else 1] for is_train in splits) * 3 * side * side
     total = 0
-    for is_train in (True, False):
+    for is_train in splits:
         dataset = raw_dataset(is_train, args)[0]
         sizes = _image_sizes(dataset)
         width, height = next(iter(sizes)) if len(sizes) == 1 else (gpu_side(args),) * 2
@@ -182,7 +185,7 @@ def stored_bytes(args):
 
 
 def fits(args, device):
-    """Whether both splits, as stored (stored_bytes), take at most half of the device's free memory, on every
+    """Whether the splits, as stored (stored_bytes), take at most half of the device's free memory, on every
     process's device (so that all take the same path): the default of --gpu_data auto."""
     if device.type != 'cuda':
         return False

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import ROOT, final_weights, kill_after_checkpoint, run_script, write_image_folder
 import datasets
 import gpu_data
+import main
 import utils
 import gpu_transforms as gt
 from timm.data import auto_augment as aa
@@ -437,11 +438,10 @@ def test_benchmark_refuses_a_device_it_cannot_use(tmp_path, data, capsys, flags,
 def _fits_on_rank(rank, store_file, free_per_rank, results):
     """gpu_data.fits on this rank, for each case of free memory per rank; the vote runs on the CPU (gloo)."""
     import torch.distributed as dist
-    from types import SimpleNamespace
     dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=2)
     on_every_rank = utils.on_every_rank
     utils.on_every_rank = lambda flag, device: on_every_rank(flag, torch.device('cpu'))
-    args = SimpleNamespace(data_set='CIFAR10', gpu_data_size=None, input_size=224, crop_pct=None)
+    args = main.parse_args(['--data_set', 'CIFAR10', '--input_size', '224'])
     for case, free in enumerate(free_per_rank):
         torch.cuda.mem_get_info = lambda device=None: (free[rank], 10 ** 12)
         results[(case, rank)] = gpu_data.fits(args, torch.device('cuda'))
@@ -463,7 +463,7 @@ def test_gpu_data_fits_only_where_every_process_has_room(tmp_path):
 def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     """--gpu_data auto's rule: both splits as uint8 squares within half of the free memory; never on the CPU."""
     from types import SimpleNamespace
-    args = SimpleNamespace(data_set='CIFAR10', gpu_data_size=None, input_size=224, crop_pct=None)
+    args = main.parse_args(['--data_set', 'CIFAR10', '--input_size', '224'])
     cuda = torch.device('cuda')
     cifar_bytes = 60_000 * 3 * 32 * 32
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * cifar_bytes, 10 ** 12))
@@ -480,13 +480,27 @@ def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
 def test_gpu_data_fit_rule_counts_the_bytes_it_will_store(tmp_path, folder):
     """--gpu_data auto's estimate is what decode_to_uint8 then stores: an image folder of one size kept at that
     size (however much larger than the input), one of varied sizes at gpu_side squares."""
-    import main
     root = write_image_folder(tmp_path / 'data', train=4, val=2, classes=2, **folder)
     args = main.parse_args(['--data_set', 'image_folder', '--data_path', root, '--input_size', '32',
                             '--num_workers', '0'])
     stored = sum(gpu_data.decode_to_uint8(is_train, args)[0].numel() for is_train in (True, False))
     assert gpu_data.stored_bytes(args) == stored
     assert stored == (12 * 3 * 48 * 72 if 'shape' in folder else 12 * 3 * 36 * 36)  # 32 / 0.875 -> 36
+
+
+def test_gpu_data_fit_rule_leaves_out_the_evaluation_split_when_evaluation_is_off(tmp_path):
+    """--disable_eval true: the GPU path stores the training split only, so the rule counts only that one, and
+    an image folder without val/ (or test/) is no error; CIFAR-10 counts its 50,000 training images."""
+    import shutil
+    root = write_image_folder(tmp_path / 'data', train=4, val=1, classes=2)
+    shutil.rmtree(os.path.join(root, 'val'))
+    args = main.parse_args(['--data_set', 'image_folder', '--data_path', root, '--input_size', '32',
+                            '--disable_eval', 'true'])
+    assert gpu_data.stored_bytes(args) == 8 * 3 * 32 * 32
+    cifar = main.parse_args(['--data_set', 'CIFAR10', '--input_size', '224'])
+    assert gpu_data.stored_bytes(cifar) == 60_000 * 3 * 32 * 32
+    cifar.disable_eval = True
+    assert gpu_data.stored_bytes(cifar) == 50_000 * 3 * 32 * 32
 
 
 @pytest.mark.parametrize('bench_flags, expected', [
