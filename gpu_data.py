@@ -52,7 +52,7 @@ def _image_sizes(dataset):
     return _sizes_of(tuple(path for path, _ in dataset.samples))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)  # each split's, and its first image's (least_bytes)
 def _sizes_of(paths):
     from PIL import Image
     sizes = set()
@@ -171,16 +171,34 @@ def stored_bytes(args):
     evaluation is off), as decode_to_uint8 stores them: uint8 RGB. A named dataset: its IMAGES counts at its
     native side, or at gpu_side where its sizes vary (read from the table, not the files). An image folder, split
     by split: at its images' one size (kept as it is, however large), else at gpu_side."""
-    splits = (True, False) if eval_plan(args, 1).wanted else (True,)
     if args.data_set != 'image_folder':
         side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
-        return sum(IMAGES[args.data_set][0 if is_train else 1] for is_train in splits) * 3 * side * side
+        return sum(IMAGES[args.data_set][0 if is_train else 1] for is_train in _splits(args)) * 3 * side * side
     total = 0
-    for is_train in splits:
+    for is_train in _splits(args):
         dataset = raw_dataset(is_train, args)[0]
         sizes = _image_sizes(dataset)
         width, height = next(iter(sizes)) if len(sizes) == 1 else (gpu_side(args),) * 2
         total += len(dataset) * 3 * width * height
+    return total
+
+
+def _splits(args):
+    """The splits build_loaders stores, as is_train values: the evaluation split only when evaluation is on."""
+    return (True, False) if eval_plan(args, 1).wanted else (True,)
+
+
+def least_bytes(args):
+    """A lower bound of stored_bytes that reads one image header per split, not all of them: a folder far too
+    large is declined at once (stored_bytes reads every header, minutes for an ImageNet-sized folder)."""
+    if args.data_set != 'image_folder':
+        return stored_bytes(args)
+    total = 0
+    for is_train in _splits(args):
+        dataset = raw_dataset(is_train, args)[0]
+        (width, height), = _sizes_of((dataset.samples[0][0],))  # the first image's header
+        # stored at its one size, or at gpu_side squares: at least the smaller of the two per image
+        total += len(dataset) * 3 * min(width * height, gpu_side(args) ** 2)
     return total
 
 
@@ -190,7 +208,8 @@ def fits(args, device):
     if device.type != 'cuda':
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return utils.on_every_rank(stored_bytes(args) <= free // 2, device)
+    room = free // 2
+    return utils.on_every_rank(least_bytes(args) <= room and stored_bytes(args) <= room, device)
 
 
 def varied_sizes(args):
@@ -221,7 +240,7 @@ def choose(args, device):
     if args.gpu_data == 'false':
         return False
     if args.gpu_data == 'true' and device.type == 'cuda' and not fits(args, device):
-        raise UserError(f'--gpu_data true: {args.data_set} ({stored_bytes(args) / 2 ** 30:.1f} GiB as uint8) does '
+        raise UserError(f'--gpu_data true: {args.data_set} ({stored_bytes(args) / 2 ** 20:,.1f} MiB as uint8) does '
                         f'not fit in half of the free GPU memory; pass --gpu_data false (or, where its image sizes '
                         f'vary, a smaller --gpu_data_size)')
     if args.gpu_data == 'auto' and not fits(args, device):

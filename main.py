@@ -134,7 +134,7 @@ def _data_and_run_flags(a):
     a('--num_workers', default=10, type=int, help='data-loading worker processes per process (0: in the main one)')
     a('--gpu_data', default='auto', choices=('auto', 'true', 'false'),
       help='hold the dataset on the device as uint8 and augment there (gpu_transforms.py); auto: on CUDA when '
-           'both splits take at most half of the free GPU memory')
+           'the stored splits (training, and evaluation unless --disable_eval) take at most half of the free GPU memory')
     a('--gpu_data_size', default=None, type=int,
       help='GPU data path: short side to which datasets of varied image sizes are resized once '
            '(default input_size / crop_pct, e.g. 256 for 224)')

@@ -60,8 +60,8 @@ print(torch.compile(lambda x: x.sin() + 1)(torch.ones(8, device="cuda")).sum().i
 if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
   skip cuda_tests '--no-tests'
 else
-  # with pytest-timeout, a hung test costs 200 s and the others still run; a test's own subprocesses stop at
-  # 150 s each (test_cuda.LIMIT) and report their stderr first
+  # with pytest-timeout, a hung test costs 200 s and the others still run (its subprocesses are stopped too);
+  # each subprocess has 150 s of its own (test_cuda.LIMIT), so a test with one that hangs reports its stderr
   per_test=()
   "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 200)
   part cuda_tests "${GPU_CHECK_TEST_LIMIT:-360}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \

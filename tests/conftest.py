@@ -49,33 +49,56 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
 def run_torchrun(*args, timeout=600):
     """run_script('-m', 'torch.distributed.run', *args), except that past the timeout torchrun gets SIGTERM,
     which it passes on to its workers: they run in sessions of their own, which killing torchrun would leave
-    running (holding a GPU for whatever runs next)."""
+    running (holding a GPU for whatever runs next). Its output goes to files: a worker left holding a pipe
+    cannot block the test."""
     with tempfile.TemporaryDirectory(prefix='torchrun_') as tmp:  # torchrun leaves a torchelastic_* folder in it
-        return _run_torchrun(args, timeout, dict(os.environ, PYTHONWARNINGS='ignore', TMPDIR=tmp))
-
-
-def _run_torchrun(args, timeout, env):
-    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        err = _stop_torchrun(proc)
-        raise AssertionError(f'torchrun ran past {timeout} s and was stopped: {err[-2000:]}') from None
-    except BaseException:  # pytest-timeout's or Ctrl-C's interruption: no worker may outlive the test
-        _stop_torchrun(proc)
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        with open(os.path.join(tmp, 'out'), 'w+') as out, open(os.path.join(tmp, 'err'), 'w+') as err:
+            proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *args], cwd=ROOT, stdout=out,
+                                    stderr=err, env=dict(os.environ, PYTHONWARNINGS='ignore', TMPDIR=tmp))
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _stop_torchrun(proc)
+                err.seek(0)
+                raise AssertionError(f'torchrun ran past {timeout} s and was stopped: {err.read()[-2000:]}') from None
+            except BaseException:  # pytest-timeout's or Ctrl-C's interruption: no worker may outlive the test
+                _stop_torchrun(proc)
+                raise
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def _stop_torchrun(proc):
-    """SIGTERM, which torchrun passes on to its workers, then SIGKILL a minute later; returns its stderr."""
+    """SIGTERM, which torchrun passes on to its workers; past a minute, or if interrupted meanwhile, SIGKILL to
+    torchrun and to each worker (in sessions of their own, they would outlive it)."""
+    workers = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
-        return proc.communicate(timeout=60)[1]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()[1]
+        proc.wait(timeout=60)
+    except BaseException as e:
+        for pid in (proc.pid, *workers):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
+
+
+def _children(pid):
+    """The process ids whose parent is `pid` (Linux's /proc)."""
+    kids = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])  # the fields after the command's name
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            kids.append(int(entry))
+    return kids
 
 
 def log_lines(folder, drop_timing=True):

@@ -209,7 +209,8 @@ loss.backward()
 total = torch.full((3,), 2.0, device=device)
 dist.all_reduce(total)
 dist.barrier()
-print('backend', backend, dist.get_backend(), 'all_reduce', total.tolist(),
+bound = getattr(dist.distributed_c10d._get_default_group(), 'bound_device_id', None)  # NCCL's device_id
+print('backend', backend, dist.get_backend(), 'bound', bound, 'all_reduce', total.tolist(),
       'grad finite', bool(torch.isfinite(model.module.weight.grad).all()), flush=True)
 del model  # DDP holds the group: alive when it is destroyed, it can abort at exit (utils.close_distributed)
 dist.destroy_process_group()
@@ -224,7 +225,8 @@ def test_torchrun_one_process_nccl(tmp_path, data):
     torchrun = ['--nproc_per_node=1', f'--master_port={free_port()}']
     proc = run_torchrun(*torchrun, str(script), timeout=LIMIT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert f'backend {BACKEND} {BACKEND} ' in proc.stdout and 'all_reduce [2.0, 2.0, 2.0] grad finite True' in proc.stdout
+    bound = 'cuda:0' if DEVICE == 'cuda' else None  # join_process_group passes NCCL its device
+    assert f'backend {BACKEND} {BACKEND} bound {bound} ' in proc.stdout and 'all_reduce [2.0, 2.0, 2.0] grad finite True' in proc.stdout
     out = tmp_path / 'run'
     proc = run_torchrun(*torchrun, 'main.py', *VIT, *TINY, '--data_path', data, '--output_dir', str(out),
                       '--use_amp', 'true', timeout=LIMIT)

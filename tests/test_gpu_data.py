@@ -461,7 +461,8 @@ def test_gpu_data_fits_only_where_every_process_has_room(tmp_path):
 
 
 def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
-    """--gpu_data auto's rule: both splits as uint8 squares within half of the free memory; never on the CPU."""
+    """--gpu_data auto's rule: CIFAR-10's training and test splits as uint8 at 32 px within half of the free
+    memory; Food-101 at 256 px squares fits 80 GB, ImageNet does not; never on the CPU."""
     from types import SimpleNamespace
     args = main.parse_args(['--data_set', 'CIFAR10', '--input_size', '224'])
     cuda = torch.device('cuda')
@@ -486,6 +487,21 @@ def test_gpu_data_fit_rule_counts_the_bytes_it_will_store(tmp_path, folder):
     stored = sum(gpu_data.decode_to_uint8(is_train, args)[0].numel() for is_train in (True, False))
     assert gpu_data.stored_bytes(args) == stored
     assert stored == (12 * 3 * 48 * 72 if 'shape' in folder else 12 * 3 * 36 * 36)  # 32 / 0.875 -> 36
+
+
+def test_gpu_data_fit_rule_declines_a_large_folder_from_one_header(tmp_path, monkeypatch):
+    """least_bytes reads one header per split and never exceeds stored_bytes; a folder it already puts past the
+    room is declined without reading every header (minutes for an ImageNet-sized folder)."""
+    root = write_image_folder(tmp_path / 'data', train=4, val=2, classes=2, shape=(48, 72))
+    args = main.parse_args(['--data_set', 'image_folder', '--data_path', root, '--input_size', '32'])
+    assert gpu_data.least_bytes(args) == 12 * 3 * 36 * 36 <= gpu_data.stored_bytes(args)  # min(48 x 72, 36 x 36)
+    reads = []
+    monkeypatch.setattr(gpu_data, '_image_sizes', lambda dataset: reads.append(dataset) or frozenset({(72, 48)}))
+    monkeypatch.setattr(utils, 'on_every_rank', lambda flag, device: flag)
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * 12 * 3 * 36 * 36 - 2, 10 ** 12))
+    assert not gpu_data.fits(args, torch.device('cuda')) and reads == []
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * 12 * 3 * 48 * 72, 10 ** 12))
+    assert gpu_data.fits(args, torch.device('cuda')) and len(reads) == 2
 
 
 def test_gpu_data_fit_rule_leaves_out_the_evaluation_split_when_evaluation_is_off(tmp_path):
