@@ -1,80 +1,146 @@
 #!/usr/bin/env bash
 # The transfer study on a lent GPU whose calls carry at most 64 MiB and keep nothing between them (issue 14).
-# The CIFAR-10 npz (56 MB) and the DINOv2 teacher (44 MB) do not fit in one call, so the study runs in two
-# kinds of call; each continues from the records committed so far (results/transfer_study.jsonl, --done) and
-# returns runs.jsonl and transfer_study.md, which replace the committed ones.
+# The CIFAR-10 npz (53 MiB), each pretrained teacher (fp16: ViT-S/4 41 MiB, ConvNeXt-T 53 MiB) and the DINOv2
+# teacher (42 MiB) fit one at a time, so the study runs in calls of one part each. A teacher is pretrained once,
+# in a call of its own, and comes back in parts; every later call of its family carries it, so all of the
+# family's selections come from the one teacher. Each student call continues from the records committed so far
+# (results/transfer_study.jsonl, --done).
 #
-#   bash scripts/gpu_study.sh prepare               here, once: fills the git-ignored .carry/ and .carry_dino/
-#   bash scripts/gpu_study.sh families MINUTES OUT  on the device, carrying .carry: the ViT and ConvNeXt families
-#   bash scripts/gpu_study.sh dinov2 MINUTES OUT    on the device, carrying .carry_dino: the DINOv2 ViT-T/14 at 224 px
+#   bash scripts/gpu_study.sh prepare                    here, once: .carry/ (npz), .carry_target/ (the target
+#                                                        subsets, made here), .carry_dino/ (the DINOv2 teacher)
+#   bash scripts/gpu_study.sh teacher FAMILY OUT         device, carrying .carry: pretrains FAMILY's teacher (vit,
+#                                                        convnext); OUT gets FAMILY.pth in 15 MB parts and its sha256
+#   bash scripts/gpu_study.sh unpack FAMILY FILES        here: joins the parts into .carry_teachers/FAMILY/FAMILY.pth
+#   bash scripts/gpu_study.sh family FAMILY MINUTES OUT  device, carrying .carry_target and .carry_teachers/FAMILY
+#   bash scripts/gpu_study.sh dinov2 MINUTES OUT         device, carrying .carry_target and .carry_dino: the DINOv2
+#                                                        ViT-T/14 at 224 px
 #
-# A call runs two studies side by side, as two processes (ViT-T | ConvNeXt-F; 100 | 500 images per class): the
-# students are small enough that one process leaves the GPU waiting on Python most of the time. Each has its
-# own teacher and folder; their records are then merged (transfer_study.py with no grid, only --done).
-# MINUTES: no new run starts after that many (--time_budget_min); STUDY_LIMIT_S (default 540, inside the
-# device's 600 s per call) stops the studies outright, and what they recorded until then still comes back.
-# Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit.
+# A student call runs two studies side by side, as two processes (100 | 500 images per class): the students are
+# small enough that one process leaves the GPU waiting on Python most of the time. Each study's runs.jsonl is
+# copied into OUT (studyI.jsonl) every 15 s, so a call cut short still returns the runs it finished; at the end
+# the two are merged (transfer_study.py with no grid, only --done) into OUT/runs.jsonl and transfer_study.md.
+# MINUTES: no new run starts after that many (--time_budget_min; a 100-image run takes about half a minute on an
+# H100, a 500-image one about a minute: leave that much before the limit); STUDY_LIMIT_S (default 540, inside
+# the device's 600 s per call: set it below the call's limit when the session has less time left) stops the
+# studies outright. Set WS_CODE_VERSION=<commit> in the command: every record names the code it ran.
+# Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit
+# (without a merged runs.jsonl: python scripts/transfer_study.py --out /tmp/m --families --done FILES/study*.jsonl
+# results/transfer_study.jsonl, and take /tmp/m's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 python=${PYTHON:-python3}
-part=${1:?usage: bash scripts/gpu_study.sh prepare | families|dinov2 MINUTES OUT}
+usage='usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OUT | unpack FAMILY FILES | family FAMILY MINUTES OUT | dinov2 MINUTES OUT'
+part=${1:?$usage}
+family_of() {
+  case "$1" in vit|convnext) echo "$1" ;; *) echo "gpu_study.sh: unknown family '$1'; choose vit or convnext" >&2; exit 2 ;; esac
+}
 
-if [ "$part" = prepare ]; then
-  rm -rf .carry/cifar10 .carry_dino
-  mkdir -p .carry .carry_dino/data
-  cp -r "$shared/data/cifar10" .carry/
-  cp "$shared/teachers/dinov2_vits14_imgfocus_fp16.pt" "$shared/data/cifar10/make_imagefolder.py" .carry_dino/
-  for n in 100 500; do  # the target subsets as the study names them: it finds them made and skips the npz
-    "$python" "$shared/data/cifar10/make_imagefolder.py" ".carry_dino/data/target_$n" \
-      --classes dog,frog,horse,ship,truck --per-class-train "$n" > /dev/null
-  done
-  du -sh --apparent-size .carry .carry_dino
-  exit 0
+case $part in
+  prepare)
+    rm -rf .carry/cifar10 .carry_target .carry_dino
+    mkdir -p .carry .carry_target/data .carry_dino .carry_teachers
+    cp -r "$shared/data/cifar10" .carry/
+    cp "$shared/data/cifar10/make_imagefolder.py" .carry_target/
+    cp "$shared/teachers/dinov2_vits14_imgfocus_fp16.pt" .carry_dino/
+    for n in 100 500; do  # the target subsets as the study names them: it finds them made and skips the npz
+      "$python" "$shared/data/cifar10/make_imagefolder.py" ".carry_target/data/target_$n" \
+        --classes dog,frog,horse,ship,truck --per-class-train "$n" > /dev/null
+    done
+    # one copy of the 5,000 test images (the same in both): a ConvNeXt-T teacher beside them still fits 64 MiB
+    diff -rq .carry_target/data/target_100/test .carry_target/data/target_500/test > /dev/null
+    rm -rf .carry_target/data/target_500/test && ln -s ../target_100/test .carry_target/data/target_500/test
+    du -sh --apparent-size .carry .carry_target .carry_dino
+    exit 0 ;;
+  unpack)
+    family=$(family_of "${2:?$usage}")
+    files=$(cd "${3:?$usage}" && pwd)
+    mkdir -p ".carry_teachers/$family"
+    cat "$files/$family.pth.part"* > ".carry_teachers/$family/$family.pth.tmp"
+    if ! (cd ".carry_teachers/$family" && sed "s/  .*/  $family.pth.tmp/" "$files/$family.pth.sha256" \
+          | sha256sum -c --quiet - 2>/dev/null); then
+      rm -f ".carry_teachers/$family/$family.pth.tmp"
+      echo "gpu_study.sh: the parts in $files do not join into the teacher that $family.pth.sha256 names; fetch them again" >&2
+      exit 1
+    fi
+    mv ".carry_teachers/$family/$family.pth.tmp" ".carry_teachers/$family/$family.pth"
+    echo "unpacked .carry_teachers/$family/$family.pth; carry .carry_teachers/$family in its family calls"
+    exit 0 ;;
+esac
+
+# the study's GPU recipe (README, "Evidence on real images"); STUDY_RECIPE replaces it and STUDY_FLAGS adds to it
+# (the same in every call: they are part of what identifies a run), e.g. STUDY_FLAGS=--smoke for a teacher call
+# on a CPU, or STUDY_RECIPE='--device cpu --seeds 0 --blr 2e-3' STUDY_FLAGS='--student_epochs 1 1' for a family's
+# shellcheck disable=SC2206  # the recipe's flags are words
+recipe=(${STUDY_RECIPE:---device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 --eval_freq 5} ${STUDY_FLAGS:-})
+limit=${STUDY_LIMIT_S:-540}
+rm -rf /tmp/study0 /tmp/study1 /tmp/study_merged /tmp/study_teacher  # a warm machine keeps /tmp between calls
+
+if [ "$part" = teacher ]; then
+  family=$(family_of "${2:?$usage}")
+  out=${3:?$usage}
+  mkdir -p "$out"
+  rc=0
+  timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out /tmp/study_teacher --families "$family" \
+    --only_teachers --teachers /tmp/study_teacher/carry "${recipe[@]}" --make_imagefolder .carry/cifar10/make_imagefolder.py \
+    > "$out/teacher_$family.log" 2>&1 || rc=$?
+  if [ -f "/tmp/study_teacher/carry/$family.pth" ]; then  # a call returns files of 16 MiB at most
+    (cd /tmp/study_teacher/carry && sha256sum "$family.pth" > "$out/$family.pth.sha256" \
+      && split -b 15M -d "$family.pth" "$out/$family.pth.part")
+    cp /tmp/study_teacher/teachers/"$family"/log.txt "$out/teacher_${family}_log.txt" 2>/dev/null || true
+  fi
+  ls "$out"
+  exit $rc
 fi
 
-minutes=${2:?MINUTES}
-out=${3:?OUT}
-limit=${STUDY_LIMIT_S:-540}
-mkdir -p "$out"
-done_args=()
-[ -f results/transfer_study.jsonl ] && done_args=(--done results/transfer_study.jsonl)
-# the study's GPU recipe (README, "Evidence on real images")
-recipe=(--device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 --eval_freq 5 ${STUDY_FLAGS:-})  # STUDY_FLAGS=--smoke: try it on a CPU
 case $part in
-  families)
-    imagefolder=.carry/cifar10/make_imagefolder.py
-    studies=("--families vit" "--families convnext") ;;
+  family)
+    family=$(family_of "${2:?$usage}")
+    minutes=${3:?$usage}
+    out=${4:?$usage}
+    teacher=".carry_teachers/$family"
+    [ -f "$teacher/$family.pth" ] || { echo "gpu_study.sh: no $teacher/$family.pth; run the teacher call and unpack first" >&2; exit 2; }
+    studies=("--families $family --teachers $teacher --subsets 100 --student_epochs 200 200"
+             "--families $family --teachers $teacher --subsets 500 --student_epochs 100 100") ;;
   dinov2)
-    imagefolder=.carry_dino/make_imagefolder.py
+    minutes=${2:?$usage}
+    out=${3:?$usage}
     dino=".carry_dino/dinov2_vits14_imgfocus_fp16.pt"
     # --student_epochs gives the smallest and the largest subset's epochs: alone, each subset names its own
     studies=("--families --subsets 100 --student_epochs 200 200 --dinov2 $dino"
              "--families --subsets 500 --student_epochs 100 100 --dinov2 $dino") ;;
   *)
-    echo "gpu_study.sh: unknown part '$part'; choose prepare, families or dinov2" >&2; exit 2 ;;
+    echo "gpu_study.sh: unknown part '$part'; $usage" >&2; exit 2 ;;
 esac
+mkdir -p "$out"
+done_args=()
+[ -f results/transfer_study.jsonl ] && done_args=(--done results/transfer_study.jsonl)
+imagefolder=.carry_target/make_imagefolder.py
 
-pids=() folders=()
+pids=()
 for i in "${!studies[@]}"; do
   folder=/tmp/study$i
-  [ "$part" = dinov2 ] && { mkdir -p $folder; ln -sfn "$PWD/.carry_dino/data" $folder/data; }  # the made subsets
+  mkdir -p $folder && ln -sfn "$PWD/.carry_target/data" $folder/data  # the subsets made here
   # shellcheck disable=SC2086  # each study's flags are words
   timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out $folder ${studies[$i]} "${recipe[@]}" \
     --time_budget_min "$minutes" "${done_args[@]}" --make_imagefolder $imagefolder > "$out/study$i.log" 2>&1 &
-  pids+=($!) folders+=("$folder/runs.jsonl")
+  pids+=($!)
 done
+copy_records() { for i in "${!studies[@]}"; do [ -f /tmp/study$i/runs.jsonl ] && cp /tmp/study$i/runs.jsonl "$out/study$i.jsonl"; done; true; }
+(while sleep 15; do copy_records; done) &
+copier=$!
 rc=0
 for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+kill $copier 2>/dev/null || true
+copy_records
+[ $rc = 124 ] && { echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped a study; its finished runs are in $out"; rc=0; }
 # one runs.jsonl and one report from both (and the earlier calls'); the studies' logs stay in OUT
-merged=/tmp/study_merged
 existing=()
-for f in "${folders[@]}"; do [ -f "$f" ] && existing+=("$f"); done
+for i in "${!studies[@]}"; do [ -f "$out/study$i.jsonl" ] && existing+=("$out/study$i.jsonl"); done
 if [ ${#existing[@]} -gt 0 ]; then
-  "$python" scripts/transfer_study.py --out $merged --families "${recipe[@]}" --make_imagefolder $imagefolder \
+  "$python" scripts/transfer_study.py --out /tmp/study_merged --families "${recipe[@]}" --make_imagefolder $imagefolder \
     --done "${existing[@]}" > "$out/merge.log" 2>&1 || rc=$?
-  cp $merged/runs.jsonl $merged/transfer_study.md "$out"/ 2>/dev/null || true
+  cp /tmp/study_merged/runs.jsonl /tmp/study_merged/transfer_study.md "$out"/ 2>/dev/null || true
 fi
-for i in "${!studies[@]}"; do cp /tmp/study$i/transfer_study.md "$out/study$i.md" 2>/dev/null || true; done  # commands
 ls "$out"
 exit $rc

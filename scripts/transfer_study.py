@@ -37,7 +37,9 @@ call's grid does not cover (another part of the study) are carried into its runs
 call's report is the whole study's; `--families --done RUNS.jsonl` (no grid) only writes that report.
 Students keep their logs, not their checkpoints (--save_ckpt false): the study needs their accuracies only.
 
-On a lent GPU whose calls carry at most 64 MiB, scripts/gpu_study.sh prepares and runs the two kinds of call.
+--teachers DIR keeps one teacher per family across such calls: a teacher pretrained here is written to
+DIR/<family>.pth (fp16 weights) and used; a call that finds it there trains none (--only_teachers: train them
+and stop). On a lent GPU whose calls carry at most 64 MiB, scripts/gpu_study.sh prepares and runs the calls.
 """
 import argparse
 import json
@@ -62,6 +64,10 @@ MODELS = {  # family: (teacher, teacher kwargs, student, student kwargs) at 32 p
             {'img_size': 32, 'patch_size': 4}),
     'convnext': ('convnext_tiny', {}, 'convnext_femto_linear', {}),
 }
+
+# Families whose student has fewer layers than its teacher: only there do first and uniform layer selection
+# differ (ViT-S and ViT-T both have 12 blocks; ConvNeXt-T's stages 3-3-9-3 become ConvNeXt-F's 2-2-6-2).
+LAYERS_DIFFER = ('convnext',)
 
 
 def get_args():
@@ -102,6 +108,12 @@ def get_args():
                         'kept, so the same command continues the study (e.g. one GPU window at a time)')
     p.add_argument('--done', nargs='+', default=[], metavar='RUNS_JSONL',
                    help="runs.jsonl of earlier calls: runs recorded there with the same settings are reused")
+    p.add_argument('--teachers', default=None, metavar='DIR',
+                   help='teacher weights, DIR/<family>.pth: a family whose file is there takes it as its teacher '
+                        '(no pretraining); a teacher pretrained here is written there (fp16 weights) and used, so '
+                        'that later calls carry the one teacher instead of training another')
+    p.add_argument('--only_teachers', action='store_true',
+                   help='with --teachers: pretrain (or find) each family\'s teacher and stop; no student runs')
     p.add_argument('--subprocess', action='store_true',
                    help='run main.py and weight_selection.py in fresh interpreters (default: in this process, '
                         'which saves the start-up of each of the ~100 runs)')
@@ -253,6 +265,8 @@ def main():
     if args.lr_search and not 0 < args.val_per_class < min(args.subsets):
         raise SystemExit(f'error: --val_per_class {args.val_per_class} must hold out at least one and leave at least '
                          f'one training image of each class of the smallest subset ({min(args.subsets)} per class)')
+    if args.only_teachers and not args.teachers:
+        raise SystemExit('error: --only_teachers writes the teachers to --teachers DIR; pass it')
     if args.target:
         raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
                          '--source and leave --target out, or subsample your target yourself')
@@ -320,25 +334,45 @@ def chosen_blr(by_blr):
 
 
 class Teacher:
-    """A family's teacher, pretrained on the source task the first time a selection needs it (never when
-    every student of the family was reused from --done)."""
+    """A family's teacher: --teachers DIR/<family>.pth where it is there; else pretrained on the source task the
+    first time a selection needs it (never when every student of the family was reused from --done), and, with
+    --teachers, written there as fp16 weights and taken from there, as every later call that carries it will."""
 
     def __init__(self, study, family, source, out):
         self.study, self.family, self.source = study, family, source
         self.dir = os.path.join(out, 'teachers', family)
         self.ckpt = os.path.join(self.dir, 'checkpoint-best.pth')
+        teachers = study.args.teachers
+        self.carried = os.path.join(teachers, f'{family}.pth') if teachers else None
         self.weights_sha256 = None
 
     def checkpoint(self):
         if self.weights_sha256 is None:
-            a = self.study.args
-            teacher, t_kwargs = MODELS[self.family][:2]
-            # the best checkpoint (for selection) and the last epoch's, not one per epoch
-            self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
-                             checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
-                             eval_freq=1)
+            if self.carried and os.path.isfile(self.carried):
+                self.ckpt = self.carried
+            else:
+                a = self.study.args
+                teacher, t_kwargs = MODELS[self.family][:2]
+                # the best checkpoint (for selection) and the last epoch's, not one per epoch
+                self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
+                                 checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
+                                 eval_freq=1)
+                if self.carried:
+                    export_weights(self.ckpt, self.carried)
+                    self.ckpt = self.carried
             self.weights_sha256 = weights_sha256(self.ckpt)
         return self.ckpt
+
+
+def export_weights(ckpt, dest):
+    """A training checkpoint's model weights alone, in fp16 ({'model': ...}, as main.py's checkpoints hold them):
+    a ViT-S/4 in 41 MiB and a ConvNeXt-T in 53 MiB, which a device call (64 MiB) can carry."""
+    import torch
+    import utils
+    state = torch.load(ckpt, map_location='cpu', weights_only=True)['model']
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    utils.atomic_write(dest, lambda f: torch.save({'model': half}, f))
 
 
 def weights_sha256(path):
@@ -370,10 +404,15 @@ def run_study(args, out, study):
     for family in args.families:
         teacher_name, t_kwargs, student, s_kwargs = MODELS[family]
         teacher = Teacher(study, family, source, out)
+        if args.only_teachers:
+            teacher.checkpoint()
+            print(f'teacher of {family}: {teacher.ckpt} (weights sha256 {teacher.weights_sha256})', flush=True)
+            continue
         inits = {'random init': None}
         for elements in ELEMENTS:
             inits[f'ws {elements}'] = ('first', elements)
-        inits['ws uniform, uniform layers'] = ('uniform', 'uniform')
+        if family in LAYERS_DIFFER:
+            inits['ws uniform, uniform layers'] = ('uniform', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
             blr = choose_blr(args, out, study, family, student, s_kwargs, lambda: target(n), n, epochs)

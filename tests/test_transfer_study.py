@@ -21,15 +21,16 @@ def test_transfer_study_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
     inits = {r['init'] for r in records}
-    assert len(records) == 2 * 9 + 2
+    assert len(records) == 9 + 8 + 2  # ViT-S and ViT-T have 12 blocks each: no uniform-layers row for ViT
     assert {'random init', 'ws uniform', 'ws random_inconsistent', 'ws l1', 'ws magnitude',
             'ws uniform, uniform layers', 'ws uniform (DINOv2)'} <= inits
+    assert {r['family'] for r in records if r['init'] == 'ws uniform, uniform layers'} == {'convnext'}
     assert all(0 <= r['final_acc1'] <= 100 for r in records)
     report = (out / 'transfer_study.md').read_text()
-    assert 'SMOKE RUN' in report and 'weight_selection.py' in report and report.count('\n| ') >= 21
+    assert 'SMOKE RUN' in report and 'weight_selection.py' in report and report.count('\n| ') >= 20
     # the selections really came from the pretrained teachers
     assert (out / 'teachers' / 'vit' / 'checkpoint-best.pth').exists()
-    assert len(os.listdir(out / 'ws')) == 2 * 8 + 1
+    assert len(os.listdir(out / 'ws')) == 7 + 8 + 1
     assert '--blr 0.002' in report and '--drop_path 0.0' in report and '--blr 0.004' in report
     assert not list((out / 'students').glob('**/checkpoint-*.pth'))  # students keep logs only
     assert sorted(os.listdir(out / 'teachers' / 'vit')) == [
@@ -65,6 +66,34 @@ def test_transfer_study_smoke(tmp_path):
     first = [r for r in records if r['family'] == 'vit' and r['init'] == 'ws l1'][0]
     assert l1['teacher_weights_sha256'] == first['teacher_weights_sha256']  # CPU: the same teacher again
     assert l1['final_acc1'] == first['final_acc1']
+
+
+@pytest.mark.slow
+def test_transfer_study_carries_a_teacher_between_calls(tmp_path):
+    """--teachers DIR --only_teachers pretrains the teacher and writes its weights there in fp16 (a plain
+    torch.load reads them); a later call given DIR trains no teacher, and every selection names that file's
+    weights."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
+    teachers = tmp_path / 'teachers'
+    flags = ['--smoke', '--families', 'vit', '--make_imagefolder', make_imagefolder, '--teachers', str(teachers)]
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(tmp_path / 'first'), '--only_teachers',
+                      *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(teachers) == ['vit.pth'] and not (tmp_path / 'first' / 'students').exists()
+    weights = torch.load(teachers / 'vit.pth')['model']
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    trained = torch.load(tmp_path / 'first' / 'teachers' / 'vit' / 'checkpoint-best.pth')['model']
+    assert all(torch.equal(weights[k], trained[k].half()) for k in trained)
+
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(tmp_path / 'second'), *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / 'second' / 'teachers').exists() and 'main.py --model vit_small' not in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / 'second' / 'runs.jsonl').read_text().splitlines()]
+    shas = {r['teacher_weights_sha256'] for r in records if r['init'] != 'random init'}
+    assert shas == {transfer_study.weights_sha256(teachers / 'vit.pth')} and len(records) == 8
 
 
 @pytest.mark.slow
