@@ -113,6 +113,8 @@ case $part in
     echo "gpu_study.sh: unknown part '$part'; $usage" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
+# prepare's link to the one copy of the test images, should a copy of the tree have dropped it
+[ -d .carry_target/data/target_500/test ] || ln -sfn ../target_100/test .carry_target/data/target_500/test
 done_args=()
 [ -f results/transfer_study.jsonl ] && done_args=(--done results/transfer_study.jsonl)
 imagefolder=.carry_target/make_imagefolder.py
