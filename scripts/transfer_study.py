@@ -489,18 +489,24 @@ def mean_std(values):
 
 
 def report_rows(records):
-    """One table row per (model, subset, init): the base lr, final and best accuracy, and the paired
-    differences of the final accuracy from random init's run of the same seed."""
+    """One table row per (model, subset, init, device): the base lr, final and best accuracy, and the paired
+    differences of the final accuracy from random init's run of the same seed on the same device. Where the
+    records come from more than one device (a GPU, the CPU), each row names its own: their runs are never
+    averaged together (a CPU trains in float32, a GPU in bf16)."""
     groups, random_final = {}, {}
     for r in records:
-        groups.setdefault((r['family'], r['per_class'], r['epochs'], r['blr'], r['init']), []).append(r)
+        recipe = (r['family'], r['per_class'], r['epochs'], r['blr'], r.get('device'))
+        groups.setdefault((*recipe, r['init']), []).append(r)
         if r['init'] == 'random init':
-            random_final[r['family'], r['per_class'], r['epochs'], r['blr'], r['seed']] = r['final_acc1']
+            random_final[(*recipe, r['seed'])] = r['final_acc1']
+    several = len({r.get('device') for r in records}) > 1
     rows = []
-    for (family, n, epochs, blr, init), runs in groups.items():  # paired with random init of the same recipe
-        paired = [r['final_acc1'] - random_final[family, n, epochs, blr, r['seed']] for r in runs
-                  if init != 'random init' and (family, n, epochs, blr, r['seed']) in random_final]
-        rows.append(f"| {family} | {n} | {epochs} | {blr:g} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
+    for (*recipe, init), runs in groups.items():  # paired with random init of the same recipe and device
+        family, n, epochs, blr, device = recipe
+        paired = [r['final_acc1'] - random_final[(*recipe, r['seed'])] for r in runs
+                  if init != 'random init' and (*recipe, r['seed']) in random_final]
+        model = f'{family} ({device})' if several else family
+        rows.append(f"| {model} | {n} | {epochs} | {blr:g} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
                     f"{mean_std(paired) if init != 'random init' else ''} | "
                     f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
     return rows
@@ -535,9 +541,10 @@ def provenance(runs, reused):
         if r.get('teacher_weights_sha256'):
             teachers.setdefault(r['family'], set()).add(r['teacher_weights_sha256'])
     several = [f'{family}: {len(shas)}' for family, shas in teachers.items() if len(shas) > 1]
+    codes = sorted({r.get('code', '?') for r in runs})
     return (f' {reused} of the {len(runs)} runs came from --done (earlier calls, or studies run beside this one); '
-            f'the runs ran on {", ".join(devices)}, {sum(r.get("train_minutes", 0) for r in runs):.0f} min of '
-            f'training and evaluation in all.'
+            f'the runs ran on {", ".join(devices)} (code {", ".join(codes)}), '
+            f'{sum(r.get("train_minutes", 0) for r in runs):.0f} min of training and evaluation in all.'
             + (f' Teacher trainings behind the selections, per family: {", ".join(several)}.' if several else ''))
 
 

@@ -161,6 +161,23 @@ def test_report_pairs_each_init_with_random_init_of_the_same_recipe():
     assert rows[2] == '| vit | 100 | 100 | 0.002 | ws uniform | 55.0 | 5.0 | 55.0 | 1 |'  # not 55 - 60
 
 
+def test_report_keeps_runs_of_different_devices_apart():
+    """A record made on the CPU (float32) and one made on a GPU (bf16) under the same settings are two rows, each
+    paired with random init on its own device; with one device the rows do not name it."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    run = lambda init, device, final: {'family': 'vit', 'per_class': 100, 'epochs': 30, 'init': init,  # noqa: E731
+                                       'seed': 0, 'blr': 2e-3, 'final_acc1': final, 'best_acc1': final,
+                                       'device': device}
+    rows = transfer_study.report_rows([run('random init', 'H100', 60.0), run('random init', 'cpu', 50.0),
+                                       run('ws uniform', 'H100', 65.0), run('ws uniform', 'cpu', 51.0)])
+    assert rows == ['| vit (H100) | 100 | 30 | 0.002 | random init | 60.0 |  | 60.0 | 1 |',
+                    '| vit (cpu) | 100 | 30 | 0.002 | random init | 50.0 |  | 50.0 | 1 |',
+                    '| vit (H100) | 100 | 30 | 0.002 | ws uniform | 65.0 | 5.0 | 65.0 | 1 |',
+                    '| vit (cpu) | 100 | 30 | 0.002 | ws uniform | 51.0 | 1.0 | 51.0 | 1 |']
+    assert transfer_study.report_rows([run('random init', 'H100', 60.0)])[0].startswith('| vit | 100 |')
+
+
 def study_args(monkeypatch, tmp_path, *flags):
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import transfer_study
