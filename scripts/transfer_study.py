@@ -565,7 +565,8 @@ def write_report(out, study, seconds, args, partial=False):
              + f'), mean ± std over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences '
              f'from random init (same seed: same data order and augmentation).', '',
              f"Device: {study.ran_on['device']}; " + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
-             f'wall time {seconds / 60:.1f} min.' + provenance(lr_records + records, len(study.used) + len(earlier))
+             + (f'wall time {seconds / 60:.1f} min.' if study.commands else 'no run in this call: a report of earlier '
+              'records.') + provenance(lr_records + records, len(study.used) + len(earlier))
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
              '| model | images per class | epochs | base lr / 512 | init | final acc@1 | final vs random | best acc@1 | n |',
@@ -584,9 +585,13 @@ def write_report(out, study, seconds, args, partial=False):
                   f'{args.batch_size} | final acc@1 | best acc@1 | n |',
                   '|---|---|---|---|---|---|---|---|']
         lines += lr_search_rows(lr_records, args.batch_size)
-    lines += ['', '## Commands', '', 'Of this call' + (' (the runs reused from --done ran in earlier calls, with the '
-                                                       'same settings)' if study.used or earlier else '') + ':', '',
-              '```'] + study.commands + ['```', '']
+    if study.commands:
+        lines += ['', '## Commands', '', 'Of this call' + (' (the runs reused from --done ran in earlier calls, with '
+                                                           'the same settings)' if study.used or earlier else '') + ':',
+                  '', '```'] + study.commands + ['```', '']
+    else:  # a merge of records (gpu_study.sh): the commands are in the logs of the calls that ran them
+        lines += ['', 'Every run above came from --done: their commands are in the logs of the calls that ran them '
+                  '(scripts/gpu_study.sh returns them as studyI.log).', '']
     with open(os.path.join(out, 'transfer_study.md'), 'w') as f:
         f.write('\n'.join(lines))
     print(f'wrote {os.path.join(out, "transfer_study.md")} ({len(records)} runs, {seconds / 60:.1f} min)')
