@@ -14,6 +14,7 @@
 #   bash scripts/gpu_study.sh family FAMILY MINUTES OUT  device, carrying .carry_target and .carry_teachers/FAMILY
 #   bash scripts/gpu_study.sh dinov2 MINUTES OUT         device, carrying .carry_target and .carry_dino: the DINOv2
 #                                                        ViT-T/14 at 224 px
+#   bash scripts/gpu_study.sh merge OUT RUNS.jsonl...     here or there: one runs.jsonl and report of the records
 #
 # A student call runs two studies side by side, as two processes (100 | 500 images per class): the students are
 # small enough that one process leaves the GPU waiting on Python most of the time. Each study's runs.jsonl is
@@ -24,13 +25,13 @@
 # the device's 600 s per call: set it below the call's limit when the session has less time left) stops the
 # studies outright. Set WS_CODE_VERSION=<commit> in the command: every record names the code it ran.
 # Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit
-# (without a merged runs.jsonl: python scripts/transfer_study.py --out /tmp/m --families --done FILES/study*.jsonl
-# results/transfer_study.jsonl, and take /tmp/m's).
+# (a call that returned no runs.jsonl: bash scripts/gpu_study.sh merge /tmp/m FILES/study*.jsonl
+# results/transfer_study.jsonl, and take /tmp/m's two files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 python=${PYTHON:-python3}
-usage='usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OUT | unpack FAMILY FILES | family FAMILY MINUTES OUT | dinov2 MINUTES OUT'
+usage='usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OUT | unpack FAMILY FILES | family FAMILY MINUTES OUT | dinov2 MINUTES OUT | merge OUT RUNS.jsonl...'
 part=${1:?$usage}
 family_of() {
   case "$1" in vit|convnext) echo "$1" ;; *) echo "gpu_study.sh: unknown family '$1'; choose vit or convnext" >&2; exit 2 ;; esac
@@ -48,13 +49,16 @@ case $part in
         --classes dog,frog,horse,ship,truck --per-class-train "$n" > /dev/null
     done
     # one copy of the 5,000 test images (the same in both): a ConvNeXt-T teacher beside them still fits 64 MiB
-    diff -rq .carry_target/data/target_100/test .carry_target/data/target_500/test > /dev/null
+    diff -rq .carry_target/data/target_100/test .carry_target/data/target_500/test > /dev/null \
+      || { echo "gpu_study.sh: the two subsets' test images differ; cannot share one copy" >&2; exit 1; }
     rm -rf .carry_target/data/target_500/test && ln -s ../target_100/test .carry_target/data/target_500/test
     du -sh --apparent-size .carry .carry_target .carry_dino
     exit 0 ;;
   unpack)
     family=$(family_of "${2:?$usage}")
     files=$(cd "${3:?$usage}" && pwd)
+    ls "$files/$family.pth.part"* "$files/$family.pth.sha256" > /dev/null 2>&1 \
+      || { echo "gpu_study.sh: no $family.pth.part* and $family.pth.sha256 in $files (a teacher call's files)" >&2; exit 1; }
     mkdir -p ".carry_teachers/$family"
     cat "$files/$family.pth.part"* > ".carry_teachers/$family/$family.pth.tmp"
     if ! (cd ".carry_teachers/$family" && sed "s/  .*/  $family.pth.tmp/" "$files/$family.pth.sha256" \
@@ -70,10 +74,24 @@ esac
 
 # the study's GPU recipe (README, "Evidence on real images"); STUDY_RECIPE replaces it and STUDY_FLAGS adds to it
 # (the same in every call: they are part of what identifies a run), e.g. STUDY_FLAGS=--smoke for a teacher call
-# on a CPU, or STUDY_RECIPE='--device cpu --seeds 0 --blr 2e-3' STUDY_FLAGS='--student_epochs 1 1' for a family's
+# on a CPU, or STUDY_RECIPE='--device cpu --seeds 0 --blr 2e-3' STUDY_FLAGS='--student_epochs 1 1' for a family
+# call on a CPU (it then needs a teacher trained with those settings)
 # shellcheck disable=SC2206  # the recipe's flags are words
 recipe=(${STUDY_RECIPE:---device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 --eval_freq 5} ${STUDY_FLAGS:-})
 limit=${STUDY_LIMIT_S:-540}
+
+merge() {  # merge OUT RUNS.jsonl...: one runs.jsonl and transfer_study.md of the records, under the study's settings
+  local dest=$1
+  shift
+  "$python" scripts/transfer_study.py --out "$dest" --families "${recipe[@]}" --done "$@"
+}
+if [ "$part" = merge ]; then
+  out=${2:?$usage}
+  shift 2
+  [ $# -gt 0 ] || { echo "gpu_study.sh: merge needs RUNS.jsonl files" >&2; exit 2; }
+  merge "$out" "$@"
+  exit
+fi
 rm -rf /tmp/study0 /tmp/study1 /tmp/study_merged /tmp/study_teacher  # a warm machine keeps /tmp between calls
 
 if [ "$part" = teacher ]; then
@@ -113,6 +131,7 @@ case $part in
     echo "gpu_study.sh: unknown part '$part'; $usage" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
+[ -d .carry_target/data/target_100 ] || { echo "gpu_study.sh: no .carry_target/data; run prepare here and carry .carry_target" >&2; exit 2; }
 # prepare's link to the one copy of the test images, should a copy of the tree have dropped it
 [ -d .carry_target/data/target_500/test ] || ln -sfn ../target_100/test .carry_target/data/target_500/test
 done_args=()
@@ -122,26 +141,34 @@ imagefolder=.carry_target/make_imagefolder.py
 pids=()
 for i in "${!studies[@]}"; do
   folder=/tmp/study$i
-  mkdir -p $folder && ln -sfn "$PWD/.carry_target/data" $folder/data  # the subsets made here
+  mkdir -p $folder/data  # the subsets made here, linked one by one: the validation splits are carved beside them in /tmp
+  for subset in .carry_target/data/target_*; do ln -sfn "$PWD/$subset" $folder/data/; done
   # shellcheck disable=SC2086  # each study's flags are words
   timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out $folder ${studies[$i]} "${recipe[@]}" \
     --time_budget_min "$minutes" "${done_args[@]}" --make_imagefolder $imagefolder > "$out/study$i.log" 2>&1 &
   pids+=($!)
 done
 copy_records() { for i in "${!studies[@]}"; do [ -f /tmp/study$i/runs.jsonl ] && cp /tmp/study$i/runs.jsonl "$out/study$i.jsonl"; done; true; }
-(while sleep 15; do copy_records; done) &
+(while sleep 15; do copy_records; done) > /dev/null 2>&1 &  # no output held open: the call ends when the studies do
 copier=$!
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+for i in "${!pids[@]}"; do
+  status=0
+  wait "${pids[$i]}" || status=$?
+  if [ $status = 124 ]; then  # the limit, not a failure: its finished runs are in OUT
+    echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped study $i; its finished runs, if any, are in $out/study$i.jsonl"
+  elif [ $status != 0 ]; then
+    echo "gpu_study.sh: study $i failed (exit status $status); see $out/study$i.log"
+    rc=$status
+  fi
+done
 kill $copier 2>/dev/null || true
 copy_records
-[ $rc = 124 ] && { echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped a study; its finished runs are in $out"; rc=0; }
 # one runs.jsonl and one report from both (and the earlier calls'); the studies' logs stay in OUT
 existing=()
 for i in "${!studies[@]}"; do [ -f "$out/study$i.jsonl" ] && existing+=("$out/study$i.jsonl"); done
 if [ ${#existing[@]} -gt 0 ]; then
-  "$python" scripts/transfer_study.py --out /tmp/study_merged --families "${recipe[@]}" --make_imagefolder $imagefolder \
-    --done "${existing[@]}" > "$out/merge.log" 2>&1 || rc=$?
+  merge /tmp/study_merged "${existing[@]}" > "$out/merge.log" 2>&1 || rc=$?
   cp /tmp/study_merged/runs.jsonl /tmp/study_merged/transfer_study.md "$out"/ 2>/dev/null || true
 fi
 ls "$out"

@@ -3,12 +3,13 @@
   1. split CIFAR-10 into a source task (airplane automobile bird cat deer) and a target task
      (dog frog horse ship truck) with ../shared/data/cifar10/make_imagefolder.py;
   2. pretrain teachers on the source task with main.py: ViT-S/4 and ConvNeXt-T at 32 px;
-  3. select students (ViT-T/4, ConvNeXt-F) with weight_selection.py for every element selection and for
-     first vs uniform layer selection;
+  3. select students (ViT-T/4, ConvNeXt-F) with weight_selection.py for every element selection, and for
+     ConvNeXt-F (fewer blocks than its teacher; ViT-S and ViT-T both have 12) first vs uniform layer selection;
   4. train the students on target subsets (N images per class) from random init and from each selection,
      over seeds, evaluating on all target test images; optionally also a ViT-T/14 at 224 px from the
      real DINOv2 ViT-S/14 (--dinov2 CKPT; --dinov2_input_size), random init vs weight selection;
-  5. write OUT/transfer_study.md (mean ± std, commands, device, versions, wall time) and OUT/runs.jsonl.
+  5. write OUT/transfer_study.md (mean ± std, device, versions; the commands and wall time of the runs of this
+     call, if it ran any) and OUT/runs.jsonl.
 
     python scripts/transfer_study.py --out runs/transfer --device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 \
         --eval_freq 5 --dinov2 ../shared/teachers/dinov2_vits14_imgfocus_fp16.pt
@@ -144,7 +145,7 @@ class Study:
     def measured(self, fields, measure):
         """The record of the run `fields` describe: reused from --done, else measure() (which trains). It is
         added to the study's records, and runs.jsonl is written again at once: a call killed later keeps it."""
-        key = run_key({**fields, **self.settings()})
+        key = run_key({**fields, **self.settings(), 'device': self.ran_on['device']})
         if key in self.done:
             self.used.add(key)
             r = self.done[key]
@@ -245,7 +246,14 @@ SETTINGS = {
 
 
 def run_key(r):
-    return tuple(json.dumps(r.get(k), sort_keys=True) for k in (*RUN_FIELDS, *SETTINGS))
+    """The fields that name a run, its settings, and the kind of device it ran on: a CPU trains in float32 and a
+    GPU in bf16, so a record of one is never reused for the other (GPUs of another model are)."""
+    return (*(json.dumps(r.get(k), sort_keys=True) for k in (*RUN_FIELDS, *SETTINGS)), device_kind(r))
+
+
+def device_kind(r):
+    """'cpu' or 'gpu' for a record's device (None for a record without one)."""
+    return None if r.get('device') is None else 'cpu' if r['device'] == 'cpu' else 'gpu'
 
 
 def read_log(folder):
@@ -270,7 +278,7 @@ def main():
     if args.target:
         raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
                          '--source and leave --target out, or subsample your target yourself')
-    if not args.source and not os.path.isfile(args.make_imagefolder):
+    if (args.families or args.dinov2) and not args.source and not os.path.isfile(args.make_imagefolder):
         raise SystemExit(f'error: {args.make_imagefolder} not found; pass --make_imagefolder (the script beside '
                          f'the CIFAR-10 npz in ../shared) or --source FOLDER')
     out = os.path.abspath(args.out)
@@ -343,12 +351,24 @@ class Teacher:
         self.dir = os.path.join(out, 'teachers', family)
         self.ckpt = os.path.join(self.dir, 'checkpoint-best.pth')
         teachers = study.args.teachers
-        self.carried = os.path.join(teachers, f'{family}.pth') if teachers else None
+        self.carried = os.path.join(os.path.abspath(teachers), f'{family}.pth') if teachers else None
         self.weights_sha256 = None
+
+    def settings(self):
+        """What the teacher's training depended on: a carried teacher must have been trained so."""
+        a = self.study.args
+        return {'family': self.family, 'teacher_epochs': a.teacher_epochs, 'batch_size': a.batch_size,
+                'source': a.source, 'smoke': a.smoke}
 
     def checkpoint(self):
         if self.weights_sha256 is None:
             if self.carried and os.path.isfile(self.carried):
+                import torch
+                made = torch.load(self.carried, map_location='cpu', weights_only=True).get('teacher_settings')
+                if made != self.settings():
+                    raise SystemExit(f'error: --teachers {self.carried} was trained with {made}, this study asks for '
+                                     f'{self.settings()}; pass the teacher trained with these settings, or remove it '
+                                     f'to train one')
                 self.ckpt = self.carried
             else:
                 a = self.study.args
@@ -358,21 +378,22 @@ class Teacher:
                                  checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
                                  eval_freq=1)
                 if self.carried:
-                    export_weights(self.ckpt, self.carried)
+                    export_weights(self.ckpt, self.carried, self.settings())
                     self.ckpt = self.carried
             self.weights_sha256 = weights_sha256(self.ckpt)
         return self.ckpt
 
 
-def export_weights(ckpt, dest):
-    """A training checkpoint's model weights alone, in fp16 ({'model': ...}, as main.py's checkpoints hold them):
-    a ViT-S/4 in 41 MiB and a ConvNeXt-T in 53 MiB, which a device call (64 MiB) can carry."""
+def export_weights(ckpt, dest, settings):
+    """A training checkpoint's model weights alone, in fp16 ({'model': ...}, as main.py's checkpoints hold them),
+    with the settings they were trained with: a ViT-S/4 in 41 MiB and a ConvNeXt-T in 53 MiB, which a device call
+    (64 MiB) can carry."""
     import torch
     import utils
     state = torch.load(ckpt, map_location='cpu', weights_only=True)['model']
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    utils.atomic_write(dest, lambda f: torch.save({'model': half}, f))
+    utils.atomic_write(dest, lambda f: torch.save({'model': half, 'teacher_settings': settings}, f))
 
 
 def weights_sha256(path):
@@ -489,27 +510,32 @@ def mean_std(values):
 
 
 def report_rows(records):
-    """One table row per (model, subset, init, device): the base lr, final and best accuracy, and the paired
-    differences of the final accuracy from random init's run of the same seed on the same device. Where the
-    records come from more than one device (a GPU, the CPU), each row names its own: their runs are never
-    averaged together (a CPU trains in float32, a GPU in bf16)."""
+    """One table row per (model, subset, init, kind of device): the base lr, final and best accuracy, and the
+    paired differences of the final accuracy from random init's run of the same seed on the same kind of device.
+    Where the records come from a CPU and a GPU, each row names its devices: their runs are never averaged
+    together (a CPU trains in float32, a GPU in bf16)."""
     groups, random_final = {}, {}
     for r in records:
-        recipe = (r['family'], r['per_class'], r['epochs'], r['blr'], r.get('device'))
+        recipe = (r['family'], r['per_class'], r['epochs'], r['blr'], device_kind(r))
         groups.setdefault((*recipe, r['init']), []).append(r)
         if r['init'] == 'random init':
             random_final[(*recipe, r['seed'])] = r['final_acc1']
-    several = len({r.get('device') for r in records}) > 1
     rows = []
-    for (*recipe, init), runs in groups.items():  # paired with random init of the same recipe and device
-        family, n, epochs, blr, device = recipe
+    for (*recipe, init), runs in groups.items():  # paired with random init of the same recipe and device kind
+        family, n, epochs, blr, _ = recipe
         paired = [r['final_acc1'] - random_final[(*recipe, r['seed'])] for r in runs
                   if init != 'random init' and (*recipe, r['seed']) in random_final]
-        model = f'{family} ({device})' if several else family
-        rows.append(f"| {model} | {n} | {epochs} | {blr:g} | {init} | {mean_std([r['final_acc1'] for r in runs])} | "
-                    f"{mean_std(paired) if init != 'random init' else ''} | "
+        rows.append(f"| {model_label(family, runs, records)} | {n} | {epochs} | {blr:g} | {init} | "
+                    f"{mean_std([r['final_acc1'] for r in runs])} | {mean_std(paired) if init != 'random init' else ''} | "
                     f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
     return rows
+
+
+def model_label(family, runs, records):
+    """The model's name, and, where the report mixes a CPU's and a GPU's records, the devices of these runs."""
+    if len({device_kind(r) for r in records}) < 2:
+        return family
+    return f"{family} ({', '.join(sorted({str(r.get('device')) for r in runs}))})"
 
 
 def lr_search_rows(lr_records, batch_size):
@@ -517,14 +543,14 @@ def lr_search_rows(lr_records, batch_size):
     candidate (highest mean final accuracy, the first of equals) in bold."""
     groups = {}
     for r in lr_records:
-        groups.setdefault((r['family'], r['per_class'], r['val_per_class'], r['epochs']), {}).setdefault(
+        groups.setdefault((r['family'], r['per_class'], r['val_per_class'], r['epochs'], device_kind(r)), {}).setdefault(
             r['blr'], []).append(r)
     rows = []
-    for (family, n, val, epochs), by_blr in groups.items():
+    for (family, n, val, epochs, _), by_blr in groups.items():
         chosen = chosen_blr(by_blr)
         for blr, runs in by_blr.items():
             mark = '**' if blr == chosen else ''
-            rows.append(f"| {family} | {n - val} + {val} | {epochs} | {mark}{blr:g}{mark} | {blr * batch_size / 512:.3g} | "
+            rows.append(f"| {model_label(family, runs, lr_records)} | {n - val} + {val} | {epochs} | {mark}{blr:g}{mark} | {blr * batch_size / 512:.3g} | "
                         f"{mean_std([r['final_acc1'] for r in runs])} | {mean_std([r['best_acc1'] for r in runs])} | "
                         f"{len(runs)} |")
     return rows
@@ -598,4 +624,5 @@ def write_report(out, study, seconds, args, partial=False):
 
 
 if __name__ == '__main__':
-    main()
+    import utils
+    utils.run_cli(lambda argv: main())  # a mistake a run finds (in this process) is one line, as in the CLIs

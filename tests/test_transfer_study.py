@@ -97,6 +97,14 @@ def test_transfer_study_carries_a_teacher_between_calls(tmp_path):
     shas = {r['teacher_weights_sha256'] for r in records if r['init'] != 'random init'}
     assert shas == {transfer_study.weights_sha256(teachers / 'vit.pth')} and len(records) == 8
 
+    # a teacher trained otherwise (here: the smoke run's, for a study of real settings) is refused, not used
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(tmp_path / 'third'), '--families', 'vit',
+                      '--make_imagefolder', make_imagefolder, '--teachers', str(teachers), '--subsets', '4',
+                      '--per_class_test', '4', '--device', 'cpu', '--student_epochs', '1', '1', '--num_workers', '0',
+                      '--batch_size', '4')
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert "was trained with {'family': 'vit', 'teacher_epochs': 1" in proc.stderr and "'teacher_epochs': 100" in proc.stderr
+
 
 @pytest.mark.slow
 def test_transfer_study_time_budget_writes_partial_report(tmp_path):
@@ -177,7 +185,9 @@ def test_report_keeps_runs_of_different_devices_apart():
                     '| vit (cpu) | 100 | 30 | 0.002 | random init | 50.0 |  | 50.0 | 1 |',
                     '| vit (H100) | 100 | 30 | 0.002 | ws uniform | 65.0 | 5.0 | 65.0 | 1 |',
                     '| vit (cpu) | 100 | 30 | 0.002 | ws uniform | 51.0 | 1.0 | 51.0 | 1 |']
-    assert transfer_study.report_rows([run('random init', 'H100', 60.0)])[0].startswith('| vit | 100 |')
+    # two GPU models are one kind: one row, named plainly
+    rows = transfer_study.report_rows([run('random init', 'H100', 60.0), {**run('random init', 'H200', 62.0), 'seed': 1}])
+    assert rows == ['| vit | 100 | 30 | 0.002 | random init | 61.0 ± 1.4 |  | 61.0 ± 1.4 | 2 |']
 
 
 def study_args(monkeypatch, tmp_path, *flags):
@@ -199,6 +209,7 @@ def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are
     out = tmp_path / 'out'
     out.mkdir()
     study = ts.Study(args, str(out))
+    study.ran_on = {'device': 'NVIDIA H200', 'code': 'x'}  # another GPU: its records are reused
     got = study.measured(ts.run_fields('vit', 100, 'random init', 0, 200, 2e-3), lambda: pytest.fail('ran again'))
     assert got == random0
     ts.write_report(str(out), study, 60.0, args)
@@ -226,7 +237,8 @@ def test_measurement_takes_final_and_best_among_the_evaluated_epochs():
     settings = {'batch_size': 128, 'test_per_class': 1000, 'teacher_epochs': 100, 'source': None, 'eval_freq': 2,
                 'smoke': False}
     key = transfer_study.run_key({**fields, **settings, **m})
-    assert key == transfer_study.run_key({**fields, **settings})  # what was measured is not part of the key
+    assert key == transfer_study.run_key({**fields, **settings, 'device': 'cpu'})  # what was measured is not
+    assert key != transfer_study.run_key({**fields, **settings, 'device': 'NVIDIA H100'})  # a GPU's run is another
     assert key != transfer_study.run_key({**fields, **settings, 'eval_freq': 1})
 
 
