@@ -4,6 +4,7 @@ flags that a checkpoint was trained with; and the checks of a run's settings bef
 import argparse
 import os
 
+import datasets
 import utils
 from models import io
 from utils import UserError, str2bool
@@ -125,6 +126,7 @@ def check_args(args):
         raise UserError(f'--num_workers {args.num_workers} must be 0 (load in the main process) or more')
     if device_type(args.device) not in ('cpu', 'cuda'):
         raise UserError(f'--device {args.device}: pass cuda (each process its own GPU under torchrun), cuda:N or cpu')
+    datasets.check_name(args.data_set)  # before gpu_data's size tables and every other use of the name
     if not args.data_path:
         raise UserError(f'--data_path is missing: give the folder that holds {args.data_set} (or where --download '
                         f'true lets torchvision fetch it)')

@@ -30,14 +30,20 @@ DATASETS = ('CIFAR10', 'CIFAR100', 'flowers', 'pets', 'stl10', 'food101', 'dtd',
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
+def check_name(name):
+    """UserError for a --data_set that is not one of DATASETS, with the closest names."""
+    if name not in DATASETS:
+        import difflib
+        by_lower = {d.lower(): d for d in DATASETS}  # 'cifar10' is closest to CIFAR10, whatever the case
+        close = [by_lower[d] for d in difflib.get_close_matches(name.lower(), by_lower, n=2)]
+        raise UserError(f"unknown --data_set '{name}'" + (f"; did you mean {', '.join(close)}?" if close else '')
+                        + f" (choose from {', '.join(DATASETS)})")
+
+
 def build_dataset(is_train, args):
     """(dataset, number of classes) for args.data_set under args.data_path."""
     name, root = args.data_set, args.data_path
-    if name not in DATASETS:
-        import difflib
-        close = difflib.get_close_matches(name, DATASETS, n=2)
-        raise UserError(f"unknown --data_set '{name}'" + (f"; did you mean {', '.join(close)}?" if close else '')
-                        + f" (choose from {', '.join(DATASETS)})")
+    check_name(name)
     transform = build_transform(is_train, args)
     if name in ('IMNET', 'image_folder'):
         return image_folder(root, is_train, transform, allow_test=name == 'image_folder')

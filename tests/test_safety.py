@@ -372,6 +372,14 @@ def test_device_names_that_torch_parses_pass_the_check(data):
         config.check_args(main.parse_args([*TRAIN, '--data_path', data, '--device', name]))
 
 
+def test_unknown_data_set_is_caught_by_the_first_check(data):
+    """Before any work: gpu_data's fit rule, run before the dataset is built on CUDA, looks the name up in its
+    size table (a lowercase name there was a KeyError traceback)."""
+    import config
+    with pytest.raises(utils.UserError, match=r"unknown --data_set 'cifar10'; did you mean CIFAR10"):
+        config.check_args(main.parse_args([*TRAIN, '--data_path', data, '--data_set', 'cifar10']))
+
+
 @pytest.mark.parametrize('data_set', ['CIFAR10', 'image_folder'])
 @pytest.mark.parametrize('run', [[], ['--knn_probe', '20']])
 def test_missing_data_path_is_one_line(data_set, run, tmp_path, capsys):
