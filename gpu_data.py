@@ -207,9 +207,15 @@ def fits(args, device):
     process's device (so that all take the same path): the default of --gpu_data auto."""
     if device.type != 'cuda':
         return False
-    free, _ = torch.cuda.mem_get_info(device)
-    room = free // 2
-    return utils.on_every_rank(least_bytes(args) <= room and stored_bytes(args) <= room, device)
+    room = torch.cuda.mem_get_info(device)[0] // 2
+    return utils.on_every_rank(bytes_to_store(args, room) <= room, device)
+
+
+def bytes_to_store(args, room):
+    """least_bytes where that is already more than `room` (a folder far too large is declined without reading
+    every header), else stored_bytes."""
+    least = least_bytes(args)
+    return least if least > room else stored_bytes(args)
 
 
 def varied_sizes(args):
@@ -240,7 +246,10 @@ def choose(args, device):
     if args.gpu_data == 'false':
         return False
     if args.gpu_data == 'true' and device.type == 'cuda' and not fits(args, device):
-        raise UserError(f'--gpu_data true: {args.data_set} ({stored_bytes(args) / 2 ** 20:,.1f} MiB as uint8) does '
+        room = torch.cuda.mem_get_info(device)[0] // 2
+        need = bytes_to_store(args, room)
+        size = ('at least ' if need > room and need == least_bytes(args) else '') + f'{need / 2 ** 20:,.1f} MiB'
+        raise UserError(f'--gpu_data true: {args.data_set} ({size} as uint8) does '
                         f'not fit in half of the free GPU memory; pass --gpu_data false (or, where its image sizes '
                         f'vary, a smaller --gpu_data_size)')
     if args.gpu_data == 'auto' and not fits(args, device):

@@ -500,6 +500,11 @@ def test_gpu_data_fit_rule_declines_a_large_folder_from_one_header(tmp_path, mon
     monkeypatch.setattr(utils, 'on_every_rank', lambda flag, device: flag)
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * 12 * 3 * 36 * 36 - 2, 10 ** 12))
     assert not gpu_data.fits(args, torch.device('cuda')) and reads == []
+    args.gpu_data = 'true'  # and its one-line refusal says so without reading them either
+    with pytest.raises(utils.UserError, match=r'--gpu_data true: image_folder \(at least 0.0 MiB as uint8\)'):
+        gpu_data.choose(args, torch.device('cuda'))
+    assert reads == []
+    args.gpu_data = 'auto'
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * 12 * 3 * 48 * 72, 10 ** 12))
     assert gpu_data.fits(args, torch.device('cuda')) and len(reads) == 2
 
