@@ -30,10 +30,12 @@ images of each class are held out; the test set is never looked at), and the can
 final validation accuracy over the seeds becomes the one recipe for every init of that model and subset.
 
 --done RUNS.jsonl [...] continues a study across machines that keep nothing (a GPU lent one call or one
-session at a time): a run whose record is there, with the same settings, is not run again and its record is
-reused. Only the records travel; a teacher is trained, in the call that first needs it, only while some of
-its students are still to run, and each selection's record names its teacher checkpoint (sha256), so the
-report says how many teacher trainings a family's students came from. Records of the same settings that this
+session at a time): a run whose record is there, with the same settings and the same kind of device (CPU or
+GPU), is not run again and its record is reused. Only the records travel; a teacher is trained, in the call
+that first needs it, only while some of its students are still to run. A selection's teacher is part of its
+run (the sha256 of its weights): once the teacher is known (carried with --teachers, or trained in this call),
+only that teacher's selections are reused, and the report gives each teacher's rows apart and says how many
+teacher trainings a family's students came from. Records of the same settings that this
 call's grid does not cover (another part of the study) are carried into its runs.jsonl and report, so the last
 call's report is the whole study's; `--families --done RUNS.jsonl` (no grid) only writes that report.
 Students keep their logs, not their checkpoints (--save_ckpt false): the study needs their accuracies only.
@@ -108,7 +110,8 @@ def get_args():
                    help='start no new run after this many minutes; write a partial report. Finished runs are '
                         'kept, so the same command continues the study (e.g. one GPU window at a time)')
     p.add_argument('--done', nargs='+', default=[], metavar='RUNS_JSONL',
-                   help="runs.jsonl of earlier calls: runs recorded there with the same settings are reused")
+                   help="runs.jsonl of earlier calls: runs recorded there with the same settings, on the same kind of "
+                        "device, are reused (a selection's: from the same teacher, where it is known)")
     p.add_argument('--teachers', default=None, metavar='DIR',
                    help='teacher weights, DIR/<family>.pth: a family whose file is there takes it as its teacher '
                         '(no pretraining); a teacher pretrained here is written there (fp16 weights) and used, so '
@@ -144,16 +147,27 @@ class Study:
 
     def measured(self, fields, measure):
         """The record of the run `fields` describe: reused from --done, else measure() (which trains). It is
-        added to the study's records, and runs.jsonl is written again at once: a call killed later keeps it."""
-        key = run_key({**fields, **self.settings(), 'device': self.ran_on['device']})
-        if key in self.done:
-            self.used.add(key)
-            r = self.done[key]
+        added to the study's records, and runs.jsonl is written again at once: a call killed later keeps it.
+        A selection's teacher is part of its run: where the teacher is known before the run (carried with
+        --teachers, or trained earlier in this call), only a record of that teacher is reused; where it is not
+        (fields' teacher_weights_sha256 is ANY_TEACHER), a record of any teacher is, so that a call whose runs
+        are all recorded trains no teacher (the report keeps each teacher's runs in rows of their own)."""
+        found = self.done_key({**fields, **self.settings(), 'device': self.ran_on['device']})
+        if found is not None:
+            self.used.add(found)
+            r = self.done[found]
         else:
-            r = {**fields, **self.settings(), **measure()}
+            r = {**fields, **self.settings(), **measure()}  # measure() names the teacher it used
         (self.lr_records if r['split'] == 'validation' else self.records).append(r)
         self.save()
         return r
+
+    def done_key(self, r):
+        """The key of r's record in --done, or None."""
+        if r.get('teacher_weights_sha256') != ANY_TEACHER:
+            return run_key(r) if run_key(r) in self.done else None
+        return next((key for key, d in self.done.items() if d.get('teacher_weights_sha256')
+                     and run_key({**r, 'teacher_weights_sha256': d['teacher_weights_sha256']}) == key), None)
 
     def earlier(self):
         """The --done records this call's grid did not ask for (other parts of the study, other settings)."""
@@ -232,9 +246,12 @@ def read_records(path):
     return read_jsonl(path)
 
 
-# What makes two runs the same run: its own fields (the DINOv2 checkpoint's file hash for its selections) and
-# the settings every run of the study shares; the rest of a record is what was measured.
-RUN_FIELDS = ('split', 'family', 'per_class', 'val_per_class', 'init', 'seed', 'blr', 'epochs', 'teacher_file_sha256')
+# What makes two runs the same run: its own fields (the teacher of a selection: the DINOv2 checkpoint's file hash,
+# or a pretrained teacher's weights hash) and the settings every run of the study shares; the rest of a record is
+# what was measured.
+RUN_FIELDS = ('split', 'family', 'per_class', 'val_per_class', 'init', 'seed', 'blr', 'epochs', 'teacher_file_sha256',
+              'teacher_weights_sha256')
+ANY_TEACHER = '*'  # a selection's teacher, not known before its run: Study.measured takes a record of any
 SETTINGS = {
     'batch_size': lambda a: a.batch_size,
     'test_per_class': lambda a: a.per_class_test or 1000,
@@ -342,9 +359,10 @@ def chosen_blr(by_blr):
 
 
 class Teacher:
-    """A family's teacher: --teachers DIR/<family>.pth where it is there; else pretrained on the source task the
-    first time a selection needs it (never when every student of the family was reused from --done), and, with
-    --teachers, written there as fp16 weights and taken from there, as every later call that carries it will."""
+    """A family's teacher: --teachers DIR/<family>.pth where it is there (checked, and its weights hashed, when
+    the study starts); else pretrained on the source task the first time a selection needs it (never when every
+    student of the family was reused from --done), and, with --teachers, written there as fp16 weights and taken
+    from there, as every later call that carries it will. weights_sha256 names it once it is known."""
 
     def __init__(self, study, family, source, out):
         self.study, self.family, self.source = study, family, source
@@ -353,33 +371,40 @@ class Teacher:
         teachers = study.args.teachers
         self.carried = os.path.join(os.path.abspath(teachers), f'{family}.pth') if teachers else None
         self.weights_sha256 = None
+        if self.carried and os.path.isfile(self.carried):
+            import torch
+            made = torch.load(self.carried, map_location='cpu', weights_only=True).get('teacher_settings')
+            if made != self.settings():
+                raise SystemExit(f'error: --teachers {self.carried} was trained with {made}, this study asks for '
+                                 f'{self.settings()}; pass the teacher trained with these settings, or remove it '
+                                 f'to train one')
+            self.ckpt = self.carried
+            self.weights_sha256 = weights_sha256(self.ckpt)
 
     def settings(self):
-        """What the teacher's training depended on: a carried teacher must have been trained so."""
+        """What the teacher's training depended on (its best epoch is picked on the source test images, and a
+        CPU trains in float32, a GPU in bf16): a carried teacher must have been trained so."""
         a = self.study.args
         return {'family': self.family, 'teacher_epochs': a.teacher_epochs, 'batch_size': a.batch_size,
-                'source': a.source, 'smoke': a.smoke}
+                'source': a.source, 'test_per_class': a.per_class_test or 1000, 'smoke': a.smoke,
+                'device': device_kind(self.study.ran_on)}
+
+    def sha256_or_any(self):
+        """What names the teacher of a selection's run before it runs: its weights hash, or ANY_TEACHER."""
+        return self.weights_sha256 or ANY_TEACHER
 
     def checkpoint(self):
+        """The teacher's checkpoint file, pretrained here the first time it is asked for where none was carried."""
         if self.weights_sha256 is None:
-            if self.carried and os.path.isfile(self.carried):
-                import torch
-                made = torch.load(self.carried, map_location='cpu', weights_only=True).get('teacher_settings')
-                if made != self.settings():
-                    raise SystemExit(f'error: --teachers {self.carried} was trained with {made}, this study asks for '
-                                     f'{self.settings()}; pass the teacher trained with these settings, or remove it '
-                                     f'to train one')
+            a = self.study.args
+            teacher, t_kwargs = MODELS[self.family][:2]
+            # the best checkpoint (for selection) and the last epoch's, not one per epoch
+            self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
+                             checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
+                             eval_freq=1)
+            if self.carried:
+                export_weights(self.ckpt, self.carried, self.settings())
                 self.ckpt = self.carried
-            else:
-                a = self.study.args
-                teacher, t_kwargs = MODELS[self.family][:2]
-                # the best checkpoint (for selection) and the last epoch's, not one per epoch
-                self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
-                                 checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
-                                 eval_freq=1)
-                if self.carried:
-                    export_weights(self.ckpt, self.carried, self.settings())
-                    self.ckpt = self.carried
             self.weights_sha256 = weights_sha256(self.ckpt)
         return self.ckpt
 
@@ -422,9 +447,9 @@ def run_study(args, out, study):
 
     def target(n):  # made when a run first needs it, not when every run is reused from --done
         return study.imagefolder(os.path.join(out, 'data', f'target_{n}{test_tag}'), TARGET, n, per_test)
-    for family in args.families:
+    teachers = {family: Teacher(study, family, source, out) for family in args.families}  # carried ones checked now
+    for family, teacher in teachers.items():
         teacher_name, t_kwargs, student, s_kwargs = MODELS[family]
-        teacher = Teacher(study, family, source, out)
         if args.only_teachers:
             teacher.checkpoint()
             print(f'teacher of {family}: {teacher.ckpt} (weights sha256 {teacher.weights_sha256})', flush=True)
@@ -452,8 +477,10 @@ def run_study(args, out, study):
                             more = {'teacher_weights_sha256': teacher.weights_sha256}
                         log = study.train(run_dir, student, s_kwargs, target(n), epochs, seed, blr, extra)
                         return {**measurement(log, os.path.relpath(run_dir, out), study.ran_on), **more}
-                    study.measured(run_fields(family, n, name, seed, epochs, blr), measure)
-    if args.dinov2:
+                    teacher_sha256 = None if sel is None else teacher.sha256_or_any()
+                    study.measured(run_fields(family, n, name, seed, epochs, blr,
+                                              teacher_weights_sha256=teacher_sha256), measure)
+    if args.dinov2 and not args.only_teachers:
         import utils
         size = args.dinov2_input_size
         s_kwargs = {'img_size': size}
@@ -482,18 +509,22 @@ def run_study(args, out, study):
                                    measure)
 
 
-def run_fields(family, n, init, seed, epochs, blr, split='test', val_per_class=None, teacher_file_sha256=None):
+def run_fields(family, n, init, seed, epochs, blr, split='test', val_per_class=None, teacher_file_sha256=None,
+               teacher_weights_sha256=None):
     """What names a run (RUN_FIELDS): with Study.settings, the key under which --done finds it."""
     return {'split': split, 'family': family, 'per_class': n, 'val_per_class': val_per_class, 'init': init,
-            'seed': seed, 'blr': blr, 'epochs': epochs, 'teacher_file_sha256': teacher_file_sha256}
+            'seed': seed, 'blr': blr, 'epochs': epochs, 'teacher_file_sha256': teacher_file_sha256,
+            'teacher_weights_sha256': teacher_weights_sha256}
 
 
 def ran_on(device):
-    """{'device': the GPU's name or 'cpu', 'code': the code version} of this process."""
+    """{'device': the GPU's name or 'cpu', 'code': the code version, 'torch', 'timm': their versions} of this
+    process."""
     import torch
     import utils
     on_gpu = device.startswith('cuda') and torch.cuda.is_available()
-    return {'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version()}
+    return {'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version(),
+            **{k: v for k, v in utils.versions().items() if k in ('torch', 'timm')}}
 
 
 def measurement(log, run_dir, ran_on):
@@ -514,10 +545,13 @@ def report_rows(records):
     paired differences of the final accuracy from random init's run of the same seed on the same kind of device.
     Where the records come from a CPU and a GPU, each row names its devices: their runs are never averaged
     together (a CPU trains in float32, a GPU in bf16)."""
+    teachers = teachers_per_family(records)  # where a family had several, each one's selections get rows of their own
     groups, random_final = {}, {}
     for r in records:
         recipe = (r['family'], r['per_class'], r['epochs'], r['blr'], device_kind(r))
-        groups.setdefault((*recipe, r['init']), []).append(r)
+        sha = r.get('teacher_weights_sha256')
+        init = r['init'] + (f' (teacher {sha[:8]})' if sha and len(teachers[r['family']]) > 1 else '')
+        groups.setdefault((*recipe, init), []).append(r)
         if r['init'] == 'random init':
             random_final[(*recipe, r['seed'])] = r['final_acc1']
     rows = []
@@ -529,6 +563,15 @@ def report_rows(records):
                     f"{mean_std([r['final_acc1'] for r in runs])} | {mean_std(paired) if init != 'random init' else ''} | "
                     f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
     return rows
+
+
+def teachers_per_family(records):
+    """{family: the weights hashes of the pretrained teachers its selections came from}."""
+    teachers = {}
+    for r in records:
+        if r.get('teacher_weights_sha256'):
+            teachers.setdefault(r['family'], set()).add(r['teacher_weights_sha256'])
+    return teachers
 
 
 def model_label(family, runs, records):
@@ -562,16 +605,18 @@ def provenance(runs, reused):
     if not reused:
         return ''
     devices = sorted({r.get('device', '?') for r in runs})
-    teachers = {}
-    for r in runs:
-        if r.get('teacher_weights_sha256'):
-            teachers.setdefault(r['family'], set()).add(r['teacher_weights_sha256'])
-    several = [f'{family}: {len(shas)}' for family, shas in teachers.items() if len(shas) > 1]
+    several = [f'{family}: {len(shas)}' for family, shas in teachers_per_family(runs).items() if len(shas) > 1]
     codes = sorted({r.get('code', '?') for r in runs})
     return (f' {reused} of the {len(runs)} runs came from --done (earlier calls, or studies run beside this one); '
-            f'the runs ran on {", ".join(devices)} (code {", ".join(codes)}), '
+            f'the runs ran on {", ".join(devices)} (code {", ".join(codes)}; {recorded_versions(runs)}), '
             f'{sum(r.get("train_minutes", 0) for r in runs):.0f} min of training and evaluation in all.'
             + (f' Teacher trainings behind the selections, per family: {", ".join(several)}.' if several else ''))
+
+
+def recorded_versions(records):
+    """The torch and timm versions that the records name (records of before they were recorded: 'unrecorded')."""
+    return '; '.join(f"{k} {', '.join(sorted({str(r.get(k, 'unrecorded')) for r in records}))}"
+                     for k in ('torch', 'timm'))
 
 
 def write_report(out, study, seconds, args, partial=False):
@@ -590,9 +635,9 @@ def write_report(out, study, seconds, args, partial=False):
              + (f', among the epochs evaluated: every {args.eval_freq} and the last' if args.eval_freq > 1 else '')
              + f'), mean ± std over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences '
              f'from random init (same seed: same data order and augmentation).', '',
-             f"Device: {study.ran_on['device']}; " + ', '.join(f'{k} {v}' for k, v in utils.versions().items()) + '; '
-             + (f'wall time {seconds / 60:.1f} min.' if study.commands else 'no run in this call: a report of earlier '
-              'records.') + provenance(lr_records + records, len(study.used) + len(earlier))
+             (f"Device: {study.ran_on['device']}; " + ', '.join(f'{k} {v}' for k, v in utils.versions().items())
+              + f'; wall time {seconds / 60:.1f} min.' if study.commands else
+              'No run in this call: a report of earlier records.') + provenance(lr_records + records, len(study.used) + len(earlier))
              + (' SMOKE RUN: a few images and one epoch; the numbers mean nothing.' if args.smoke else '')
              + (' PARTIAL: the time budget ran out; the same command continues the study.' if partial else ''), '',
              '| model | images per class | epochs | base lr / 512 | init | final acc@1 | final vs random | best acc@1 | n |',

@@ -48,7 +48,9 @@ def test_transfer_study_smoke(tmp_path):
     assert sorted(os.listdir(again)) == ['runs.jsonl', 'transfer_study.md']  # no data, teacher, selection, student
     merged = (again / 'transfer_study.md').read_text()
     assert f'{len(records)} of the {len(records)} runs came from --done' in merged
-    assert 'no run in this call' in merged and '## Commands' not in merged and 'wall time' not in merged
+    assert 'No run in this call' in merged and '## Commands' not in merged and 'wall time' not in merged
+    import torch  # the versions are the records', not the merging machine's
+    assert f'(code {records[0]["code"]}; torch {torch.__version__}; timm ' in merged and 'Device:' not in merged
 
     # With one ViT record missing, that run alone trains, after its teacher (trained again, the same weights).
     kept = [line for line in (out / 'runs.jsonl').read_text().splitlines()
@@ -73,8 +75,8 @@ def test_transfer_study_smoke(tmp_path):
 @pytest.mark.slow
 def test_transfer_study_carries_a_teacher_between_calls(tmp_path):
     """--teachers DIR --only_teachers pretrains the teacher and writes its weights there in fp16 (a plain
-    torch.load reads them); a later call given DIR trains no teacher, and every selection names that file's
-    weights."""
+    torch.load reads them), and runs no student (not the DINOv2 ones either); a later call given DIR trains no
+    teacher, and every selection names that file's weights; one trained otherwise is refused before any run."""
     import torch
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import transfer_study
@@ -82,7 +84,7 @@ def test_transfer_study_carries_a_teacher_between_calls(tmp_path):
     teachers = tmp_path / 'teachers'
     flags = ['--smoke', '--families', 'vit', '--make_imagefolder', make_imagefolder, '--teachers', str(teachers)]
     proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(tmp_path / 'first'), '--only_teachers',
-                      *flags)
+                      *flags, '--dinov2', shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.listdir(teachers) == ['vit.pth'] and not (tmp_path / 'first' / 'students').exists()
     weights = torch.load(teachers / 'vit.pth')['model']
@@ -104,6 +106,7 @@ def test_transfer_study_carries_a_teacher_between_calls(tmp_path):
                       '--batch_size', '4')
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert "was trained with {'family': 'vit', 'teacher_epochs': 1" in proc.stderr and "'teacher_epochs': 100" in proc.stderr
+    assert not (tmp_path / 'third' / 'data').exists()  # found at the start, not after the random-init runs
 
 
 @pytest.mark.slow
@@ -224,6 +227,49 @@ def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are
     (tmp_path / 'done.jsonl').write_text(json.dumps(random0) + '\n' + json.dumps({**random0, 'final_acc1': 1.0}) + '\n')
     with pytest.raises(SystemExit, match='two different records of one run'):
         ts.Study(args, str(out))
+
+
+def test_a_selection_is_reused_only_from_its_teacher_where_the_teacher_is_known(tmp_path, monkeypatch):
+    """A family's teacher retrained in a later session (its carried file lost) gives other weights: with that
+    teacher known (carried), a selection recorded from the first one runs again, and both records are kept,
+    in rows of their own; with the teacher not known yet (none carried), a record of any teacher is reused, so
+    that a call whose runs are all recorded trains no teacher."""
+    ts, args = study_args(monkeypatch, tmp_path, '--done', str(tmp_path / 'done.jsonl'))
+    settings = {'batch_size': 128, 'test_per_class': 1000, 'teacher_epochs': 100, 'source': None, 'eval_freq': 1,
+                'smoke': False}
+    measured = {'final_acc1': 50.0, 'best_acc1': 51.0, 'train_minutes': 1.0, 'device': 'H100', 'run_dir': 'x'}
+    a, b = 'a' * 64, 'b' * 64
+    random0 = {**ts.run_fields('vit', 100, 'random init', 0, 200, 2e-3), **settings, **measured}
+    l1_a = {**ts.run_fields('vit', 100, 'ws l1', 0, 200, 2e-3, teacher_weights_sha256=a), **settings, **measured,
+            'final_acc1': 55.0}
+    (tmp_path / 'done.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (random0, l1_a)))
+    out = tmp_path / 'out'
+    out.mkdir()
+    study = ts.Study(args, str(out))
+    study.ran_on = {'device': 'NVIDIA H100', 'code': 'x'}
+    fields = ts.run_fields('vit', 100, 'ws l1', 0, 200, 2e-3, teacher_weights_sha256=ts.ANY_TEACHER)
+    assert study.measured(fields, lambda: pytest.fail('ran again')) == l1_a  # teacher not known yet: any
+    study = ts.Study(args, str(out))
+    study.ran_on = {'device': 'NVIDIA H100', 'code': 'x'}
+    assert study.measured(ts.run_fields('vit', 100, 'random init', 0, 200, 2e-3), lambda: pytest.fail('ran')) == random0
+    fields = ts.run_fields('vit', 100, 'ws l1', 0, 200, 2e-3, teacher_weights_sha256=b)
+    l1_b = study.measured(fields, lambda: {**measured, 'final_acc1': 52.0, 'teacher_weights_sha256': b})
+    assert l1_b['teacher_weights_sha256'] == b and l1_b['final_acc1'] == 52.0  # trained again, from teacher b
+    ts.write_report(str(out), study, 60.0, args)
+    kept = [json.loads(line) for line in (out / 'runs.jsonl').read_text().splitlines()]
+    assert kept == [random0, l1_b, l1_a]
+    report = (out / 'transfer_study.md').read_text()
+    assert '| vit | 100 | 200 | 0.002 | ws l1 (teacher bbbbbbbb) | 52.0 | 2.0 | 51.0 | 1 |' in report
+    assert '| vit | 100 | 200 | 0.002 | ws l1 (teacher aaaaaaaa) | 55.0 | 5.0 | 51.0 | 1 |' in report
+    assert 'Teacher trainings behind the selections, per family: vit: 2.' in report
+    ts.Study(argparse_done(args, out / 'runs.jsonl'), str(tmp_path))  # the next call reads both: two runs, not one
+
+
+def argparse_done(args, path):
+    import copy
+    args = copy.copy(args)
+    args.done = [str(path)]
+    return args
 
 
 def test_measurement_takes_final_and_best_among_the_evaluated_epochs():
