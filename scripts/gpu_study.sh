@@ -20,10 +20,15 @@
 # small enough that one process leaves the GPU waiting on Python most of the time. Each study's runs.jsonl is
 # copied into OUT (studyI.jsonl) every 15 s, so a call cut short still returns the runs it finished; at the end
 # the two are merged (transfer_study.py with no grid, only --done) into OUT/runs.jsonl and transfer_study.md.
-# MINUTES: no new run starts after that many (--time_budget_min; a 100-image run takes about half a minute on an
-# H100, a 500-image one about a minute: leave that much before the limit); STUDY_LIMIT_S (default 540, inside
-# the device's 600 s per call: set it below the call's limit when the session has less time left) stops the
-# studies outright. Set WS_CODE_VERSION=<commit> in the command: every record names the code it ran.
+# MINUTES: no new run starts after that many (--time_budget_min; leave a run's time before the limit, guessed but
+# not yet measured at half a minute for a 100-image run on an H100 and a minute for a 500-image one); STUDY_LIMIT_S
+# (default 540, inside the device's 600 s per call: set it below the call's limit when the session has less time
+# left) stops the studies outright. A teacher call stops as soon as its logged epochs show that the teacher
+# cannot finish within STUDY_LIMIT_S (exit status 3), and says which --teacher_epochs fits. A teacher is lost
+# when the session ends (its parts are not committed): run a family's student calls in the session of its
+# teacher call; a teacher trained again has other weights, and its selections then run again (the records of
+# the first stay, in rows of their own). Set WS_CODE_VERSION=<commit> in the command: every record names the
+# code it ran.
 # Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit
 # (a call that returned no runs.jsonl: bash scripts/gpu_study.sh merge /tmp/m FILES/study*.jsonl
 # results/transfer_study.jsonl, and take /tmp/m's two files).
@@ -98,14 +103,50 @@ if [ "$part" = teacher ]; then
   family=$(family_of "${2:?$usage}")
   out=${3:?$usage}
   mkdir -p "$out"
-  rc=0
+  epochs=100  # the study's --teacher_epochs, as the recipe's flags set it
+  for ((j = 0; j + 1 < ${#recipe[@]}; j++)); do [ "${recipe[$j]}" = --teacher_epochs ] && epochs=${recipe[$((j + 1))]}; done
+  start=$(date +%s.%N)
   timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out /tmp/study_teacher --families "$family" \
     --only_teachers --teachers /tmp/study_teacher/carry "${recipe[@]}" --make_imagefolder .carry/cifar10/make_imagefolder.py \
-    > "$out/teacher_$family.log" 2>&1 || rc=$?
+    > "$out/teacher_$family.log" 2>&1 &
+  study=$!
+  # The teacher cannot resume in a later call (its checkpoint stays here): once two epochs after the first are
+  # logged, a training that cannot end within the limit is stopped at once, saying how many epochs fit, instead
+  # of spending the rest of the call for nothing. An epoch's cost is the time between the writes of log lines
+  # (training, evaluation and the checkpoints it writes), from the file's modification times.
+  # shellcheck disable=SC2016  # Python, not shell
+  watch='import os, sys, time
+path, epochs, started, limit, pid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+base = None
+while os.path.exists(f"/proc/{pid}"):
+    time.sleep(1)
+    try:
+        written, n = os.stat(path).st_mtime, sum(1 for line in open(path) if line.strip())
+    except OSError:
+        continue
+    if n >= 1 and base is None:  # the first epoch also holds the start-up: measured from its end
+        base = (n, written)
+    elif base and n >= base[0] + 2:
+        seconds = (written - base[1]) / (n - base[0])
+        fits = n + int((started + limit - 20 - written) // seconds)  # 20 s: the export and hashes at the end
+        print("fits" if fits >= epochs else f"an epoch takes {seconds:.1f} s: {epochs} epochs would end after the "
+              f"{limit} s limit, about {fits} fit; add --teacher_epochs {max(1, fits * 9 // 10)} to STUDY_FLAGS "
+              "in this and every later call of the study (its teachers and students)")
+        break'
+  verdict=$("$python" -c "$watch" "/tmp/study_teacher/teachers/$family/log.txt" "$epochs" "$start" "$limit" $study)
+  rc=0
+  if [ -n "$verdict" ] && [ "$verdict" != fits ]; then
+    kill $study 2> /dev/null || true
+    echo "gpu_study.sh: teacher $family stopped early: $verdict" | tee -a "$out/teacher_$family.log"
+    wait $study 2> /dev/null || true
+    rc=3
+  else
+    wait $study || rc=$?
+  fi
+  cp "/tmp/study_teacher/teachers/$family/log.txt" "$out/teacher_${family}_log.txt" 2> /dev/null || true  # its timings
   if [ -f "/tmp/study_teacher/carry/$family.pth" ]; then  # a call returns files of 16 MiB at most
     (cd /tmp/study_teacher/carry && sha256sum "$family.pth" > "$out/$family.pth.sha256" \
       && split -b 15M -d "$family.pth" "$out/$family.pth.part")
-    cp /tmp/study_teacher/teachers/"$family"/log.txt "$out/teacher_${family}_log.txt" 2>/dev/null || true
   fi
   ls "$out"
   exit $rc
@@ -155,7 +196,7 @@ rc=0
 for i in "${!pids[@]}"; do
   status=0
   wait "${pids[$i]}" || status=$?
-  if [ $status = 124 ]; then  # the limit, not a failure: its finished runs are in OUT
+  if [ $status = 124 ] || [ $status = 137 ]; then  # the limit (137: killed after its grace), not a failure
     echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped study $i; its finished runs, if any, are in $out/study$i.jsonl"
   elif [ $status != 0 ]; then
     echo "gpu_study.sh: study $i failed (exit status $status); see $out/study$i.log"
