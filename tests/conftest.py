@@ -46,10 +46,10 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
-def run_torchrun(*args, timeout=600):
+def run_torchrun(*args, timeout=600, grace=60):
     """run_script('-m', 'torch.distributed.run', *args), except that past the timeout torchrun gets SIGTERM,
     which it passes on to its workers: they run in sessions of their own, which killing torchrun would leave
-    running (holding a GPU for whatever runs next). Its output goes to files: a worker left holding a pipe
+    running (holding a GPU for whatever runs next); `grace` seconds later, SIGKILL. Its output goes to files: a worker left holding a pipe
     cannot block the test."""
     with tempfile.TemporaryDirectory(prefix='torchrun_') as tmp:  # torchrun leaves a torchelastic_* folder in it
         with open(os.path.join(tmp, 'out'), 'w+') as out, open(os.path.join(tmp, 'err'), 'w+') as err:
@@ -58,47 +58,57 @@ def run_torchrun(*args, timeout=600):
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _stop_torchrun(proc)
+                _stop_torchrun(proc, grace)
                 err.seek(0)
                 raise AssertionError(f'torchrun ran past {timeout} s and was stopped: {err.read()[-2000:]}') from None
             except BaseException:  # pytest-timeout's or Ctrl-C's interruption: no worker may outlive the test
-                _stop_torchrun(proc)
+                _stop_torchrun(proc, grace)
                 raise
             out.seek(0)
             err.seek(0)
             return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
-def _stop_torchrun(proc):
-    """SIGTERM, which torchrun passes on to its workers; past a minute, or if interrupted meanwhile, SIGKILL to
-    torchrun and to each worker (in sessions of their own, they would outlive it)."""
-    workers = _children(proc.pid)
+def _stop_torchrun(proc, grace):
+    """SIGTERM, which torchrun passes on to its workers; past `grace` seconds, or if interrupted meanwhile, SIGKILL to
+    torchrun and to each worker (in sessions of their own, they would outlive it) that is still the process it
+    was (its id is not reused by another since)."""
+    workers = child_processes(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=grace)
     except BaseException as e:
-        for pid in (proc.pid, *workers):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        proc.kill()
+        for pid, started in workers.items():
+            if _stat(pid)[1] == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         proc.wait()
         if not isinstance(e, subprocess.TimeoutExpired):
             raise
 
 
-def _children(pid):
-    """The process ids whose parent is `pid` (Linux's /proc)."""
-    kids = []
+def child_processes(pid):
+    """{process id: its start time} of the processes whose parent is `pid` (Linux's /proc)."""
+    kids = {}
     for entry in os.listdir('/proc'):
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                parent = int(f.read().rsplit(')', 1)[1].split()[1])  # the fields after the command's name
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == pid:
-            kids.append(int(entry))
+        if entry.isdigit():
+            parent, started = _stat(int(entry))
+            if parent == pid:
+                kids[int(entry)] = started
     return kids
+
+
+def _stat(pid):
+    """(parent's process id, start time in clock ticks since boot) of a process; (None, None) when it is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()  # the fields after the command's name
+        return int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None, None
 
 
 def log_lines(folder, drop_timing=True):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import (ROOT, assert_clean_failure, final_weights, free_port, kill_after_checkpoint, log_lines, run_script,
+from conftest import (ROOT, child_processes, assert_clean_failure, final_weights, free_port, kill_after_checkpoint, log_lines, run_script,
                       run_torchrun, write_image_folder)
 
 pytestmark = pytest.mark.slow  # end-to-end runs
@@ -120,20 +120,35 @@ def test_ddp_resume_restores_each_process_its_own_random_states(tmp_path, data):
     assert log_lines(reference) == log_lines(resumed)
 
 
+def test_a_torchrun_past_its_time_leaves_no_worker_behind(tmp_path):
+    """run_torchrun's stop: a worker that ignores SIGTERM (torchrun's, passed on) gets SIGKILL after the grace;
+    torchrun is stopped too, and the test sees one AssertionError, not a hang."""
+    script = tmp_path / 'stubborn.py'
+    script.write_text('import os, signal, time\n'
+                      'signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
+                      f'open({str(tmp_path / "pid")!r}, "w").write(str(os.getpid()))\n'
+                      'time.sleep(600)\n')
+    with pytest.raises(AssertionError, match='ran past 20 s and was stopped'):
+        run_torchrun('--nproc_per_node=1', f'--master_port={free_port()}', str(script), timeout=20, grace=2)
+    worker = int((tmp_path / 'pid').read_text())
+    for _ in range(50):  # SIGKILL is sent; the kernel may take a moment to let it go
+        if not os.path.exists(f'/proc/{worker}') or open(f'/proc/{worker}/stat').read().split(') ')[1][0] == 'Z':
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f'worker {worker} outlived its torchrun')
+
+
 def _workers(pid):
     """The main.py worker processes started by the torchrun process `pid`."""
     out = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open(f'/proc/{entry}/stat') as f:
-                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
-                with open(f'/proc/{entry}/cmdline', 'rb') as f:
-                    cmdline = f.read()
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == pid and b'main.py' in cmdline:
-                out.append(int(entry))
+    for child in child_processes(pid):
+        try:
+            with open(f'/proc/{child}/cmdline', 'rb') as f:
+                if b'main.py' in f.read():
+                    out.append(child)
+        except OSError:
+            continue
     return out
 
 
