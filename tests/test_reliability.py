@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import (ROOT, child_processes, assert_clean_failure, final_weights, free_port, kill_after_checkpoint, log_lines, run_script,
-                      run_torchrun, write_image_folder)
+from conftest import (ROOT, assert_clean_failure, child_processes, final_weights, free_port, kill_after_checkpoint,
+                      log_lines, run_script, run_torchrun, write_image_folder)
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 
