@@ -61,7 +61,9 @@ if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
   skip cuda_tests '--no-tests'
 else
   # with pytest-timeout, a hung test costs 200 s and the others still run (its subprocesses are stopped too);
-  # each subprocess has 150 s of its own (test_cuda.LIMIT), so a test with one that hangs reports its stderr
+  # each subprocess has 150 s of its own (test_cuda.LIMIT): a test whose first subprocess hangs reports that
+  # one's stderr, but a hang in a later one (the NCCL test runs two torchruns, the resume test three
+  # subprocesses) may reach the 200 s first and end as pytest-timeout's failure, without it
   per_test=()
   "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 200)
   part cuda_tests "${GPU_CHECK_TEST_LIMIT:-360}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
