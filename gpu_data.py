@@ -248,7 +248,8 @@ def choose(args, device):
     if args.gpu_data == 'true' and device.type == 'cuda' and not fits(args, device):
         room = torch.cuda.mem_get_info(device)[0] // 2
         need = bytes_to_store(args, room)
-        size = ('at least ' if need > room and need == least_bytes(args) else '') + f'{need / 2 ** 20:,.1f} MiB'
+        bound = args.data_set == 'image_folder' and need == least_bytes(args)  # a named dataset's count is exact
+        size = ('at least ' if bound else '') + f'{need / 2 ** 20:,.1f} MiB'
         raise UserError(f'--gpu_data true: {args.data_set} ({size} as uint8) does '
                         f'not fit in half of the free GPU memory; pass --gpu_data false (or, where its image sizes '
                         f'vary, a smaller --gpu_data_size)')

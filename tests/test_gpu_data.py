@@ -471,6 +471,10 @@ def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     assert gpu_data.fits(args, cuda)
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * cifar_bytes - 2, 10 ** 12))
     assert not gpu_data.fits(args, cuda)
+    args.gpu_data = 'true'  # refused in one line, with the exact size of a named dataset (no "at least")
+    with pytest.raises(utils.UserError, match=r'--gpu_data true: CIFAR10 \(175.8 MiB as uint8\) does not fit'):
+        gpu_data.choose(args, cuda)
+    args.gpu_data = 'auto'
     assert not gpu_data.fits(args, torch.device('cpu'))
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (80 * 2 ** 30, 10 ** 12))
     assert gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)  # 256 px: 19.9 GB
