@@ -387,7 +387,7 @@ class Teacher:
         a = self.study.args
         return {'family': self.family, 'teacher_epochs': a.teacher_epochs, 'batch_size': a.batch_size,
                 'source': a.source, 'test_per_class': a.per_class_test or 1000, 'smoke': a.smoke,
-                'device': device_kind(self.study.ran_on)}
+                'device': device_kind(self.study.ran_on), 'deterministic': True}
 
     def sha256_or_any(self):
         """What names the teacher of a selection's run before it runs: its weights hash, or ANY_TEACHER."""
@@ -398,8 +398,11 @@ class Teacher:
         if self.weights_sha256 is None:
             a = self.study.args
             teacher, t_kwargs = MODELS[self.family][:2]
-            # the best checkpoint (for selection) and the last epoch's, not one per epoch
+            # the best checkpoint (for selection) and the last epoch's, not one per epoch; deterministic, so that
+            # a session that has lost the teacher trains the same weights again on the same GPU model and software
+            # (its hash says whether it did), and the family's recorded selections stay its own
             self.study.train(self.dir, teacher, t_kwargs, self.source(), a.teacher_epochs, 0, BLR[self.family],
+                             extra=('--deterministic', 'true'),
                              checkpoints=('--save_ckpt_freq', str(a.teacher_epochs), '--save_ckpt_num', '1'),
                              eval_freq=1)
             if self.carried:
@@ -464,17 +467,19 @@ def run_study(args, out, study):
             blr = choose_blr(args, out, study, family, student, s_kwargs, lambda: target(n), n, epochs)
             for name, sel in inits.items():
                 for seed in args.seeds:
-                    run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', f'blr{blr:g}',
-                                           name.replace(' ', '_').replace(',', ''), f'seed{seed}')
-
                     def measure():
-                        extra, more = [], {}
-                        if sel is not None:
+                        folder, extra, more = name.replace(' ', '_').replace(',', ''), [], {}
+                        if sel is not None:  # its files name the teacher: another's are never taken for its own
                             layers, elements = sel
-                            ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}.pth')
-                            extra = ['--initialize', study.select(ws_file, teacher_name, t_kwargs, teacher.checkpoint(),
-                                                                  student, s_kwargs, layers, elements, seed)]
+                            ckpt = teacher.checkpoint()
+                            tag = f'teacher{teacher.weights_sha256[:8]}'
+                            folder = f'{folder}_{tag}'
+                            ws_file = os.path.join(out, 'ws', f'{family}_{layers}_{elements}_s{seed}_{tag}.pth')
+                            extra = ['--initialize', study.select(ws_file, teacher_name, t_kwargs, ckpt, student,
+                                                                  s_kwargs, layers, elements, seed)]
                             more = {'teacher_weights_sha256': teacher.weights_sha256}
+                        run_dir = os.path.join(out, 'students', family + test_tag, f'n{n}', f'blr{blr:g}', folder,
+                                               f'seed{seed}')
                         log = study.train(run_dir, student, s_kwargs, target(n), epochs, seed, blr, extra)
                         return {**measurement(log, os.path.relpath(run_dir, out), study.ran_on), **more}
                     teacher_sha256 = None if sel is None else teacher.sha256_or_any()
@@ -488,7 +493,8 @@ def run_study(args, out, study):
         dinov2_sha256 = utils.sha256_file(args.dinov2)  # part of its selections' key: another file, other runs
 
         def ws_file():
-            return study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px.pth'), 'vit_small_patch14_dinov2',
+            return study.select(os.path.join(out, 'ws', f'dinov2_vit_tiny_14_{size}px_teacher{dinov2_sha256[:8]}.pth'),
+                                'vit_small_patch14_dinov2',
                                 {}, os.path.abspath(args.dinov2), 'vit_tiny_patch14_dinov2', s_kwargs, 'first', 'uniform')
         for i, n in enumerate(sorted(args.subsets)):
             epochs = args.student_epochs[0] if i == 0 else args.student_epochs[1]
@@ -497,7 +503,8 @@ def run_study(args, out, study):
             for name in ('random init', 'ws uniform (DINOv2)'):
                 for seed in args.seeds:
                     run_dir = os.path.join(out, 'students', f'dinov2_{size}px{test_tag}', f'n{n}', f'blr{blr:g}',
-                                           'random' if name == 'random init' else 'ws', f'seed{seed}')
+                                           'random' if name == 'random init' else f'ws_teacher{dinov2_sha256[:8]}',
+                                           f'seed{seed}')
 
                     def measure():
                         extra = [] if name == 'random init' else ['--initialize', ws_file()]
@@ -545,11 +552,11 @@ def report_rows(records):
     paired differences of the final accuracy from random init's run of the same seed on the same kind of device.
     Where the records come from a CPU and a GPU, each row names its devices: their runs are never averaged
     together (a CPU trains in float32, a GPU in bf16)."""
-    teachers = teachers_per_family(records)  # where a family had several, each one's selections get rows of their own
+    teachers = teachers_per_family(records, teacher_of)  # a family's several teachers: rows of their own
     groups, random_final = {}, {}
     for r in records:
         recipe = (r['family'], r['per_class'], r['epochs'], r['blr'], device_kind(r))
-        sha = r.get('teacher_weights_sha256')
+        sha = teacher_of(r)
         init = r['init'] + (f' (teacher {sha[:8]})' if sha and len(teachers[r['family']]) > 1 else '')
         groups.setdefault((*recipe, init), []).append(r)
         if r['init'] == 'random init':
@@ -565,13 +572,18 @@ def report_rows(records):
     return rows
 
 
-def teachers_per_family(records):
-    """{family: the weights hashes of the pretrained teachers its selections came from}."""
+def teachers_per_family(records, teacher):
+    """{family: the teachers its selections came from, as `teacher(record)` names them (None: no teacher)}."""
     teachers = {}
     for r in records:
-        if r.get('teacher_weights_sha256'):
-            teachers.setdefault(r['family'], set()).add(r['teacher_weights_sha256'])
+        if teacher(r):
+            teachers.setdefault(r['family'], set()).add(teacher(r))
     return teachers
+
+
+def teacher_of(r):
+    """A selection's teacher: its pretrained teacher's weights hash or its teacher file's hash (DINOv2)."""
+    return r.get('teacher_weights_sha256') or r.get('teacher_file_sha256')
 
 
 def model_label(family, runs, records):
@@ -605,7 +617,8 @@ def provenance(runs, reused):
     if not reused:
         return ''
     devices = sorted({r.get('device', '?') for r in runs})
-    several = [f'{family}: {len(shas)}' for family, shas in teachers_per_family(runs).items() if len(shas) > 1]
+    trained = teachers_per_family(runs, lambda r: r.get('teacher_weights_sha256'))
+    several = [f'{family}: {len(shas)}' for family, shas in trained.items() if len(shas) > 1]
     codes = sorted({r.get('code', '?') for r in runs})
     return (f' {reused} of the {len(runs)} runs came from --done (earlier calls, or studies run beside this one); '
             f'the runs ran on {", ".join(devices)} (code {", ".join(codes)}; {recorded_versions(runs)}), '

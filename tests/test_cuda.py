@@ -1,7 +1,7 @@
 """Checks that need a CUDA device (pytest -m cuda; scripts/gpu_check.sh runs them on a GPU): the GPU data path
 on the device against the same path on CPU tensors, no host synchronisation in its steps, bf16 training steps
 of ViT-T and ConvNeXt-F (eager and compiled, channels_last), torchrun with NCCL, exact resume after SIGKILL
-with --deterministic true, the EMA, and --gpu_data auto's choice and memory rule. Skipped without a CUDA device.
+with --deterministic true, deterministic runs that repeat bit for bit, the EMA, and --gpu_data auto's choice and memory rule. Skipped without a CUDA device.
 
 Dry run without a GPU: WS_CUDA_TEST_DEVICE=cpu python -m pytest -m cuda tests/test_cuda.py runs every body
 with 'cpu' in place of 'cuda' (and gloo in place of NCCL) to catch wrong flags and typos. The assertions that
@@ -253,6 +253,20 @@ def test_sigkill_then_resume_is_exact_deterministic(tmp_path, data):
     for part in ('model', 'model_ema'):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert log_lines(reference) == log_lines(killed)
+
+
+@pytest.mark.parametrize('model', [VIT, CONVNEXT], ids=['vit', 'convnext'])
+def test_deterministic_runs_repeat_bit_for_bit(tmp_path, data, model):
+    """--deterministic true, bf16, the GPU data path: two runs give bit-identical weights and log lines (the
+    transfer study's teachers rely on it: a later session trains the same teacher again). ConvNeXt's global
+    pooling must not reach adaptive_avg_pool2d's backward, which has no deterministic CUDA kernel."""
+    flags = [*model, *TINY, '--data_path', data, '--deterministic', 'true', '--use_amp', 'true', '--gpu_data', 'true']
+    for run in ('a', 'b'):
+        proc = run_script('main.py', *flags, '--output_dir', str(tmp_path / run), timeout=LIMIT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(tmp_path / 'a', 0), final_weights(tmp_path / 'b', 0)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert log_lines(tmp_path / 'a') == log_lines(tmp_path / 'b')
 
 
 def test_ema_on_device_follows_its_update_rule(tmp_path, data):

@@ -61,7 +61,7 @@ def test_transfer_study_smoke(tmp_path):
                       'vit', 'convnext', '--make_imagefolder', make_imagefolder, '--done', str(tmp_path / 'kept.jsonl'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.parent.name for p in (third / 'students').glob('**/log.txt')] == ['seed0']
-    assert list((third / 'students').glob('vit_test4/n4/*/ws_l1/seed0/log.txt'))
+    assert list((third / 'students').glob('vit_test4/n4/*/ws_l1_teacher*/seed0/log.txt'))
     assert not (third / 'teachers' / 'convnext').exists()
     redone = [json.loads(line) for line in (third / 'runs.jsonl').read_text().splitlines()]
     assert len(redone) == len(records)  # the DINOv2 records, not part of this call's grid, are kept too
@@ -140,8 +140,9 @@ def test_transfer_study_dinov2_only_at_another_size(tmp_path):
         ('dinov2 vit_tiny/14 @56', 'random init', 'test', chosen),
         ('dinov2 vit_tiny/14 @56', 'ws uniform (DINOv2)', 'test', chosen)]
     assert sorted(os.listdir(out / 'data')) == ['target_4_test4', 'target_4_test4_val1']
-    assert os.listdir(out / 'ws') == ['dinov2_vit_tiny_14_56px.pth']
-    run_dir = out / 'students' / 'dinov2_56px_test4' / 'n4' / f'blr{chosen:g}' / 'ws' / 'seed0'
+    tag = f"teacher{records[-1]['teacher_file_sha256'][:8]}"  # the files name their teacher
+    assert os.listdir(out / 'ws') == [f'dinov2_vit_tiny_14_56px_{tag}.pth']
+    run_dir = out / 'students' / 'dinov2_56px_test4' / 'n4' / f'blr{chosen:g}' / f'ws_{tag}' / 'seed0'
     config = (run_dir / 'config.yaml').read_text()
     assert 'input_size: 56' in config and f'blr: {chosen}' in config
     val_config = (out / 'lr_search' / 'dinov2_vit_tiny_14_56' / 'n4' / 'blr0.003' / 'seed0' / 'config.yaml').read_text()
@@ -191,6 +192,17 @@ def test_report_keeps_runs_of_different_devices_apart():
     # two GPU models are one kind: one row, named plainly
     rows = transfer_study.report_rows([run('random init', 'H100', 60.0), {**run('random init', 'H200', 62.0), 'seed': 1}])
     assert rows == ['| vit | 100 | 30 | 0.002 | random init | 61.0 ± 1.4 |  | 61.0 ± 1.4 | 2 |']
+
+
+def test_report_keeps_the_selections_of_two_dinov2_files_apart():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    run = lambda init, final, sha=None: {'family': 'dinov2', 'per_class': 100, 'epochs': 30, 'init': init,  # noqa: E731
+                                         'seed': 0, 'blr': 2e-3, 'final_acc1': final, 'best_acc1': final,
+                                         'teacher_file_sha256': sha}
+    rows = transfer_study.report_rows([run('random init', 50.0), run('ws', 55.0, 'd' * 64), run('ws', 53.0, 'e' * 64)])
+    assert rows[1:] == ['| dinov2 | 100 | 30 | 0.002 | ws (teacher dddddddd) | 55.0 | 5.0 | 55.0 | 1 |',
+                        '| dinov2 | 100 | 30 | 0.002 | ws (teacher eeeeeeee) | 53.0 | 3.0 | 53.0 | 1 |']
 
 
 def study_args(monkeypatch, tmp_path, *flags):
@@ -263,6 +275,86 @@ def test_a_selection_is_reused_only_from_its_teacher_where_the_teacher_is_known(
     assert '| vit | 100 | 200 | 0.002 | ws l1 (teacher aaaaaaaa) | 55.0 | 5.0 | 51.0 | 1 |' in report
     assert 'Teacher trainings behind the selections, per family: vit: 2.' in report
     ts.Study(argparse_done(args, out / 'runs.jsonl'), str(tmp_path))  # the next call reads both: two runs, not one
+
+
+def fake_runs(ts, monkeypatch, study):
+    """Study.train, select and imagefolder faked (no data, no training): returns the list of the student and
+    teacher folders that 'trained', each run reaching 50% at its one epoch."""
+    trained = []
+    monkeypatch.setattr(study, 'imagefolder', lambda dest, *a, **k: dest)
+    monkeypatch.setattr(study, 'select', lambda out, *a, **k: out)
+
+    def train(out, *a, **k):
+        trained.append(os.path.relpath(out, study.out))
+        return [{'epoch': 0, 'test_acc1': 50.0, 'epoch_seconds': 1.0}]
+    monkeypatch.setattr(study, 'train', train)
+    return trained
+
+
+def test_run_study_reruns_the_selections_of_another_teacher_than_the_carried_one(tmp_path, monkeypatch):
+    """The grid as run_study walks it, with a carried teacher B and --done records of the selections of an
+    earlier teacher A: random init is reused, every selection trains again from B (its folder named by B), and
+    A's records are kept apart."""
+    import torch
+    done = tmp_path / 'done.jsonl'
+    done.write_text('')
+    ts, args = study_args(monkeypatch, tmp_path, '--families', 'vit', '--subsets', '4', '--seeds', '0',
+                          '--student_epochs', '1', '1', '--blr', '2e-3', '--device', 'cpu',
+                          '--teachers', str(tmp_path / 'teachers'), '--done', str(done))
+    out = tmp_path / 'out'
+    out.mkdir()
+    study = ts.Study(args, str(out))
+    (tmp_path / 'teachers').mkdir()
+    settings = ts.Teacher(study, 'vit', None, str(out)).settings()
+    torch.save({'model': {'w': torch.ones(2, dtype=torch.float16)}, 'teacher_settings': settings},
+               tmp_path / 'teachers' / 'vit.pth')
+    b = ts.weights_sha256(tmp_path / 'teachers' / 'vit.pth')
+    a = 'a' * 64
+    measured = {'final_acc1': 40.0, 'best_acc1': 40.0, 'train_minutes': 1.0, 'device': 'cpu', 'run_dir': 'x'}
+    earlier = [{**ts.run_fields('vit', 4, init, 0, 1, 2e-3, teacher_weights_sha256=None if init == 'random init'
+                                else a), **study.settings(), **measured}
+               for init in ['random init'] + [f'ws {e}' for e in ts.ELEMENTS]]
+    done.write_text(''.join(json.dumps(r) + '\n' for r in earlier))
+    study = ts.Study(args, str(out))
+    trained = fake_runs(ts, monkeypatch, study)
+    ts.run_study(args, str(out), study)
+    assert trained == [f'students/vit/n4/blr0.002/ws_{e}_teacher{b[:8]}/seed0' for e in ts.ELEMENTS]
+    assert study.records[0] == earlier[0]  # random init: reused
+    assert [r['teacher_weights_sha256'] for r in study.records[1:]] == [b] * len(ts.ELEMENTS)
+    assert study.earlier() == earlier[1:]  # A's selections: kept, apart
+
+
+def test_run_study_without_a_known_teacher_reuses_any_until_it_trains_one(tmp_path, monkeypatch):
+    """No teacher carried: the selections recorded from teacher A are reused, and the teacher is not trained,
+    until a selection is missing; the teacher trained then (C) names every later selection, which runs again
+    rather than mixing with A's."""
+    ts, args = study_args(monkeypatch, tmp_path, '--families', 'vit', '--subsets', '4', '--seeds', '0',
+                          '--student_epochs', '1', '1', '--blr', '2e-3', '--device', 'cpu',
+                          '--done', str(tmp_path / 'done.jsonl'))
+    out = tmp_path / 'out'
+    out.mkdir()
+    (tmp_path / 'done.jsonl').write_text('')
+    settings = ts.Study(args, str(out)).settings()
+    a, c = 'a' * 64, 'c' * 64
+    measured = {'final_acc1': 40.0, 'best_acc1': 40.0, 'train_minutes': 1.0, 'device': 'cpu', 'run_dir': 'x'}
+    earlier = [{**ts.run_fields('vit', 4, init, 0, 1, 2e-3, teacher_weights_sha256=None if init == 'random init'
+                                else a), **settings, **measured}
+               for init in ['random init'] + [f'ws {e}' for e in ts.ELEMENTS] if init != 'ws l1']
+    (tmp_path / 'done.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in earlier))
+    study = ts.Study(args, str(out))
+    trained = fake_runs(ts, monkeypatch, study)
+
+    def checkpoint(teacher):  # the teacher "trained": weights C
+        if teacher.weights_sha256 is None:
+            trained.append('teacher')
+            teacher.weights_sha256 = c
+        return 'teacher.pth'
+    monkeypatch.setattr(ts.Teacher, 'checkpoint', checkpoint)
+    ts.run_study(args, str(out), study)
+    after = ts.ELEMENTS[ts.ELEMENTS.index('l1'):]
+    assert trained == ['teacher'] + [f'students/vit/n4/blr0.002/ws_{e}_teacher{c[:8]}/seed0' for e in after]
+    shas = [r.get('teacher_weights_sha256') for r in study.records]
+    assert shas == [None] + [a] * (len(ts.ELEMENTS) - len(after)) + [c] * len(after)
 
 
 def argparse_done(args, path):
