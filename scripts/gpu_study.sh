@@ -25,10 +25,11 @@
 # (default 540, inside the device's 600 s per call: set it below the call's limit when the session has less time
 # left) stops the studies outright. A teacher call stops as soon as its logged epochs show that the teacher
 # cannot finish within STUDY_LIMIT_S (exit status 3), and says which --teacher_epochs fits. A teacher is lost
-# when the session ends (its parts are not committed): run a family's student calls in the session of its
-# teacher call; a teacher trained again has other weights, and its selections then run again (the records of
-# the first stay, in rows of their own). Set WS_CODE_VERSION=<commit> in the command: every record names the
-# code it ran.
+# when the session ends (its parts are not committed). It trains with --deterministic true: on the same GPU
+# model and software, a later session's teacher call trains the same weights (the same hash), and the family's
+# recorded selections are reused; on another, they run again (the first ones stay, in rows of their own). Run a
+# family's student calls in the session of its teacher call where the time allows. Set WS_CODE_VERSION=<commit>
+# in the command: every record names the code it ran.
 # Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit
 # (a call that returned no runs.jsonl: bash scripts/gpu_study.sh merge /tmp/m FILES/study*.jsonl
 # results/transfer_study.jsonl, and take /tmp/m's two files).
@@ -97,14 +98,16 @@ if [ "$part" = merge ]; then
   merge "$out" "$@"
   exit
 fi
-rm -rf /tmp/study0 /tmp/study1 /tmp/study_merged /tmp/study_teacher  # a warm machine keeps /tmp between calls
+rm -rf /tmp/study0 /tmp/study1 /tmp/study0.seconds /tmp/study1.seconds /tmp/study_merged /tmp/study_teacher  # a warm
+# machine keeps /tmp between calls
 
 if [ "$part" = teacher ]; then
   family=$(family_of "${2:?$usage}")
   out=${3:?$usage}
   mkdir -p "$out"
-  epochs=100  # the study's --teacher_epochs, as the recipe's flags set it
-  for ((j = 0; j + 1 < ${#recipe[@]}; j++)); do [ "${recipe[$j]}" = --teacher_epochs ] && epochs=${recipe[$((j + 1))]}; done
+  # the study's --teacher_epochs, as its own parser reads the recipe's flags (--teacher_epochs=N, abbreviations)
+  epochs=$("$python" -c 'import sys; sys.path.insert(0, "scripts"); sys.argv[:1] = ["transfer_study.py", "--out", "-"]
+import transfer_study; print(transfer_study.get_args().teacher_epochs)' "${recipe[@]}")
   start=$(date +%s.%N)
   timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out /tmp/study_teacher --families "$family" \
     --only_teachers --teachers /tmp/study_teacher/carry "${recipe[@]}" --make_imagefolder .carry/cifar10/make_imagefolder.py \
@@ -116,24 +119,26 @@ if [ "$part" = teacher ]; then
   # (training, evaluation and the checkpoints it writes), from the file's modification times.
   # shellcheck disable=SC2016  # Python, not shell
   watch='import os, sys, time
-path, epochs, started, limit, pid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, epochs, started, limit, pid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 base = None
 while os.path.exists(f"/proc/{pid}"):
     time.sleep(1)
-    try:
-        written, n = os.stat(path).st_mtime, sum(1 for line in open(path) if line.strip())
+    try:  # lines, then the time: a line written in between makes the epochs look longer, not shorter
+        n = sum(1 for line in open(path) if line.strip())
+        written = os.stat(path).st_mtime
     except OSError:
         continue
     if n >= 1 and base is None:  # the first epoch also holds the start-up: measured from its end
         base = (n, written)
-    elif base and n >= base[0] + 2:
+    elif base and n >= base[0] + 2 and written > base[1]:
         seconds = (written - base[1]) / (n - base[0])
         fits = n + int((started + limit - 20 - written) // seconds)  # 20 s: the export and hashes at the end
         print("fits" if fits >= epochs else f"an epoch takes {seconds:.1f} s: {epochs} epochs would end after the "
-              f"{limit} s limit, about {fits} fit; add --teacher_epochs {max(1, fits * 9 // 10)} to STUDY_FLAGS "
+              f"{limit:g} s limit, about {fits} fit; add --teacher_epochs {max(1, fits * 9 // 10)} to STUDY_FLAGS "
               "in this and every later call of the study (its teachers and students)")
         break'
-  verdict=$("$python" -c "$watch" "/tmp/study_teacher/teachers/$family/log.txt" "$epochs" "$start" "$limit" $study)
+  verdict=$("$python" -c "$watch" "/tmp/study_teacher/teachers/$family/log.txt" "$epochs" "$start" "$limit" $study) \
+    || verdict=  # a watcher that fails leaves the teacher to its limit
   rc=0
   if [ -n "$verdict" ] && [ "$verdict" != fits ]; then
     kill $study 2> /dev/null || true
@@ -184,9 +189,16 @@ for i in "${!studies[@]}"; do
   folder=/tmp/study$i
   mkdir -p $folder/data  # the subsets made here, linked one by one: the validation splits are carved beside them in /tmp
   for subset in .carry_target/data/target_*; do ln -sfn "$PWD/$subset" $folder/data/; done
-  # shellcheck disable=SC2086  # each study's flags are words
-  timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out $folder ${studies[$i]} "${recipe[@]}" \
-    --time_budget_min "$minutes" "${done_args[@]}" --make_imagefolder $imagefolder > "$out/study$i.log" 2>&1 &
+  (  # its exit status, and in $folder.seconds how long it ran
+    began=$SECONDS
+    status=0
+    # shellcheck disable=SC2086  # each study's flags are words
+    timeout -k 10 "$limit" "$python" scripts/transfer_study.py --out $folder ${studies[$i]} "${recipe[@]}" \
+      --time_budget_min "$minutes" "${done_args[@]}" --make_imagefolder $imagefolder > "$out/study$i.log" 2>&1 \
+      || status=$?
+    echo $((SECONDS - began)) > $folder.seconds
+    exit $status
+  ) &
   pids+=($!)
 done
 copy_records() { for i in "${!studies[@]}"; do [ -f /tmp/study$i/runs.jsonl ] && cp /tmp/study$i/runs.jsonl "$out/study$i.jsonl"; done; true; }
@@ -196,7 +208,10 @@ rc=0
 for i in "${!pids[@]}"; do
   status=0
   wait "${pids[$i]}" || status=$?
-  if [ $status = 124 ] || [ $status = 137 ]; then  # the limit (137: killed after its grace), not a failure
+  ran=$(cat /tmp/study$i.seconds 2> /dev/null || echo 0)
+  # the limit, not a failure: 124, or 137 past it (SIGKILL after timeout's grace; earlier, something else killed
+  # the study, such as the kernel out of memory)
+  if [ $status = 124 ] || { [ $status = 137 ] && [ "$ran" -ge "${limit%.*}" ]; }; then
     echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped study $i; its finished runs, if any, are in $out/study$i.jsonl"
   elif [ $status != 0 ]; then
     echo "gpu_study.sh: study $i failed (exit status $status); see $out/study$i.log"
