@@ -11,7 +11,8 @@
 # DATA_DIR: CIFAR-10 as an ImageFolder (default /tmp/c10); made from .carry/cifar10 (a copy of
 # ../shared/data/cifar10) when it does not exist. Environment:
 #   PYTHON                    the interpreter (default python3)
-#   GPU_CHECK_BUDGET          seconds for everything (570); GPU_CHECK_TEST_LIMIT: for the tests (360)
+#   GPU_CHECK_BUDGET          seconds for everything (570); GPU_CHECK_TEST_LIMIT: for the tests (360, or
+#                             with --no-benchmark the budget's time left)
 #   GPU_CHECK_BENCHMARK=0     as --no-benchmark; GPU_CHECK_TESTS=0 as --no-tests
 #   GPU_CHECK_TAR=1           benchmark/ packed as OUT_DIR/benchmark.tgz (a device call returns at most 8 files)
 #   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
@@ -66,7 +67,9 @@ else
   # subprocesses) may reach the 200 s first and end as pytest-timeout's failure, without it
   per_test=()
   "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 200)
-  part cuda_tests "${GPU_CHECK_TEST_LIMIT:-360}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
+  test_limit=360
+  [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ] && test_limit=$(($(left) - 20))  # the tests' own call: all of it
+  part cuda_tests "${GPU_CHECK_TEST_LIMIT:-$test_limit}" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rfEs \
     -p no:cacheprovider --junitxml "$work/pytest.xml" "${per_test[@]}"
 fi
 if [ "${GPU_CHECK_BENCHMARK:-1}" = 0 ]; then

@@ -26,9 +26,9 @@
 # left) stops the studies outright. A teacher call stops as soon as its logged epochs show that the teacher
 # cannot finish within STUDY_LIMIT_S (exit status 3), and says which --teacher_epochs fits. A teacher is lost
 # when the session ends (its parts are not committed). It trains with --deterministic true: on the same GPU
-# model and software, a later session's teacher call trains the same weights (the same hash), and the family's
-# recorded selections are reused; on another, they run again (the first ones stay, in rows of their own). Run a
-# family's student calls in the session of its teacher call where the time allows. Set WS_CODE_VERSION=<commit>
+# model, software and code (commit), a later session's teacher call trains the same weights (the same hash), and
+# the family's recorded selections are reused; on another, they run again (the first ones stay, in rows of their
+# own). Run a family's student calls in the session of its teacher call where the time allows. Set WS_CODE_VERSION=<commit>
 # in the command: every record names the code it ran.
 # Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit
 # (a call that returned no runs.jsonl: bash scripts/gpu_study.sh merge /tmp/m FILES/study*.jsonl
@@ -85,6 +85,7 @@ esac
 # shellcheck disable=SC2206  # the recipe's flags are words
 recipe=(${STUDY_RECIPE:---device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 --eval_freq 5} ${STUDY_FLAGS:-})
 limit=${STUDY_LIMIT_S:-540}
+[[ $limit =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "gpu_study.sh: STUDY_LIMIT_S=$limit: give seconds, e.g. 540" >&2; exit 2; }
 
 merge() {  # merge OUT RUNS.jsonl...: one runs.jsonl and transfer_study.md of the records, under the study's settings
   local dest=$1
