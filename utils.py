@@ -53,14 +53,21 @@ def run_cli(main_fn, argv=None, clean_on_sigterm=False):
     try:
         main_fn(argv)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        _stderr_line(f'error: {e}')
         sys.exit(1)
     except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
+        _stderr_line('interrupted')
         sys.exit(130)
     except Terminated:
-        print('terminated', file=sys.stderr)
+        _stderr_line('terminated')
         sys.exit(128 + signal.SIGTERM)
+
+
+def _stderr_line(text):
+    """One line on stderr in one write: the processes of a torchrun share the pipe, and print's separate write
+    of the newline (unbuffered stderr) let another rank's line land between (seen in CI: two errors on a line)."""
+    sys.stderr.write(text + '\n')
+    sys.stderr.flush()
 
 
 def first_line(error, limit=200):
