@@ -165,7 +165,8 @@ class Study:
     def done_key(self, r):
         """The key of r's record in --done, or None."""
         if r.get('teacher_weights_sha256') != ANY_TEACHER:
-            return run_key(r) if run_key(r) in self.done else None
+            key = run_key(r)
+            return key if key in self.done else None
         return next((key for key, d in self.done.items() if d.get('teacher_weights_sha256')
                      and run_key({**r, 'teacher_weights_sha256': d['teacher_weights_sha256']}) == key), None)
 
@@ -373,13 +374,14 @@ class Teacher:
         self.weights_sha256 = None
         if self.carried and os.path.isfile(self.carried):
             import torch
-            made = torch.load(self.carried, map_location='cpu', weights_only=True).get('teacher_settings')
+            carried = torch.load(self.carried, map_location='cpu', weights_only=True)  # read once: checked and hashed
+            made = carried.get('teacher_settings')
             if made != self.settings():
                 raise SystemExit(f'error: --teachers {self.carried} was trained with {made}, this study asks for '
                                  f'{self.settings()}; pass the teacher trained with these settings, or remove it '
                                  f'to train one')
             self.ckpt = self.carried
-            self.weights_sha256 = weights_sha256(self.ckpt)
+            self.weights_sha256 = state_sha256(carried['model'])
 
     def settings(self):
         """What the teacher's training depended on (its best epoch is picked on the source test images, and a
@@ -427,9 +429,14 @@ def export_weights(ckpt, dest, settings):
 def weights_sha256(path):
     """A checkpoint's weights (names and bytes) hashed, not the file, which also holds its run's flags and
     folder: two trainings that gave the same weights give the same hash."""
+    import torch
+    return state_sha256(torch.load(path, map_location='cpu', weights_only=True)['model'])
+
+
+def state_sha256(state):
+    """weights_sha256 of a state dict already in memory."""
     import hashlib
     import torch
-    state = torch.load(path, map_location='cpu', weights_only=True)['model']
     h = hashlib.sha256()
     for key in sorted(state):
         h.update(key.encode())
