@@ -27,6 +27,7 @@ from utils import UserError
 
 DATASETS = ('CIFAR10', 'CIFAR100', 'flowers', 'pets', 'stl10', 'food101', 'dtd', 'svhn', 'eurosat',
             'IMNET', 'image_folder')
+FOLDER_DATASETS = ('IMNET', 'image_folder')  # read from folders of image files (ImageFolder), not by torchvision
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
@@ -40,12 +41,23 @@ def check_name(name):
                         + f" (choose from {', '.join(DATASETS)})")
 
 
+def rand_augment_policy(args):
+    """--aa as timm's policy string, or None where it is off ('none', '' or none)."""
+    return args.aa if args.aa not in (None, '', 'none') else None
+
+
+def eval_crop_pct(args):
+    """The evaluation centre crop's fraction of the resized image: --crop_pct, else ConvNeXt's 224/256 (also for
+    checkpoints whose flags hold none)."""
+    return args.crop_pct or 224 / 256
+
+
 def build_dataset(is_train, args):
     """(dataset, number of classes) for args.data_set under args.data_path."""
     name, root = args.data_set, args.data_path
     check_name(name)
     transform = build_transform(is_train, args)
-    if name in ('IMNET', 'image_folder'):
+    if name in FOLDER_DATASETS:
         return image_folder(root, is_train, transform, allow_test=name == 'image_folder')
     download, made = bool(args.download), None
     folder = os.path.abspath(root)
@@ -152,7 +164,7 @@ def load_image(path):
 
 def check_images(args):
     """--check_data: decode every image of both splits once, before training; one line listing the bad ones."""
-    if args.data_set not in ('IMNET', 'image_folder'):
+    if args.data_set not in FOLDER_DATASETS:
         utils.print_main(f'--check_data: {args.data_set} is read by torchvision from its own files; nothing to check')
         return
     bad, total = [], 0
@@ -222,7 +234,7 @@ def build_transform(is_train, args):
     mean, std = mean_std(args)
     if is_train:
         t = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
-                             auto_augment=args.aa if args.aa not in (None, '', 'none') else None,
+                             auto_augment=rand_augment_policy(args),
                              interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
                              re_count=args.recount, mean=mean, std=std)
         if size <= 32:  # small images: no resized crop, but resize any dataset to input_size first
@@ -231,7 +243,7 @@ def build_transform(is_train, args):
         return t
     steps = []
     if size > 32:
-        crop_pct = args.crop_pct if args.crop_pct else 224 / 256
+        crop_pct = eval_crop_pct(args)
         if size >= 384:
             steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
         else:

@@ -10,7 +10,8 @@ import functools
 import torch
 from torchvision import datasets, transforms
 
-from datasets import EpochSampler, build_dataset, eval_plan, load_image, mean_std, set_transform
+from datasets import (FOLDER_DATASETS, EpochSampler, build_dataset, eval_crop_pct, eval_plan, load_image,
+                      mean_std, rand_augment_policy, set_transform)
 import utils
 from utils import UserError
 
@@ -33,7 +34,7 @@ def raw_dataset(is_train, args):
 
 def gpu_side(args):
     """The short side to which --gpu_data resizes datasets of varied image sizes."""
-    return args.gpu_data_size or int(args.input_size / (args.crop_pct or 224 / 256))
+    return args.gpu_data_size or int(args.input_size / eval_crop_pct(args))
 
 
 def _array_of(dataset):
@@ -157,21 +158,22 @@ class GpuLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-# (training, evaluation) images per dataset, as datasets.py splits them; image folders are counted
+# (training, evaluation) images per dataset, as datasets.py splits them; folder datasets (IMNET, image_folder)
+# are counted and sized from their files, so that a subset laid out as ImageNet is not sized as all of it
 IMAGES = {'CIFAR10': (50_000, 10_000), 'CIFAR100': (50_000, 10_000), 'flowers': (2_040, 6_149),
           'pets': (3_680, 3_669), 'stl10': (5_000, 8_000), 'food101': (75_750, 25_250), 'dtd': (3_760, 1_880),
-          'svhn': (73_257, 26_032), 'eurosat': (21_600, 5_400), 'IMNET': (1_281_167, 50_000)}
+          'svhn': (73_257, 26_032), 'eurosat': (21_600, 5_400)}
 # Datasets whose images differ in size: the GPU path stores them pre-cropped to a square of gpu_side, so
 # its random resized crops see less of each image than the CPU path's do.
-VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd', 'IMNET')
+VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd')
 
 
 def stored_bytes(args):
     """The bytes of the splits build_loaders stores (the training split, and the evaluation split unless
-    evaluation is off), as decode_to_uint8 stores them: uint8 RGB. A named dataset: its IMAGES counts at its
-    native side, or at gpu_side where its sizes vary (read from the table, not the files). An image folder, split
-    by split: at its images' one size (kept as it is, however large), else at gpu_side."""
-    if args.data_set != 'image_folder':
+    evaluation is off), as decode_to_uint8 stores them: uint8 RGB. A torchvision dataset: its IMAGES counts at
+    its native side, or at gpu_side where its sizes vary (read from the table, not the files). A folder dataset,
+    split by split: at its images' one size (kept as it is, however large), else at gpu_side."""
+    if args.data_set not in FOLDER_DATASETS:
         side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
         return sum(IMAGES[args.data_set][0 if is_train else 1] for is_train in _splits(args)) * 3 * side * side
     total = 0
@@ -191,7 +193,7 @@ def _splits(args):
 def least_bytes(args):
     """A lower bound of stored_bytes that reads one image header per split, not all of them: a folder far too
     large is declined at once (stored_bytes reads every header, minutes for an ImageNet-sized folder)."""
-    if args.data_set != 'image_folder':
+    if args.data_set not in FOLDER_DATASETS:
         return stored_bytes(args)
     total = 0
     for is_train in _splits(args):
@@ -220,21 +222,19 @@ def bytes_to_store(args, room):
 
 def varied_sizes(args):
     """Whether the dataset's images differ in size (then the GPU path changes the recipe's crops)."""
-    if args.data_set in NATIVE_SIDE or args.data_set not in VARIED_SIZES + ('image_folder',):
-        return False
-    if args.data_set == 'image_folder':
+    if args.data_set in FOLDER_DATASETS:
         return len(_image_sizes(raw_dataset(True, args)[0])) > 1
-    return True
+    return args.data_set in VARIED_SIZES
 
 
 def train_transform(args):
     """The GPU path's training transform; ValueError names a setting it does not implement."""
     import gpu_transforms
-    if args.aa in (None, '', 'none') and args.color_jitter:
+    if rand_augment_policy(args) is None and args.color_jitter:
         # timm applies colour jitter only without RandAugment; the GPU path has no colour jitter
         raise ValueError(f'--color_jitter {args.color_jitter} with --aa none is not implemented on the GPU '
                          f'data path; pass --color_jitter 0 or --gpu_data false')
-    return gpu_transforms.GpuTrainTransform(args.input_size, *mean_std(args), aa=args.aa,
+    return gpu_transforms.GpuTrainTransform(args.input_size, *mean_std(args), aa=rand_augment_policy(args),
                                             interpolation=args.train_interpolation, reprob=args.reprob,
                                             remode=args.remode, recount=args.recount)
 
@@ -289,8 +289,8 @@ def build_loaders(args, device, rank, world_size, plan):
     if plan.wanted:
         v_images, v_labels, _, _ = decode_to_uint8(False, args)
         total += v_images.numel()
-        val = GpuLoader(v_images.to(device), v_labels.to(device), plan.batch_size,
-                        gpu_transforms.GpuEvalTransform(args.input_size, *mean_std(args), args.crop_pct), train=False,
+        eval_tf = gpu_transforms.GpuEvalTransform(args.input_size, *mean_std(args), eval_crop_pct(args))
+        val = GpuLoader(v_images.to(device), v_labels.to(device), plan.batch_size, eval_tf, train=False,
                         rank=rank if plan.sharded else 0, world_size=world_size if plan.sharded else 1,
                         channels_last=args.channels_last)
     return train, val, classes, f'GPU data path: {total / 2 ** 30:.2f} GiB of uint8 images on {device} ({how})'

@@ -369,7 +369,7 @@ class GpuTrainTransform:
             raise ValueError(f"--remode {remode} --recount {recount}: the GPU data path implements random "
                              f"erasing in 'pixel' mode with one box; pass --gpu_data false")
         self.size, self.interpolation, self.reprob, self.hflip = input_size, interpolation, reprob, hflip
-        self.rand_augment = parse_rand_augment(aa) if aa not in (None, '', 'none') else None
+        self.rand_augment = parse_rand_augment(aa) if aa else None  # None: off
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
         # timm fills the geometric ops' empty area with the mean colour, as 8-bit values
@@ -418,8 +418,8 @@ class GpuEvalTransform:
     input_size / crop_pct (bicubic; straight to input_size from 384 px) and centre-crop; else resize to
     input_size (bilinear). Then scaling and normalization."""
 
-    def __init__(self, input_size, mean, std, crop_pct=None):
-        self.size, self.crop_pct = input_size, crop_pct or 224 / 256
+    def __init__(self, input_size, mean, std, crop_pct=224 / 256):
+        self.size, self.crop_pct = input_size, crop_pct
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
 
