@@ -50,12 +50,19 @@ class TrainState:
             state['model_ema'] = self.model_ema.module.state_dict()
         return state
 
+    def follow_with_ema(self, ckpt):
+        """The EMA a checkpoint saved, or for one without (trained without --model_ema, weights only) an EMA
+        restarted from the resumed weights: built before resuming, it would otherwise go on averaging the
+        initial ones."""
+        if 'model_ema' in ckpt:
+            self.model_ema.module.load_state_dict(ckpt['model_ema'])
+        else:
+            self.model_ema.set(self.model)
+
     def load_state_dict(self, ckpt):
         self.optimizer.load_state_dict(ckpt['optimizer'])
         if self.scaler is not None and 'scaler' in ckpt:
             self.scaler.load_state_dict(ckpt['scaler'])
-        if self.model_ema is not None and 'model_ema' in ckpt:
-            self.model_ema.module.load_state_dict(ckpt['model_ema'])
         if self.projector is not None and 'projector' in ckpt:
             self.projector.load_state_dict(ckpt['projector'])
         rng = own_share(ckpt, 'rng')
@@ -184,14 +191,15 @@ def truncate_log(output_dir, first_epoch):
     utils.atomic_write(path, lambda f: f.writelines(lines), binary=False)
 
 
-def save_run_config(args, derived):
-    """config.yaml (the flags, reusable as --config) and run_info.json (code version, versions, device)."""
+def save_run_config(args, device, derived):
+    """config.yaml (the flags, reusable as --config) and run_info.json (code version, versions, the device the
+    run trained on)."""
     import yaml
     values = {k: v for k, v in vars(args).items() if k != 'config'}
     with open(os.path.join(args.output_dir, 'config.yaml'), 'w') as f:
         yaml.safe_dump(values, f, sort_keys=True)
     info = {'versions': utils.versions(), 'command': sys.argv, 'cwd': os.getcwd(), **derived,
-            'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}
+            'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
     with open(os.path.join(args.output_dir, 'run_info.json'), 'w') as f:
         json.dump(info, f, indent=1)
 
@@ -266,6 +274,8 @@ def resume(args, train_state):
     ckpt, path = find_checkpoint(args)
     if ckpt is not None:
         load_model_weights(ckpt, path, train_state.model, args.model)
+        if train_state.model_ema is not None:
+            train_state.follow_with_ema(ckpt)
     if ckpt is None or 'optimizer' not in ckpt:  # none, or weights only (checkpoint-best.pth): a fresh start
         # from epoch --start_epoch: the log lines a killed earlier start left (e.g. with --save_ckpt false) go
         truncate_log(args.output_dir, args.start_epoch)

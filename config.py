@@ -5,6 +5,7 @@ import argparse
 import os
 
 import datasets
+import recipe
 import utils
 from models import io
 from utils import UserError, str2bool
@@ -59,19 +60,30 @@ YAML_TYPES = {int: ((int,), 'an integer'), float: ((int, float), 'a number'), st
 def config_value(action, value, where):
     """A YAML value checked against its flag's type and choices (each element for list flags); argparse
     checks neither for defaults (it only parses a lone string default), so `epochs: 1.5` would pass."""
-    if isinstance(value, list) and action.nargs in ('+', '*'):
-        return [config_value(action, v, where) for v in value]
+    if value is None:  # `key: null` (or `key:`) only where the flag itself defaults to none
+        if action.default is not None:
+            raise UserError(f'{where} is empty (null); give a value, or leave the key out for the default '
+                            f'{action.default!r}')
+        return None
+    if action.nargs in ('+', '*'):
+        if not isinstance(value, list):
+            raise UserError(f'{where} takes a list, e.g. [{value!r}]; got {value!r}')
+        return [single_value(action, v, where) for v in value]
+    return single_value(action, value, where)
+
+
+def single_value(action, value, where):
     if isinstance(value, str) and action.type is not None:
         try:
             value = action.type(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise UserError(f'{where}: invalid {action.type.__name__} value: {value!r}') from None
-    elif value is not None and action.type in YAML_TYPES:
+    elif action.type in YAML_TYPES:
         kinds, name = YAML_TYPES[action.type]
         if isinstance(value, bool) != (action.type is str2bool) or not isinstance(value, kinds):
             raise UserError(f'{where} must be {name}, got {value!r} ({type(value).__name__})')
         value = action.type(value) if action.type is float else value
-    if action.choices is not None and value is not None and value not in action.choices:
+    if action.choices is not None and value not in action.choices:
         raise UserError(f'{where} must be one of {", ".join(map(str, action.choices))}, got {value!r}')
     return value
 
@@ -132,8 +144,19 @@ def check_args(args):
                         f'true lets torchvision fetch it)')
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f'--output_dir {args.output_dir} is a file; give a folder for the checkpoints and logs')
+    if args.print_freq <= 0:
+        raise UserError(f'--print_freq {args.print_freq} must be 1 (every batch) or more')
     if args.eval or args.knn_probe:
         return  # no training: its settings do not matter
+    for flag, least, meaning in (('save_ckpt_freq', 1, '1 (every epoch) or more'),
+                                 ('save_ckpt_num', 0, '0 (keep all) or more'),
+                                 ('save_every_steps', 0, '0 (off) or more'),
+                                 ('warmup_epochs', 0, '0 (no warmup) or more')):
+        if getattr(args, flag) < least:
+            raise UserError(f'--{flag} {getattr(args, flag)} must be {meaning}')
+    if args.batch_size % 2 and recipe.mixes_batches(args):  # timm's Mixup pairs each image with its mirror
+        raise UserError(f'--batch_size {args.batch_size} is odd, and mixup/cutmix pair the images of a batch: '
+                        f'pass an even --batch_size (or --mixup 0 --cutmix 0)')
     if args.epochs <= 0:
         raise UserError(f'--epochs {args.epochs}: train at least one epoch (or evaluate with --eval true)')
     if args.eval_freq <= 0:

@@ -21,14 +21,15 @@ def autocast(device, amp_dtype):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule, *, update_freq=1,
                     amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
-                    log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None, channels_last=False):
+                    ema_source=None, log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None, channels_last=False):
     """One epoch. `schedule(optimizer, step)` sets the lr (and weight decay) of an optimizer step;
     `start_step` is the optimizer step count at which this call starts; `partial` the state of an epoch
     interrupted after some steps ({'loss_sum', 'micro', 'seen'}, as given to `on_step`), whose remaining
     batches `loader` yields. After each optimizer step
     `on_step(step, get_partial)` is called (mid-epoch checkpoints). `channels_last`: the model's memory format,
     which batches are given on the device too (a compiled model would otherwise also compile for the other
-    layout). Returns the epoch's mean loss, last lr and throughput."""
+    layout). `model_ema` follows `ema_source`, the plain model (the forward model may be compiled, wrapped in DDP
+    or, with feature distillation, hold the projector too). Returns the epoch's mean loss, last lr and throughput."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     partial = partial or {'loss_sum': torch.zeros((), device=device), 'micro': 0, 'seen': 0}
@@ -63,7 +64,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
         if final_micro:
             optimizer_step(model, optimizer, scaler, clip_grad)
             if model_ema is not None:
-                model_ema.update(utils.unwrap_model(model), step=step)
+                model_ema.update(ema_source, step=step)
             step += 1
             if on_step is not None:
                 state = {'loss_sum': loss_sum, 'micro': micro + 1, 'seen': seen}
@@ -79,8 +80,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
     if not math.isfinite(loss_mean):
         raise NonFiniteLoss(f'mean loss is {loss_mean} at epoch {epoch}; stopped, the last good checkpoint is kept')
     elapsed = time.time() - start
-    return {'loss': loss_mean, 'lr': optimizer.param_groups[0]['lr'], 'steps': step - start_step,
-            'images_per_sec': seen_here * utils.world_size() / max(elapsed, 1e-9), 'train_seconds': elapsed}
+    return {'loss': loss_mean, 'lr': scheduled_lr(optimizer), 'steps': step - start_step,
+            'images_per_sec': seen_here * utils.world_size() / max(elapsed, 1e-9)}
+
+
+def scheduled_lr(optimizer):
+    """The schedule's lr: the largest group's (with --layer_decay the first groups, the embeddings, take a
+    fraction of it), as the official ConvNeXt logs."""
+    return max(group['lr'] for group in optimizer.param_groups)
 
 
 def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
@@ -103,7 +110,7 @@ def log_progress(loss, optimizer, epoch, step, micro, num_micro, images_per_sec,
     if not math.isfinite(value):
         raise NonFiniteLoss(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopped, '
                             f'the last good checkpoint is kept (lower --lr or enable --clip_grad)')
-    lr = optimizer.param_groups[0]['lr']
+    lr = scheduled_lr(optimizer)
     utils.print_main(f'epoch {epoch} [{micro + 1}/{num_micro}] loss {value:.4f} lr {lr:.3e} '
                      f'{images_per_sec * utils.world_size():.0f} img/s eta {eta:.0f}s')
     if log_writer is not None:

@@ -75,7 +75,8 @@ def _model_and_optimizer_flags(a):
     a('--weight_decay_end', type=float, default=None, help='cosine schedule of weight decay to this value')
     a('--lr', type=float, default=4e-3, help='learning rate at the global batch (ignored with --blr)')
     a('--blr', type=float, default=None,
-      help='base learning rate per 512 images of global batch: lr = blr x global batch / 512 (DeiT/MAE rule)')
+      help='base learning rate per 512 images of global batch: lr = blr x global batch / 512 (DeiT\'s rule; '
+           'MAE\'s blr is per 256 images, so MAE\'s --blr x is --blr 2x here)')
     a('--layer_decay', type=float, default=1.0, help='layer-wise lr decay (1.0: off)')
     a('--min_lr', type=float, default=1e-6, help='learning rate at the end of the cosine schedule')
     a('--warmup_epochs', type=int, default=50, help='linear warmup from 0 (the official default, 50)')
@@ -148,7 +149,7 @@ def _data_and_run_flags(a):
     a('--auto_resume', type=str2bool, default=True, help='resume from the newest checkpoint in --output_dir')
     a('--save_ckpt', type=str2bool, default=True, help='save checkpoints in --output_dir')
     a('--save_ckpt_freq', default=1, type=int, help='save an epoch checkpoint every N epochs (and the last)')
-    a('--save_ckpt_num', default=3, type=int, help='keep the last N epoch checkpoints (plus the best)')
+    a('--save_ckpt_num', default=3, type=int, help='keep the newest N resumable checkpoints, epoch and mid-epoch ones (0: all), plus the best')
     a('--save_every_steps', default=0, type=int,
       help='also checkpoint every N optimizer steps inside an epoch (mid-epoch resume; 0: off)')
     a('--deterministic', type=str2bool, default=False,
@@ -164,7 +165,7 @@ def _data_and_run_flags(a):
     a('--disable_eval', type=str2bool, default=False, help='no evaluation after each epoch')
     a('--eval_freq', default=1, type=int,
       help='evaluate every N epochs and after the last; the best checkpoint is chosen among evaluated epochs')
-    a('--print_freq', default=50, type=int, help='print training progress every N steps')
+    a('--print_freq', default=50, type=int, help='print training progress every N batches (micro-batches with --update_freq)')
     a('--use_amp', type=str2bool, default=False, help='mixed precision: bf16 where supported, else fp16 + GradScaler')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
     a('--channels_last', type=str2bool, default=False, help='channels-last memory format')
@@ -222,9 +223,16 @@ def setup(args):
     config.check_args(args)
     place = utils.init_distributed(args)
     device_name = args.device
+    if place.world_size > 1 and device_name.startswith('cuda:'):  # NCCL and set_device use the local rank
+        raise UserError(f'--device {device_name} under torchrun: each process takes the GPU of its local rank; '
+                        f'pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)')
     if device_name.startswith('cuda') and not torch.cuda.is_available():
         utils.print_main('no CUDA device: running on the CPU (pass --device cpu to silence this)')
         device_name = 'cpu'
+    if args.model_ema and args.model_ema_eval and args.model_ema_force_cpu and device_name != 'cpu':
+        raise UserError('--model_ema_force_cpu true holds the EMA on the CPU, where --model_ema_eval true cannot '
+                        'evaluate it on the GPU\'s batches; pass --model_ema_eval false (as timm does) or hold the '
+                        'EMA on the GPU')
     device = torch.device(device_name, place.local_rank) if device_name == 'cuda' else torch.device(device_name)
     if args.eval and not args.resume:
         raise UserError('--eval true needs --resume CHECKPOINT')
@@ -317,8 +325,8 @@ def train(run):
     else:
         os.makedirs(args.output_dir, exist_ok=True)
         if utils.is_main_process():
-            checkpoint.save_run_config(args, {'world_size': run.dist.world_size, 'update_freq': run.update_freq,
-                                              'global_batch': run.global_batch, 'lr': run.lr})
+            checkpoint.save_run_config(args, run.device, {'world_size': run.dist.world_size, 'lr': run.lr,
+                                                          'update_freq': run.update_freq, 'global_batch': run.global_batch})
     utils.print_main(f'training epochs {resumed.start_epoch}..{args.epochs - 1}')
     best, record = resumed.best, {}
     for epoch in range(resumed.start_epoch, args.epochs):
@@ -354,8 +362,9 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
     stats = engine.train_one_epoch(
         t.forward_model, t.criterion, t.data.train, t.state.optimizer, run.device, epoch, t.schedule,
         update_freq=run.update_freq, amp_dtype=t.amp_dtype, scaler=t.state.scaler, clip_grad=args.clip_grad,
-        mixup_fn=t.mixup_fn, model_ema=t.state.model_ema, log_writer=log_writer, print_freq=args.print_freq,
-        start_step=epoch * t.steps_per_epoch + done, partial=partial, on_step=on_step, channels_last=args.channels_last)
+        mixup_fn=t.mixup_fn, model_ema=t.state.model_ema, ema_source=t.state.model, log_writer=log_writer,
+        print_freq=args.print_freq, start_step=epoch * t.steps_per_epoch + done, partial=partial, on_step=on_step,
+        channels_last=args.channels_last)
     record = {'epoch': epoch, 'train_loss': stats['loss'], 'train_lr': stats['lr'],
               'images_per_sec': round(stats['images_per_sec'], 1)}
     if t.data.val is not None and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):

@@ -112,8 +112,13 @@ def write_configs(folder):
 # the scripts can read the tables above without it.)
 
 def learning_rate(args, global_batch):
-    """--lr, or with --blr the DeiT/MAE scaling rule: blr per 512 images of global batch."""
+    """--lr, or with --blr DeiT's linear scaling rule: blr per 512 images of global batch (MAE's is per 256)."""
     return args.blr * global_batch / 512 if args.blr is not None else args.lr
+
+
+def mixes_batches(args):
+    """Mixup or cutmix is on (timm's Mixup then mixes each batch with itself reversed)."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def build_criterion(args, num_classes, teacher=None):
@@ -125,7 +130,7 @@ def build_criterion(args, num_classes, teacher=None):
     import losses
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+    if mixes_batches(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=num_classes)

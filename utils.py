@@ -29,7 +29,13 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is reported on one line (argparse prints the usage block too)."""
+    """argparse, but a usage mistake is reported on one line (argparse prints the usage block too), and a flag
+    must be spelled out: an abbreviation (--conf for --config) would pass the parser but not the code that
+    scans the command line for a flag (configs, --eval's given flags)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
@@ -307,17 +313,6 @@ def is_main_process():
 def print_main(*args, **kwargs):
     if is_main_process():
         print(*args, **kwargs, flush=True)
-
-
-def unwrap_model(model):
-    """The plain module inside DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def rank():

@@ -3,6 +3,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import checkpoint
@@ -58,3 +59,41 @@ def test_resume_restores_weights_optimizer_and_log(tmp_path):
 def test_no_checkpoint_starts_at_start_epoch(tmp_path):
     resumed = checkpoint.resume(run_args(tmp_path, start_epoch=4), train_state())
     assert (resumed.start_epoch, resumed.best) == (4, {})
+
+
+def test_save_ckpt_num_zero_keeps_every_checkpoint(tmp_path):
+    args, state = run_args(tmp_path, save_ckpt_num=0), train_state()
+    for epoch in range(4):
+        checkpoint.save_epoch(args, epoch, {}, {}, state)
+    assert len(checkpoint.list_checkpoints(str(tmp_path))) == 4
+
+
+def trained_state():
+    state = train_state()
+    with torch.no_grad():
+        state.model.weight.fill_(3.0)
+    return state
+
+
+@pytest.mark.parametrize('saved', ['without_ema', 'weights_only', 'with_ema'])
+def test_resumed_ema_follows_the_resumed_weights(tmp_path, saved):
+    """An EMA (built before resuming, from the initial weights) takes the checkpoint's EMA, or, from a checkpoint
+    without one (a run without --model_ema, checkpoint-best.pth), restarts from the resumed weights: it would
+    otherwise keep averaging the initial ones (at decay 0.9999, for thousands of steps)."""
+    from timm.utils import ModelEmaV3
+    old = trained_state()
+    if saved == 'with_ema':
+        old.model_ema = ModelEmaV3(old.model, decay=0.9)
+        with torch.no_grad():
+            old.model_ema.module.weight.fill_(2.0)
+    args = run_args(tmp_path)
+    checkpoint.save_epoch(args, 0, {'test_acc1': 1.0}, {}, old)
+    if saved == 'weights_only':
+        os.remove(tmp_path / 'checkpoint-0.pth')
+        args = run_args(tmp_path, resume=str(tmp_path / 'checkpoint-best.pth'))
+    fresh = train_state()
+    fresh.model_ema = ModelEmaV3(fresh.model, decay=0.9)
+    assert not torch.equal(fresh.model_ema.module.weight, old.model.weight)
+    checkpoint.resume(args, fresh)
+    expected = 2.0 if saved == 'with_ema' else 3.0
+    assert torch.equal(fresh.model_ema.module.weight, torch.full((1, 2), expected))

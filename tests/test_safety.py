@@ -345,6 +345,12 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
     (['--lr', '0'], ['--lr 0.0 must be positive']),
     (['--blr', '-1'], ['--blr -1.0 must be positive']),
     (['--num_workers', '-1'], ['--num_workers -1 must be']),
+    (['--print_freq', '0'], ['--print_freq 0 must be 1 (every batch) or more']),
+    (['--save_ckpt_freq', '0'], ['--save_ckpt_freq 0 must be 1 (every epoch) or more']),
+    (['--save_ckpt_num', '-1'], ['--save_ckpt_num -1 must be 0 (keep all) or more']),
+    (['--save_every_steps', '-1'], ['--save_every_steps -1 must be 0 (off) or more']),
+    (['--warmup_epochs', '-5'], ['--warmup_epochs -5 must be 0 (no warmup) or more']),
+    (['--batch_size', '3'], ['--batch_size 3 is odd, and mixup/cutmix pair the images', '--mixup 0 --cutmix 0']),
     (['--global_batch_size', '4096'], ['fewer than one optimizer step of update_freq 1024 (global batch 4096)',
                                        'nothing would be trained', 'lower --global_batch_size']),
 ])
@@ -364,6 +370,38 @@ def test_a_vit_that_pads_runs_at_any_input_size(tmp_path, data):
     record = main.main([*TRAIN, '--data_path', data, '--epochs', '1', '--input_size', '36', '--model_kwargs',
                         '{"patch_size": 8, "depth": 1, "dynamic_img_size": true, "dynamic_img_pad": true}'])
     assert math.isfinite(record['train_loss'])
+
+
+def test_an_odd_batch_trains_without_mixup(tmp_path, data):
+    record = main.main([*TRAIN, '--data_path', data, '--epochs', '1', '--batch_size', '3', '--mixup', '0',
+                        '--cutmix', '0'])
+    assert math.isfinite(record['train_loss'])
+
+
+def test_abbreviated_flags_are_refused(data, capsys):
+    """argparse would take --conf for --config, and the YAML file would be silently ignored (configs are found
+    by their full flag)."""
+    expect_cli_error(main.main, [*TRAIN, '--data_path', data, '--conf', 'configs/vit_tiny_cifar100.yaml'], capsys,
+                     'unrecognized arguments: --conf configs/vit_tiny_cifar100.yaml')
+
+
+def test_ema_held_on_the_cpu_cannot_be_evaluated_on_the_gpu(data, monkeypatch):
+    """timm's --model_ema_force_cpu disables the EMA's evaluation; here it would fail after a whole epoch, on the
+    GPU's batches: one line before any work."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    args = main.parse_args([*TRAIN, '--data_path', data, '--device', 'cuda', '--model_ema', 'true',
+                            '--model_ema_force_cpu', 'true', '--model_ema_eval', 'true'])
+    with pytest.raises(utils.UserError, match='pass --model_ema_eval false'):
+        main.setup(args)
+
+
+def test_an_indexed_cuda_device_under_torchrun_is_refused(data, monkeypatch):
+    """Each process takes the GPU of its local rank (NCCL and set_device do); --device cuda:1 on every rank
+    would put all of them on one GPU, a hang or a traceback at the first collective."""
+    monkeypatch.setattr(utils, 'init_distributed', lambda args: utils.Dist(1, 2, 1, True))
+    args = main.parse_args([*TRAIN, '--data_path', data, '--device', 'cuda:1'])
+    with pytest.raises(utils.UserError, match=r'--device cuda:1 under torchrun: .* pass --device cuda'):
+        main.setup(args)
 
 
 def test_device_names_that_torch_parses_pass_the_check(data):
@@ -402,6 +440,8 @@ def test_warmup_as_long_as_the_run_is_said_before_training(tmp_path, data, capsy
     ('model_ema: 1\n', ["key 'model_ema' must be true or false, got 1 (int)"]),
     ('opt_betas: [0.9, high]\n', ["key 'opt_betas': invalid float value: 'high'"]),
     ('batch_size: true\n', ["key 'batch_size' must be an integer, got True (bool)"]),
+    ('epochs:\n', ["key 'epochs' is empty (null); give a value, or leave the key out for the default 300"]),
+    ('opt_betas: 0.9\n', ["key 'opt_betas' takes a list, e.g. [0.9]; got 0.9"]),
 ])
 def test_yaml_value_of_the_wrong_type_names_key_and_file(yaml_text, needles, tmp_path, data, capsys):
     config = tmp_path / 'bad.yaml'

@@ -49,6 +49,16 @@ def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model)
     assert args.model == model[1] and args.epochs == 2
 
 
+def test_logged_lr_is_the_schedules_with_layer_decay(tmp_path, tiny_data):
+    """With --layer_decay the first parameter groups (the embeddings) take a fraction of the lr; the log gives
+    the schedule's own lr (the largest group's), as written out by recipe.cosine_schedule."""
+    record = main.main(['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', *TINY,
+                        '--data_path', tiny_data, '--epochs', '2', '--warmup_epochs', '1',
+                        '--lr', '1e-3', '--min_lr', '1e-5', '--layer_decay', '0.5', '--disable_eval', 'true'])
+    steps = 24 // 4  # 24 training images, batch 4
+    assert record['train_lr'] == pytest.approx(recipe.cosine_schedule(2 * steps - 1, 1e-3, 1e-5, 2 * steps, steps))
+
+
 def test_eval_freq_evaluates_every_nth_epoch_and_the_last(tmp_path, tiny_data):
     out = str(tmp_path / 'run')
     main.main([*VIT, *TINY, '--data_path', tiny_data, '--epochs', '5', '--warmup_epochs', '1', '--eval_freq', '2',
