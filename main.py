@@ -308,8 +308,10 @@ def build_training(run):
 def train(run):
     args, started = run.args, time.time()
     t = build_training(run)
-    utils.print_main(f'model {args.model}: {t.n_parameters / 1e6:.2f}M parameters; {t.data.num_train} training '
-                     f'images, {t.data.num_classes} classes; {t.data.how}')
+    count = f'{t.n_parameters / 1e6:.2f}M' if t.n_parameters >= 10 ** 5 else f'{t.n_parameters:,}'
+    utils.print_main(f'model {args.model}: {count} trainable parameters'
+                     + (' (the backbone frozen: --linear_probe)' if args.linear_probe else '')
+                     + f'; {t.data.num_train} training images, {t.data.num_classes} classes; {t.data.how}')
     utils.print_main(f'global batch = world_size {run.dist.world_size} x batch_size {args.batch_size} x update_freq '
                      f'{run.update_freq} = {run.global_batch}; lr {run.lr:g}; {t.steps_per_epoch} optimizer steps '
                      f'per epoch')

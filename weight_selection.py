@@ -349,7 +349,8 @@ def layer_indices(mode, n_teacher, n_student):
     if mode == 'uniform':
         return uniform_indices(n_teacher, n_student).tolist()
     raise UserError(f"unknown layer selection '{mode}'; choose one of {', '.join(LAYER_SELECTIONS)} "
-                    f"or a list of teacher blocks such as 0,2,4 (per stage: 0,1;0,1;0,2,4,6,8,10;0,1)")
+                    f'or a list of teacher blocks such as 0,2,4 (per stage, ConvNeXt-T into ConvNeXt-F: '
+                    f'0,1;0,1;0,2,3,5,6,8;0,1)')
 
 
 def block_depths(keys):
@@ -659,9 +660,15 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     import hf_selection
-    if args.student_config or hf_selection.is_hf_teacher(args.teacher):
+    if hf_selection.is_hf_teacher(args.teacher):
         refuse_flags(args, parser, TIMM_ONLY, 'is for timm models; with a Hugging Face teacher the student is '
                                               "--student_config '{...}' (the teacher's config.json with overrides)")
+        return hf_selection.run(args)
+    if args.student_config:  # a hub id, or a timm teacher given the other path's student flag
+        refuse_flags(args, parser, TIMM_ONLY, 'is for timm teachers and --student_config for Hugging Face ones (a '
+                                              'folder with config.json, or a hub id): for a timm teacher give '
+                                              '--student NAME instead of --student_config, for a Hugging Face one '
+                                              'leave this flag out')
         return hf_selection.run(args)
     refuse_flags(args, parser, HF_ONLY, 'is for Hugging Face teachers (a folder with config.json) and has no effect '
                                         'with a timm teacher; leave it out')

@@ -1,6 +1,7 @@
 """The models of a training run, from its flags: the student (--model, with the recipe's drop path and
 layer scale), its initial weights (--init, --initialize), the linear probe's head (--linear_probe), and
 the frozen teacher of --distill."""
+import json
 import os
 
 import torch
@@ -55,6 +56,13 @@ def initialization_file(path, model_name):
     return path
 
 
+def resized(given, wanted, key, dims):
+    """Whether both state dicts hold `key` with shapes that differ along `dims` only."""
+    a, b = given.get(key), wanted.get(key)
+    return a is not None and b is not None and a.shape != b.shape and a.dim() == b.dim() and all(
+        x == y for i, (x, y) in enumerate(zip(a.shape, b.shape)) if i not in dims)
+
+
 def load_initialization(model, path, args):
     """Load a weight-selection file (or any state dict) into the model. Classifier tensors of another
     shape are left at their init; any other missing, unexpected or mismatched key is an error."""
@@ -71,12 +79,14 @@ def load_initialization(model, path, args):
             v = io.linear_as_conv(v, own[k].shape)  # Linear <-> 1x1 conv MLP
         fitted[k] = v
     hint = ''
-    given, wanted = fitted.get('pos_embed'), own.get('pos_embed')
-    if given is not None and wanted is not None and given.shape[-1] == wanted.shape[-1] \
-            and given.shape[-2] != wanted.shape[-2]:  # the same width, another number of positions
-        hint = (f'; the selection was made for another input size: select again for this one with '
-                f'weight_selection.py --student_kwargs \'{{"img_size": {args.input_size}}}\' (it resamples the '
-                f"teacher's position grid)")
+    # another number of positions (1, N, D) or another patch size (D, 3, p, p): selected for another input
+    if resized(fitted, own, 'pos_embed', (1,)) or resized(fitted, own, 'patch_embed.proj.weight', (2, 3)):
+        # the student as --model builds it (its patch size too, where --model_kwargs sets one)
+        student = json.dumps({**utils.parse_json_dict(args.model_kwargs, '--model_kwargs'),
+                              'img_size': args.input_size})
+        hint = (f'; the selection was made for another input size or patch size: select again for this model with '
+                f"weight_selection.py --student_kwargs '{student}' (it resamples the teacher's position grid and "
+                f'patch embedding)')
     io.check_fits(fitted, own, f'--initialize {path} does not fit --model {args.model}', hint,
                   ignore=dropped.__contains__)
     model.load_state_dict(fitted, strict=False)

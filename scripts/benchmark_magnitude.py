@@ -4,7 +4,6 @@ select) against one top-k over the whole weight, the code before it. Each in its
     python scripts/benchmark_magnitude.py blocked
     python scripts/benchmark_magnitude.py topk
 """
-import argparse
 import os
 import resource
 import sys
@@ -13,6 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
 import weight_selection as ws  # noqa: E402
 
 WEIGHT, STUDENT = (14336, 4096), (7168, 2048)  # a LLaMA-3-8B MLP weight in bf16 (117 MB), halved in both widths
@@ -34,6 +34,6 @@ def main(method):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('method', choices=['blocked', 'topk'], help='blocked: magnitude_squeeze; topk: one top-k')
     main(parser.parse_args().method)

@@ -13,7 +13,6 @@ The weights are not random numbers: one random chunk of 2^20 bf16 values is repe
 
     python scripts/benchmark_selection.py --cache /tmp/ws_bench --size 7b --delete_teacher
 """
-import argparse
 import json
 import os
 import shutil
@@ -230,19 +229,23 @@ def bench_timm(args):
     if os.path.exists(out):
         os.remove(out)
     read_s = timed_read([path])['s']
+    size = os.path.getsize(path)
+    if args.delete_teacher:
+        os.remove(path)
     return {'path': 'timm', 'teacher': f'vit_large_patch16_224 (fp32 .{args.vit_format})',
             'student': 'vit_base_patch16_224',
-            'teacher_bytes': os.path.getsize(path), 'select_s': round(wall, 2), 'select_peak_rss_anon': mem.peak,
+            'teacher_bytes': size, 'select_s': round(wall, 2), 'select_peak_rss_anon': mem.peak,
             'sequential_read_s': read_s, 'stdout': stdout.strip()}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--cache', required=True, help='folder for the synthetic teacher (kept unless --delete_teacher)')
     p.add_argument('--size', choices=sorted(SIZES), default='7b')
     p.add_argument('--layer_selection', default='uniform')
     p.add_argument('--element_selection', default='uniform', help='any of weight_selection.py\'s (l1, magnitude, ...)')
-    p.add_argument('--delete_teacher', action='store_true', help='remove the synthetic teacher afterwards')
+    p.add_argument('--delete_teacher', action='store_true',
+                   help='remove the synthetic teachers afterwards (with --vit, the ViT-L too)')
     p.add_argument('--repeat', type=int, default=1, help='alternate read and selection this many times')
     p.add_argument('--vit', action='store_true', help='also the timm path on a random ViT-L')
     p.add_argument('--vit_format', choices=('safetensors', 'pth'), default='safetensors',

@@ -8,7 +8,6 @@ gives two accuracies, reported side by side: "best", the highest test acc@1 over
 code reports as "max accuracy", chosen on the test set), and "final", the last epoch's, which involves no
 choice made on the test set.
 """
-import argparse
 import csv
 import functools
 import json
@@ -19,6 +18,7 @@ import typing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tables.py beside this file; main.py and config.py above it
+import utils  # noqa: E402
 
 # The paper's numbers: PAPER[table][(row slug, dataset, model)] = test acc@1.
 _T2 = {'imagenet': (73.9, 75.6, 76.1, 76.4), 'svhn': (94.9, 96.5, 95.7, 96.9), 'food101': (79.6, 86.9, 86.9, 89.0),
@@ -290,7 +290,7 @@ def write_tables(results, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('root', help='the OUTPUT folder of scripts/tables.py')
     p.add_argument('--out', default='results')
     args = p.parse_args(argv)

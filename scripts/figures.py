@@ -8,12 +8,12 @@
 Run folders are main.py's --output_dir (log.txt, config.yaml). A run is labelled "weight selection" when
 its config has --initialize, else "random init" (or pass --labels).
 """
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
 
 
 def _plt():
@@ -108,7 +108,6 @@ def attention_products(state, block, head, num_heads, what='the state'):
 def plot_attention(args):
     import torch
     import models  # noqa: F401
-    import utils
     from models import io
     plt = _plt()
     teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
@@ -142,7 +141,7 @@ def plot_attention(args):
 
 def main(argv=None):
     from utils import str2bool
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='figure', required=True)
     for name in ('curves', 'budget'):
         s = sub.add_parser(name)
@@ -163,8 +162,11 @@ def main(argv=None):
     s.add_argument('--head', default=0, type=int)
     s.add_argument('--out', required=True)
     args = p.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        print(f'error: --out {args.out}: folder {folder} does not exist; create it or write elsewhere', file=sys.stderr)
+        sys.exit(1)
     if args.figure == 'attention':
-        import utils
         utils.run_cli(lambda _: plot_attention(args))
     else:
         labels = args.labels or [None] * len(args.runs)

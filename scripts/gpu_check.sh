@@ -19,11 +19,16 @@
 #   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 15';
 #                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
 set -uo pipefail
+usage='usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]'
 case "${1:-}" in
   --no-benchmark) export GPU_CHECK_BENCHMARK=0; shift ;;
   --no-tests) export GPU_CHECK_TESTS=0; shift ;;
+  -h|--help) sed -n '2,20p' "$0" | cut -c3-; exit 0 ;;
 esac
-out=${1:?usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]}
+out=${1:?$usage}
+case "$out" in  # an option here is a mistake (mkdir -p would take it as its own)
+  -*) echo "gpu_check.sh: unknown option $out; $usage" >&2; exit 2 ;;
+esac
 data=${2:-/tmp/c10}
 start=$(date +%s)
 budget=${GPU_CHECK_BUDGET:-570}

@@ -44,7 +44,6 @@ Students keep their logs, not their checkpoints (--save_ckpt false): the study n
 DIR/<family>.pth (fp16 weights) and used; a call that finds it there trains none (--only_teachers: train them
 and stop). On a lent GPU whose calls carry at most 64 MiB, scripts/gpu_study.sh prepares and runs the calls.
 """
-import argparse
 import json
 import os
 import shlex
@@ -56,6 +55,7 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
+import utils  # noqa: E402
 SHARED = os.path.join(os.path.dirname(HERE), 'shared', 'data', 'cifar10')
 SOURCE = 'airplane,automobile,bird,cat,deer'
 TARGET = 'dog,frog,horse,ship,truck'
@@ -74,7 +74,7 @@ LAYERS_DIFFER = ('convnext',)
 
 
 def get_args():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', required=True)
     p.add_argument('--make_imagefolder', default=os.path.join(SHARED, 'make_imagefolder.py'))
     p.add_argument('--source', default=None, help='an ImageFolder (train/, test/) to use as the source task instead')
@@ -177,7 +177,6 @@ class Study:
     def save(self):
         """runs.jsonl: this call's records, then every other --done record unchanged, so that passing it as
         --done to the next call loses nothing."""
-        import utils
         lines = [json.dumps(r) + '\n' for r in self.lr_records + self.records + self.earlier()]
         utils.atomic_write(os.path.join(self.out, 'runs.jsonl'), lambda f: f.writelines(lines), binary=False)
 
@@ -293,6 +292,12 @@ def main():
                          f'one training image of each class of the smallest subset ({min(args.subsets)} per class)')
     if args.only_teachers and not args.teachers:
         raise SystemExit('error: --only_teachers writes the teachers to --teachers DIR; pass it')
+    if args.dinov2 and not os.path.isfile(args.dinov2):  # before hours of teachers and students
+        raise SystemExit(f'error: --dinov2 {args.dinov2}: file not found (the DINOv2 ViT-S/14 checkpoint, e.g. '
+                         f'../shared/teachers/dinov2_vits14_imgfocus_fp16.pt)')
+    if not (args.families or args.dinov2 or args.done):
+        raise SystemExit('error: nothing to run: --families with no family and no --dinov2; pass a family, '
+                         '--dinov2 CKPT (the DINOv2 part alone), or --done RUNS.jsonl (only write their report)')
     if args.target:
         raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
                          '--source and leave --target out, or subsample your target yourself')
@@ -419,7 +424,6 @@ def export_weights(ckpt, dest, settings):
     with the settings they were trained with: a ViT-S/4 in 41 MiB and a ConvNeXt-T in 53 MiB, which a device call
     (64 MiB) can carry."""
     import torch
-    import utils
     state = torch.load(ckpt, map_location='cpu', weights_only=True)['model']
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -493,7 +497,6 @@ def run_study(args, out, study):
                     study.measured(run_fields(family, n, name, seed, epochs, blr,
                                               teacher_weights_sha256=teacher_sha256), measure)
     if args.dinov2 and not args.only_teachers:
-        import utils
         size = args.dinov2_input_size
         s_kwargs = {'img_size': size}
         family = f'dinov2 vit_tiny/14 @{size}'
@@ -535,7 +538,6 @@ def ran_on(device):
     """{'device': the GPU's name or 'cpu', 'code': the code version, 'torch', 'timm': their versions} of this
     process."""
     import torch
-    import utils
     on_gpu = device.startswith('cuda') and torch.cuda.is_available()
     return {'device': torch.cuda.get_device_name() if on_gpu else 'cpu', 'code': utils.code_version(),
             **{k: v for k, v in utils.versions().items() if k in ('torch', 'timm')}}
@@ -640,7 +642,6 @@ def recorded_versions(records):
 
 
 def write_report(out, study, seconds, args, partial=False):
-    import utils
     study.save()
     # the report: this call's runs, and those of earlier calls with the same settings (other parts of the study),
     # so that the last call's report is the whole study's
@@ -689,5 +690,4 @@ def write_report(out, study, seconds, args, partial=False):
 
 
 if __name__ == '__main__':
-    import utils
     utils.run_cli(lambda argv: main())  # a mistake a run finds (in this process) is one line, as in the CLIs

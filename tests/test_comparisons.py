@@ -371,3 +371,5 @@ def test_figures_are_written(tmp_path, capsys):
     expect_cli_error(figures.main, [*common, '--student', 'convnext_atto'], capsys,
                      '--student convnext_atto is a ConvNeXt: the attention figure needs a timm ViT')
     assert not (tmp_path / 'bad.png').exists()
+    expect_cli_error(figures.main, ['curves', *runs, '--out', str(tmp_path / 'nodir' / 'f.png')], capsys,
+                     f"--out {tmp_path / 'nodir' / 'f.png'}: folder {tmp_path / 'nodir'} does not exist")

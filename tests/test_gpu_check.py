@@ -53,9 +53,15 @@ def test_gpu_check_records_a_part_that_runs_out_of_time(tmp_path):
     assert '## cuda_tests: timed out' in (out / 'gpu_check.md').read_text()
 
 
-def test_gpu_check_usage():
-    proc = subprocess.run(['bash', 'scripts/gpu_check.sh'], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert proc.returncode != 0 and 'usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]' in proc.stderr
+def test_gpu_check_usage(tmp_path):
+    usage = 'usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]'
+    for argv in ([], ['--bogus'], ['--no-tests', '--help']):  # an option as OUT_DIR: mkdir -p took it as its own
+        proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and usage in proc.stderr and not os.listdir(tmp_path), proc.stderr
+    proc = subprocess.run(['bash', 'scripts/gpu_check.sh', '--help'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and 'GPU_CHECK_BUDGET' in proc.stdout
 
 
 def test_code_version_outside_a_checkout_is_what_the_sender_says(tmp_path):

@@ -1470,6 +1470,14 @@ def test_timm_flags_with_a_hugging_face_teacher_stop(llama, tmp_path, capsys, fl
     assert '--student_config' in line and not os.path.exists(tmp_path / 's')
 
 
+def test_a_timm_teacher_given_the_hugging_face_student_flag_stops(tmp_path, capsys):
+    argv = ['--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', 'vit_small.pth', '--student_config',
+            '{"hidden_size": 32}', '--output', str(tmp_path / 'ws')]
+    expect_cli_error(weight_selection.main, argv, capsys, '--teacher_checkpoint is for timm teachers and '
+                     '--student_config for Hugging Face ones', 'give --student NAME instead of --student_config')
+    assert not os.path.exists(tmp_path / 'ws')
+
+
 def test_hugging_face_flags_with_a_timm_teacher_stop(tmp_path, capsys):
     argv = ['--teacher', 'vit_small_patch16_224', '--student', 'vit_tiny_patch16_224', '--head_selection', 'heads',
             '--output', str(tmp_path / 'ws.pth')]

@@ -167,9 +167,16 @@ def test_initialize_made_for_another_input_size_names_the_fix(tmp_path):
     import timm
     torch.save(timm.create_model('vit_tiny_patch16_224', img_size=64).state_dict(), tmp_path / 'ws.pth')
     args = main.parse_args(['--model', 'vit_tiny_patch16_224', '--input_size', '32'])
-    with pytest.raises(UserError, match=r'shape pos_embed .*for another input size: select again for this one with '
-                                        r'weight_selection.py --student_kwargs \'\{"img_size": 32\}\''):
+    with pytest.raises(UserError, match=r'shape pos_embed .*for another input size or patch size: select again for '
+                                        r'this model with weight_selection.py --student_kwargs \'\{"img_size": 32\}\''):
         build.load_initialization(build.build_model(args, 1000), str(tmp_path / 'ws.pth'), args)
+    # the hint names the model's patch size too, and also holds where only the patch size differs (same grid)
+    for selected in (dict(img_size=32), dict(img_size=64, patch_size=8)):
+        torch.save(timm.create_model('vit_tiny_patch16_224', **selected).state_dict(), tmp_path / 'ws.pth')
+        args = main.parse_args(['--model', 'vit_tiny_patch16_224', '--input_size', '32', '--model_kwargs',
+                                '{"patch_size": 4}'])
+        with pytest.raises(UserError, match=r'--student_kwargs \'\{"patch_size": 4, "img_size": 32\}\''):
+            build.load_initialization(build.build_model(args, 1000), str(tmp_path / 'ws.pth'), args)
     # another width (a ViT-S file for a ViT-T) is not a matter of input size: no such hint
     torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8).state_dict(), tmp_path / 's.pth')
     args = main.parse_args(['--model', 'vit_tiny_patch16_224', '--input_size', '32', '--model_kwargs',

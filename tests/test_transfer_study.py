@@ -423,3 +423,16 @@ def test_lr_search_refuses_a_validation_split_that_leaves_nothing_to_train(tmp_p
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert '--val_per_class 20 must hold out at least one and leave at least one' in proc.stderr
     assert not (tmp_path / 'study').exists()
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--dinov2', 'missing.pt'], '--dinov2 missing.pt: file not found'),  # before hours of teachers and students
+    (['--families'], 'nothing to run: --families with no family and no --dinov2'),
+    (['--families', 'vitt'], "argument --families: invalid choice: 'vitt'"),
+])
+def test_a_study_that_would_fail_or_run_nothing_stops_at_once(tmp_path, flags, needle):
+    proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(tmp_path / 'study'), '--smoke',
+                      *flags)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().count('\n') == 0 and needle in proc.stderr, proc.stderr
+    assert not (tmp_path / 'study').exists()
