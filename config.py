@@ -156,7 +156,7 @@ def check_args(args):
             raise UserError(f'--{flag} {getattr(args, flag)} must be {meaning}')
     if args.batch_size % 2 and recipe.mixes_batches(args):  # timm's Mixup pairs each image with its mirror
         raise UserError(f'--batch_size {args.batch_size} is odd, and mixup/cutmix pair the images of a batch: '
-                        f'pass an even --batch_size (or --mixup 0 --cutmix 0)')
+                        f'pass an even --batch_size (or turn them off: --mixup 0 --cutmix 0, no --cutmix_minmax)')
     if args.epochs <= 0:
         raise UserError(f'--epochs {args.epochs}: train at least one epoch (or evaluate with --eval true)')
     if args.eval_freq <= 0:

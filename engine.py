@@ -21,7 +21,8 @@ def autocast(device, amp_dtype):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule, *, update_freq=1,
                     amp_dtype=None, scaler=None, clip_grad=None, mixup_fn=None, model_ema=None,
-                    ema_source=None, log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None, channels_last=False):
+                    ema_source=None, log_writer=None, print_freq=50, start_step=0, partial=None, on_step=None,
+                    channels_last=False):
     """One epoch. `schedule(optimizer, step)` sets the lr (and weight decay) of an optimizer step;
     `start_step` is the optimizer step count at which this call starts; `partial` the state of an epoch
     interrupted after some steps ({'loss_sum', 'micro', 'seen'}, as given to `on_step`), whose remaining
@@ -30,6 +31,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, schedule
     which batches are given on the device too (a compiled model would otherwise also compile for the other
     layout). `model_ema` follows `ema_source`, the plain model (the forward model may be compiled, wrapped in DDP
     or, with feature distillation, hold the projector too). Returns the epoch's mean loss, last lr and throughput."""
+    if model_ema is not None and ema_source is None:
+        raise ValueError('model_ema needs ema_source, the plain model it follows')
     model.train()
     optimizer.zero_grad(set_to_none=True)
     partial = partial or {'loss_sum': torch.zeros((), device=device), 'micro': 0, 'seen': 0}

@@ -10,8 +10,8 @@ import functools
 import torch
 from torchvision import datasets, transforms
 
-from datasets import (FOLDER_DATASETS, EpochSampler, build_dataset, eval_crop_pct, eval_plan, load_image,
-                      mean_std, rand_augment_policy, set_transform)
+from datasets import (EpochSampler, build_dataset, eval_crop_pct, eval_plan, load_image, mean_std,
+                      rand_augment_policy, set_transform)
 import utils
 from utils import UserError
 
@@ -158,22 +158,23 @@ class GpuLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-# (training, evaluation) images per dataset, as datasets.py splits them; folder datasets (IMNET, image_folder)
-# are counted and sized from their files, so that a subset laid out as ImageNet is not sized as all of it
+# (training, evaluation) images per dataset, as datasets.py splits them; image folders are counted. IMNET is
+# ImageNet-1K by the table: counting its folders would scan 1.33M files on every rank of every run only to
+# decline the GPU path (a subset in the same layout is --data_set image_folder, which is counted)
 IMAGES = {'CIFAR10': (50_000, 10_000), 'CIFAR100': (50_000, 10_000), 'flowers': (2_040, 6_149),
           'pets': (3_680, 3_669), 'stl10': (5_000, 8_000), 'food101': (75_750, 25_250), 'dtd': (3_760, 1_880),
-          'svhn': (73_257, 26_032), 'eurosat': (21_600, 5_400)}
+          'svhn': (73_257, 26_032), 'eurosat': (21_600, 5_400), 'IMNET': (1_281_167, 50_000)}
 # Datasets whose images differ in size: the GPU path stores them pre-cropped to a square of gpu_side, so
 # its random resized crops see less of each image than the CPU path's do.
-VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd')
+VARIED_SIZES = ('flowers', 'pets', 'food101', 'dtd', 'IMNET')
 
 
 def stored_bytes(args):
     """The bytes of the splits build_loaders stores (the training split, and the evaluation split unless
-    evaluation is off), as decode_to_uint8 stores them: uint8 RGB. A torchvision dataset: its IMAGES counts at
-    its native side, or at gpu_side where its sizes vary (read from the table, not the files). A folder dataset,
-    split by split: at its images' one size (kept as it is, however large), else at gpu_side."""
-    if args.data_set not in FOLDER_DATASETS:
+    evaluation is off), as decode_to_uint8 stores them: uint8 RGB. A named dataset: its IMAGES counts at its
+    native side, or at gpu_side where its sizes vary (read from the table, not the files). An image folder, split
+    by split: at its images' one size (kept as it is, however large), else at gpu_side."""
+    if args.data_set != 'image_folder':
         side = NATIVE_SIDE.get(args.data_set) or gpu_side(args)
         return sum(IMAGES[args.data_set][0 if is_train else 1] for is_train in _splits(args)) * 3 * side * side
     total = 0
@@ -193,7 +194,7 @@ def _splits(args):
 def least_bytes(args):
     """A lower bound of stored_bytes that reads one image header per split, not all of them: a folder far too
     large is declined at once (stored_bytes reads every header, minutes for an ImageNet-sized folder)."""
-    if args.data_set not in FOLDER_DATASETS:
+    if args.data_set != 'image_folder':
         return stored_bytes(args)
     total = 0
     for is_train in _splits(args):
@@ -222,7 +223,7 @@ def bytes_to_store(args, room):
 
 def varied_sizes(args):
     """Whether the dataset's images differ in size (then the GPU path changes the recipe's crops)."""
-    if args.data_set in FOLDER_DATASETS:
+    if args.data_set == 'image_folder':
         return len(_image_sizes(raw_dataset(True, args)[0])) > 1
     return args.data_set in VARIED_SIZES
 
@@ -250,9 +251,11 @@ def choose(args, device):
         need = bytes_to_store(args, room)
         bound = args.data_set == 'image_folder' and need == least_bytes(args)  # a named dataset's count is exact
         size = ('at least ' if bound else '') + f'{need / 2 ** 20:,.1f} MiB'
+        subset = '; IMNET is sized as all of ImageNet-1K: for a subset pass --data_set image_folder' \
+            if args.data_set == 'IMNET' else ''
         raise UserError(f'--gpu_data true: {args.data_set} ({size} as uint8) does '
                         f'not fit in half of the free GPU memory; pass --gpu_data false (or, where its image sizes '
-                        f'vary, a smaller --gpu_data_size)')
+                        f'vary, a smaller --gpu_data_size){subset}')
     if args.gpu_data == 'auto' and not fits(args, device):
         return False
     try:

@@ -221,15 +221,15 @@ def resolve_batch(args, world_size):
 def setup(args):
     """Process group, device, batch and lr, seeds, determinism and the output folder of a run."""
     config.check_args(args)
-    place = utils.init_distributed(args)
     device_name = args.device
-    if place.world_size > 1 and device_name.startswith('cuda:'):  # NCCL and set_device use the local rank
+    if utils.launched_world_size() > 1 and device_name.startswith('cuda:'):  # NCCL, set_device: the local rank
         raise UserError(f'--device {device_name} under torchrun: each process takes the GPU of its local rank; '
                         f'pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)')
+    place = utils.init_distributed(args)
     if device_name.startswith('cuda') and not torch.cuda.is_available():
         utils.print_main('no CUDA device: running on the CPU (pass --device cpu to silence this)')
         device_name = 'cpu'
-    if args.model_ema and args.model_ema_eval and args.model_ema_force_cpu and device_name != 'cpu':
+    if args.model_ema and args.model_ema_eval and args.model_ema_force_cpu and not device_name.startswith('cpu'):
         raise UserError('--model_ema_force_cpu true holds the EMA on the CPU, where --model_ema_eval true cannot '
                         'evaluate it on the GPU\'s batches; pass --model_ema_eval false (as timm does) or hold the '
                         'EMA on the GPU')

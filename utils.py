@@ -231,6 +231,14 @@ class Dist:
     distributed: bool = False    # a process group is set up
 
 
+def launched_world_size():
+    """The number of processes the launcher (torchrun, SLURM) started, read before joining their group."""
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return int(env['WORLD_SIZE'])
+    return int(env.get('SLURM_NTASKS', '1')) if 'SLURM_PROCID' in env else 1
+
+
 def init_distributed(args):
     """Join the process group the launcher describes; returns this process's place in it."""
     env = os.environ

@@ -106,7 +106,7 @@ if [ "$part" = teacher ]; then
   family=$(family_of "${2:?$usage}")
   out=${3:?$usage}
   mkdir -p "$out"
-  # the study's --teacher_epochs, as its own parser reads the recipe's flags (--teacher_epochs=N, abbreviations)
+  # the study's --teacher_epochs, as its own parser reads the recipe's flags (--teacher_epochs N or --teacher_epochs=N)
   epochs=$("$python" -c 'import sys; sys.path.insert(0, "scripts"); sys.argv[:1] = ["transfer_study.py", "--out", "-"]
 import transfer_study; print(transfer_study.get_args().teacher_epochs)' "${recipe[@]}")
   start=$(date +%s.%N)

@@ -58,7 +58,8 @@ def test_gpu_check_usage(tmp_path):
     for argv in ([], ['--bogus'], ['--no-tests', '--help']):  # an option as OUT_DIR: mkdir -p took it as its own
         proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), *argv], cwd=tmp_path,
                               capture_output=True, text=True, timeout=30)
-        assert proc.returncode != 0 and usage in proc.stderr and not os.listdir(tmp_path), proc.stderr
+        assert proc.returncode != 0 and usage in proc.stderr, proc.stderr
+        assert not os.path.exists(os.path.join(ROOT, '--bogus'))  # OUT_DIR is made in the checkout's root
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', '--help'], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0 and 'GPU_CHECK_BUDGET' in proc.stdout

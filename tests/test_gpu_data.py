@@ -462,7 +462,8 @@ def test_gpu_data_fits_only_where_every_process_has_room(tmp_path):
 
 def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     """--gpu_data auto's rule: CIFAR-10's training and test splits as uint8 at 32 px within half of the free
-    memory; Food-101 at 256 px squares (18.5 GiB) fits 80 GiB free, not 36 GiB; never on the CPU."""
+    memory; Food-101 at 256 px squares (18.5 GiB) fits 80 GiB free, not 36 GiB, and ImageNet (by its table) does
+    not fit 80 GiB, with a refusal that names the way for a subset; never on the CPU."""
     from types import SimpleNamespace
     args = main.parse_args(['--data_set', 'CIFAR10', '--input_size', '224'])
     cuda = torch.device('cuda')
@@ -480,16 +481,19 @@ def test_gpu_data_fits_counts_against_free_memory(monkeypatch, tmp_path):
     assert gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)  # 256 px: 19.9 GB
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2 * 18 * 2 ** 30, 10 ** 12))  # 18.5 GiB
     assert not gpu_data.fits(SimpleNamespace(**{**vars(args), 'data_set': 'food101'}), cuda)
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (80 * 2 ** 30, 10 ** 12))
+    imagenet = SimpleNamespace(**{**vars(args), 'data_set': 'IMNET', 'gpu_data': 'true'})
+    assert not gpu_data.fits(imagenet, cuda)
+    with pytest.raises(utils.UserError, match='for a subset pass --data_set image_folder'):
+        gpu_data.choose(imagenet, cuda)
 
 
-@pytest.mark.parametrize('data_set', ['image_folder', 'IMNET'])
 @pytest.mark.parametrize('folder', [dict(shape=(48, 72)), dict(varied_sizes=True)], ids=['one_size', 'varied'])
-def test_gpu_data_fit_rule_counts_the_bytes_it_will_store(tmp_path, folder, data_set):
+def test_gpu_data_fit_rule_counts_the_bytes_it_will_store(tmp_path, folder):
     """--gpu_data auto's estimate is what decode_to_uint8 then stores: an image folder of one size kept at that
-    size (however much larger than the input), one of varied sizes at gpu_side squares; IMNET too (a subset laid
-    out as ImageNet is sized from its files, not as all of ImageNet)."""
+    size (however much larger than the input), one of varied sizes at gpu_side squares."""
     root = write_image_folder(tmp_path / 'data', train=4, val=2, classes=2, **folder)
-    args = main.parse_args(['--data_set', data_set, '--data_path', root, '--input_size', '32',
+    args = main.parse_args(['--data_set', 'image_folder', '--data_path', root, '--input_size', '32',
                             '--num_workers', '0'])
     assert gpu_data.varied_sizes(args) == ('varied_sizes' in folder)
     stored = sum(gpu_data.decode_to_uint8(is_train, args)[0].numel() for is_train in (True, False))

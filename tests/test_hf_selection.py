@@ -1470,12 +1470,21 @@ def test_timm_flags_with_a_hugging_face_teacher_stop(llama, tmp_path, capsys, fl
     assert '--student_config' in line and not os.path.exists(tmp_path / 's')
 
 
-def test_a_timm_teacher_given_the_hugging_face_student_flag_stops(tmp_path, capsys):
-    argv = ['--teacher', 'vit_small_patch16_224', '--teacher_checkpoint', 'vit_small.pth', '--student_config',
-            '{"hidden_size": 32}', '--output', str(tmp_path / 'ws')]
+@pytest.mark.parametrize('extra', [[], ['--teacher_checkpoint', 'vit_small.pth']])
+def test_a_timm_teacher_given_the_hugging_face_student_flag_stops(tmp_path, capsys, extra):
+    """A timm name with --student_config is not sent to the hub as a Hugging Face id."""
+    argv = ['--teacher', 'vit_small_patch16_224.augreg_in21k', '--student_config', '{"hidden_size": 32}',
+            '--output', str(tmp_path / 'ws'), *extra]
+    expect_cli_error(weight_selection.main, argv, capsys, '--teacher vit_small_patch16_224.augreg_in21k is a timm '
+                     'model: give its student with --student NAME')
+    assert not os.path.exists(tmp_path / 'ws')
+
+
+def test_a_hub_id_given_a_timm_only_flag_stops(tmp_path, capsys):
+    argv = ['--teacher', 'org/model', '--teacher_checkpoint', 'model.pth', '--student_config', '{"hidden_size": 32}',
+            '--output', str(tmp_path / 'ws')]
     expect_cli_error(weight_selection.main, argv, capsys, '--teacher_checkpoint is for timm teachers and '
                      '--student_config for Hugging Face ones', 'give --student NAME instead of --student_config')
-    assert not os.path.exists(tmp_path / 'ws')
 
 
 def test_hugging_face_flags_with_a_timm_teacher_stop(tmp_path, capsys):

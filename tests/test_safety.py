@@ -393,12 +393,16 @@ def test_ema_held_on_the_cpu_cannot_be_evaluated_on_the_gpu(data, monkeypatch):
                             '--model_ema_force_cpu', 'true', '--model_ema_eval', 'true'])
     with pytest.raises(utils.UserError, match='pass --model_ema_eval false'):
         main.setup(args)
+    args.device = 'cpu:0'  # on the CPU the EMA is evaluated where it is held
+    assert main.setup(args).device.type == 'cpu'
 
 
 def test_an_indexed_cuda_device_under_torchrun_is_refused(data, monkeypatch):
     """Each process takes the GPU of its local rank (NCCL and set_device do); --device cuda:1 on every rank
     would put all of them on one GPU, a hang or a traceback at the first collective."""
-    monkeypatch.setattr(utils, 'init_distributed', lambda args: utils.Dist(1, 2, 1, True))
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setattr(utils, 'init_distributed', lambda args: pytest.fail('the check comes before joining'))
     args = main.parse_args([*TRAIN, '--data_path', data, '--device', 'cuda:1'])
     with pytest.raises(utils.UserError, match=r'--device cuda:1 under torchrun: .* pass --device cuda'):
         main.setup(args)
