@@ -135,7 +135,8 @@ def _data_and_run_flags(a):
     a('--num_workers', default=10, type=int, help='data-loading worker processes per process (0: in the main one)')
     a('--gpu_data', default='auto', choices=('auto', 'true', 'false'),
       help='hold the dataset on the device as uint8 and augment there (gpu_transforms.py); auto: on CUDA when '
-           'the stored splits (training, and evaluation unless --disable_eval) take at most half of the free GPU memory')
+           'the stored splits (training, and evaluation unless --disable_eval) take at most half of the free GPU '
+           'memory')
     a('--gpu_data_size', default=None, type=int,
       help='GPU data path: short side to which datasets of varied image sizes are resized once '
            '(default input_size / crop_pct, e.g. 256 for 224)')
@@ -149,7 +150,8 @@ def _data_and_run_flags(a):
     a('--auto_resume', type=str2bool, default=True, help='resume from the newest checkpoint in --output_dir')
     a('--save_ckpt', type=str2bool, default=True, help='save checkpoints in --output_dir')
     a('--save_ckpt_freq', default=1, type=int, help='save an epoch checkpoint every N epochs (and the last)')
-    a('--save_ckpt_num', default=3, type=int, help='keep the newest N resumable checkpoints, epoch and mid-epoch ones (0: all), plus the best')
+    a('--save_ckpt_num', default=3, type=int,
+      help='keep the newest N resumable checkpoints, epoch and mid-epoch ones (0: all), plus the best')
     a('--save_every_steps', default=0, type=int,
       help='also checkpoint every N optimizer steps inside an epoch (mid-epoch resume; 0: off)')
     a('--deterministic', type=str2bool, default=False,
@@ -165,7 +167,8 @@ def _data_and_run_flags(a):
     a('--disable_eval', type=str2bool, default=False, help='no evaluation after each epoch')
     a('--eval_freq', default=1, type=int,
       help='evaluate every N epochs and after the last; the best checkpoint is chosen among evaluated epochs')
-    a('--print_freq', default=50, type=int, help='print training progress every N batches (micro-batches with --update_freq)')
+    a('--print_freq', default=50, type=int,
+      help='print training progress every N batches (micro-batches with --update_freq)')
     a('--use_amp', type=str2bool, default=False, help='mixed precision: bf16 where supported, else fp16 + GradScaler')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
     a('--channels_last', type=str2bool, default=False, help='channels-last memory format')
@@ -327,8 +330,9 @@ def train(run):
     else:
         os.makedirs(args.output_dir, exist_ok=True)
         if utils.is_main_process():
-            checkpoint.save_run_config(args, run.device, {'world_size': run.dist.world_size, 'lr': run.lr,
-                                                          'update_freq': run.update_freq, 'global_batch': run.global_batch})
+            derived = {'world_size': run.dist.world_size, 'update_freq': run.update_freq,
+                       'global_batch': run.global_batch, 'lr': run.lr}
+            checkpoint.save_run_config(args, run.device, derived)
     utils.print_main(f'training epochs {resumed.start_epoch}..{args.epochs - 1}')
     best, record = resumed.best, {}
     for epoch in range(resumed.start_epoch, args.epochs):

@@ -241,12 +241,11 @@ def launched_world_size():
 
 def init_distributed(args):
     """Join the process group the launcher describes; returns this process's place in it."""
-    env = os.environ
+    env, world = os.environ, launched_world_size()
     if 'RANK' in env and 'WORLD_SIZE' in env:
-        rank, world = int(env['RANK']), int(env['WORLD_SIZE'])
-        local = int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
-    elif 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-        rank, world = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS'])
+        rank, local = int(env['RANK']), int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
+    elif world > 1:  # SLURM
+        rank = int(env['SLURM_PROCID'])
         local = int(env.get('SLURM_LOCALID', rank % max(torch.cuda.device_count(), 1)))
         if args.dist_url == 'env://':
             env.setdefault('MASTER_ADDR', _slurm_master())

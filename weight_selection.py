@@ -661,19 +661,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import hf_selection
     import timm
-    if hf_selection.is_hf_teacher(args.teacher):
-        refuse_flags(args, parser, TIMM_ONLY, 'is for timm models; with a Hugging Face teacher the student is '
-                                              "--student_config '{...}' (the teacher's config.json with overrides)")
-        return hf_selection.run(args)
-    if args.student_config and timm.is_model(args.teacher):  # not a hub id: a timm name (a tag allowed)
+    local_hf = hf_selection.is_hf_teacher(args.teacher)
+    if args.student_config and not local_hf and timm.is_model(args.teacher):  # a timm name (a tag allowed)
         raise UserError(f"--student_config is for Hugging Face teachers (a folder with config.json, or a hub id); "
                         f"--teacher {args.teacher} is a timm model: give its student with --student NAME "
                         f"[--student_kwargs '{{...}}']")
-    if args.student_config:  # a hub id, or a timm teacher given the other path's student flag
-        refuse_flags(args, parser, TIMM_ONLY, 'is for timm teachers and --student_config for Hugging Face ones (a '
-                                              'folder with config.json, or a hub id): for a timm teacher give '
-                                              '--student NAME instead of --student_config, for a Hugging Face one '
-                                              'leave this flag out')
+    if local_hf or args.student_config:  # a local folder, or with --student_config a hub id
+        why = ("is for timm models; with a Hugging Face teacher the student is --student_config '{...}' (the "
+               "teacher's config.json with overrides)") if local_hf else \
+            ('is for timm teachers and --student_config for Hugging Face ones (a folder with config.json, or a hub '
+             'id): for a timm teacher give --student NAME instead of --student_config, for a Hugging Face one leave '
+             'this flag out')
+        refuse_flags(args, parser, TIMM_ONLY, why)
         return hf_selection.run(args)
     refuse_flags(args, parser, HF_ONLY, 'is for Hugging Face teachers (a folder with config.json) and has no effect '
                                         'with a timm teacher; leave it out')
