@@ -613,7 +613,7 @@ def get_args_parser():
     hf = p.add_argument_group('Hugging Face teachers (--teacher a folder with config.json; see hf_selection/)')
     hf.add_argument('--student_config', default=None,
                     help='JSON overrides of the teacher\'s config, e.g. {"hidden_size": 1024, "num_hidden_layers": 8}, '
-                         'or a config.json file; --output is then a folder')
+                         'or a config.json file or a folder holding one; --output is then a folder')
     hf.add_argument('--head_selection', default='auto', choices=('auto', 'heads', 'dims'),
                     help='attention: whole heads (GQA groups intact) or per dimension; auto: heads for rotary models '
                          '(dims for the per-tensor element selections)')

@@ -1,5 +1,6 @@
 """The student's config.json: the teacher's with the user's overrides, checked field by field; per-layer fields
 follow layer selection."""
+import json
 import os
 
 import utils
@@ -10,11 +11,14 @@ from .families import check_whole_numbers, field_names
 
 
 def read_overrides(spec):
-    """--student_config: a JSON object, or the path of a config.json."""
+    """--student_config: a JSON object, the path of a config.json, or a folder holding one (as from_pretrained)."""
     text = spec.strip()
     if not text.startswith('{'):
+        if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, 'config.json')):
+            spec = os.path.join(spec, 'config.json')
         if not os.path.isfile(spec):
-            raise UserError(f'--student_config {spec}: neither a JSON object nor an existing config.json file')
+            raise UserError(f'--student_config {spec}: neither a JSON object, nor an existing config.json file, '
+                            f'nor a folder holding one')
         with open(spec) as f:
             text = f.read()
     return utils.parse_json_dict(text, '--student_config', example='{"num_hidden_layers": 4}')
@@ -27,7 +31,7 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     if overrides.get('model_type', t_cfg.get('model_type')) != t_cfg.get('model_type'):
         raise UserError(f"--student_config: model_type '{overrides['model_type']}' differs from the teacher's "
                         f"'{t_cfg.get('model_type')}'; teacher and student must be of the same family")
-    overrides = check_switches(t_cfg, overrides)
+    overrides = check_switches(t_cfg, drop_written_defaults(t_cfg, overrides))
     # LLaMA-style models honour an explicit head_dim; any model can untie its output layer from its embedding
     extra = ('head_dim', 'tie_word_embeddings') if family.rotary else ('tie_word_embeddings',)
     known = {name for width in family.fields for name in field_names(family, width)}
@@ -82,6 +86,43 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
             s_cfg['mlp_only_layers'] = [j for j, i in enumerate(layer_map) if i in dense]
             s_cfg['decoder_sparse_step'] = 1
     return s_cfg, layer_map
+
+
+# Fields that describe the checkpoint, not the model: the student's weights are the teacher's class and dtype.
+CHECKPOINT_FIELDS = ('architectures', 'dtype', 'torch_dtype')
+
+
+def drop_written_defaults(t_cfg, overrides):
+    """The overrides without what a config.json written in full (transformers' to_json_file(use_diff=False), or
+    a config.json of another run) carries besides the model's fields: metadata (_name_or_path,
+    transformers_version), the checkpoint's class and dtype when null or the teacher's, and the fields every
+    transformers config has (return_dict, output_attentions...) at the defaults save_pretrained leaves out."""
+    kept = {}
+    for key, value in overrides.items():
+        if key.startswith('_') or key == 'transformers_version':
+            continue
+        if key in CHECKPOINT_FIELDS:
+            names = (key,) if key == 'architectures' else ('dtype', 'torch_dtype')  # transformers 5's, 4.x's name
+            teacher = next((t_cfg[n] for n in names if n in t_cfg), value)
+            if value is not None and value != teacher:
+                raise UserError(f"--student_config: {key} stays the teacher's ({teacher!r}): the selected "
+                                f"weights keep the teacher's checkpoint class and dtype; leave it out")
+            continue
+        kept[key] = value
+    if all(k in t_cfg for k in kept):
+        return kept
+    generic = {k: v for k, v in common_config_defaults().items() if k not in t_cfg}
+    return {k: v for k, v in kept.items() if not (k in generic and v == generic[k])}
+
+
+def common_config_defaults():
+    """The fields every transformers config has, at their defaults as config.json writes them ({} when
+    transformers is not installed: a config.json written in full came from it, and the selector needs only JSON)."""
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:
+        return {}
+    return json.loads(PretrainedConfig().to_json_string(use_diff=False))
 
 
 # Fields that add or remove tensors (biases, cross-attention, token types, a classifier's rows): the student

@@ -207,7 +207,10 @@ def resolve_teacher(name):
             raise UserError(f'--teacher {name} has no config.json; a Hugging Face teacher is a folder with config.json '
                             f'and model.safetensors (or shards and model.safetensors.index.json)')
         return name
-    if os.path.exists(name) or not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', name):
+    # a hub id is [org/]name, each part starting and ending with a letter or digit (huggingface_hub's rule), so
+    # ./x and ../x are paths
+    part = r'\w(?:[\w.-]*\w)?'
+    if os.path.exists(name) or not re.fullmatch(f'{part}(/{part})?', name) or '..' in name:
         raise UserError(f'--teacher {name}: not a folder holding config.json and safetensors, nor a hub id')
     return download(name)
 

@@ -160,6 +160,26 @@ def test_student_config_from_a_file(llama, tmp_path):
         hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'other.json')), str(tmp_path / 'o'))
 
 
+def test_student_config_written_in_full_or_as_a_folder(llama, tmp_path):
+    """A config.json that transformers writes in full restates its common fields at their defaults, with a null
+    class and dtype: these are not the user's changes, and the student is the one its sizes alone give."""
+    folder, t = llama
+    transformers.LlamaConfig(**dict(LLAMA, **LLAMA_STUDENT)).to_json_file(tmp_path / 'full.json', use_diff=False)
+    full = json.load(open(tmp_path / 'full.json'))
+    assert {'return_dict', 'id2label', '_name_or_path'} <= set(full) and full['architectures'] is None
+    hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'full.json')), str(tmp_path / 'a'))
+    hf_selection.select_hf(folder, dict(LLAMA_STUDENT), str(tmp_path / 'b'))
+    written = [json.load(open(tmp_path / s / 'config.json')) for s in 'ab']
+    assert written[0] == written[1] and written[0]['architectures'] == ['LlamaForCausalLM']
+    # a folder, as from_pretrained takes it: a student's own folder gives the same student again
+    hf_selection.select_hf(folder, hf_selection.read_overrides(str(tmp_path / 'a')), str(tmp_path / 'c'))
+    assert json.load(open(tmp_path / 'c' / 'config.json')) == written[0]
+    with pytest.raises(UserError, match=r"dtype stays the teacher's \('float32'\)"):
+        hf_selection.select_hf(folder, dict(LLAMA_STUDENT, dtype='bfloat16'), str(tmp_path / 'd'))  # 4.x: torch_dtype
+    with pytest.raises(UserError, match="'return_dict' is not a field"):  # not the default: the user's change
+        hf_selection.select_hf(folder, dict(LLAMA_STUDENT, return_dict=False), str(tmp_path / 'e'))
+
+
 def test_llama_dims_mode(llama, tmp_path):
     folder, t = llama
     hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), head_selection='dims')
@@ -1399,6 +1419,15 @@ def test_hub_id_offline_names_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(UserError, match='offline.*pass a local folder'):
         hf_selection.select_hf('someone/tiny-llama', {}, str(tmp_path / 's'))
+
+
+@pytest.mark.parametrize('name', ['./no_such_folder', '../no_such_folder', 'a/b/c', '-x', 'org/x..y'])
+def test_a_missing_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    """Names that huggingface_hub would refuse as repo ids are paths: a missing one is named as such, not
+    reported as a failed download."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match='not a folder holding config.json'):
+        hf_selection.select_hf(name, {}, str(tmp_path / 's'))
 
 
 def test_hub_id_is_fetched_when_online_and_a_failure_is_one_line(llama, tmp_path, monkeypatch):
