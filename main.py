@@ -412,7 +412,8 @@ def knn_probe(run):
     else:
         model = build.place(build.initialize(build.build_model(args, classes), args), args, run.device)
     batch_size = datasets.eval_plan(args, run.dist.world_size).batch_size
-    loaders = [torch.utils.data.DataLoader(d, batch_size=batch_size, num_workers=args.num_workers)
+    loaders = [torch.utils.data.DataLoader(d, batch_size=batch_size, num_workers=args.num_workers,
+                                           pin_memory=args.pin_mem and run.device.type == 'cuda')
                for d in (train_set, test_set)]
     amp_dtype, _ = recipe.build_amp(args, run.device)
     acc = engine.knn_accuracy(*loaders, model, run.device, k=args.knn_probe, amp_dtype=amp_dtype,

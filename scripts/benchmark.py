@@ -162,19 +162,34 @@ def measure(bench, args, device):
     timed = dict(warmup=bench.warmup, steps=bench.steps, channels_last=args.channels_last, update_freq=update_freq)
     results = {'model_only': train_throughput(setup, lambda n, e: Repeat(batch, n), **timed),
                'gpu_path': train_throughput(setup, lambda n, e: Take(gpu.train, n, e), **timed)}
-    if gpu.val is not None:
+    errors = {}
+
+    def attempt(name, measure_part):  # a later part that fails (15 workers' shared memory...) keeps the numbers
+        try:
+            measure_part()
+        except Exception as e:  # noqa: BLE001 - recorded in the report, which is still written
+            errors[name] = f'{type(e).__name__}: {utils.first_line(e)}'
+            print(f'benchmark: {name} stopped: {errors[name]}; measuring the rest')  # the one error line: at the end
+
+    def evaluation():  # the plain model, as main.py evaluates (compiled rows too)
         engine.evaluate(Take(gpu.val, 2), model, device, amp_dtype, channels_last=args.channels_last)  # warm up
         start = time.time()
         stats = engine.evaluate(gpu.val, model, device, amp_dtype, channels_last=args.channels_last)
         results['eval_gpu_path'] = stats['n'] / (time.time() - start)
-    if not bench.skip_cpu_loader:
+
+    def cpu_loader():
         cpu_train = datasets.build_loaders(argparse.Namespace(**{**vars(args), 'gpu_data': 'false'}), device).train
         results['cpu_loader'] = train_throughput(setup, lambda n, e: Take(cpu_train, n, e), **timed)
+
+    if gpu.val is not None:
+        attempt('eval_gpu_path', evaluation)
+    if not bench.skip_cpu_loader:
+        attempt('cpu_loader', cpu_loader)
     if bench.profile:
-        write_profile(setup, gpu.train, bench.profile, bench.output[:-len('.json')] + '_profile.txt'
-                      if bench.output.endswith('.json') else bench.output + '_profile.txt', args.channels_last,
-                      update_freq)
-    return results, gpu, amp_dtype, update_freq
+        path = bench.output[:-len('.json')] if bench.output.endswith('.json') else bench.output
+        attempt('profile', lambda: write_profile(setup, gpu.train, bench.profile, path + '_profile.txt',
+                                                 args.channels_last, update_freq))
+    return results, errors, gpu, amp_dtype, update_freq
 
 
 def write_profile(setup, loader, steps, path, channels_last, update_freq=1):
@@ -204,17 +219,20 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     utils.seed_everything(args.seed)
-    results, gpu, amp_dtype, update_freq = measure(bench, args, device)
+    results, errors, gpu, amp_dtype, update_freq = measure(bench, args, device)
     ratios = {'gpu_path / model_only': results['gpu_path'] / results['model_only']}
     if 'cpu_loader' in results:
         ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']
     n_train = gpu.num_train
     n_val = len(gpu.val.labels) if gpu.val is not None else 0
-    epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0)
+    # no projection without the evaluation's time (None: its measurement failed)
+    epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0) \
+        if 'eval_gpu_path' in results or not n_val else None
     report = {
         'images_per_sec': {k: round(v, 1) for k, v in results.items()},
         'ratios': {k: round(v, 3) for k, v in ratios.items()},
-        f'projected_{bench.epochs_projected}_epoch_minutes': round(bench.epochs_projected * epoch_seconds / 60, 1),
+        f'projected_{bench.epochs_projected}_epoch_minutes':
+            round(bench.epochs_projected * epoch_seconds / 60, 1) if epoch_seconds else None,
         'settings': {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
                      'update_freq': update_freq,
                      'compile': args.compile, 'use_amp': args.use_amp, 'amp_dtype': str(amp_dtype),
@@ -226,10 +244,14 @@ def main(argv=None):
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({os.cpu_count()} cores)',
         'versions': utils.versions(),
         'command': ['python', 'scripts/benchmark.py', *(argv if argv is not None else sys.argv[1:])],
+        **({'errors': errors} if errors else {}),
     }
     print(json.dumps(report, indent=1))
     os.makedirs(os.path.dirname(os.path.abspath(bench.output)), exist_ok=True)
     utils.atomic_write(bench.output, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    if errors:
+        raise utils.UserError(f'{", ".join(errors)} failed ({next(iter(errors.values()))}); the other measurements '
+                              f'are in {bench.output}')
     return report
 
 

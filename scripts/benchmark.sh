@@ -32,15 +32,19 @@ if not paths:
     sys.exit('benchmark.sh: no setting produced a result')
 rows = ['| setting | model only | GPU path | CPU loader | GPU/model | GPU/CPU | eval (GPU) | 300 epochs |',
         '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+failures = []  # a part that failed (its number is nan, the projection '-' without the evaluation's time)
 for path in paths:
-    r = json.load(open(path)); ips = r['images_per_sec']; ratio = r['ratios']
-    rows.append(f"| {os.path.basename(path)[:-5]} | {ips['model_only']:.0f} | {ips['gpu_path']:.0f} | "
-                f"{ips.get('cpu_loader', float('nan')):.0f} | {ratio['gpu_path / model_only']:.2f} | "
-                f"{ratio.get('gpu_path / cpu_loader', float('nan')):.2f} | {ips.get('eval_gpu_path', float('nan')):.0f} | "
-                f"{r['projected_300_epoch_minutes']} min |")
+    r = json.load(open(path)); ips = r['images_per_sec']; ratio = r['ratios']; name = os.path.basename(path)[:-5]
+    nan = float('nan')
+    rows.append(f"| {name} | {ips['model_only']:.0f} | {ips['gpu_path']:.0f} | {ips.get('cpu_loader', nan):.0f} | "
+                f"{ratio['gpu_path / model_only']:.2f} | {ratio.get('gpu_path / cpu_loader', nan):.2f} | "
+                f"{ips.get('eval_gpu_path', nan):.0f} | {r['projected_300_epoch_minutes'] or '-'} min |")
+    failures += [f'- {name}: {part} failed: {error}' for part, error in r.get('errors', {}).items()]
 r = json.load(open(path))
-head = f"Images per second; device {r['device']}; {r['versions']}\n\n"
-open(os.path.join(sys.argv[1], 'summary.md'), 'w').write(head + '\n'.join(rows) + '\n')
-print(head + '\n'.join(rows))
+head = (f"Images per second; device {r['device']}; {r['versions']}. Eval is the plain model, compiled rows too, as "
+        "main.py evaluates; 300 epochs: training on the GPU path and one evaluation per epoch.\n\n")
+text = head + '\n'.join(rows) + '\n' + ('\n' + '\n'.join(failures) + '\n' if failures else '')
+open(os.path.join(sys.argv[1], 'summary.md'), 'w').write(text)
+print(text)
 PY
 exit $failed

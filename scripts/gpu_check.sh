@@ -17,13 +17,14 @@
 #   GPU_CHECK_TAR=1           benchmark/ packed as OUT_DIR/benchmark.tgz (a device call returns at most 8 files)
 #   BENCHMARK_FLAGS           benchmark.py's own flags (default '--warmup 10 --steps 50')
 #   GPU_CHECK_BENCHMARK_ARGS  main.py flags for the benchmark (default '--num_workers 15';
-#                             '--device cpu --input_size 32 --batch_size 8' tries it on a CPU)
+#                             '--device cpu --input_size 32 --batch_size 8 --global_batch_size 8' tries it on
+#                             a CPU)
 set -uo pipefail
 usage='usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]'
 case "${1:-}" in
   --no-benchmark) export GPU_CHECK_BENCHMARK=0; shift ;;
   --no-tests) export GPU_CHECK_TESTS=0; shift ;;
-  -h|--help) sed -n '2,20p' "$0" | cut -c3-; exit 0 ;;
+  -h|--help) sed -n '2,21p' "$0" | cut -c3-; exit 0 ;;
 esac
 out=${1:?$usage}
 case "$out" in  # an option here is a mistake (mkdir -p would take it as its own)
@@ -55,6 +56,8 @@ left() { echo $((budget - ($(date +%s) - start))); }
 
 part nvidia_smi 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tail -n +2 "$work/nvidia_smi.log" > "$work/nvidia_smi.txt"
+# the CPU loader's 15 workers pass their batches through shared memory (about 4.6 GB at 224 px)
+part shared_memory 10 df -h /dev/shm
 # torch.compile's Triton builds its launchers with the system's C compiler: without one, compiled runs fail
 part c_compiler 10 sh -c 'command -v cc && cc --version | head -n 1'
 # ...and Python's headers and libcuda as well: one tiny compiled function says at once whether compiled runs can
@@ -98,7 +101,7 @@ else
   fi
 fi
 echo $(($(date +%s) - start)) > "$work/elapsed"
-cat "$work"/nvidia_smi.log "$work"/c_compiler.log "$work"/compile_probe.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
+cat "$work"/nvidia_smi.log "$work"/shared_memory.log "$work"/c_compiler.log "$work"/compile_probe.log "$work"/cuda_tests.log "$work"/imagefolder.log "$work"/benchmark.log \
   > "$out/gpu_check.log" 2>/dev/null
 "$PYTHON" scripts/gpu_report.py "$out" "$work"
 rc=$?

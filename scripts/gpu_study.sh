@@ -47,7 +47,7 @@ case $part in
   prepare)
     rm -rf .carry/cifar10 .carry_target .carry_dino
     mkdir -p .carry .carry_target/data .carry_dino .carry_teachers
-    cp -r "$shared/data/cifar10" .carry/
+    cp -r --no-preserve=mode "$shared/data/cifar10" .carry/  # writable: the next prepare replaces it
     cp "$shared/data/cifar10/make_imagefolder.py" .carry_target/
     cp "$shared/teachers/dinov2_vits14_imgfocus_fp16.pt" .carry_dino/
     for n in 100 500; do  # the target subsets as the study names them: it finds them made and skips the npz

@@ -1,5 +1,6 @@
 """The GPU data path (gpu_transforms.py, gpu_data.GpuLoader) against its CPU counterparts (PIL, timm,
 torchvision), run on CPU tensors: per-op parity bounds, sampling distributions, and training with it."""
+import json
 import os
 import random
 import sys
@@ -433,6 +434,29 @@ def test_benchmark_refuses_a_device_it_cannot_use(tmp_path, data, capsys, flags,
     expect_cli_error(benchmark.main, ['--output', str(tmp_path / 'b.json'), '--', '--data_set', 'image_folder',
                                       '--data_path', data, *flags], capsys, *expected)
     assert not (tmp_path / 'b.json').exists()
+
+
+def test_benchmark_keeps_what_it_measured_when_a_later_part_fails(tmp_path, data, capsys, monkeypatch):
+    """A CPU loader that fails (15 workers' shared memory on a GPU machine) leaves the model-only, GPU-path and
+    evaluation numbers in the JSON, with the failure named there and in one line (exit status 1)."""
+    from conftest import expect_cli_error
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import benchmark
+    build_loaders = datasets.build_loaders
+
+    def failing_cpu_loader(args, device):
+        if args.gpu_data == 'false':
+            raise RuntimeError('DataLoader worker (pid 1) is killed by signal: Bus error.\nmore')
+        return build_loaders(args, device)
+    monkeypatch.setattr(datasets, 'build_loaders', failing_cpu_loader)
+    out = tmp_path / 'b.json'
+    expect_cli_error(benchmark.main, ['--output', str(out), '--warmup', '0', '--steps', '1', '--', *SMALL,
+                                      '--data_path', data, '--device', 'cpu', '--batch_size', '4'], capsys,
+                     'cpu_loader failed (RuntimeError: DataLoader worker (pid 1) is killed', str(out))
+    report = json.loads(out.read_text())
+    assert set(report['images_per_sec']) == {'model_only', 'gpu_path', 'eval_gpu_path'}
+    assert report['errors'] == {'cpu_loader': 'RuntimeError: DataLoader worker (pid 1) is killed by signal: Bus error.'}
+    assert set(report['ratios']) == {'gpu_path / model_only'} and report['projected_300_epoch_minutes'] > 0
 
 
 def _fits_on_rank(rank, store_file, free_per_rank, results):
