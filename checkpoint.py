@@ -278,6 +278,9 @@ def resume(args, train_state):
             train_state.follow_with_ema(ckpt)
     if ckpt is None or 'optimizer' not in ckpt:  # none, or weights only (checkpoint-best.pth): a fresh start
         # from epoch --start_epoch: the log lines a killed earlier start left (e.g. with --save_ckpt false) go
+        if ckpt is not None:
+            utils.print_main(f'note: {path} holds weights but no training state (optimizer, epoch): training starts '
+                             f'at epoch {args.start_epoch} from these weights')
         truncate_log(args.output_dir, args.start_epoch)
         return Resumed(start_epoch=args.start_epoch, best={})
     train_state.load_state_dict(ckpt)

@@ -35,7 +35,8 @@ def load_config(path, parser):
     import difflib
     import yaml
     if not os.path.isfile(path):
-        raise UserError(f'--config {path}: file not found')
+        raise UserError(f'--config {path}: ' + ('a folder; give a YAML file in it, e.g. configs/vit_tiny_cifar100.yaml'
+                                                if os.path.isdir(path) else 'file not found'))
     with open(path) as f:
         try:
             values = yaml.safe_load(f) or {}
@@ -129,6 +130,47 @@ def device_type(name):
         return None
 
 
+# (flag, whether a value is allowed, what the message says it must be): each out of range would crash mid-run (a
+# probability above 1 in torch's bernoulli) or train something else than asked (a negative drop path trains with
+# none, a smoothing of 1.5 inverts the targets)
+RANGES = (
+    ('drop_path', lambda v: 0 <= v < 1, 'a rate in [0, 1)'),
+    ('smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('reprob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('mixup_prob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('mixup_switch_prob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('mixup', lambda v: v >= 0, '0 (off) or more'),
+    ('cutmix', lambda v: v >= 0, '0 (off) or more'),
+    ('recount', lambda v: v >= 1, '1 or more'),
+    ('model_ema_decay', lambda v: 0 < v < 1, 'in (0, 1), e.g. 0.9999'),
+    ('weight_decay', lambda v: v >= 0, '0 or more'),
+    ('min_lr', lambda v: v >= 0, '0 or more'),
+    ('layer_decay', lambda v: 0 < v <= 1, 'in (0, 1] (1: off)'),
+    ('clip_grad', lambda v: v is None or v > 0, 'positive (leave it out for no clipping)'),
+)
+
+
+def check_training_values(args):
+    """Training flags whose values timm would assert on, or take silently, checked in one line each."""
+    for flag, allowed, meaning in RANGES:
+        if not allowed(getattr(args, flag)):
+            raise UserError(f'--{flag} {getattr(args, flag)} must be {meaning}')
+    if args.opt_betas is not None and len(args.opt_betas) != 2:
+        raise UserError(f'--opt_betas takes two values (beta1 beta2, e.g. 0.9 0.999), got {len(args.opt_betas)}')
+    if args.cutmix_minmax is not None and not (len(args.cutmix_minmax) == 2
+                                               and 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1):
+        raise UserError(f'--cutmix_minmax takes two box ratios 0 < min < max <= 1 (e.g. 0.2 0.8), got '
+                        f'{" ".join(map(str, args.cutmix_minmax))}')
+    recipe.check_optimizer_name(args.opt)
+    datasets.check_augment_policy(args)
+    if not 0 <= args.start_epoch < args.epochs:
+        raise UserError(f'--start_epoch {args.start_epoch} leaves no epoch of --epochs {args.epochs} to train; it '
+                        f'counts from 0 (and a resumed run continues from its checkpoint without it)')
+    if args.resume and args.initialize:
+        raise UserError('--resume continues a run with its own weights, and --initialize starts one from a selection: '
+                        'give one of them')
+
+
 def check_args(args):
     """Values that would crash later or silently train something else than asked: one line, before any work."""
     for flag in ('batch_size', 'global_batch_size'):
@@ -142,10 +184,15 @@ def check_args(args):
     if not args.data_path:
         raise UserError(f'--data_path is missing: give the folder that holds {args.data_set} (or where --download '
                         f'true lets torchvision fetch it)')
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UserError(f'--output_dir {args.output_dir} is a file; give a folder for the checkpoints and logs')
+    for flag in ('output_dir', 'log_dir'):
+        if getattr(args, flag):
+            utils.check_folder_writable(getattr(args, flag), f'--{flag}')
     if args.print_freq <= 0:
         raise UserError(f'--print_freq {args.print_freq} must be 1 (every batch) or more')
+    if args.input_size <= 0:
+        raise UserError(f'--input_size {args.input_size} must be positive (pixels per side)')
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UserError(f'--crop_pct {args.crop_pct} must be a fraction in (0, 1], e.g. 0.875 (224 of 256)')
     if args.eval or args.knn_probe:
         return  # no training: its settings do not matter
     for flag, least, meaning in (('save_ckpt_freq', 1, '1 (every epoch) or more'),
@@ -172,3 +219,4 @@ def check_args(args):
     if args.warmup_steps <= 0 and args.warmup_epochs == args.epochs > 1:
         utils.print_main(f'warning: --warmup_epochs {args.warmup_epochs} is all of --epochs {args.epochs}: the '
                          f'learning rate only rises, with no cosine decay; lower --warmup_epochs')
+    check_training_values(args)

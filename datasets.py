@@ -46,6 +46,23 @@ def rand_augment_policy(args):
     return args.aa if args.aa not in (None, '', 'none') else None
 
 
+def check_augment_policy(args):
+    """--aa as timm's create_transform will read it (RandAugment 'rand-...', AugMix 'augmix-...', else an
+    AutoAugment policy name), parsed now: timm asserts on a bad one, with no message, when the loader is made."""
+    policy = rand_augment_policy(args)
+    if policy is None:
+        return
+    from timm.data import auto_augment as aug
+    hparams = {'translate_const': 100, 'img_mean': (124, 116, 104)}
+    make = (aug.rand_augment_transform if policy.startswith('rand') else
+            aug.augment_and_mix_transform if policy.startswith('augmix') else aug.auto_augment_transform)
+    try:
+        make(policy, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError):
+        raise UserError(f"--aa {policy}: not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1, or none for no "
+                        f"RandAugment)") from None
+
+
 def eval_crop_pct(args):
     """The evaluation centre crop's fraction of the resized image: --crop_pct, else ConvNeXt's 224/256 (also for
     checkpoints whose flags hold none)."""

@@ -218,6 +218,10 @@ def resolve_batch(args, world_size):
             raise UserError(f'--global_batch_size {args.global_batch_size} is not a multiple of world_size x '
                             f'batch_size = {world_size} x {args.batch_size}; change --batch_size')
         update_freq = args.global_batch_size // per_step
+        if args.update_freq not in (1, update_freq):  # 1 is also the default: only another value is a choice
+            raise UserError(f'--update_freq {args.update_freq} disagrees with --global_batch_size '
+                            f'{args.global_batch_size}, which gives update_freq {update_freq} with world_size x '
+                            f'batch_size = {world_size} x {args.batch_size}; give one of the two')
     return update_freq, world_size * args.batch_size * update_freq
 
 

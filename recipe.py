@@ -149,6 +149,16 @@ def build_criterion(args, num_classes, teacher=None):
                                          teacher_input)
 
 
+def check_optimizer_name(name):
+    """--opt: lars, or a name timm's create_optimizer_v2 knows (with its optional lookahead_ prefix)."""
+    from timm.optim import list_optimizers
+    from utils import UserError
+    base = name.lower()[len('lookahead_'):] if name.lower().startswith('lookahead_') else name.lower()
+    if name != 'lars' and base not in list_optimizers():
+        raise UserError(f"--opt {name}: not an optimizer timm knows (e.g. adamw, sgd, lamb; lars for the linear "
+                        f"probe); timm.optim.list_optimizers() lists them")
+
+
 def build_optimizer(trainable, args, device, lr):
     """AdamW (fused on CUDA) without weight decay on norms, biases, layer scales (1-D) and the model's
     no_weight_decay() set (pos_embed, cls_token); layer-wise lr decay through timm's group matchers.

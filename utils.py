@@ -77,9 +77,16 @@ def _stderr_line(text):
 
 
 def first_line(error, limit=200):
-    """An exception's message in one line for a UserError: its first line, or its class name when it has none."""
+    """An exception's message in one line for a UserError: its first line, or its class name when it has none;
+    a line over `limit` characters ends at its last whole sentence that fits (else is cut, with '...')."""
     text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    end = line.rfind('. ', 0, limit)
+    return line[:end + 1] if end > 0 else line[:limit - 3] + '...'
 
 
 def check_hub_reachable(name, hint):
@@ -152,6 +159,20 @@ def check_writable(path, create_folder=False):
         raise UserError(f'cannot write {path}: folder {folder} does not exist; create it first')
     if not os.access(folder, os.W_OK):
         raise UserError(f'cannot write {path}: folder {folder} is not writable')
+
+
+def check_folder_writable(folder, flag):
+    """An output folder that is there or can be made, checked before any work (os.makedirs would fail later,
+    with a traceback, after the run's setup)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f'{flag} {folder} is a file; give a folder')
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f'{flag} {folder}: cannot make it, {parent} is a file')
+    if not os.access(parent, os.W_OK):
+        raise UserError(f'{flag} {folder}: cannot make or write it, {parent} is not writable')
 
 
 def atomic_write(path, write, binary=True):

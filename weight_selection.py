@@ -680,6 +680,8 @@ def main(argv=None):
     teacher_kwargs = utils.parse_json_dict(args.teacher_kwargs, '--teacher_kwargs')
     student_kwargs = utils.parse_json_dict(args.student_kwargs, '--student_kwargs')
     exclude = [c.strip() for c in args.exclude.split(',') if c.strip()]
+    if args.num_classes is not None and args.num_classes < 0:  # 0 is timm's headless model (no classifier)
+        raise UserError(f'--num_classes {args.num_classes}: give the number of classes (0: no classifier)')
     # the official --output_dir is created only when the selection is written: a failure leaves no empty folder
     utils.check_writable(args.output, create_folder=bool(args.model_type and args.output_dir))
     start = time.time()

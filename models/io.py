@@ -77,13 +77,17 @@ def torch_load(path, trust=False, mmap=False):
     needs a full unpickle is refused with one line naming what it holds and the flag; missing, truncated or
     unreadable files are one line too. With `mmap`, the tensors of a zip-format file (torch.save's since 1.6)
     stay in the file's pages, read when used (a legacy-format file is read whole)."""
+    if os.path.isdir(path):
+        raise UserError(f'checkpoint {path} is a folder; give the checkpoint file in it (e.g. checkpoint-best.pth)')
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
     if not written_by_torch_save(path):  # an image, a text, random bytes: not a file to trust or refuse
         raise UserError(f'cannot read checkpoint {path}: it is not a file torch.save writes (neither a zip archive '
                         f'nor a pickle); check the path')
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            # torch warns of pickle protocols its safe unpickler may not read before it reads (or refuses) the file
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
             try:
                 return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
             except RuntimeError as e:

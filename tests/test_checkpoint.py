@@ -76,7 +76,7 @@ def trained_state():
 
 
 @pytest.mark.parametrize('saved', ['without_ema', 'weights_only', 'with_ema'])
-def test_resumed_ema_follows_the_resumed_weights(tmp_path, saved):
+def test_resumed_ema_follows_the_resumed_weights(tmp_path, saved, capsys):
     """An EMA (built before resuming, from the initial weights) takes the checkpoint's EMA, or, from a checkpoint
     without one (a run without --model_ema, checkpoint-best.pth), restarts from the resumed weights: it would
     otherwise keep averaging the initial ones (at decay 0.9999, for thousands of steps)."""
@@ -95,5 +95,7 @@ def test_resumed_ema_follows_the_resumed_weights(tmp_path, saved):
     fresh.model_ema = ModelEmaV3(fresh.model, decay=0.9)
     assert not torch.equal(fresh.model_ema.module.weight, old.model.weight)
     checkpoint.resume(args, fresh)
+    # a file without the training state starts the run again from its weights, and says so
+    assert ('holds weights but no training state' in capsys.readouterr().out) == (saved == 'weights_only')
     expected = 2.0 if saved == 'with_ema' else 3.0
     assert torch.equal(fresh.model_ema.module.weight, torch.full((1, 2), expected))

@@ -353,16 +353,44 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
     (['--batch_size', '3'], ['--batch_size 3 is odd, and mixup/cutmix pair the images', '--mixup 0 --cutmix 0']),
     (['--global_batch_size', '4096'], ['fewer than one optimizer step of update_freq 1024 (global batch 4096)',
                                        'nothing would be trained', 'lower --global_batch_size']),
+    # values timm asserts on mid-run, or takes silently (found by a pass of wrong inputs over the CLIs)
+    (['--input_size', '0'], ['--input_size 0 must be positive']),
+    (['--crop_pct', '0'], ['--crop_pct 0.0 must be a fraction in (0, 1]']),
+    (['--drop_path', '1.5'], ['--drop_path 1.5 must be a rate in [0, 1)']),
+    (['--drop_path', '-0.5'], ['--drop_path -0.5 must be a rate in [0, 1)']),
+    (['--reprob', '2'], ['--reprob 2.0 must be a probability in [0, 1]']),
+    (['--smoothing', '1.5'], ['--smoothing 1.5 must be in [0, 1)']),
+    (['--model_ema_decay', '2'], ['--model_ema_decay 2.0 must be in (0, 1)']),
+    (['--opt', 'adamm'], ['--opt adamm: not an optimizer timm knows', 'list_optimizers']),
+    (['--opt_betas', '0.9', '0.99', '0.5'], ['--opt_betas takes two values', 'got 3']),
+    (['--cutmix_minmax', '0.3'], ['--cutmix_minmax takes two box ratios', 'got 0.3']),
+    (['--aa', 'randaug-garbage'], ['--aa randaug-garbage: not a timm augmentation policy']),
+    (['--start_epoch', '5'], ['--start_epoch 5 leaves no epoch of --epochs 1 to train']),
+    (['--resume', 'CKPT', '--initialize', 'CKPT'], ['--resume continues a run', 'give one of them']),
+    (['--global_batch_size', '8', '--update_freq', '3'],
+     ['--update_freq 3 disagrees with --global_batch_size 8, which gives update_freq 2', 'give one of the two']),
 ])
 def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, capsys):
     if 'TEACHER' in flags:
         import timm
         torch.save(timm.create_model('vit_tiny_patch16_224', depth=1).state_dict(), tmp_path / 'teacher.pth')
         flags = [str(tmp_path / 'teacher.pth') if f == 'TEACHER' else f for f in flags]
+    flags = [str(tmp_path / 'absent.pth') if f == 'CKPT' else f for f in flags]  # refused before it is read
     out = tmp_path / 'out'
     argv = [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags]
     expect_cli_error(main.main, argv, capsys, *needles)
     assert not os.path.exists(out / 'log.txt')
+
+
+@pytest.mark.parametrize('flag', ['--output_dir', '--log_dir'])
+def test_an_output_folder_that_cannot_be_made_stops_before_training(flag, tmp_path, data, capsys):
+    (tmp_path / 'file').write_text('')
+    argv = [*TRAIN, '--data_path', data, '--epochs', '1', flag, str(tmp_path / 'file' / 'sub')]
+    expect_cli_error(main.main, argv, capsys, f'{flag} {tmp_path / "file" / "sub"}: cannot make it',
+                     f'{tmp_path / "file"} is a file')
+    expect_cli_error(main.main, [*TRAIN, '--data_path', data, '--epochs', '1', flag, str(tmp_path / 'file')],
+                     capsys, f'{flag} {tmp_path / "file"} is a file; give a folder')
+    assert sorted(os.listdir(tmp_path)) == ['file']
 
 
 def test_a_vit_that_pads_runs_at_any_input_size(tmp_path, data):
@@ -641,7 +669,10 @@ def test_unreachable_hub_and_failed_download_are_one_line(tmp_path, monkeypatch)
 def test_first_line_of_an_error():
     assert utils.first_line(ValueError('bad value\nmore detail')) == 'bad value'
     assert utils.first_line(KeyError()) == 'KeyError'
-    assert utils.first_line(OSError('x' * 300), limit=10) == 'x' * 10
+    assert utils.first_line(OSError('x' * 300), limit=10) == 'xxxxxxx...'
+    # a long line ends at its last whole sentence that fits, not mid-word (torch's truncated-zip message)
+    long = 'Reading failed. This is an internal error. If you see this, your checkpoint file is probably corrupt.'
+    assert utils.first_line(RuntimeError(long), limit=60) == 'Reading failed. This is an internal error.'
 
 
 @pytest.mark.slow

@@ -417,6 +417,7 @@ def test_cli_official_interface(tmp_path, teacher_file):
     (['--exclude', 'mpl'], ["unknown component to exclude 'mpl'"]),
     (['--output', '/nonexistent_dir/ws.pth'], ['does not exist']),
     (['--teacher_checkpoint', None], ['--teacher_checkpoint']),
+    (['--num_classes', '-5'], ['--num_classes -5: give the number of classes']),  # timm made it headless
 ])
 def test_cli_bad_input(tmp_path, teacher_file, capsys, args, needles):
     base = {'--teacher': 'vit_small_patch16_224', '--teacher_checkpoint': teacher_file,
