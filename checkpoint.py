@@ -269,11 +269,21 @@ def warn_schedule_changes(saved, now):
                          f"{', '.join(changed)}; the remaining steps follow the new one")
 
 
+def note_other_data(saved_args, args, doing):
+    """A line when the checkpoint's run read another dataset or folder: its accuracy, or the run that goes on,
+    is then on this one (the class count alone matched)."""
+    changed = [f'--{k} {getattr(args, k)} (the checkpoint\'s: {saved_args[k]})' for k in ('data_set', 'data_path')
+               if saved_args.get(k) and os.path.normpath(str(saved_args[k])) != os.path.normpath(str(getattr(args, k)))]
+    if changed:
+        utils.print_main(f'note: {doing} other data than the checkpoint was trained on: {", ".join(changed)}')
+
+
 def resume(args, train_state):
     """Restore a run from its checkpoint (find_checkpoint); returns where to continue."""
     ckpt, path = find_checkpoint(args)
     if ckpt is not None:
         load_model_weights(ckpt, path, train_state.model, args.model)
+        note_other_data(ckpt.get('args') or {}, args, 'resuming on')
         if train_state.model_ema is not None:
             train_state.follow_with_ema(ckpt)
     if ckpt is None or 'optimizer' not in ckpt:  # none, or weights only (checkpoint-best.pth): a fresh start

@@ -4,6 +4,7 @@ flags that a checkpoint was trained with; and the checks of a run's settings bef
 import argparse
 import os
 
+import checkpoint
 import datasets
 import recipe
 import utils
@@ -113,6 +114,7 @@ def eval_checkpoint(args, argv, make_parser):
     if isinstance(ckpt, dict) and ckpt.get('model_name'):
         stored['model'] = ckpt['model_name']
     given = given_flags(argv, make_parser)
+    checkpoint.note_other_data(stored, args, 'evaluating on')
     taken = {k: stored[k] for k in MODEL_FLAGS if k in stored and k not in given}
     vars(args).update(taken)
     if taken:

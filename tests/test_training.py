@@ -230,6 +230,15 @@ def test_eval_only_prints_accuracy(tmp_path, tiny_data, capsys):
     printed = capsys.readouterr().out
     assert 'acc@1' in printed and 'acc@5' in printed and 'on 12 test images' in printed
     assert stats['acc1'] == record['test_acc1']  # the best checkpoint is the only epoch
+    assert 'other data' not in printed
+    import shutil  # the same images elsewhere: evaluated all the same, with a line naming both folders
+    other = shutil.copytree(tiny_data, tmp_path / 'other')
+    again = main.main([*VIT, *TINY, '--data_path', str(other), '--eval', 'true',
+                       '--resume', os.path.join(out, 'checkpoint-best.pth')])
+    printed = capsys.readouterr().out
+    assert again['acc1'] == stats['acc1']
+    assert f"note: evaluating on other data than the checkpoint was trained on: --data_path {other} (the " \
+           f"checkpoint's: {tiny_data})" in printed
 
 
 @pytest.mark.slow
