@@ -29,6 +29,8 @@ import torch  # noqa: E402
 import hf_selection  # noqa: E402
 import utils  # noqa: E402
 from hf_selection import Planned  # noqa: E402
+from hf_selection.student import layer_map_for  # noqa: E402
+from weight_selection import ELEMENT_SELECTIONS  # noqa: E402
 
 LLAMA_BASE = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
               'rms_norm_eps': 1e-5, 'rope_theta': 10000.0, 'max_position_embeddings': 4096,
@@ -238,12 +240,26 @@ def bench_timm(args):
             'sequential_read_s': read_s, 'stdout': stdout.strip()}
 
 
-def main():
+def check_args(args):
+    """Mistakes that would stop the benchmark after its teacher (13.5 GB at 7b) was written: one line, before."""
+    if args.repeat < 1:
+        raise utils.UserError(f'--repeat {args.repeat} must be 1 or more (passes of read and selection)')
+    t_cfg, s_over = SIZES[args.size]
+    layer_map_for(args.layer_selection)(t_cfg['num_hidden_layers'], s_over['num_hidden_layers'])  # raises if bad
+    if os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise utils.UserError(f'--cache {args.cache} is a file; give a folder for the synthetic teacher (made if '
+                              f'missing)')
+    utils.check_writable(os.path.join(args.cache, 'config.json'), create_folder=True)
+    if args.output:
+        utils.check_writable(args.output)
+
+
+def main(argv=None):
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--cache', required=True, help='folder for the synthetic teacher (kept unless --delete_teacher)')
     p.add_argument('--size', choices=sorted(SIZES), default='7b')
     p.add_argument('--layer_selection', default='uniform')
-    p.add_argument('--element_selection', default='uniform', help='any of weight_selection.py\'s (l1, magnitude, ...)')
+    p.add_argument('--element_selection', default='uniform', choices=ELEMENT_SELECTIONS)
     p.add_argument('--delete_teacher', action='store_true',
                    help='remove the synthetic teachers afterwards (with --vit, the ViT-L too)')
     p.add_argument('--repeat', type=int, default=1, help='alternate read and selection this many times')
@@ -251,7 +267,8 @@ def main():
     p.add_argument('--vit_format', choices=('safetensors', 'pth'), default='safetensors',
                    help="the ViT-L teacher's file: .safetensors, or a torch.save .pth")
     p.add_argument('--output', default=None, help='write the results as JSON here')
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_args(args)
     os.makedirs(args.cache, exist_ok=True)
     memory = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
     results = {'machine': f'{os.cpu_count()} CPU cores, {memory:.0f} GiB',
@@ -264,4 +281,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    utils.run_cli(main)

@@ -70,9 +70,22 @@ PAPER = {
 
 
 def run_accuracies(log_path):
-    """(best, final) test acc@1 of one run's log.txt, or None when it logged no test accuracy."""
-    with open(log_path) as f:
-        accs = [json.loads(line).get('test_acc1') for line in f if line.strip()]
+    """(best, final) test acc@1 of one run's log.txt, or None when it logged no test accuracy. A line that is not
+    a JSON record stops the collection, naming it: skipping the run would silently change its row's mean."""
+    fix = 'fix that line or move the run folder out of the results'
+    accs = []
+    try:
+        with open(log_path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise utils.UserError(f'{log_path}, line {number}: not a JSON record; {fix}')
+                    accs.append(record.get('test_acc1'))
+    except UnicodeDecodeError:
+        raise utils.UserError(f'{log_path} is not a text file; move that run folder out of the results') from None
+    except json.JSONDecodeError as e:
+        raise utils.UserError(f'{log_path}, line {number}: not JSON ({e.msg}); {fix}') from None
     accs = [a for a in accs if a is not None]
     if not accs:
         return None
@@ -297,6 +310,10 @@ def main(argv=None):
     if not os.path.isdir(args.root):
         print(f'error: {args.root} is not a folder; pass the OUTPUT folder of scripts/tables.py', file=sys.stderr)
         sys.exit(1)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before reading every run
+        raise utils.UserError(f'--out {args.out} is a file; give a folder for tables.md and tables.csv (made if '
+                              f'missing)')
+    utils.check_writable(os.path.join(args.out, 'tables.md'), create_folder=True)
     results = collect(args.root)
     if not results:
         print(f'error: no runs under {args.root} (expected table<N>/<row>/<dataset>/<model>/seed<S>/log.txt)',
@@ -308,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    utils.run_cli(main)

@@ -33,13 +33,38 @@ def read_run(folder):
     if not os.path.isfile(log_path):
         print(f'error: {folder} has no log.txt; pass main.py output folders', file=sys.stderr)
         sys.exit(1)
-    with open(log_path) as f:
-        log = [json.loads(line) for line in f if line.strip()]
+    log = []
+    try:
+        with open(log_path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    log.append(json.loads(line))
+    except UnicodeDecodeError:
+        print(f'error: {log_path} is not a text file; pass main.py output folders', file=sys.stderr)
+        sys.exit(1)
+    except json.JSONDecodeError:
+        print(f'error: {log_path}, line {number}: not JSON; pass main.py output folders (or fix that line)',
+              file=sys.stderr)
+        sys.exit(1)
     config = {}
     if os.path.isfile(os.path.join(folder, 'config.yaml')):
         with open(os.path.join(folder, 'config.yaml')) as f:
             config = yaml.safe_load(f) or {}
     return log, config
+
+
+def check_format(out):
+    """A file name whose extension matplotlib writes (or none: a PNG), checked before any figure is drawn."""
+    ext = os.path.splitext(out)[1][1:].lower()
+    if not ext:
+        return
+    _plt()
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        print(f'error: --out {out}: matplotlib cannot write .{ext} files; give one of .{", .".join(sorted(formats))} '
+              f'(e.g. fig3.png)', file=sys.stderr)
+        sys.exit(1)
 
 
 def label_of(config, folder):
@@ -166,6 +191,7 @@ def main(argv=None):
     if not os.path.isdir(folder):
         print(f'error: --out {args.out}: folder {folder} does not exist; create it or write elsewhere', file=sys.stderr)
         sys.exit(1)
+    check_format(args.out)
     if args.figure == 'attention':
         utils.run_cli(lambda _: plot_attention(args))
     else:

@@ -26,7 +26,8 @@ case "${1:-}" in
   --no-tests) export GPU_CHECK_TESTS=0; shift ;;
   -h|--help) sed -n '2,21p' "$0" | cut -c3-; exit 0 ;;
 esac
-out=${1:?$usage}
+[ -n "${1:-}" ] || { echo "$usage" >&2; exit 2; }
+out=$1
 case "$out" in  # an option here is a mistake (mkdir -p would take it as its own)
   -*) echo "gpu_check.sh: unknown option $out; $usage" >&2; exit 2 ;;
 esac

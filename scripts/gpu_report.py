@@ -118,7 +118,18 @@ def markdown(r, work):
     return '\n'.join(lines) + '\n'
 
 
+def check_folders(out, work):
+    """Both folders as scripts/gpu_check.sh leaves them, before anything is written: a report made from a folder that
+    is not its work folder would say 'none' of everything."""
+    if not os.path.isdir(out):
+        sys.exit(f'error: OUT_DIR {out} is not a folder; pass the OUT_DIR of scripts/gpu_check.sh')
+    if not os.path.isfile(os.path.join(work, 'parts.tsv')):
+        sys.exit(f'error: WORK_DIR {work} has no parts.tsv (or does not exist); pass the folder scripts/gpu_check.sh '
+                 f'ran its parts in')
+
+
 def main(out, work):
+    check_folders(out, work)
     sys.path.insert(0, ROOT)
     import time
     import utils

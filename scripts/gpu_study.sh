@@ -38,7 +38,17 @@ cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 python=${PYTHON:-python3}
 usage='usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OUT | unpack FAMILY FILES | family FAMILY MINUTES OUT | dinov2 MINUTES OUT | merge OUT RUNS.jsonl...'
-part=${1:?$usage}
+usage_error() { echo "$usage" >&2; exit 2; }
+part=${1:-}
+case $part in  # how many arguments the part needs, each checked here, before anything runs or is removed
+  '') usage_error ;;
+  teacher|unpack|dinov2) n=2 ;;
+  family) n=3 ;;
+  merge) n=1 ;;  # and RUNS.jsonl files, checked below
+  prepare) n=0 ;;
+  *) echo "gpu_study.sh: unknown part '$part'; $usage" >&2; exit 2 ;;
+esac
+for ((i = 2; i <= n + 1; i++)); do [ -n "${!i:-}" ] || usage_error; done
 family_of() {
   case "$1" in vit|convnext) echo "$1" ;; *) echo "gpu_study.sh: unknown family '$1'; choose vit or convnext" >&2; exit 2 ;; esac
 }
@@ -61,8 +71,10 @@ case $part in
     du -sh --apparent-size .carry .carry_target .carry_dino
     exit 0 ;;
   unpack)
-    family=$(family_of "${2:?$usage}")
-    files=$(cd "${3:?$usage}" && pwd)
+    family=$(family_of "$2")
+    [ -d "$3" ] \
+      || { echo "gpu_study.sh: FILES folder $3 does not exist; give the folder a teacher call's files were fetched into" >&2; exit 1; }
+    files=$(cd "$3" && pwd)
     ls "$files/$family.pth.part"* "$files/$family.pth.sha256" > /dev/null 2>&1 \
       || { echo "gpu_study.sh: no $family.pth.part* and $family.pth.sha256 in $files (a teacher call's files)" >&2; exit 1; }
     mkdir -p ".carry_teachers/$family"
@@ -93,7 +105,7 @@ merge() {  # merge OUT RUNS.jsonl...: one runs.jsonl and transfer_study.md of th
   "$python" scripts/transfer_study.py --out "$dest" --families "${recipe[@]}" --done "$@"
 }
 if [ "$part" = merge ]; then
-  out=${2:?$usage}
+  out=$2
   shift 2
   [ $# -gt 0 ] || { echo "gpu_study.sh: merge needs RUNS.jsonl files" >&2; exit 2; }
   merge "$out" "$@"
@@ -103,8 +115,8 @@ rm -rf /tmp/study0 /tmp/study1 /tmp/study0.seconds /tmp/study1.seconds /tmp/stud
 # machine keeps /tmp between calls
 
 if [ "$part" = teacher ]; then
-  family=$(family_of "${2:?$usage}")
-  out=${3:?$usage}
+  family=$(family_of "$2")
+  out=$3
   mkdir -p "$out"
   # the study's --teacher_epochs, as its own parser reads the recipe's flags (--teacher_epochs N or --teacher_epochs=N)
   epochs=$("$python" -c 'import sys; sys.path.insert(0, "scripts"); sys.argv[:1] = ["transfer_study.py", "--out", "-"]
@@ -160,22 +172,20 @@ fi
 
 case $part in
   family)
-    family=$(family_of "${2:?$usage}")
-    minutes=${3:?$usage}
-    out=${4:?$usage}
+    family=$(family_of "$2")
+    minutes=$3
+    out=$4
     teacher=".carry_teachers/$family"
     [ -f "$teacher/$family.pth" ] || { echo "gpu_study.sh: no $teacher/$family.pth; run the teacher call and unpack first" >&2; exit 2; }
     studies=("--families $family --teachers $teacher --subsets 100 --student_epochs 200 200"
              "--families $family --teachers $teacher --subsets 500 --student_epochs 100 100") ;;
   dinov2)
-    minutes=${2:?$usage}
-    out=${3:?$usage}
+    minutes=$2
+    out=$3
     dino=".carry_dino/dinov2_vits14_imgfocus_fp16.pt"
     # --student_epochs gives the smallest and the largest subset's epochs: alone, each subset names its own
     studies=("--families --subsets 100 --student_epochs 200 200 --dinov2 $dino"
              "--families --subsets 500 --student_epochs 100 100 --dinov2 $dino") ;;
-  *)
-    echo "gpu_study.sh: unknown part '$part'; $usage" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 [ -d .carry_target/data/target_100 ] || { echo "gpu_study.sh: no .carry_target/data; run prepare here and carry .carry_target" >&2; exit 2; }

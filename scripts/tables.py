@@ -159,7 +159,11 @@ def commands(n, env):
     for var, values in (('SEEDS', seeds), ('SELECTION_SEEDS', selection_seeds)):
         if not values or not all(v.isdigit() for v in values):
             raise SystemExit(f"error: {var}={env.get(var)!r}: give whole numbers separated by spaces, e.g. {var}='0 1 2'")
-    teacher_dir, ngpus = env.get('TEACHER_DIR'), env.get('NGPUS', '1')
+    teacher_dir, ngpus = env.get('TEACHER_DIR'), env.get('NGPUS', '1').strip()
+    if not ngpus.isdigit() or int(ngpus) < 1:
+        raise SystemExit(f"error: NGPUS={env.get('NGPUS')!r}: give the number of GPUs, a whole number 1 or more, "
+                         f"e.g. NGPUS=8")
+    ngpus = int(ngpus)
     py = sys.executable if not env.get('PYTHON') else env['PYTHON']
     cmds, selected = [], set()
     for row, dataset, model, sel, flags in selected_rows(n, env):
@@ -199,7 +203,7 @@ def commands(n, env):
             run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, folder)
             download = ['--download', 'true'] if env.get('DOWNLOAD') == 'true' else []
             # one process needs no torchrun (whose report of a failed run is a traceback of its own)
-            launch = [py] if ngpus == '1' else [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}']
+            launch = [py] if ngpus == 1 else [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}']
             cmd = [*launch, os.path.join(HERE, 'main.py'),
                    '--config', config, '--data_path', data_path(dataset, env), '--output_dir', run_dir,
                    '--seed', seed, *flags, *init, *download, *shlex.split(env.get('EXTRA', ''))]

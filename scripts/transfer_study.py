@@ -73,7 +73,7 @@ MODELS = {  # family: (teacher, teacher kwargs, student, student kwargs) at 32 p
 LAYERS_DIFFER = ('convnext',)
 
 
-def get_args():
+def get_args(argv=None):
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', required=True)
     p.add_argument('--make_imagefolder', default=os.path.join(SHARED, 'make_imagefolder.py'))
@@ -121,7 +121,10 @@ def get_args():
     p.add_argument('--subprocess', action='store_true',
                    help='run main.py and weight_selection.py in fresh interpreters (default: in this process, '
                         'which saves the start-up of each of the ~100 runs)')
-    return p.parse_args()
+    p.add_argument('--trust_checkpoint', type=utils.str2bool, default=False,
+                   help='fully unpickle a --dinov2 or --teachers file that holds Python objects besides tensors '
+                        '(can run code: only for files you trust); passed on to the selections')
+    return p.parse_args(argv)
 
 
 class OutOfTime(Exception):
@@ -138,8 +141,9 @@ class Study:
         for r in (r for path in args.done for r in read_records(path)):
             key = run_key(r)
             if key in self.done and self.done[key] != r:
-                raise SystemExit(f"error: --done holds two different records of one run ({r['family']}, "
-                                 f"{r['per_class']} per class, {r['init']}, seed {r['seed']}, {r['split']}); keep one")
+                raise utils.UserError(f"--done holds two different records of one run ({r['family']}, "
+                                      f"{r['per_class']} per class, {r['init']}, seed {r['seed']}, {r['split']}); "
+                                      f"keep one")
             self.done[key] = r
 
     def settings(self):
@@ -178,6 +182,7 @@ class Study:
         """runs.jsonl: this call's records, then every other --done record unchanged, so that passing it as
         --done to the next call loses nothing."""
         lines = [json.dumps(r) + '\n' for r in self.lr_records + self.records + self.earlier()]
+        os.makedirs(self.out, exist_ok=True)  # made here, not at the start: a call that stops on a mistake leaves none
         utils.atomic_write(os.path.join(self.out, 'runs.jsonl'), lambda f: f.writelines(lines), binary=False)
 
     def run(self, cmd):
@@ -231,19 +236,39 @@ class Study:
                       '--teacher_checkpoint', ckpt, '--teacher_kwargs', json.dumps(teacher_kwargs),
                       '--student', student, '--student_kwargs', json.dumps(student_kwargs),
                       '--layer_selection', layers, '--element_selection', elements, '--seed', str(seed),
-                      '--output', out, '--quiet'])
+                      '--output', out, '--quiet', *(['--trust_checkpoint', 'true'] if self.args.trust_checkpoint
+                                                    else [])])
         return out
 
 
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines file (runs.jsonl, a run's log.txt); one that is not is one line naming the file
+    and the line."""
+    records = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+        raise utils.UserError(f'{path}, line {number}: not JSON ({e.msg}); a runs.jsonl or log.txt holds one '
+                              f'JSON object per line') from None
+    except UnicodeDecodeError:
+        raise utils.UserError(f'{path} is not a text file; a runs.jsonl or log.txt holds one JSON object per '
+                              f'line') from None
+    return records
 
 
 def read_records(path):
+    """A --done file's records: runs.jsonl of earlier calls, each a JSON object that names its run."""
     if not os.path.isfile(path):
-        raise SystemExit(f'error: --done {path}: file not found')
-    return read_jsonl(path)
+        raise utils.UserError(f'--done {path}: file not found')
+    records = read_jsonl(path)
+    for number, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not {'family', 'split'} <= set(r):
+            raise utils.UserError(f'--done {path}: record {number} is not a run of this study (no family and split); '
+                                  f'pass the runs.jsonl of an earlier call')
+    return records
 
 
 # What makes two runs the same run: its own fields (the teacher of a selection: the DINOv2 checkpoint's file hash,
@@ -278,35 +303,16 @@ def read_log(folder):
     return read_jsonl(path) if os.path.isfile(path) else []
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     if args.smoke:
         args.subsets, args.seeds, args.teacher_epochs, args.student_epochs = [4], [0], 1, [1, 1]
         args.per_class_test = 4
         args.batch_size, args.device, args.num_workers = 4, 'cpu', 0
         args.val_per_class = 1
-    if args.eval_freq < 1:
-        raise SystemExit(f'error: --eval_freq {args.eval_freq} must be 1 (every epoch) or more')
-    if args.lr_search and not 0 < args.val_per_class < min(args.subsets):
-        raise SystemExit(f'error: --val_per_class {args.val_per_class} must hold out at least one and leave at least '
-                         f'one training image of each class of the smallest subset ({min(args.subsets)} per class)')
-    if args.only_teachers and not args.teachers:
-        raise SystemExit('error: --only_teachers writes the teachers to --teachers DIR; pass it')
-    if args.dinov2 and not os.path.isfile(args.dinov2):  # before hours of teachers and students
-        raise SystemExit(f'error: --dinov2 {args.dinov2}: file not found (the DINOv2 ViT-S/14 checkpoint, e.g. '
-                         f'../shared/teachers/dinov2_vits14_imgfocus_fp16.pt)')
-    if not (args.families or args.dinov2 or args.done):
-        raise SystemExit('error: nothing to run: --families with no family and no --dinov2; pass a family, '
-                         '--dinov2 CKPT (the DINOv2 part alone), or --done RUNS.jsonl (only write their report)')
-    if args.target:
-        raise SystemExit('error: --target subsets are made from CIFAR-10 here; pass two ImageFolders with '
-                         '--source and leave --target out, or subsample your target yourself')
-    if (args.families or args.dinov2) and not args.source and not os.path.isfile(args.make_imagefolder):
-        raise SystemExit(f'error: {args.make_imagefolder} not found; pass --make_imagefolder (the script beside '
-                         f'the CIFAR-10 npz in ../shared) or --source FOLDER')
+    check_args(args)
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    study = Study(args, out)
+    study = Study(args, out)  # reads --done; OUT is made by the first thing written into it (Study.save, a run)
     try:
         run_study(args, out, study)
     except OutOfTime:
@@ -315,6 +321,87 @@ def main():
               f'again to continue (finished runs are kept)')
         return
     write_report(out, study, time.time() - study.start, args)
+
+
+# The target subsets are cut from CIFAR-10, which has these images per class: a larger subset would silently be
+# the whole split under another name.
+CIFAR10_PER_CLASS = {'train': 5000, 'test': 1000}
+DINOV2 = 'vit_small_patch14_dinov2'  # timm's name of the --dinov2 teacher
+DINOV2_PATCH = 14
+
+
+def check_args(args):
+    """The mistakes a run, a subset or a selection would find only after data, teachers or students were written:
+    one line, before anything is."""
+    import config
+    for n in args.subsets:
+        if not 1 <= n <= CIFAR10_PER_CLASS['train']:
+            raise utils.UserError(f'--subsets {n}: give 1 to {CIFAR10_PER_CLASS["train"]:,} training images per '
+                                  f'target class (CIFAR-10 has {CIFAR10_PER_CLASS["train"]:,})')
+    if args.per_class_test is not None and not 1 <= args.per_class_test <= CIFAR10_PER_CLASS['test']:
+        raise utils.UserError(f'--per_class_test {args.per_class_test}: give 1 to {CIFAR10_PER_CLASS["test"]:,} '
+                              f'test images per target class, or leave the flag out for all of them')
+    if args.time_budget_min is not None and args.time_budget_min <= 0:
+        raise utils.UserError(f'--time_budget_min {args.time_budget_min:g} must be positive (minutes after which no '
+                              f'new run starts); leave it out for no limit')
+    for flag, value, least in (('--eval_freq', args.eval_freq, 1), ('--batch_size', args.batch_size, 1),
+                               ('--num_workers', args.num_workers, 0), ('--teacher_epochs', args.teacher_epochs, 1),
+                               ('--student_epochs', min(args.student_epochs), 1)):
+        if value < least:  # main.py's checks, made here: its first run would find them after the data was made
+            raise utils.UserError(f'{flag} {value} must be {least} or more')
+    for blr in ([args.blr] if args.blr is not None else []) + (args.lr_search or []):
+        if blr <= 0:
+            flag = '--blr' if args.blr is not None else '--lr_search'
+            raise utils.UserError(f'{flag} {blr:g}: a base lr must be positive')
+    if config.device_type(args.device) not in ('cpu', 'cuda'):
+        raise utils.UserError(f'--device {args.device}: pass cuda, cuda:N or cpu')
+    if args.lr_search and not 0 < args.val_per_class < min(args.subsets):
+        raise utils.UserError(f'--val_per_class {args.val_per_class} must hold out at least one and leave at least '
+                              f'one training image of each class of the smallest subset ({min(args.subsets)} per '
+                              f'class)')
+    if args.only_teachers and not args.teachers:
+        raise utils.UserError('--only_teachers writes the teachers to --teachers DIR; pass it')
+    if not (args.families or args.dinov2 or args.done):
+        raise utils.UserError('nothing to run: --families with no family and no --dinov2; pass a family, '
+                              '--dinov2 CKPT (the DINOv2 part alone), or --done RUNS.jsonl (only write their report)')
+    if args.target:
+        raise utils.UserError('--target subsets are made from CIFAR-10 here; pass two ImageFolders with '
+                              '--source and leave --target out, or subsample your target yourself')
+    if (args.families or args.dinov2) and not args.source and not os.path.isfile(args.make_imagefolder):
+        raise utils.UserError(f'{args.make_imagefolder} not found; pass --make_imagefolder (the script beside '
+                              f'the CIFAR-10 npz in ../shared) or --source FOLDER')
+    for flag, folder in (('--out', args.out), ('--teachers', args.teachers)):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise utils.UserError(f'{flag} {folder} is a file; give a folder (made if missing)')
+    utils.check_writable(os.path.join(args.out, 'runs.jsonl'), create_folder=True)
+    if args.dinov2:  # before hours of teachers and students
+        check_dinov2(args)
+
+
+def check_dinov2(args):
+    """The --dinov2 file read as its selection will read it (weights only, unless --trust_checkpoint) and fitted
+    to the ViT-S/14, and its students' input size: refused at the selection, the study would stop after the
+    random-init students had trained."""
+    size = args.dinov2_input_size
+    if size < DINOV2_PATCH or size % DINOV2_PATCH:
+        raise utils.UserError(f'--dinov2_input_size {size} is not a multiple of the patch size {DINOV2_PATCH}; use '
+                              f'e.g. {max(DINOV2_PATCH, size // DINOV2_PATCH * DINOV2_PATCH)} or '
+                              f'{(size // DINOV2_PATCH + 1) * DINOV2_PATCH}')
+    if not os.path.isfile(args.dinov2):
+        raise utils.UserError(f'--dinov2 {args.dinov2}: file not found (the DINOv2 ViT-S/14 checkpoint, e.g. '
+                              f'../shared/teachers/dinov2_vits14_imgfocus_fp16.pt)')
+    import torch
+    from models import io
+    state = io.read_state_dict(args.dinov2, trust=args.trust_checkpoint)
+    with torch.device('meta'):  # structure only
+        model = io.create_model(DINOV2, '--dinov2')
+    try:
+        io.fit_checkpoint(state, model, DINOV2, args.dinov2)
+    except utils.UserError:  # its message names weight_selection.py's flags: say it in this CLI's
+        layout = io.layout_of(model)
+        found = io.mismatch(state, model.state_dict(), lambda key: io.is_classifier(key, layout))
+        raise utils.UserError(f'--dinov2 {args.dinov2} is not a DINOv2 ViT-S/14 checkpoint (timm {DINOV2}): '
+                              f'{io.describe_mismatch(*found)}') from None
 
 
 def carve_validation(folder, per_class):
@@ -327,8 +414,8 @@ def carve_validation(folder, per_class):
     for cls in sorted(os.listdir(train)):
         files = sorted(os.listdir(os.path.join(train, cls)))
         if len(files) <= per_class:
-            raise SystemExit(f'error: --val_per_class {per_class} leaves no training image of class {cls} '
-                             f'({len(files)} in {train}); pass a smaller --val_per_class or larger --subsets')
+            raise utils.UserError(f'--val_per_class {per_class} leaves no training image of class {cls} '
+                                  f'({len(files)} in {train}); pass a smaller --val_per_class or larger --subsets')
         for split, names in (('train', files[:-per_class]), ('test', files[-per_class:])):
             os.makedirs(os.path.join(dest + '.tmp', split, cls), exist_ok=True)
             for name in names:
@@ -379,12 +466,20 @@ class Teacher:
         self.weights_sha256 = None
         if self.carried and os.path.isfile(self.carried):
             import torch
-            carried = torch.load(self.carried, map_location='cpu', weights_only=True)  # read once: checked and hashed
-            made = carried.get('teacher_settings')
+            from models import io
+            # read once (checked and hashed), as the project reads checkpoints: a file that needs a full unpickle,
+            # or a truncated one, is one line
+            carried = io.torch_load(self.carried, trust=study.args.trust_checkpoint)
+            if not (isinstance(carried, dict) and 'teacher_settings' in carried
+                    and isinstance(carried.get('model'), dict)
+                    and all(torch.is_tensor(v) for v in carried['model'].values())):
+                raise utils.UserError(f'--teachers {self.carried} is not a teacher this study wrote (weights under '
+                                      f'"model", settings under "teacher_settings"); remove it to train one')
+            made = carried['teacher_settings']
             if made != self.settings():
-                raise SystemExit(f'error: --teachers {self.carried} was trained with {made}, this study asks for '
-                                 f'{self.settings()}; pass the teacher trained with these settings, or remove it '
-                                 f'to train one')
+                raise utils.UserError(f'--teachers {self.carried} was trained with {made}, this study asks for '
+                                      f'{self.settings()}; pass the teacher trained with these settings, or remove it '
+                                      f'to train one')
             self.ckpt = self.carried
             self.weights_sha256 = state_sha256(carried['model'])
 
@@ -690,4 +785,4 @@ def write_report(out, study, seconds, args, partial=False):
 
 
 if __name__ == '__main__':
-    utils.run_cli(lambda argv: main())  # a mistake a run finds (in this process) is one line, as in the CLIs
+    utils.run_cli(main)  # a mistake a run finds (in this process) is one line, as in the CLIs

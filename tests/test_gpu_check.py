@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, assert_clean_failure, run_script
 
 
 def gpu_check(out, **env):
@@ -55,10 +55,13 @@ def test_gpu_check_records_a_part_that_runs_out_of_time(tmp_path):
 
 def test_gpu_check_usage(tmp_path):
     usage = 'usage: bash scripts/gpu_check.sh [--no-benchmark | --no-tests] OUT_DIR [DATA_DIR]'
-    for argv in ([], ['--bogus'], ['--no-tests', '--help']):  # an option as OUT_DIR: mkdir -p took it as its own
+    # no OUT_DIR: the usage line alone (not bash's 'line 29: 1: usage: ...'); an option as OUT_DIR: mkdir -p took it
+    # as its own
+    for argv, alone in (([], True), (['--no-tests'], True), (['--bogus'], False), (['--no-tests', '--help'], False)):
         proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), *argv], cwd=tmp_path,
                               capture_output=True, text=True, timeout=30)
-        assert proc.returncode != 0 and usage in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and usage in proc.stderr, proc.stderr
+        assert proc.stderr == usage + '\n' or not alone, proc.stderr
         assert not os.path.exists(os.path.join(ROOT, '--bogus'))  # OUT_DIR is made in the checkout's root
     proc = subprocess.run(['bash', 'scripts/gpu_check.sh', '--help'], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
@@ -77,3 +80,15 @@ def test_code_version_outside_a_checkout_is_what_the_sender_says(tmp_path):
     assert copy.stdout.split() == ['abc1234', 'unknown'], copy.stderr
     checkout = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert len(set(checkout.stdout.split())) == 1 and 'abc1234' not in checkout.stdout, checkout.stderr
+
+
+def test_gpu_report_needs_both_folders_of_gpu_check(tmp_path):
+    """A missing OUT_DIR was a FileNotFoundError traceback; a missing WORK_DIR an exit 0 with a report of 'none'."""
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'work').mkdir()
+    (tmp_path / 'work' / 'parts.tsv').write_text('')
+    proc = run_script(os.path.join('scripts', 'gpu_report.py'), str(tmp_path / 'missing'), str(tmp_path / 'work'))
+    assert_clean_failure(proc, f'OUT_DIR {tmp_path / "missing"} is not a folder')
+    proc = run_script(os.path.join('scripts', 'gpu_report.py'), str(tmp_path / 'out'), str(tmp_path / 'missing'))
+    assert_clean_failure(proc, f'WORK_DIR {tmp_path / "missing"} has no parts.tsv')
+    assert os.listdir(tmp_path / 'out') == []

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_clean_failure
+from conftest import ROOT, assert_clean_failure, expect_cli_error, run_script
 
 DATASETS = ['cifar10', 'cifar100', 'pets', 'flowers', 'stl10', 'food101', 'dtd', 'svhn', 'eurosat', 'imagenet']
 
@@ -87,3 +87,94 @@ def test_table2_runs_every_dataset():
 ])
 def test_script_argument_checks(script, args, env, needle):
     assert_clean_failure(bash(script, *args, **env), needle)
+
+
+@pytest.mark.parametrize('ngpus', ['0', 'abc', '-1'])
+def test_tables_refuse_a_number_of_gpus_that_is_not_one_or_more(ngpus):
+    """NGPUS=0 printed (and ran) torchrun --nproc_per_node=0."""
+    proc = bash('cifar10.sh', DRY_RUN='1', DATA_PATH='/d', NGPUS=ngpus)
+    assert_clean_failure(proc, f"NGPUS='{ngpus}': give the number of GPUs, a whole number 1 or more")
+    assert '+ ' not in proc.stdout
+
+
+def scripts_module(name):
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import importlib
+    return importlib.import_module(name)
+
+
+def run_folder(root, lines):
+    folder = root / 'table2' / 'random_init' / 'cifar100' / 'vit_tiny' / 'seed0'
+    folder.mkdir(parents=True)
+    (folder / 'log.txt').write_text(''.join(line + '\n' for line in lines))
+    return folder
+
+
+@pytest.mark.parametrize('case', ['log line not JSON', 'log line not a record', 'out is a file', 'out under a file'])
+def test_collect_results_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    collect_results = scripts_module('collect_results')
+    good = '{"epoch": 0, "test_acc1": 50.0}'
+    lines = {'log line not JSON': [good, '{"epoch": 1, "test_a'], 'log line not a record': [good, '[1, 2]']}
+    run_folder(tmp_path / 'runs', lines.get(case, [good]))
+    (tmp_path / 'a_file').write_text('')
+    out = {'out is a file': tmp_path / 'a_file', 'out under a file': tmp_path / 'a_file' / 'res'}.get(case,
+                                                                                                    tmp_path / 'res')
+    needle = {'log line not JSON': 'log.txt, line 2: not JSON', 'log line not a record': 'line 2: not a JSON record',
+              'out is a file': 'a_file is a file; give a folder for tables.md',
+              'out under a file': 'a_file is a file'}[case]
+    expect_cli_error(collect_results.main, [str(tmp_path / 'runs'), '--out', str(out)], capsys, needle)
+    assert not (tmp_path / 'res').exists()
+
+
+def test_figures_refuse_a_format_matplotlib_cannot_write_before_drawing(tmp_path, capsys):
+    pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
+    figures = scripts_module('figures')
+    run = run_folder(tmp_path / 'runs', ['{"epoch": 0, "test_acc1": 50.0, "train_loss": 1.0}'])
+    expect_cli_error(figures.main, ['curves', str(run), '--out', str(tmp_path / 'fig.txt')], capsys,
+                     'fig.txt: matplotlib cannot write .txt files; give one of', '.png')
+    assert not (tmp_path / 'fig.txt').exists()
+    (run / 'log.txt').write_text('{"epoch": 0, "test_acc1": 50.0, "train_loss": 1.0}\n{"epo\n')
+    expect_cli_error(figures.main, ['budget', str(run), '--out', str(tmp_path / 'fig.png')], capsys,
+                     'log.txt, line 2: not JSON')
+    assert not (tmp_path / 'fig.png').exists()
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--element_selection', 'unifrom'], "--element_selection: invalid choice: 'unifrom'"),
+    (['--layer_selection', 'bogus'], "unknown layer selection 'bogus'"),
+    (['--layer_selection', '0,1'], '--layer_selection for \'layers\' must list 6 teacher blocks'),
+    (['--repeat', '0'], '--repeat 0 must be 1 or more'),
+    (['--output', 'nodir/bench.json'], 'cannot write nodir/bench.json: folder'),
+])
+def test_benchmark_selection_checks_its_options_before_writing_a_teacher(tmp_path, capsys, monkeypatch, flags, needle):
+    """A mistake is one line, before the synthetic teacher (13.5 GB at 7b) is written into --cache."""
+    benchmark_selection = scripts_module('benchmark_selection')
+    monkeypatch.chdir(tmp_path)
+    expect_cli_error(benchmark_selection.main, ['--cache', str(tmp_path / 'cache'), '--size', 'tiny', *flags],
+                     capsys, needle)
+    assert not (tmp_path / 'cache').exists()
+
+
+def test_benchmark_selection_reports_a_mistake_in_one_line(tmp_path):
+    """Its main runs through utils.run_cli: a UserError is one line, not a traceback; --cache a file too."""
+    (tmp_path / 'a_file').write_text('')
+    proc = run_script(os.path.join('scripts', 'benchmark_selection.py'), '--cache', str(tmp_path / 'a_file'),
+                      '--size', 'tiny', timeout=120)
+    assert_clean_failure(proc, 'a_file is a file; give a folder for the synthetic teacher')
+
+
+GPU_STUDY_USAGE = ('usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OUT | unpack FAMILY FILES | family FAMILY '
+                   'MINUTES OUT | dinov2 MINUTES OUT | merge OUT RUNS.jsonl...')
+
+
+@pytest.mark.parametrize('args', [[], ['teacher', 'vit'], ['family', 'vit', '3'], ['dinov2', ''], ['merge']])
+def test_gpu_study_without_its_arguments_prints_the_usage_line(args):
+    """The usage line alone, status 2: not bash's 'line 41: 1: usage: ...' of ${1:?}."""
+    proc = bash('gpu_study.sh', *args)
+    assert proc.returncode == 2 and proc.stderr == GPU_STUDY_USAGE + '\n', proc.stderr
+
+
+def test_gpu_study_unpack_names_a_missing_files_folder(tmp_path):
+    proc = bash('gpu_study.sh', 'unpack', 'vit', str(tmp_path / 'nope'))
+    assert proc.returncode == 1 and proc.stderr.strip().count('\n') == 0, proc.stderr
+    assert proc.stderr.startswith(f'gpu_study.sh: FILES folder {tmp_path / "nope"} does not exist'), proc.stderr

@@ -7,7 +7,7 @@ import pytest
 
 import sys
 
-from conftest import ROOT, run_script, shared_path
+from conftest import ROOT, expect_cli_error, run_script, shared_path
 
 
 
@@ -114,7 +114,7 @@ def test_transfer_study_time_budget_writes_partial_report(tmp_path):
     make_imagefolder = shared_path('data', 'cifar10', 'make_imagefolder.py')
     out = tmp_path / 'study'
     proc = run_script(os.path.join('scripts', 'transfer_study.py'), '--out', str(out), '--smoke',
-                      '--make_imagefolder', make_imagefolder, '--time_budget_min', '0')
+                      '--make_imagefolder', make_imagefolder, '--time_budget_min', '1e-6')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'run the same command again to continue' in proc.stdout
     assert 'PARTIAL' in (out / 'transfer_study.md').read_text()
@@ -237,7 +237,7 @@ def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are
     assert '2 of the 2 runs came from --done' in report
 
     (tmp_path / 'done.jsonl').write_text(json.dumps(random0) + '\n' + json.dumps({**random0, 'final_acc1': 1.0}) + '\n')
-    with pytest.raises(SystemExit, match='two different records of one run'):
+    with pytest.raises(ts.utils.UserError, match='two different records of one run'):
         ts.Study(args, str(out))
 
 
@@ -399,7 +399,7 @@ def test_validation_split_is_carved_from_the_training_subset_only(tmp_path):
         assert sorted(os.listdir(os.path.join(val, 'test', cls))) == ['00003.jpg', '00004.jpg']
         assert open(os.path.join(val, 'test', cls, '00004.jpg'), 'rb').read() == f'{cls}4'.encode()
     assert transfer_study.carve_validation(str(subset), 2) == val  # kept, not rebuilt
-    with pytest.raises(SystemExit, match='--val_per_class 5 leaves no training image of class dog'):
+    with pytest.raises(transfer_study.utils.UserError, match='--val_per_class 5 leaves no training image of class dog'):
         transfer_study.carve_validation(str(subset), 5)
     assert not os.path.exists(f'{subset}_val5')
 
@@ -436,3 +436,86 @@ def test_a_study_that_would_fail_or_run_nothing_stops_at_once(tmp_path, flags, n
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().count('\n') == 0 and needle in proc.stderr, proc.stderr
     assert not (tmp_path / 'study').exists()
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def bad_inputs(tmp_path):
+    """{name: (flags, needles)}: mistakes that must stop the study in one line before it writes anything."""
+    import torch
+    marker = tmp_path / 'MARKER'
+    torch.save({'pos_embed': torch.zeros(1), 'x': RunsCode(marker)}, tmp_path / 'evil.pth')
+    torch.save({'w': torch.zeros(2)}, tmp_path / 'other.pth')
+    (tmp_path / 'bad.jsonl').write_text('{"family": "vit", "split": "test"}\n{"family": \n')
+    (tmp_path / 'list.jsonl').write_text('[1, 2]\n')
+    (tmp_path / 'a_file').write_text('')
+    for name, content in (('evil', None), ('truncated', b'PK\x03\x04' + bytes(40)), ('other', None)):
+        (tmp_path / name).mkdir()
+        if content is None:
+            os.link(tmp_path / f'{name}.pth', tmp_path / name / 'vit.pth')
+        else:
+            (tmp_path / name / 'vit.pth').write_bytes(content)
+    teacher = ['--families', 'vit', '--device', 'cpu', '--teachers']
+    return {
+        'subsets 0': (['--subsets', '0'], ['--subsets 0: give 1 to 5,000 training images per target class']),
+        'per_class_test 0': (['--per_class_test', '0'], ['--per_class_test 0', 'leave the flag out for all']),
+        'time budget 0': (['--time_budget_min', '0'], ['--time_budget_min 0 must be positive']),
+        'time budget < 0': (['--time_budget_min', '-2'], ['--time_budget_min -2 must be positive']),
+        'device': (['--device', 'tpu'], ['--device tpu: pass cuda, cuda:N or cpu']),
+        'dinov2 size': (['--families', '--dinov2', str(tmp_path / 'evil.pth'), '--dinov2_input_size', '50'],
+                        ['--dinov2_input_size 50 is not a multiple of the patch size 14; use e.g. 42 or 56']),
+        'dinov2 pickle': (['--families', '--dinov2', str(tmp_path / 'evil.pth')],
+                          ['refused to load', 'posix.system', '--trust_checkpoint true']),
+        'dinov2 other model': (['--families', '--dinov2', str(tmp_path / 'other.pth')],
+                               ['is not a DINOv2 ViT-S/14 checkpoint', 'missing']),
+        'done not JSON': (['--families', '--done', str(tmp_path / 'bad.jsonl')], ['bad.jsonl, line 2: not JSON']),
+        'done missing': (['--families', '--done', str(tmp_path / 'missing.jsonl')], ['missing.jsonl: file not found']),
+        'done not records': (['--families', '--done', str(tmp_path / 'list.jsonl')],
+                             ['record 1 is not a run of this study']),
+        'done not text': (['--families', '--done', str(tmp_path / 'evil.pth')], ['evil.pth is not a text file']),
+        'out is a file': (['--out', str(tmp_path / 'a_file'), '--families', '--done', str(tmp_path / 'bad.jsonl')],
+                          ['--out', 'a_file is a file']),
+        'teacher pickle': ([*teacher, str(tmp_path / 'evil')], ['refused to load', '--trust_checkpoint true']),
+        'teacher truncated': ([*teacher, str(tmp_path / 'truncated')], ['cannot read checkpoint', 'truncated']),
+        'teacher not ours': ([*teacher, str(tmp_path / 'other')], ['is not a teacher this study wrote']),
+    }
+
+
+@pytest.mark.parametrize('name', [
+    'subsets 0', 'per_class_test 0', 'time budget 0', 'time budget < 0', 'device', 'dinov2 size', 'dinov2 pickle',
+    'dinov2 other model', 'done not JSON', 'done missing', 'done not records', 'done not text', 'out is a file',
+    'teacher pickle', 'teacher truncated', 'teacher not ours'])
+def test_a_bad_input_stops_the_study_in_one_line_before_anything_is_written(tmp_path, capsys, name):
+    """Each mistake is one line, before any data, teacher or student: not after the random-init students trained
+    (a --dinov2 file the selection refuses, --device tpu), not as a traceback (a --teachers file that is
+    malicious or truncated, --done with a broken line, --out a file), not silently (--subsets 0: all images)."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import transfer_study
+    flags, needles = bad_inputs(tmp_path)[name]
+    imagefolder = tmp_path / 'make_imagefolder.py'
+    imagefolder.write_text('')
+    out = tmp_path / 'study'
+    expect_cli_error(transfer_study.main, ['--out', str(out), '--make_imagefolder', str(imagefolder), *flags],
+                     capsys, *needles)
+    assert not out.exists() and not (tmp_path / 'MARKER').exists()
+
+
+def test_dinov2_file_is_checked_as_its_selection_reads_it(tmp_path, monkeypatch):
+    """The real DINOv2 file passes the early check; --trust_checkpoint true reaches the selections."""
+    ts, args = study_args(monkeypatch, tmp_path, '--families', '--dinov2',
+                          shared_path('teachers', 'dinov2_vits14_imgfocus_fp16.pt'), '--trust_checkpoint', 'true')
+    ts.check_dinov2(args)
+    study = ts.Study(args, str(tmp_path / 'out'))
+    commands = []
+    monkeypatch.setattr(study, 'run', commands.append)
+    study.select(str(tmp_path / 'out' / 'ws' / 'a.pth'), 'vit_small_patch14_dinov2', {}, args.dinov2,
+                 'vit_tiny_patch14_dinov2', {}, 'first', 'uniform')
+    assert commands[0][-2:] == ['--trust_checkpoint', 'true']
