@@ -38,7 +38,7 @@ class TrainState:
         # each process's random states (drop path, mixup, ...); 'rng' is rank 0's, as in a single process
         rng = utils.gather_from_ranks(utils.rng_state())
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(), 'epoch': epoch,
-                 'args': plain_values(vars(args)), 'best': best, 'rng': rng[0], 'model_name': args.model}
+                 'args': plain_values(saved_run_args(args)), 'best': best, 'rng': rng[0], 'model_name': args.model}
         if len(rng) > 1:
             state['rng_per_rank'] = rng
         if self.schedule is not None:
@@ -269,11 +269,31 @@ def warn_schedule_changes(saved, now):
                          f"{', '.join(changed)}; the remaining steps follow the new one")
 
 
+def saved_run_args(args):
+    """The run's flags as a checkpoint keeps them: --data_path made absolute, so that a later --eval or --resume
+    from another folder can tell whether it reads the same data."""
+    saved = dict(vars(args))
+    if saved.get('data_path'):
+        saved['data_path'] = os.path.abspath(saved['data_path'])
+    return saved
+
+
+def args_of(ckpt):
+    """A checkpoint's run flags as a dict: ours hold a dict, official DeiT/MAE/ConvNeXt ones an argparse.Namespace."""
+    saved = ckpt.get('args') if isinstance(ckpt, dict) else None
+    return dict(vars(saved) if hasattr(saved, '__dict__') else saved or {})
+
+
 def note_other_data(saved_args, args, doing):
     """A line when the checkpoint's run read another dataset or folder: its accuracy, or the run that goes on,
-    is then on this one (the class count alone matched)."""
-    changed = [f'--{k} {getattr(args, k)} (the checkpoint\'s: {saved_args[k]})' for k in ('data_set', 'data_path')
-               if saved_args.get(k) and os.path.normpath(str(saved_args[k])) != os.path.normpath(str(getattr(args, k)))]
+    is then on this one (the class count alone matched). A relative saved path (an official checkpoint's) names
+    no folder for sure: it is not compared."""
+    changed = [f'--data_set {args.data_set} (the checkpoint\'s: {saved_args["data_set"]})'] \
+        if saved_args.get('data_set') not in (None, args.data_set) else []
+    saved_path = saved_args.get('data_path')
+    if saved_path and os.path.isabs(saved_path) and args.data_path \
+            and os.path.realpath(saved_path) != os.path.realpath(args.data_path):
+        changed.append(f'--data_path {args.data_path} (the checkpoint\'s: {saved_path})')
     if changed:
         utils.print_main(f'note: {doing} other data than the checkpoint was trained on: {", ".join(changed)}')
 
@@ -283,14 +303,14 @@ def resume(args, train_state):
     ckpt, path = find_checkpoint(args)
     if ckpt is not None:
         load_model_weights(ckpt, path, train_state.model, args.model)
-        note_other_data(ckpt.get('args') or {}, args, 'resuming on')
+        note_other_data(args_of(ckpt), args, 'resuming on')
         if train_state.model_ema is not None:
             train_state.follow_with_ema(ckpt)
     if ckpt is None or 'optimizer' not in ckpt:  # none, or weights only (checkpoint-best.pth): a fresh start
-        # from epoch --start_epoch: the log lines a killed earlier start left (e.g. with --save_ckpt false) go
         if ckpt is not None:
             utils.print_main(f'note: {path} holds weights but no training state (optimizer, epoch): training starts '
                              f'at epoch {args.start_epoch} from these weights')
+        # from epoch --start_epoch: the log lines a killed earlier start left (e.g. with --save_ckpt false) go
         truncate_log(args.output_dir, args.start_epoch)
         return Resumed(start_epoch=args.start_epoch, best={})
     train_state.load_state_dict(ckpt)

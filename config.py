@@ -110,13 +110,13 @@ def eval_checkpoint(args, argv, make_parser):
     """--eval: read the --resume checkpoint, and take the model flags it was trained with (MODEL_FLAGS) where
     not given; so `--eval true --resume CKPT --data_path D` evaluates the model the checkpoint holds."""
     ckpt = io.torch_load(args.resume, args.trust_checkpoint)
-    stored = dict(ckpt.get('args') or {}) if isinstance(ckpt, dict) else {}
+    stored = checkpoint.args_of(ckpt)
     if isinstance(ckpt, dict) and ckpt.get('model_name'):
         stored['model'] = ckpt['model_name']
     given = given_flags(argv, make_parser)
-    checkpoint.note_other_data(stored, args, 'evaluating on')
     taken = {k: stored[k] for k in MODEL_FLAGS if k in stored and k not in given}
     vars(args).update(taken)
+    checkpoint.note_other_data(stored, args, 'evaluating on')  # after: --data_set may come from the checkpoint
     if taken:
         utils.print_main('--eval: from the checkpoint ' + ', '.join(f'--{k} {v}' for k, v in taken.items()
                                                                     if v not in (None, '')))
@@ -148,7 +148,7 @@ RANGES = (
     ('weight_decay', lambda v: v >= 0, '0 or more'),
     ('min_lr', lambda v: v >= 0, '0 or more'),
     ('layer_decay', lambda v: 0 < v <= 1, 'in (0, 1] (1: off)'),
-    ('clip_grad', lambda v: v is None or v > 0, 'positive (leave it out for no clipping)'),
+    ('clip_grad', lambda v: v is None or v >= 0, '0 (off) or more'),
 )
 
 
@@ -165,7 +165,9 @@ def check_training_values(args):
                         f'{" ".join(map(str, args.cutmix_minmax))}')
     recipe.check_optimizer_name(args.opt)
     datasets.check_augment_policy(args)
-    if not 0 <= args.start_epoch < args.epochs:
+    if args.start_epoch < 0:
+        raise UserError(f'--start_epoch {args.start_epoch} must be 0 or more (epochs count from 0)')
+    if args.start_epoch >= args.epochs:
         raise UserError(f'--start_epoch {args.start_epoch} leaves no epoch of --epochs {args.epochs} to train; it '
                         f'counts from 0 (and a resumed run continues from its checkpoint without it)')
     if args.resume and args.initialize:
@@ -187,7 +189,7 @@ def check_args(args):
         raise UserError(f'--data_path is missing: give the folder that holds {args.data_set} (or where --download '
                         f'true lets torchvision fetch it)')
     for flag in ('output_dir', 'log_dir'):
-        if getattr(args, flag):
+        if getattr(args, flag) and not args.eval:  # --eval writes nothing there
             utils.check_folder_writable(getattr(args, flag), f'--{flag}')
     if args.print_freq <= 0:
         raise UserError(f'--print_freq {args.print_freq} must be 1 (every batch) or more')

@@ -150,11 +150,11 @@ def build_criterion(args, num_classes, teacher=None):
 
 
 def check_optimizer_name(name):
-    """--opt: lars, or a name timm's create_optimizer_v2 knows (with its optional lookahead_ prefix)."""
+    """--opt: lars, or a name timm's create_optimizer_v2 knows (it reads the part after the last '_': lookahead_adamw
+    is AdamW with lookahead)."""
     from timm.optim import list_optimizers
     from utils import UserError
-    base = name.lower()[len('lookahead_'):] if name.lower().startswith('lookahead_') else name.lower()
-    if name != 'lars' and base not in list_optimizers():
+    if name != 'lars' and name.lower().split('_')[-1] not in list_optimizers():
         raise UserError(f"--opt {name}: not an optimizer timm knows (e.g. adamw, sgd, lamb; lars for the linear "
                         f"probe); timm.optim.list_optimizers() lists them")
 

@@ -175,6 +175,25 @@ def check_folder_writable(folder, flag):
         raise UserError(f'{flag} {folder}: cannot make or write it, {parent} is not writable')
 
 
+def read_jsonl(path, fix):
+    """The records (JSON objects, one per line) of a log.txt or runs.jsonl; a line that is not one is one line
+    naming the file, the line and `fix`: skipping it would silently change what is read from the rest."""
+    records = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise UserError(f'{path}, line {number}: not a JSON record; {fix}')
+                    records.append(record)
+    except UnicodeDecodeError:
+        raise UserError(f'{path} is not a text file; {fix}') from None
+    except json.JSONDecodeError as e:
+        raise UserError(f'{path}, line {number}: not JSON ({e.msg}); {fix}') from None
+    return records
+
+
 def atomic_write(path, write, binary=True):
     """write(f) into a temporary file in the same folder, fsync, then rename: a reader (or a run killed
     half-way) never sees a half-written file, and remove_stale_temporaries finds the leftovers."""

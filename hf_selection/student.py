@@ -38,7 +38,8 @@ def student_config(t_cfg, t, overrides, family, layer_map_fn):
     unknown = [k for k in overrides if k not in t_cfg and k not in known and k not in extra]
     if unknown:
         raise UserError(f"--student_config: '{unknown[0]}' is not a field of the teacher's config.json "
-                        f'({t_cfg.get("model_type")}); check its spelling')
+                        f'({t_cfg.get("model_type")}); check its spelling (options of a forward pass, such as '
+                        f'output_hidden_states, are given when loading the student)')
     overrides = check_sizes(t_cfg, overrides, family)
     for width in family.fields:  # a width with two names (num_local_experts, num_experts): under the teacher's
         names = field_names(family, width)
@@ -111,7 +112,10 @@ def drop_written_defaults(t_cfg, overrides):
         kept[key] = value
     if all(k in t_cfg for k in kept):
         return kept
-    generic = {k: v for k, v in common_config_defaults().items() if k not in t_cfg}
+    # fields a model class defaults otherwise than the base config (tie_word_embeddings: LLaMA's false, 4.x's base
+    # true) and the switches are checked on their own, never dropped
+    generic = {k: v for k, v in common_config_defaults().items()
+               if k not in t_cfg and k not in SWITCHES and k != 'tie_word_embeddings'}
     return {k: v for k, v in kept.items() if not (k in generic and v == generic[k])}
 
 

@@ -72,20 +72,8 @@ PAPER = {
 def run_accuracies(log_path):
     """(best, final) test acc@1 of one run's log.txt, or None when it logged no test accuracy. A line that is not
     a JSON record stops the collection, naming it: skipping the run would silently change its row's mean."""
-    fix = 'fix that line or move the run folder out of the results'
-    accs = []
-    try:
-        with open(log_path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise utils.UserError(f'{log_path}, line {number}: not a JSON record; {fix}')
-                    accs.append(record.get('test_acc1'))
-    except UnicodeDecodeError:
-        raise utils.UserError(f'{log_path} is not a text file; move that run folder out of the results') from None
-    except json.JSONDecodeError as e:
-        raise utils.UserError(f'{log_path}, line {number}: not JSON ({e.msg}); {fix}') from None
+    records = utils.read_jsonl(log_path, 'fix that line or move the run folder out of the results')
+    accs = [r.get('test_acc1') for r in records]
     accs = [a for a in accs if a is not None]
     if not accs:
         return None

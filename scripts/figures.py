@@ -8,7 +8,6 @@
 Run folders are main.py's --output_dir (log.txt, config.yaml). A run is labelled "weight selection" when
 its config has --initialize, else "random init" (or pass --labels).
 """
-import json
 import os
 import sys
 
@@ -33,18 +32,10 @@ def read_run(folder):
     if not os.path.isfile(log_path):
         print(f'error: {folder} has no log.txt; pass main.py output folders', file=sys.stderr)
         sys.exit(1)
-    log = []
     try:
-        with open(log_path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    log.append(json.loads(line))
-    except UnicodeDecodeError:
-        print(f'error: {log_path} is not a text file; pass main.py output folders', file=sys.stderr)
-        sys.exit(1)
-    except json.JSONDecodeError:
-        print(f'error: {log_path}, line {number}: not JSON; pass main.py output folders (or fix that line)',
-              file=sys.stderr)
+        log = utils.read_jsonl(log_path, 'pass main.py output folders (or fix that line)')
+    except utils.UserError as e:
+        print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
     config = {}
     if os.path.isfile(os.path.join(folder, 'config.yaml')):

@@ -48,7 +48,9 @@ case $part in  # how many arguments the part needs, each checked here, before an
   prepare) n=0 ;;
   *) echo "gpu_study.sh: unknown part '$part'; $usage" >&2; exit 2 ;;
 esac
-for ((i = 2; i <= n + 1; i++)); do [ -n "${!i:-}" ] || usage_error; done
+for ((i = 2; i <= n + 1; i++)); do
+  [ -n "${!i:-}" ] || { echo "gpu_study.sh: $part needs $n argument(s), got $((i - 2)); $usage" >&2; exit 2; }
+done
 family_of() {
   case "$1" in vit|convnext) echo "$1" ;; *) echo "gpu_study.sh: unknown family '$1'; choose vit or convnext" >&2; exit 2 ;; esac
 }

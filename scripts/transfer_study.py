@@ -242,21 +242,7 @@ class Study:
 
 
 def read_jsonl(path):
-    """The records of a JSON-lines file (runs.jsonl, a run's log.txt); one that is not is one line naming the file
-    and the line."""
-    records = []
-    try:
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-        raise utils.UserError(f'{path}, line {number}: not JSON ({e.msg}); a runs.jsonl or log.txt holds one '
-                              f'JSON object per line') from None
-    except UnicodeDecodeError:
-        raise utils.UserError(f'{path} is not a text file; a runs.jsonl or log.txt holds one JSON object per '
-                              f'line') from None
-    return records
+    return utils.read_jsonl(path, 'a runs.jsonl or log.txt holds one JSON object per line')
 
 
 def read_records(path):
@@ -384,9 +370,10 @@ def check_dinov2(args):
     random-init students had trained."""
     size = args.dinov2_input_size
     if size < DINOV2_PATCH or size % DINOV2_PATCH:
+        below = size // DINOV2_PATCH * DINOV2_PATCH  # the nearest multiples, at least one patch
+        near = f'{below} or {below + DINOV2_PATCH}' if below >= DINOV2_PATCH else f'{DINOV2_PATCH} or {2 * DINOV2_PATCH}'
         raise utils.UserError(f'--dinov2_input_size {size} is not a multiple of the patch size {DINOV2_PATCH}; use '
-                              f'e.g. {max(DINOV2_PATCH, size // DINOV2_PATCH * DINOV2_PATCH)} or '
-                              f'{(size // DINOV2_PATCH + 1) * DINOV2_PATCH}')
+                              f'e.g. {near}')
     if not os.path.isfile(args.dinov2):
         raise utils.UserError(f'--dinov2 {args.dinov2}: file not found (the DINOv2 ViT-S/14 checkpoint, e.g. '
                               f'../shared/teachers/dinov2_vits14_imgfocus_fp16.pt)')

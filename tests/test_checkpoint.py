@@ -11,7 +11,8 @@ import checkpoint
 
 def run_args(out, **overrides):
     values = dict(output_dir=str(out), save_ckpt=True, save_ckpt_freq=1, save_ckpt_num=2, epochs=5, model='linear',
-                  auto_resume=True, resume='', initialize=None, start_epoch=0, trust_checkpoint=False)
+                  auto_resume=True, resume='', initialize=None, start_epoch=0, trust_checkpoint=False,
+                  data_set='image_folder', data_path='/data')
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -99,3 +100,15 @@ def test_resumed_ema_follows_the_resumed_weights(tmp_path, saved, capsys):
     assert ('holds weights but no training state' in capsys.readouterr().out) == (saved == 'weights_only')
     expected = 2.0 if saved == 'with_ema' else 3.0
     assert torch.equal(fresh.model_ema.module.weight, torch.full((1, 2), expected))
+
+
+def test_args_of_reads_our_dict_and_an_official_namespace():
+    """Official DeiT/MAE/ConvNeXt checkpoints keep their flags as an argparse.Namespace; ours as a dict, with
+    --data_path absolute so that a run from another folder can compare it."""
+    import argparse
+    assert checkpoint.args_of({'args': argparse.Namespace(data_set='IMNET', data_path='/d')}) == \
+        {'data_set': 'IMNET', 'data_path': '/d'}
+    assert checkpoint.args_of({'args': {'epochs': 3}}) == {'epochs': 3} and checkpoint.args_of({}) == {}
+    saved = checkpoint.saved_run_args(argparse.Namespace(data_path='data', epochs=3))
+    assert saved == {'data_path': os.path.abspath('data'), 'epochs': 3}
+

@@ -201,3 +201,13 @@ def test_opt_lars_is_the_linear_probes_lars():
     args = main.parse_args(['--opt', 'lars', '--weight_decay', '0', '--device', 'cpu'])
     optimizer = recipe.build_optimizer(torch.nn.Linear(2, 1), args, torch.device('cpu'), 1.6)
     assert isinstance(optimizer, Lars) and optimizer.param_groups[0]['lr'] == 1.6
+
+
+def test_optimizer_names_are_read_as_timm_reads_them():
+    """timm's create_optimizer_v2 takes the part after the last '_' (lookahead_adamw), in any case; lars is ours."""
+    from utils import UserError
+    for name in ('adamw', 'AdamW', 'lookahead_adamw', 'sgd', 'lamb', 'lars'):
+        recipe.check_optimizer_name(name)
+    with pytest.raises(UserError, match='--opt adamm: not an optimizer timm knows'):
+        recipe.check_optimizer_name('adamm')
+

@@ -366,6 +366,7 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
     (['--cutmix_minmax', '0.3'], ['--cutmix_minmax takes two box ratios', 'got 0.3']),
     (['--aa', 'randaug-garbage'], ['--aa randaug-garbage: not a timm augmentation policy']),
     (['--start_epoch', '5'], ['--start_epoch 5 leaves no epoch of --epochs 1 to train']),
+    (['--start_epoch', '-1'], ['--start_epoch -1 must be 0 or more']),
     (['--resume', 'CKPT', '--initialize', 'CKPT'], ['--resume continues a run', 'give one of them']),
     (['--global_batch_size', '8', '--update_freq', '3'],
      ['--update_freq 3 disagrees with --global_batch_size 8, which gives update_freq 2', 'give one of the two']),

@@ -167,11 +167,15 @@ GPU_STUDY_USAGE = ('usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OU
                    'MINUTES OUT | dinov2 MINUTES OUT | merge OUT RUNS.jsonl...')
 
 
-@pytest.mark.parametrize('args', [[], ['teacher', 'vit'], ['family', 'vit', '3'], ['dinov2', ''], ['merge']])
-def test_gpu_study_without_its_arguments_prints_the_usage_line(args):
-    """The usage line alone, status 2: not bash's 'line 41: 1: usage: ...' of ${1:?}."""
+@pytest.mark.parametrize('args, first', [([], ''), (['teacher', 'vit'], 'teacher needs 2 argument(s), got 1; '),
+                                         (['family', 'vit', '3'], 'family needs 3 argument(s), got 2; '),
+                                         (['dinov2', ''], 'dinov2 needs 2 argument(s), got 0; '),
+                                         (['merge'], 'merge needs 1 argument(s), got 0; ')])
+def test_gpu_study_without_its_arguments_prints_the_usage_line(args, first):
+    """One line, status 2, naming what is missing: not bash's 'line 41: 1: usage: ...' of ${1:?}."""
     proc = bash('gpu_study.sh', *args)
-    assert proc.returncode == 2 and proc.stderr == GPU_STUDY_USAGE + '\n', proc.stderr
+    expected = (f'gpu_study.sh: {first}' if first else '') + GPU_STUDY_USAGE + '\n'
+    assert proc.returncode == 2 and proc.stderr == expected, proc.stderr
 
 
 def test_gpu_study_unpack_names_a_missing_files_folder(tmp_path):

@@ -479,7 +479,7 @@ def bad_inputs(tmp_path):
         'done not JSON': (['--families', '--done', str(tmp_path / 'bad.jsonl')], ['bad.jsonl, line 2: not JSON']),
         'done missing': (['--families', '--done', str(tmp_path / 'missing.jsonl')], ['missing.jsonl: file not found']),
         'done not records': (['--families', '--done', str(tmp_path / 'list.jsonl')],
-                             ['record 1 is not a run of this study']),
+                             ['list.jsonl, line 1: not a JSON record']),
         'done not text': (['--families', '--done', str(tmp_path / 'evil.pth')], ['evil.pth is not a text file']),
         'out is a file': (['--out', str(tmp_path / 'a_file'), '--families', '--done', str(tmp_path / 'bad.jsonl')],
                           ['--out', 'a_file is a file']),
