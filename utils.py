@@ -151,10 +151,8 @@ def check_writable(path, create_folder=False):
     if os.path.isdir(path):
         raise UserError(f'output {path} is a folder; give a file name such as {os.path.join(path, "init.pth")}')
     if create_folder:
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder):
-            raise UserError(f'cannot create a folder for {path}: {folder} is a file')
+        check_folder_writable(folder, f'cannot write {path}: folder')
+        return
     if not os.path.isdir(folder):
         raise UserError(f'cannot write {path}: folder {folder} does not exist; create it first')
     if not os.access(folder, os.W_OK):

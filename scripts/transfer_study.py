@@ -356,10 +356,9 @@ def check_args(args):
     if (args.families or args.dinov2) and not args.source and not os.path.isfile(args.make_imagefolder):
         raise utils.UserError(f'{args.make_imagefolder} not found; pass --make_imagefolder (the script beside '
                               f'the CIFAR-10 npz in ../shared) or --source FOLDER')
-    for flag, folder in (('--out', args.out), ('--teachers', args.teachers)):
-        if folder and os.path.exists(folder) and not os.path.isdir(folder):
-            raise utils.UserError(f'{flag} {folder} is a file; give a folder (made if missing)')
-    utils.check_writable(os.path.join(args.out, 'runs.jsonl'), create_folder=True)
+    for flag, folder in (('--out', args.out), ('--teachers', args.teachers)):  # a teacher is written hours in
+        if folder:
+            utils.check_folder_writable(folder, flag)
     if args.dinov2:  # before hours of teachers and students
         check_dinov2(args)
 
