@@ -136,6 +136,10 @@ def device_type(name):
 # probability above 1 in torch's bernoulli) or train something else than asked (a negative drop path trains with
 # none, a smoothing of 1.5 inverts the targets)
 RANGES = (
+    ('save_ckpt_freq', lambda v: v >= 1, '1 (every epoch) or more'),
+    ('save_ckpt_num', lambda v: v >= 0, '0 (keep all) or more'),
+    ('save_every_steps', lambda v: v >= 0, '0 (off) or more'),
+    ('warmup_epochs', lambda v: v >= 0, '0 (no warmup) or more'),
     ('drop_path', lambda v: 0 <= v < 1, 'a rate in [0, 1)'),
     ('smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('reprob', lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
@@ -153,10 +157,8 @@ RANGES = (
 
 
 def check_training_values(args):
-    """Training flags whose values timm would assert on, or take silently, checked in one line each."""
-    for flag, allowed, meaning in RANGES:
-        if not allowed(getattr(args, flag)):
-            raise UserError(f'--{flag} {getattr(args, flag)} must be {meaning}')
+    """Training flags whose values timm would assert on, or take silently, checked in one line each (the RANGES
+    first, in check_args)."""
     if args.opt_betas is not None and len(args.opt_betas) != 2:
         raise UserError(f'--opt_betas takes two values (beta1 beta2, e.g. 0.9 0.999), got {len(args.opt_betas)}')
     if args.cutmix_minmax is not None and not (len(args.cutmix_minmax) == 2
@@ -199,11 +201,8 @@ def check_args(args):
         raise UserError(f'--crop_pct {args.crop_pct} must be a fraction in (0, 1], e.g. 0.875 (224 of 256)')
     if args.eval or args.knn_probe:
         return  # no training: its settings do not matter
-    for flag, least, meaning in (('save_ckpt_freq', 1, '1 (every epoch) or more'),
-                                 ('save_ckpt_num', 0, '0 (keep all) or more'),
-                                 ('save_every_steps', 0, '0 (off) or more'),
-                                 ('warmup_epochs', 0, '0 (no warmup) or more')):
-        if getattr(args, flag) < least:
+    for flag, allowed, meaning in RANGES:
+        if not allowed(getattr(args, flag)):
             raise UserError(f'--{flag} {getattr(args, flag)} must be {meaning}')
     if args.batch_size % 2 and recipe.mixes_batches(args):  # timm's Mixup pairs each image with its mirror
         raise UserError(f'--batch_size {args.batch_size} is odd, and mixup/cutmix pair the images of a batch: '

@@ -159,11 +159,11 @@ def check_writable(path, create_folder=False):
         raise UserError(f'cannot write {path}: folder {folder} is not writable')
 
 
-def check_folder_writable(folder, flag):
+def check_folder_writable(folder, flag, purpose=''):
     """An output folder that is there or can be made, checked before any work (os.makedirs would fail later,
-    with a traceback, after the run's setup)."""
+    with a traceback, after the run's setup); `purpose` ends the message for a file given as the folder."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f'{flag} {folder} is a file; give a folder')
+        raise UserError(f'{flag} {folder} is a file; give a folder{purpose}')
     parent = os.path.abspath(folder)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

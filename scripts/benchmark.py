@@ -225,14 +225,18 @@ def main(argv=None):
         ratios['gpu_path / cpu_loader'] = results['gpu_path'] / results['cpu_loader']
     n_train = gpu.num_train
     n_val = len(gpu.val.labels) if gpu.val is not None else 0
-    # no projection without the evaluation's time (None: its measurement failed)
-    epoch_seconds = n_train / results['gpu_path'] + (n_val / results['eval_gpu_path'] if n_val else 0) \
-        if 'eval_gpu_path' in results or not n_val else None
+    if not n_val:
+        eval_seconds = 0
+    elif 'eval_gpu_path' in results:
+        eval_seconds = n_val / results['eval_gpu_path']
+    else:  # its measurement failed: no projection without the evaluation's time
+        eval_seconds = None
+    epoch_seconds = None if eval_seconds is None else n_train / results['gpu_path'] + eval_seconds
     report = {
         'images_per_sec': {k: round(v, 1) for k, v in results.items()},
         'ratios': {k: round(v, 3) for k, v in ratios.items()},
         f'projected_{bench.epochs_projected}_epoch_minutes':
-            round(bench.epochs_projected * epoch_seconds / 60, 1) if epoch_seconds else None,
+            round(bench.epochs_projected * epoch_seconds / 60, 1) if epoch_seconds is not None else None,
         'settings': {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
                      'update_freq': update_freq,
                      'compile': args.compile, 'use_amp': args.use_amp, 'amp_dtype': str(amp_dtype),

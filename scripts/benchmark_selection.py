@@ -246,10 +246,7 @@ def check_args(args):
         raise utils.UserError(f'--repeat {args.repeat} must be 1 or more (passes of read and selection)')
     t_cfg, s_over = SIZES[args.size]
     layer_map_for(args.layer_selection)(t_cfg['num_hidden_layers'], s_over['num_hidden_layers'])  # raises if bad
-    if os.path.exists(args.cache) and not os.path.isdir(args.cache):
-        raise utils.UserError(f'--cache {args.cache} is a file; give a folder for the synthetic teacher (made if '
-                              f'missing)')
-    utils.check_writable(os.path.join(args.cache, 'config.json'), create_folder=True)
+    utils.check_folder_writable(args.cache, '--cache', ' for the synthetic teacher (made if missing)')
     if args.output:
         utils.check_writable(args.output)
 

@@ -298,10 +298,8 @@ def main(argv=None):
     if not os.path.isdir(args.root):
         print(f'error: {args.root} is not a folder; pass the OUTPUT folder of scripts/tables.py', file=sys.stderr)
         sys.exit(1)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before reading every run
-        raise utils.UserError(f'--out {args.out} is a file; give a folder for tables.md and tables.csv (made if '
-                              f'missing)')
-    utils.check_writable(os.path.join(args.out, 'tables.md'), create_folder=True)
+    # before reading every run
+    utils.check_folder_writable(args.out, '--out', ' for tables.md and tables.csv (made if missing)')
     results = collect(args.root)
     if not results:
         print(f'error: no runs under {args.root} (expected table<N>/<row>/<dataset>/<model>/seed<S>/log.txt)',
