@@ -297,6 +297,9 @@ def main(argv=None):
         args.batch_size, args.device, args.num_workers = 4, 'cpu', 0
         args.val_per_class = 1
     check_args(args)
+    # the teachers train with --deterministic true in this process, maybe after students that did not: PyTorch
+    # reads the cuBLAS workspace setting once, at its first cuBLAS call, so it is set before any run
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     out = os.path.abspath(args.out)
     study = Study(args, out)  # reads --done; OUT is made by the first thing written into it (Study.save, a run)
     try:
