@@ -1,5 +1,6 @@
 """The paper's students, as timm @register_model functions. Never reuse a timm name: the official
 release overrides `convnext_femto`, which breaks loading timm's own ConvNeXt checkpoints."""
+from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
 from timm.models.convnext import ConvNeXt
@@ -27,6 +28,14 @@ def _vit(variant, pretrained, **kwargs):
 def vit_a_patch16_224(pretrained=False, **kwargs):
     """ViT-A of the paper (Table 6): ViT-T/16 with 6 blocks instead of 12."""
     return _vit('vit_a_patch16_224', pretrained, **{'depth': 6, **kwargs})
+
+
+@register_model
+def vit_tiny_patch16_clip_224(pretrained=False, **kwargs):
+    """ViT-T/16 in CLIP's layout, the student of a CLIP ViT-B/16 teacher (Table 5): a LayerNorm before the
+    blocks, no patch-embedding bias, and LayerNorm eps 1e-5, as timm's vit_base_patch16_clip_224 and the
+    official release's vit_tiny_clip build it."""
+    return _vit('vit_tiny_patch16_clip_224', pretrained, **{'pre_norm': True, 'norm_layer': nn.LayerNorm, **kwargs})
 
 
 @register_model

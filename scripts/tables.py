@@ -37,9 +37,8 @@ MEDIAN_OF_THREE = {(3, 'ws random'), (3, 'ws random w/o consistency')}
 ALL = ['imagenet', 'svhn', 'food101', 'eurosat', 'cifar10', 'cifar100', 'stl10', 'flowers', 'pets', 'dtd']
 
 
-def ws(teacher=None, layers='first', elements='uniform', exclude='', student=None, student_kwargs=None):
-    return dict(teacher=teacher, layers=layers, elements=elements, exclude=exclude, student=student,
-                student_kwargs=student_kwargs)
+def ws(teacher=None, layers='first', elements='uniform', exclude='', student=None):
+    return dict(teacher=teacher, layers=layers, elements=elements, exclude=exclude, student=student)
 
 
 def grid(rows, datasets, models):
@@ -65,9 +64,10 @@ def table(n):
                 + grid({'baseline': (None, []), 'distill': (None, feature), 'weight selection': (ws(), []),
                         'distill + weight selection': (ws(), feature)}, ['cifar100'], ['vit_tiny']))
     if n == 5:
+        # CLIP: the official release's CLIP ViT-B/16 (LAION-2B OpenCLIP weights), and a ViT-T in CLIP's layout
+        clip_student = 'vit_tiny_patch16_clip_224'
         return grid({'supervised (ImageNet-21K)': (ws('vit_base_patch16_224.augreg_in21k'), []),
-                     'CLIP': (ws('vit_base_patch16_clip_224.openai', student_kwargs={'pre_norm': True}),
-                              ['--model_kwargs', '{"pre_norm": true}']),
+                     'CLIP': (ws('vit_base_patch16_clip_224.laion2b', student=clip_student), ['--model', clip_student]),
                      'MAE': (ws('vit_base_patch16_224.mae'), []), 'DINO': (ws('vit_base_patch16_224.dino'), [])},
                     ['cifar10', 'cifar100', 'stl10'], ['vit_tiny'])
     if n == 6:
@@ -135,22 +135,19 @@ def data_path(dataset, env):
     return os.path.join(env['DATA_ROOT'], dataset)
 
 
-def select_extra(env, row_kwargs):
-    """SELECT_EXTRA's flags, and the row's --student_kwargs with SELECT_EXTRA's merged in (a row's own keys, such
-    as Table 5's pre_norm, stay unless SELECT_EXTRA names them)."""
-    extra, kwargs = shlex.split(env.get('SELECT_EXTRA', '')), dict(row_kwargs or {})
+def select_extra(env):
+    """SELECT_EXTRA's flags; a --student_kwargs among them is checked here, before any step runs."""
+    extra = shlex.split(env.get('SELECT_EXTRA', ''))
     if '--student_kwargs' in extra:
         i = extra.index('--student_kwargs')
         try:
-            more = json.loads(extra[i + 1])
+            kwargs = json.loads(extra[i + 1])
         except (IndexError, ValueError):
-            more = None
-        if not isinstance(more, dict):
+            kwargs = None
+        if not isinstance(kwargs, dict):
             raise SystemExit("error: SELECT_EXTRA: --student_kwargs needs a JSON object, quoted inside the variable, "
                              "e.g. SELECT_EXTRA=\"--student_kwargs '{\\\"img_size\\\": 32}'\"")
-        kwargs.update(more)
-        del extra[i:i + 2]
-    return extra, kwargs
+    return extra
 
 
 def commands(n, env):
@@ -182,8 +179,8 @@ def commands(n, env):
                 student = sel['student'] or STUDENT[model]
                 name = slug(f"{student}_{teacher}_{sel['layers']}_{sel['elements']}_{sel['exclude']}")
                 random_sel = sel['elements'] in ('random', 'random_inconsistent')
-                extra, student_kwargs = select_extra(env, sel['student_kwargs'])
-                if extra or student_kwargs != (sel['student_kwargs'] or {}):  # another selection: its own file
+                extra = select_extra(env)
+                if extra:  # another selection: its own file
                     name += f"_x{zlib.crc32(env['SELECT_EXTRA'].encode()):08x}"
                 ws_file = os.path.join(out, 'ws', name + (f'_s{selection_seed}' if random_sel else '') + '.pth')
                 if ws_file not in selected:
@@ -196,8 +193,6 @@ def commands(n, env):
                         cmd += ['--teacher_checkpoint', ckpt]
                     if sel['exclude']:
                         cmd += ['--exclude', sel['exclude']]
-                    if student_kwargs:
-                        cmd += ['--student_kwargs', json.dumps(student_kwargs)]
                     cmds.append(cmd + extra)
                 init = ['--initialize', ws_file]
             run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, folder)

@@ -139,8 +139,13 @@ def _halve_dims(t, s_shape):
     return t[index]
 
 
-def test_vit_small_to_tiny_every_key():
-    teacher, student = make('vit_small_patch16_224'), make('vit_tiny_patch16_224')
+# ViT-S -> ViT-T, and Table 5's CLIP pair (pre-norm, no patch-embedding bias), narrowed: the layouts are the point
+@pytest.mark.parametrize('teacher_name,student_name,kwargs', [
+    ('vit_small_patch16_224', 'vit_tiny_patch16_224', ({}, {})),
+    ('vit_base_patch16_clip_224', 'vit_tiny_patch16_clip_224',
+     ({'depth': 2, 'embed_dim': 96, 'num_heads': 4}, {'depth': 2, 'embed_dim': 48, 'num_heads': 2}))])
+def test_vit_to_half_width_every_key(teacher_name, student_name, kwargs):
+    teacher, student = make(teacher_name, **kwargs[0]), make(student_name, **kwargs[1])
     sd, report = ws.select_weights(teacher, student)
     t_sd = teacher.state_dict()
     for key, value in student.state_dict().items():
