@@ -11,8 +11,10 @@ SEEDS: training seeds [0] (e.g. "0 1 2"), SELECTION_SEEDS: the selections of Tab
 median the paper reports, each trained with every training seed [0 1 2],
 EXTRA (more main.py flags), SELECT_EXTRA (more weight_selection.py flags, e.g. --student_kwargs
 '{"img_size": 32}' for a small trial at 32 px), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
-<timm name>.pth, used instead of the hub when present (offline); DATASETS and MODELS keep only some
-columns (e.g. DATASETS=cifar100 MODELS=vit_tiny); DATA_PATH: the dataset's folder when DATASETS names one.
+<timm name>.pth, used instead of the hub when present (offline); ROWS, DATASETS and MODELS keep only some
+rows and columns (e.g. ROWS=distill DATASETS=cifar100 MODELS=vit_tiny; a row as its folder names it);
+DATA_PATH: the dataset's folder when DATASETS names one; DISTILL_ALPHA: Table 4's α [1.0], which the paper
+tunes on its distillation rows: one OUTPUT per candidate (ROWS=distill), then the rest with the best one.
 
 A row whose table changes the recipe passes a second --config (main.py: a later file overrides an
 earlier one), e.g. Table 9's linear probe and Table 11's 600 epochs.
@@ -46,7 +48,21 @@ def grid(rows, datasets, models):
     return [(row, d, m, sel, flags) for row, (sel, flags) in rows.items() for d in datasets for m in models]
 
 
-def table(n):
+def distill_alpha(env):
+    """DISTILL_ALPHA, Table 4's α (default 1): the paper tunes it on the distillation rows without giving it."""
+    value = (env.get('DISTILL_ALPHA') or '1.0').strip()
+    try:
+        ok = float(value) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"error: DISTILL_ALPHA={value!r}: give Table 4's distillation weight, a number above 0, "
+                         f"e.g. DISTILL_ALPHA=0.5")
+    return value
+
+
+def table(n, env=None):
+    """[(row, dataset, model, selection or None, main.py flags)]; `env` sets Table 4's DISTILL_ALPHA."""
     both = ['vit_tiny', 'convnext_femto']
     if n == 2:
         return grid({'random init': (None, []), 'weight selection': (ws(), [])}, ALL, both)
@@ -56,9 +72,9 @@ def table(n):
                      'ws consecutive': (ws(elements='consecutive'), []), 'ws random': (ws(elements='random'), []),
                      'ws random w/o consistency': (ws(elements='random_inconsistent'), [])}, ['cifar100'], both)
     if n == 4:
-        deit = 'deit_small_patch16_224.fb_in1k'
-        logit = ['--distill', 'logit', '--distill_teacher', deit]
-        feature = ['--distill', 'feature', '--distill_teacher', VIT_S, '--distill_alpha', '1.0']
+        deit, alpha = 'deit_small_patch16_224.fb_in1k', ['--distill_alpha', distill_alpha(env or {})]
+        logit = ['--distill', 'logit', '--distill_teacher', deit, *alpha]
+        feature = ['--distill', 'feature', '--distill_teacher', VIT_S, *alpha]
         return (grid({'baseline': (None, []), 'distill': (None, logit), 'weight selection': (ws(deit), []),
                       'distill + weight selection': (ws(deit), logit)}, ['imagenet'], ['vit_tiny'])
                 + grid({'baseline': (None, []), 'distill': (None, feature), 'weight selection': (ws(), []),
@@ -114,15 +130,18 @@ def slug(text):
 
 
 def selected_rows(n, env):
-    """table(n), keeping the datasets and models that DATASETS and MODELS name (all by default)."""
+    """table(n), keeping the rows, datasets and models that ROWS (as their folders name them), DATASETS and
+    MODELS name (all by default)."""
+    rows = table(n, env)
     keep = {}
-    for var, known in (('DATASETS', DATA_SETS), ('MODELS', STUDENT)):
+    for var, known in (('ROWS', list(dict.fromkeys(slug(r[0]) for r in rows))), ('DATASETS', DATA_SETS),
+                       ('MODELS', STUDENT)):
         names = env.get(var, '').split()
         for name in names:
             if name not in known:
                 raise SystemExit(f"error: unknown {var[:-1].lower()} '{name}' in {var}; choose from {' '.join(known)}")
         keep[var] = set(names) or set(known)
-    return [r for r in table(n) if r[1] in keep['DATASETS'] and r[2] in keep['MODELS']]
+    return [r for r in rows if slug(r[0]) in keep['ROWS'] and r[1] in keep['DATASETS'] and r[2] in keep['MODELS']]
 
 
 def data_path(dataset, env):

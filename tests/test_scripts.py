@@ -81,7 +81,24 @@ def test_table2_runs_every_dataset():
         assert f'--data_path /data/{d} ' in proc.stdout
 
 
+def test_table4_tunes_alpha_on_the_distillation_rows_alone():
+    """The paper tunes α on its distillation runs: ROWS=distill runs those alone, with DISTILL_ALPHA in both
+    halves (logit on ImageNet, feature on CIFAR-100); the default is 1."""
+    proc = bash('table4.sh', DRY_RUN='1', DATA_ROOT='/d', ROWS='distill', DISTILL_ALPHA='0.5', OUTPUT='/o')
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('+ ')]
+    assert len(lines) == 2, proc.stdout + proc.stderr
+    assert all('/o/table4/distill/' in line and line.count('--distill_alpha') == 1 and '--distill_alpha 0.5' in line
+               for line in lines)
+    assert {re.search(r'--distill (\w+)', line).group(1) for line in lines} == {'logit', 'feature'}
+    plain = bash('table4.sh', DRY_RUN='1', DATA_ROOT='/d').stdout
+    assert plain.count('--distill_alpha 1.0') == 4 and plain.count('--distill_alpha') == 4  # 2 rows x 2 halves
+
+
 @pytest.mark.parametrize('script,args,env,needle', [
+    ('table4.sh', [], {'DATA_ROOT': '/d', 'ROWS': 'distil'},
+     "unknown row 'distil' in ROWS; choose from baseline distill weight_selection distill_weight_selection"),
+    ('table4.sh', [], {'DATA_ROOT': '/d', 'DISTILL_ALPHA': '-1'}, "DISTILL_ALPHA='-1': give Table 4's distillation"),
+    ('table4.sh', [], {'DATA_ROOT': '/d', 'DISTILL_ALPHA': 'x'}, "DISTILL_ALPHA='x': give Table 4's distillation"),
     ('table2.sh', [], {'DATA_ROOT': '/d', 'DATASETS': 'cifar1000'}, "unknown dataset 'cifar1000'"),
     ('cifar10.sh', [], {}, 'set DATA_ROOT'),
     ('cifar10.sh', [], {'DATA_PATH': '/d', 'MODELS': 'resnet50'}, "unknown model 'resnet50'"),
