@@ -2,6 +2,7 @@
 
     python scripts/figures.py curves RUN_DIR [RUN_DIR ...] --out fig3.png         # Figure 3: test acc@1 and loss per epoch
     python scripts/figures.py budget RUN_DIR [RUN_DIR ...] --out fig4a.png        # Figure 4a: final acc@1 against epochs
+    python scripts/figures.py pretraining RUN_DIR [RUN_DIR ...] --out fig4b.png   # Figure 4b: against pretraining epochs
     python scripts/figures.py attention --teacher vit_small_patch16_224.augreg_in21k [--teacher_checkpoint F] \\
         --selection ws.pth --student vit_tiny_patch16_224 --out fig5.png          # Figure 5: W_q W_k^T and W_v W_proj
 
@@ -95,6 +96,41 @@ def plot_budget(runs, labels, out):
     fig.savefig(out, dpi=120)
 
 
+def pretraining_epochs(config):
+    """The epochs of the main.py run whose checkpoint --initialize names (Figure 4b's pretraining), or None
+    where it names none (a selection, or no --initialize)."""
+    import yaml
+    source = os.path.join(os.path.dirname(os.path.abspath(config.get('initialize') or '.')), 'config.yaml')
+    if not config.get('initialize') or not os.path.isfile(source):
+        return None
+    with open(source) as f:
+        return (yaml.safe_load(f) or {}).get('epochs')
+
+
+def plot_pretraining(runs, labels, out):
+    """Final acc@1 of the runs initialized from a pretraining run's checkpoint, against that run's epochs; the
+    other runs (random init, weight selection) as horizontal lines."""
+    plt = _plt()
+    points, lines = [], []
+    for folder, label in zip(runs, labels):
+        log, config = read_run(folder)
+        epochs, final = pretraining_epochs(config), log[-1].get('test_acc1')
+        if epochs is None:
+            lines.append((label or label_of(config, folder), final))
+        else:
+            points.append((epochs, final))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    points.sort()
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label='pretraining + fine-tuning')
+    for (label, final), style in zip(lines, ('--', ':', '-.', '-')):
+        ax.axhline(final, linestyle=style, color='gray', label=label)
+    ax.set(xlabel='pretraining epochs', ylabel='final test acc@1 (%)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def vit_heads(model, what):
     """The attention heads of a timm ViT (fused qkv), the figure's subject; one line for another model."""
     from utils import UserError
@@ -159,7 +195,7 @@ def main(argv=None):
     from utils import str2bool
     p = utils.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='figure', required=True)
-    for name in ('curves', 'budget'):
+    for name in ('curves', 'budget', 'pretraining'):
         s = sub.add_parser(name)
         s.add_argument('runs', nargs='+')
         s.add_argument('--labels', nargs='*', default=None)
@@ -190,7 +226,8 @@ def main(argv=None):
         if len(labels) != len(args.runs):
             print('error: give one --labels entry per run folder', file=sys.stderr)
             sys.exit(1)
-        (plot_curves if args.figure == 'curves' else plot_budget)(args.runs, labels, args.out)
+        plot = {'curves': plot_curves, 'budget': plot_budget, 'pretraining': plot_pretraining}[args.figure]
+        plot(args.runs, labels, args.out)
     print(f'wrote {args.out}')
 
 

@@ -3,6 +3,7 @@
     DATA_ROOT=/data NGPUS=8 python scripts/tables.py 3            # Table 3, every row (random rows: selections 0 1 2)
     DRY_RUN=1 DATA_ROOT=/data python scripts/tables.py 10         # print the commands only
     DATA_PATH=/data/cifar100 DATASETS=cifar100 python scripts/tables.py 2   # one dataset (scripts/cifar100.sh)
+    DATA_ROOT=/data EPOCHS="100 200 300" python scripts/tables.py fig4a      # Figure 4a's runs (4b: fig4b)
 
 Runs go to OUTPUT/table<N>/<row>/<dataset>/<model>/seed<T>/ (log.txt, checkpoints; seed<T>_selection<S>/ in
 Table 3's random rows), selections to OUTPUT/ws/; scripts/collect_results.py turns OUTPUT into the tables.
@@ -29,7 +30,7 @@ import zlib
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from recipe import DATA_SETS, STUDENTS as STUDENT, TEACHERS as TEACHER  # noqa: E402 - the one place naming them
+from recipe import DATA_SETS, STUDENTS as STUDENT, TEACHERS as TEACHER, TABLE_15  # noqa: E402 - the one place naming them
 
 VIT_S, CONVNEXT_T = TEACHER['vit_tiny'], TEACHER['convnext_femto']
 # Rows the paper reports as "the median performance of three different selection results" (Table 3's random
@@ -37,6 +38,10 @@ VIT_S, CONVNEXT_T = TEACHER['vit_tiny'], TEACHER['convnext_femto']
 # the spread is the selection's; folders seed<T>_selection<S>, whose median collect_results.py reports.
 MEDIAN_OF_THREE = {(3, 'ws random'), (3, 'ws random w/o consistency')}
 ALL = ['imagenet', 'svhn', 'food101', 'eurosat', 'cifar10', 'cifar100', 'stl10', 'flowers', 'pets', 'dtd']
+TABLES = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 17)
+# Figure 4's runs; the paper does not list the figure's points: these bracket what it reports (the accuracy of
+# random init after 1/3 of the epochs with weight selection; that of weight selection after 60 epochs of pretraining)
+FIGURES = {'fig4a': '50 100 150 200 250 300', 'fig4b': '10 20 40 60 80 100'}
 
 
 def ws(teacher=None, layers='first', elements='uniform', exclude='', student=None):
@@ -61,8 +66,46 @@ def distill_alpha(env):
     return value
 
 
+def figure_epochs(n, env):
+    """EPOCHS, the epoch counts of Figure 4's runs (4a: of training, 4b: of pretraining)."""
+    values = (env.get('EPOCHS') or FIGURES[n]).split()
+    if not all(v.isdigit() and int(v) > 0 for v in values):
+        raise SystemExit(f"error: EPOCHS={env.get('EPOCHS')!r}: give whole numbers of epochs above 0, e.g. "
+                         f"EPOCHS='{FIGURES[n]}'")
+    return [int(v) for v in values]
+
+
+def shorter(epochs, dataset):
+    """--epochs and --warmup_epochs of a shorter ViT-T run, warmup kept in the recipe's ratio (Figure 4a:
+    "the number of warmup epochs is modified to maintain its ratio with the total epochs")."""
+    _, warmup, full, _ = TABLE_15[dataset]
+    return ['--epochs', str(epochs), '--warmup_epochs', str(round(epochs * warmup / full))]
+
+
+def figure(n, env):
+    """Figure 4's runs, ViT-T on CIFAR-100. 4a: random init and weight selection trained for EPOCHS. 4b: ViT-T
+    pretrained on ImageNet-1K for EPOCHS (the ImageNet recipe, warmup in its ratio), then trained on CIFAR-100 from
+    the last epoch's weights with Table 2's recipe (a new classifier), beside Table 2's two CIFAR-100 rows."""
+    epochs = figure_epochs(n, env)
+    if n == 'fig4a':
+        rows = {}
+        for e in epochs:
+            rows[f'random init {e} epochs'] = (None, shorter(e, 'cifar100'))
+            rows[f'weight selection {e} epochs'] = (ws(), shorter(e, 'cifar100'))
+        return grid(rows, ['cifar100'], ['vit_tiny'])
+    runs = grid({'random init': (None, []), 'weight selection': (ws(), [])}, ['cifar100'], ['vit_tiny'])
+    for e in epochs:
+        runs += [(f'pretrain {e} epochs', 'imagenet', 'vit_tiny', None, shorter(e, 'imagenet')),
+                 (f'finetune after {e} epochs', 'cifar100', 'vit_tiny',
+                  {'pretrained': f'pretrain {e} epochs', 'epochs': e}, [])]
+    return runs
+
+
 def table(n, env=None):
-    """[(row, dataset, model, selection or None, main.py flags)]; `env` sets Table 4's DISTILL_ALPHA."""
+    """[(row, dataset, model, selection or None, main.py flags)]; `env` sets Table 4's DISTILL_ALPHA and
+    Figure 4's EPOCHS."""
+    if n in FIGURES:
+        return figure(n, env or {})
     both = ['vit_tiny', 'convnext_femto']
     if n == 2:
         return grid({'random init': (None, []), 'weight selection': (ws(), [])}, ALL, both)
@@ -122,7 +165,7 @@ def table(n, env=None):
                 (ws(teacher, layers=k, student=student), ['--model', student])
                 for k in ('first', 'mid', 'last', 'uniform')}
         return grid(rows, ['cifar100'], ['vit_tiny'])
-    raise SystemExit(f'error: no table {n}; choose one of 2 3 4 5 6 7 8 9 10 11 12 16 17')
+    raise SystemExit(f'error: no table {n}; choose one of {" ".join(map(str, TABLES))} {" ".join(FIGURES)}')
 
 
 def slug(text):
@@ -193,7 +236,10 @@ def commands(n, env):
                 else [(t, t, f'seed{t}') for t in seeds])
         for seed, selection_seed, folder in runs:
             init = []
-            if sel is not None:
+            if sel is not None and 'pretrained' in sel:  # Figure 4b: the last epoch of a pretraining run
+                source = os.path.join(out, n, slug(sel['pretrained']), 'imagenet', model, folder)
+                init = ['--initialize', os.path.join(source, f"checkpoint-{sel['epochs'] - 1}.pth")]
+            elif sel is not None:
                 teacher = sel['teacher'] or TEACHER[model]
                 student = sel['student'] or STUDENT[model]
                 name = slug(f"{student}_{teacher}_{sel['layers']}_{sel['elements']}_{sel['exclude']}")
@@ -214,7 +260,7 @@ def commands(n, env):
                         cmd += ['--exclude', sel['exclude']]
                     cmds.append(cmd + extra)
                 init = ['--initialize', ws_file]
-            run_dir = os.path.join(out, f'table{n}', slug(row), dataset, model, folder)
+            run_dir = os.path.join(out, n if n in FIGURES else f'table{n}', slug(row), dataset, model, folder)
             download = ['--download', 'true'] if env.get('DOWNLOAD') == 'true' else []
             # one process needs no torchrun (whose report of a failed run is a traceback of its own)
             launch = [py] if ngpus == 1 else [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}']
@@ -234,10 +280,10 @@ def main(argv=None):
     if argv in (['-h'], ['--help']):
         print(__doc__)
         return
-    if len(argv) != 1 or not argv[0].isdigit():
-        raise SystemExit('error: usage: tables.py TABLE (2 3 4 5 6 7 8 9 10 11 12 16 17)')
+    if len(argv) != 1 or not (argv[0].isdigit() or argv[0] in FIGURES):
+        raise SystemExit(f'error: usage: tables.py TABLE ({" ".join(map(str, TABLES))}) or FIGURE ({" ".join(FIGURES)})')
     env = os.environ
-    for cmd in commands(int(argv[0]), env):
+    for cmd in commands(int(argv[0]) if argv[0].isdigit() else argv[0], env):
         print('+ ' + shlex.join(cmd), flush=True)
         if env.get('DRY_RUN') == '1':
             continue

@@ -345,8 +345,17 @@ def test_figures_are_written(tmp_path, capsys):
         runs.append(str(folder))
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import figures  # in process: the CLI's main(), without an interpreter start-up per figure
-    for figure in ('curves', 'budget'):
-        figures.main([figure, *runs, '--out', str(tmp_path / f'{figure}.png')])
+    # Figure 4b: a run initialized from a pretraining run's checkpoint is a point at that run's epochs
+    pretrain, finetune = tmp_path / 'pretrain', tmp_path / 'finetune'
+    pretrain.mkdir(), finetune.mkdir()
+    (pretrain / 'config.yaml').write_text('epochs: 5\n')
+    (finetune / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': 42.0, 'train_loss': 1.0}) + '\n')
+    (finetune / 'config.yaml').write_text(f'epochs: 1\ninitialize: {pretrain / "checkpoint-4.pth"}\n')
+    configs = [figures.read_run(folder)[1] for folder in (*runs, finetune)]
+    assert [figures.pretraining_epochs(c) for c in configs] == [None, None, 5]
+    for figure in ('curves', 'budget', 'pretraining'):
+        figures.main([figure, *runs, *([str(finetune)] if figure == 'pretraining' else []),
+                      '--out', str(tmp_path / f'{figure}.png')])
         assert (tmp_path / f'{figure}.png').read_bytes()[:4] == b'\x89PNG'
     teacher = tmp_path / 't.pth'
     torch.save(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8).state_dict(), teacher)

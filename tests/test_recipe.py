@@ -158,6 +158,24 @@ def test_table3_table4_table6_rows():
             assert flag(sel, '--layer_selection') == 'uniform'
 
 
+def test_figure4_runs_keep_the_warmup_ratio_and_finetune_from_the_last_pretraining_epoch():
+    """4a: ViT-T on CIFAR-100 for each budget, warmup 50/300 of it (the paper keeps the ratio), both inits;
+    4b: ImageNet pretraining for each budget (warmup 50/300 of it), then the CIFAR-100 recipe from its last epoch."""
+    fig4a = resolved('fig4a')
+    assert sorted((args.epochs, args.warmup_epochs, sel is not None) for _, _, _, args, sel in fig4a) == sorted(
+        (e, w, ws) for e, w in [(50, 8), (100, 17), (150, 25), (200, 33), (250, 42), (300, 50)] for ws in (False, True))
+    assert all((d, m, args.lr, args.global_batch_size) == ('cifar100', 'vit_tiny', 2e-3, 512)
+               for _, d, m, args, _ in fig4a)
+    fig4b = {row: (dataset, args) for row, dataset, _, args, _ in resolved('fig4b')}
+    assert set(fig4b) == {'random_init', 'weight_selection', *(f'{k}_{e}_epochs' for e in (10, 20, 40, 60, 80, 100)
+                                                             for k in ('pretrain', 'finetune_after'))}
+    dataset, pretrain = fig4b['pretrain_60_epochs']
+    assert (dataset, pretrain.epochs, pretrain.warmup_epochs, pretrain.lr) == ('imagenet', 60, 10, 4e-3)
+    dataset, finetune = fig4b['finetune_after_60_epochs']
+    assert (dataset, finetune.epochs, finetune.warmup_epochs) == ('cifar100', 300, 50)
+    assert finetune.initialize == os.path.join(pretrain.output_dir, 'checkpoint-59.pth')
+
+
 def test_a_later_config_overrides_an_earlier_one(tmp_path):
     a, b = tmp_path / 'a.yaml', tmp_path / 'b.yaml'
     a.write_text('epochs: 7\nlr: 0.1\n')

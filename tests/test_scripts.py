@@ -201,3 +201,14 @@ def test_gpu_study_unpack_names_a_missing_files_folder(tmp_path):
     proc = bash('gpu_study.sh', 'unpack', 'vit', str(tmp_path / 'nope'))
     assert proc.returncode == 1 and proc.stderr.strip().count('\n') == 0, proc.stderr
     assert proc.stderr.startswith(f'gpu_study.sh: FILES folder {tmp_path / "nope"} does not exist'), proc.stderr
+
+
+@pytest.mark.parametrize('argv,env,needle', [
+    (['fig4a'], {'EPOCHS': '0 100'}, "EPOCHS='0 100': give whole numbers of epochs above 0, e.g. EPOCHS='50 100 150"),
+    (['fig4b'], {'EPOCHS': 'ten'}, "EPOCHS='ten': give whole numbers of epochs above 0, e.g. EPOCHS='10 20 40"),
+    (['fig5'], {}, 'usage: tables.py TABLE (2 3 4 5 6 7 8 9 10 11 12 16 17) or FIGURE (fig4a fig4b)'),
+])
+def test_figure_runs_argument_checks(argv, env, needle):
+    proc = run_script(os.path.join('scripts', 'tables.py'), *argv, env={**os.environ, 'DRY_RUN': '1', 'DATA_ROOT': '/d', **env})
+    assert_clean_failure(proc, needle)
+    assert '+ ' not in proc.stdout

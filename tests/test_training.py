@@ -414,3 +414,20 @@ def test_explicit_img_size_for_a_model_without_one_is_an_error():
     args = main.parse_args(['--model', 'convnext_atto', '--model_kwargs', '{"img_size": 64}'])
     with pytest.raises(UserError, match="img_size"):
         build.build_model(args, 3)
+
+
+def test_a_training_checkpoint_initializes_a_run_on_other_classes(tmp_path, tiny_data, capsys):
+    """Figure 4b's fine-tuning: --initialize takes a main.py checkpoint (its 'model'), keeps every tensor but the
+    classifier, which has another number of classes, at the checkpoint's values."""
+    vit = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', *TINY]
+    pretrain = tmp_path / 'pretrain'
+    main.main([*vit, '--data_path', tiny_data, '--epochs', '1', '--disable_eval', 'true', '--output_dir', str(pretrain)])
+    init = pretrain / 'checkpoint-0.pth'
+    args = main.parse_args([*vit, '--data_path', tiny_data, '--initialize', str(init)])
+    model = build.initialize(build.build_model(args, 2), args)  # 2 classes where the pretraining had 3
+    saved = torch.load(init, weights_only=True)['model']
+    own = model.state_dict()
+    assert set(own) == set(saved)
+    for key, value in own.items():
+        assert torch.equal(value, saved[key]) == (not key.startswith('head.')), key
+    assert 'kept the model\'s own head.weight, head.bias (other number of classes)' in capsys.readouterr().out
