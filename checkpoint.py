@@ -132,11 +132,12 @@ def save_epoch(args, epoch, record, best, train_state):
     return best
 
 
-def save_mid_epoch(args, epoch, step_in_epoch, partial, best, train_state):
-    """checkpoint-<epoch>-step<k>.pth: enough to finish the epoch exactly as an uninterrupted run would."""
+def save_mid_epoch(args, epoch, step_in_epoch, partial, best, train_state, layout=None):
+    """checkpoint-<epoch>-step<k>.pth: enough to finish the epoch exactly as an uninterrupted run would.
+    `layout`: {'world_size', 'batch_size', 'update_freq'} of this run, in which `partial` counts its batches."""
     state = train_state.state_dict(args, epoch, best)
     partials = utils.gather_from_ranks(partial)  # each process's running loss sum (all-reduced at the epoch's end)
-    state.update(step_in_epoch=step_in_epoch, partial=partials[0])
+    state.update(step_in_epoch=step_in_epoch, partial=partials[0], layout=layout)
     if len(partials) > 1:
         state['partial_per_rank'] = partials
     save_checkpoint(args.output_dir, f'checkpoint-{epoch}-step{step_in_epoch}.pth', state,
@@ -298,9 +299,36 @@ def note_other_data(saved_args, args, doing):
         utils.print_main(f'note: {doing} other data than the checkpoint was trained on: {", ".join(changed)}')
 
 
-def resume(args, train_state):
-    """Restore a run from its checkpoint (find_checkpoint); returns where to continue."""
+def check_same_checkpoint(path):
+    """Every process resumes from the same file (or none): each lists --output_dir itself, and a process that
+    saw another file (a folder local to each node) would train other weights, then hang at a collective."""
+    paths = utils.gather_from_ranks(os.path.abspath(path) if path else None)
+    if len(set(paths)) > 1:
+        found = ', '.join(f'rank {r}: {p or "none"}' for r, p in enumerate(paths))
+        raise UserError(f'the processes found different checkpoints to resume from ({found}); give --output_dir '
+                        f'a folder every process sees (a shared file system)')
+
+
+def check_same_layout(ckpt, path, layout):
+    """A checkpoint taken inside an epoch counts the epoch's batches done per process: another number of
+    processes, --batch_size or update_freq cannot finish that epoch as the uninterrupted run would (its data
+    and optimizer steps would shift)."""
+    saved = ckpt.get('layout') or {'world_size': len(ckpt.get('partial_per_rank') or [None])}
+    differs = {k: (v, layout[k]) for k, v in saved.items() if layout and k in layout and layout[k] != v}
+    if differs:
+        what = ', '.join(f'{k} {was} (now {now})' for k, (was, now) in differs.items())
+        raise UserError(f'{path} was saved inside epoch {ckpt["epoch"]} with {what}; resume it with the same, or '
+                        f'move {os.path.dirname(path) or "."}/checkpoint-{ckpt["epoch"]}-step*.pth away to redo that '
+                        f'epoch from the last complete one')
+
+
+def resume(args, train_state, layout=None):
+    """Restore a run from its checkpoint (find_checkpoint); returns where to continue. `layout`: as in
+    save_mid_epoch, this run's, which a checkpoint taken inside an epoch must share."""
     ckpt, path = find_checkpoint(args)
+    check_same_checkpoint(path)
+    if ckpt is not None and 'step_in_epoch' in ckpt and 'optimizer' in ckpt:
+        check_same_layout(ckpt, path, layout)
     if ckpt is not None:
         load_model_weights(ckpt, path, train_state.model, args.model)
         note_other_data(args_of(ckpt), args, 'resuming on')

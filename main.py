@@ -208,6 +208,12 @@ class Run:
     global_batch: int       # world_size x batch_size x update_freq
     lr: float               # --lr, or --blr x global batch / 512
 
+    @property
+    def layout(self):
+        """How an epoch's batches are counted per process: what a checkpoint taken inside an epoch must share
+        with the run that finishes the epoch."""
+        return {'world_size': self.dist.world_size, 'batch_size': self.args.batch_size, 'update_freq': self.update_freq}
+
 
 def resolve_batch(args, world_size):
     """(update_freq, global batch): --global_batch_size derives update_freq from the number of processes."""
@@ -322,7 +328,7 @@ def train(run):
     utils.print_main(f'global batch = world_size {run.dist.world_size} x batch_size {args.batch_size} x update_freq '
                      f'{run.update_freq} = {run.global_batch}; lr {run.lr:g}; {t.steps_per_epoch} optimizer steps '
                      f'per epoch')
-    resumed = checkpoint.resume(args, t.state)
+    resumed = checkpoint.resume(args, t.state, run.layout)
     log_writer = None
     if args.log_dir and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -367,7 +373,7 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
             if not torch.isfinite(partial_state['loss_sum']):
                 raise engine.NonFiniteLoss(f'non-finite loss before optimizer step {step} of epoch {epoch}; '
                                            f'stopped, the last good checkpoint is kept')
-            checkpoint.save_mid_epoch(args, epoch, k, partial_state, best, t.state)
+            checkpoint.save_mid_epoch(args, epoch, k, partial_state, best, t.state, run.layout)
 
     stats = engine.train_one_epoch(
         t.forward_model, t.criterion, t.data.train, t.state.optimizer, run.device, epoch, t.schedule,
@@ -377,6 +383,9 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
         channels_last=args.channels_last)
     record = {'epoch': epoch, 'train_loss': stats['loss'], 'train_lr': stats['lr'],
               'images_per_sec': round(stats['images_per_sec'], 1)}
+    ema = t.state.model_ema
+    for module in [t.state.model] + ([ema.module] if ema is not None else []):  # one model, evaluated and saved
+        utils.broadcast_buffers(module)
     if t.data.val is not None and ((epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs):
         # the plain model (state.model): through DDP, a model with buffers (the linear probe's BatchNorm) would
         # broadcast them at every forward, and sharded evaluation can give ranks different numbers of batches

@@ -385,6 +385,15 @@ def on_every_rank(flag, device):
     return bool(value.item())
 
 
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm's running statistics) on every process. DDP broadcasts them only at the start
+    of each forward, so after an epoch each process holds those its own last batches updated: evaluated as they
+    are, each rank's share of the test set would meet another model, none of them the one rank 0 saves."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def all_reduce_mean(tensor):
     if world_size() > 1:
         tensor = tensor.clone()

@@ -1,6 +1,7 @@
 """checkpoint.py on a Linear(2, 1): retention, best-so-far, resume bookkeeping; milliseconds, no training."""
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -112,3 +113,61 @@ def test_args_of_reads_our_dict_and_an_official_namespace():
     saved = checkpoint.saved_run_args(argparse.Namespace(data_path='data', epochs=3))
     assert saved == {'data_path': os.path.abspath('data'), 'epochs': 3}
 
+
+
+LAYOUT = {'world_size': 1, 'batch_size': 4, 'update_freq': 2}
+
+
+@pytest.mark.parametrize('now,refused', [(LAYOUT, None), ({**LAYOUT, 'update_freq': 1}, 'update_freq 2 (now 1)'),
+                                         ({**LAYOUT, 'world_size': 2, 'batch_size': 2}, 'world_size 1 (now 2), '
+                                                                                        'batch_size 4 (now 2)')])
+def test_a_checkpoint_inside_an_epoch_resumes_only_with_its_layout(tmp_path, now, refused):
+    """Its running counts are per process and micro-batch: with another layout the epoch's data and optimizer steps
+    would shift (a step taken on one micro-batch, an extra step); one line says so. An epoch's checkpoint resumes."""
+    args, state = run_args(tmp_path), train_state()
+    checkpoint.save_mid_epoch(args, 1, 3, {'loss_sum': torch.zeros(()), 'micro': 6, 'seen': 24}, {}, state, LAYOUT)
+    if refused is None:
+        assert checkpoint.resume(args, train_state(), now).step_in_epoch == 3
+    else:
+        with pytest.raises(checkpoint.UserError, match=rf'checkpoint-1-step3.pth was saved inside epoch 1 with '
+                                                       rf'{re.escape(refused)}; resume it with the same, or move .*'
+                                                       rf'checkpoint-1-step\*.pth away'):
+            checkpoint.resume(args, train_state(), now)
+    checkpoint.save_epoch(args, 1, {}, {}, state)
+    assert checkpoint.resume(args, train_state(), now).start_epoch == 2
+
+
+def _resume_on_rank(rank, store_file, folders, results):
+    """checkpoint.resume on this rank, from folders[rank], and broadcast_buffers; gloo on the CPU."""
+    import torch.distributed as dist
+    import utils
+    dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=2)
+    try:
+        results[(rank, 'resumed')] = checkpoint.resume(run_args(folders[rank]), train_state()).start_epoch
+    except utils.UserError as e:
+        results[(rank, 'resumed')] = str(e)
+    norm = torch.nn.BatchNorm1d(2)
+    norm.running_mean.fill_(float(rank + 1))  # as each rank's own last batches leave them
+    utils.broadcast_buffers(norm)
+    results[(rank, 'running_mean')] = norm.running_mean.tolist()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_process_resumes_from_one_file_and_evaluates_rank0s_buffers(tmp_path):
+    """Processes that see different checkpoints (a folder local to each node) all stop with one line naming each
+    one's file, instead of training different weights; broadcast_buffers gives every rank rank 0's statistics."""
+    import torch.multiprocessing as mp
+    shared, local = tmp_path / 'shared', tmp_path / 'local'
+    shared.mkdir(), local.mkdir()
+    checkpoint.save_epoch(run_args(shared), 0, {}, {}, train_state())
+    for case, folders in (('same', [shared, shared]), ('different', [shared, local])):
+        results = mp.Manager().dict()
+        mp.spawn(_resume_on_rank, args=(str(tmp_path / f'store_{case}'), folders, results), nprocs=2)
+        if case == 'same':
+            assert results[(0, 'resumed')] == results[(1, 'resumed')] == 1
+        else:
+            expected = (f'the processes found different checkpoints to resume from (rank 0: '
+                        f'{shared / "checkpoint-0.pth"}, rank 1: none); give --output_dir a folder every process sees')
+            assert all(results[(r, 'resumed')].startswith(expected) for r in (0, 1)), dict(results)
+        assert results[(0, 'running_mean')] == results[(1, 'running_mean')] == [1.0, 1.0]
