@@ -274,7 +274,9 @@ def launched_world_size():
     env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env:
         return int(env['WORLD_SIZE'])
-    return int(env.get('SLURM_NTASKS', '1')) if 'SLURM_PROCID' in env else 1
+    # the tasks of this srun step: SLURM_NTASKS is the allocation's, also set for a plain `python main.py` in an
+    # sbatch script, where it would wait for peers that never start
+    return int(env.get('SLURM_STEP_NUM_TASKS', '1')) if 'SLURM_PROCID' in env else 1
 
 
 def init_distributed(args):
@@ -284,7 +286,8 @@ def init_distributed(args):
         rank, local = int(env['RANK']), int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
     elif world > 1:  # SLURM
         rank = int(env['SLURM_PROCID'])
-        local = int(env.get('SLURM_LOCALID', rank % max(torch.cuda.device_count(), 1)))
+        # with --gpus-per-task each task sees its own GPU only, as device 0
+        local = int(env.get('SLURM_LOCALID', rank)) % max(torch.cuda.device_count(), 1)
         if args.dist_url == 'env://':
             env.setdefault('MASTER_ADDR', _slurm_master())
             env.setdefault('MASTER_PORT', '29500')
@@ -307,6 +310,8 @@ def join_process_group(args, rank, world, local, timeout=datetime.timedelta(minu
             kwargs['device_id'] = torch.device('cuda', local)  # barriers and collectives on this GPU, said once
     store = _restart_safe_store(args.dist_url, rank, world, timeout)
     backend = 'nccl' if use_cuda else 'gloo'
+    if rank == 0:  # said before waiting: a process that never starts is otherwise a silent wait until the timeout
+        print(f'joining a group of {world} processes ({backend}); waiting for all of them', flush=True)
     dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
                             world_size=world, rank=rank, timeout=timeout, **kwargs)
     dist.barrier()

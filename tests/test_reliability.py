@@ -177,3 +177,17 @@ def test_torchrun_max_restarts_with_auto_resume(tmp_path, data):
     assert job.returncode == 0, output[-3000:]
     assert 'auto-resume from' in output
     assert [r['epoch'] for r in log_lines(out)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize('env,world', [({}, 1), ({'RANK': '3', 'WORLD_SIZE': '4'}, 4),
+                                       ({'SLURM_PROCID': '0', 'SLURM_NTASKS': '8'}, 1),  # `python main.py` in sbatch
+                                       ({'SLURM_PROCID': '1', 'SLURM_NTASKS': '8', 'SLURM_STEP_NUM_TASKS': '8'}, 8)])
+def test_launched_world_size_is_the_launchers_step(monkeypatch, env, world):
+    """Under SLURM, the tasks of this srun step: an sbatch script's own `python main.py` sees the allocation's
+    SLURM_NTASKS, and waited for peers that never start."""
+    for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    import utils
+    assert utils.launched_world_size() == world
