@@ -109,7 +109,9 @@ def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
 
 def log_progress(loss, optimizer, epoch, step, micro, num_micro, images_per_sec, eta, log_writer=None):
     """The progress line (and TensorBoard scalars); stops the run on a non-finite loss."""
-    value = loss.item()  # the only host synchronisation, once every print_freq steps
+    # the mean over processes: every one stops on a non-finite loss, not only the one that met it (the others
+    # would wait at their next collective); the only host synchronisation, once every print_freq steps
+    value = utils.all_reduce_mean(loss.detach().float()).item()
     if not math.isfinite(value):
         raise NonFiniteLoss(f'loss is {value} at epoch {epoch}, optimizer step {step}; stopped, '
                             f'the last good checkpoint is kept (lower --lr or enable --clip_grad)')

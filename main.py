@@ -370,7 +370,8 @@ def train_epoch(run, t, epoch, done, partial, best, log_writer):
         if args.output_dir and args.save_ckpt and args.save_every_steps and k % args.save_every_steps == 0 \
                 and k < t.steps_per_epoch:
             partial_state = get_partial()
-            if not torch.isfinite(partial_state['loss_sum']):
+            # decided alike on every process: one stopping alone would leave the others waiting in the save
+            if not utils.on_every_rank(bool(torch.isfinite(partial_state['loss_sum'])), run.device):
                 raise engine.NonFiniteLoss(f'non-finite loss before optimizer step {step} of epoch {epoch}; '
                                            f'stopped, the last good checkpoint is kept')
             checkpoint.save_mid_epoch(args, epoch, k, partial_state, best, t.state, run.layout)

@@ -191,3 +191,37 @@ def test_launched_world_size_is_the_launchers_step(monkeypatch, env, world):
         monkeypatch.setenv(key, value)
     import utils
     assert utils.launched_world_size() == world
+
+
+def _nan_on_rank1(rank, store_file, results):
+    """Two processes train a Linear under DDP (gloo); rank 1 alone meets a NaN loss at its third batch."""
+    import torch.distributed as dist
+    import engine
+    dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+    calls = []
+
+    def criterion(images, outputs, targets):
+        calls.append(1)
+        loss = outputs.sum() * 0 + 1.0
+        return loss * float('nan') if rank == 1 and len(calls) == 3 else loss
+    loader = [(torch.ones(2, 2), torch.zeros(2)) for _ in range(6)]
+    try:
+        engine.train_one_epoch(model, criterion, loader, torch.optim.SGD(model.parameters(), lr=0.1),
+                               torch.device('cpu'), 0, lambda optimizer, step: None, print_freq=1)
+        results[rank] = 'finished'
+    except engine.NonFiniteLoss as e:
+        results[rank] = str(e)
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    """The progress line's loss is the mean over processes, so every process sees the NaN one of them met and
+    stops with the same line (before, only that one stopped; the others died in their next collective with a
+    traceback, or waited for it until the timeout)."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_nan_on_rank1, args=(str(tmp_path / 'store'), results), nprocs=2)
+    assert results[0] == results[1] == ('loss is nan at epoch 0, optimizer step 3; stopped, the last good checkpoint '
+                                        'is kept (lower --lr or enable --clip_grad)')
