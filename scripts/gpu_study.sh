@@ -7,7 +7,8 @@
 # (results/transfer_study.jsonl, --done).
 #
 #   bash scripts/gpu_study.sh prepare                    here, once: .carry/ (npz), .carry_target/ (the target
-#                                                        subsets, made here), .carry_dino/ (the DINOv2 teacher)
+#                                                        subsets, made here, packed in one file), .carry_dino/ (the
+#                                                        DINOv2 teacher)
 #   bash scripts/gpu_study.sh teacher FAMILY OUT         device, carrying .carry: pretrains FAMILY's teacher (vit,
 #                                                        convnext); OUT gets FAMILY.pth in 15 MB parts and its sha256
 #   bash scripts/gpu_study.sh unpack FAMILY FILES        here: joins the parts into .carry_teachers/FAMILY/FAMILY.pth
@@ -30,13 +31,17 @@
 # the family's recorded selections are reused; on another, they run again (the first ones stay, in rows of their
 # own). Run a family's student calls in the session of its teacher call where the time allows. Set WS_CODE_VERSION=<commit>
 # in the command: every record names the code it ran.
-# Then, here: cp FILES/runs.jsonl results/transfer_study.jsonl; cp FILES/transfer_study.md results/; commit
-# (a call that returned no runs.jsonl: bash scripts/gpu_study.sh merge /tmp/m FILES/study*.jsonl
-# results/transfer_study.jsonl, and take /tmp/m's two files).
+# Then, here, before the next call is sent (it continues from results/transfer_study.jsonl), with the calls'
+# STUDY_RECIPE and STUDY_FLAGS (they decide which records the report covers):
+#   bash scripts/gpu_study.sh merge /tmp/m results/transfer_study.jsonl FILES/runs.jsonl   (FILES/study*.jsonl
+#   where a call returned no runs.jsonl); cp /tmp/m/runs.jsonl results/transfer_study.jsonl;
+#   cp /tmp/m/transfer_study.md results/; commit
+# A merge, not a copy: a call's runs.jsonl lacks the records of a call sent before this one's were merged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 python=${PYTHON:-python3}
+[ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || python=.venv/bin/python  # here: the project's environment
 usage='usage: bash scripts/gpu_study.sh prepare | teacher FAMILY OUT | unpack FAMILY FILES | family FAMILY MINUTES OUT | dinov2 MINUTES OUT | merge OUT RUNS.jsonl...'
 usage_error() { echo "$usage" >&2; exit 2; }
 part=${1:-}
@@ -70,6 +75,9 @@ case $part in
     diff -rq .carry_target/data/target_100/test .carry_target/data/target_500/test > /dev/null \
       || { echo "gpu_study.sh: the two subsets' test images differ; cannot share one copy" >&2; exit 1; }
     rm -rf .carry_target/data/target_500/test && ln -s ../target_100/test .carry_target/data/target_500/test
+    # one file, not 8,000 small ones: a call's 64 MiB may count each file's overhead (a ConvNeXt-T teacher beside
+    # the subsets is 61 MiB of file contents)
+    tar czf .carry_target/targets.tgz -C .carry_target data && rm -rf .carry_target/data
     du -sh --apparent-size .carry .carry_target .carry_dino
     exit 0 ;;
   unpack)
@@ -113,8 +121,8 @@ if [ "$part" = merge ]; then
   merge "$out" "$@"
   exit
 fi
-rm -rf /tmp/study0 /tmp/study1 /tmp/study0.seconds /tmp/study1.seconds /tmp/study_merged /tmp/study_teacher  # a warm
-# machine keeps /tmp between calls
+rm -rf /tmp/study0 /tmp/study1 /tmp/study0.seconds /tmp/study1.seconds /tmp/study_merged /tmp/study_teacher \
+  /tmp/study_targets  # a warm machine keeps /tmp between calls
 
 if [ "$part" = teacher ]; then
   family=$(family_of "$2")
@@ -162,6 +170,11 @@ while os.path.exists(f"/proc/{pid}"):
     rc=3
   else
     wait $study || rc=$?
+    if [ $rc = 124 ] || [ $rc = 137 ]; then  # not the device's own limit, which reads alike there
+      echo "gpu_study.sh: teacher $family stopped at STUDY_LIMIT_S ($limit s), unfinished: no weights; add a smaller" \
+        "--teacher_epochs to STUDY_FLAGS (see $out/teacher_${family}_log.txt)" | tee -a "$out/teacher_$family.log"
+      rc=4
+    fi
   fi
   cp "/tmp/study_teacher/teachers/$family/log.txt" "$out/teacher_${family}_log.txt" 2> /dev/null || true  # its timings
   if [ -f "/tmp/study_teacher/carry/$family.pth" ]; then  # a call returns files of 16 MiB at most
@@ -178,7 +191,8 @@ case $part in
     minutes=$3
     out=$4
     teacher=".carry_teachers/$family"
-    [ -f "$teacher/$family.pth" ] || { echo "gpu_study.sh: no $teacher/$family.pth; run the teacher call and unpack first" >&2; exit 2; }
+    [ -f "$teacher/$family.pth" ] \
+      || { echo "gpu_study.sh: no $teacher/$family.pth; run the teacher call and unpack first, and carry $teacher" >&2; exit 2; }
     studies=("--families $family --teachers $teacher --subsets 100 --student_epochs 200 200"
              "--families $family --teachers $teacher --subsets 500 --student_epochs 100 100") ;;
   dinov2)
@@ -190,9 +204,11 @@ case $part in
              "--families --subsets 500 --student_epochs 100 100 --dinov2 $dino") ;;
 esac
 mkdir -p "$out"
-[ -d .carry_target/data/target_100 ] || { echo "gpu_study.sh: no .carry_target/data; run prepare here and carry .carry_target" >&2; exit 2; }
-# prepare's link to the one copy of the test images, should a copy of the tree have dropped it
-[ -d .carry_target/data/target_500/test ] || ln -sfn ../target_100/test .carry_target/data/target_500/test
+[ -f .carry_target/targets.tgz ] || { echo "gpu_study.sh: no .carry_target/targets.tgz; run prepare here and carry .carry_target" >&2; exit 2; }
+targets=/tmp/study_targets
+mkdir -p $targets && tar xzf .carry_target/targets.tgz -C $targets
+# prepare's link to the one copy of the test images, should the archive have dropped it
+[ -d $targets/data/target_500/test ] || ln -sfn ../target_100/test $targets/data/target_500/test
 done_args=()
 [ -f results/transfer_study.jsonl ] && done_args=(--done results/transfer_study.jsonl)
 imagefolder=.carry_target/make_imagefolder.py
@@ -201,7 +217,7 @@ pids=()
 for i in "${!studies[@]}"; do
   folder=/tmp/study$i
   mkdir -p $folder/data  # the subsets made here, linked one by one: the validation splits are carved beside them in /tmp
-  for subset in .carry_target/data/target_*; do ln -sfn "$PWD/$subset" $folder/data/; done
+  for subset in $targets/data/target_*; do ln -sfn "$subset" $folder/data/; done
   (  # its exit status, and in $folder.seconds how long it ran
     began=$SECONDS
     status=0
@@ -214,7 +230,12 @@ for i in "${!studies[@]}"; do
   ) &
   pids+=($!)
 done
-copy_records() { for i in "${!studies[@]}"; do [ -f /tmp/study$i/runs.jsonl ] && cp /tmp/study$i/runs.jsonl "$out/study$i.jsonl"; done; true; }
+copy_records() {  # whole files only (a copy, then a rename): a call cut short returns no half-written one
+  for i in "${!studies[@]}"; do
+    [ -f /tmp/study$i/runs.jsonl ] && cp /tmp/study$i/runs.jsonl "$out/.study$i.jsonl" && mv "$out/.study$i.jsonl" "$out/study$i.jsonl"
+  done
+  true
+}
 (while sleep 15; do copy_records; done) > /dev/null 2>&1 &  # no output held open: the call ends when the studies do
 copier=$!
 rc=0
@@ -227,7 +248,8 @@ for i in "${!pids[@]}"; do
   if [ $status = 124 ] || { [ $status = 137 ] && [ "$ran" -ge "${limit%.*}" ]; }; then
     echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped study $i; its finished runs, if any, are in $out/study$i.jsonl"
   elif [ $status != 0 ]; then
-    echo "gpu_study.sh: study $i failed (exit status $status); see $out/study$i.log"
+    echo "gpu_study.sh: study $i failed (exit status $status); the end of $out/study$i.log:"
+    tail -n 3 "$out/study$i.log"
     rc=$status
   fi
 done

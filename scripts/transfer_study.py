@@ -138,13 +138,15 @@ class Study:
         self.start = time.time()
         self.ran_on = ran_on(args.device)  # each record of this call says where and with what it ran
         self.done, self.used = {}, set()
-        for r in (r for path in args.done for r in read_records(path)):
-            key = run_key(r)
-            if key in self.done and self.done[key] != r:
-                raise utils.UserError(f"--done holds two different records of one run ({r['family']}, "
-                                      f"{r['per_class']} per class, {r['init']}, seed {r['seed']}, {r['split']}); "
-                                      f"keep one")
-            self.done[key] = r
+        for path in args.done:
+            for r in read_records(path):
+                key = run_key(r)
+                if key not in self.done:
+                    self.done[key] = r
+                elif self.done[key] != r:  # one run trained twice (two calls sent before merging the first)
+                    print(f"note: --done holds two records of one run ({r['family']}, {r['per_class']} per class, "
+                          f"{r['init']}, seed {r['seed']}, {r['split']}); kept the first given, not the one in "
+                          f"{path}", flush=True)
 
     def settings(self):
         return {name: value(self.args) for name, value in SETTINGS.items()}
