@@ -25,8 +25,8 @@
 # not yet measured at half a minute for a 100-image run on an H100 and a minute for a 500-image one); STUDY_LIMIT_S
 # (default 540, inside the device's 600 s per call: set it below the call's limit when the session has less time
 # left) stops the studies outright. A teacher call stops as soon as its logged epochs show that the teacher
-# cannot finish within STUDY_LIMIT_S (exit status 3), and says which --teacher_epochs fits. A teacher is lost
-# when the session ends (its parts are not committed). It trains with --deterministic true: on the same GPU
+# cannot finish within STUDY_LIMIT_S (exit status 3), and says which --teacher_epochs fits (one cut at the limit
+# exits with 4). A teacher is lost when the session ends (its parts are not committed). It trains with --deterministic true: on the same GPU
 # model, software and code (commit), a later session's teacher call trains the same weights (the same hash), and
 # the family's recorded selections are reused; on another, they run again (the first ones stay, in rows of their
 # own). Run a family's student calls in the session of its teacher call where the time allows. Set WS_CODE_VERSION=<commit>
@@ -101,9 +101,10 @@ case $part in
 esac
 
 # the study's GPU recipe (README, "Evidence on real images"); STUDY_RECIPE replaces it and STUDY_FLAGS adds to it
-# (the same in every call: they are part of what identifies a run), e.g. STUDY_FLAGS=--smoke for a teacher call
-# on a CPU, or STUDY_RECIPE='--device cpu --seeds 0 --blr 2e-3' STUDY_FLAGS='--student_epochs 1 1' for a family
-# call on a CPU (it then needs a teacher trained with those settings)
+# (the same in every call: they are part of what identifies a run). A rehearsal of every call on a CPU ran with
+# STUDY_RECIPE='--device cpu --seeds 0 --lr_search 2e-3 4e-3 --eval_freq 5' and STUDY_FLAGS='--teacher_epochs 1
+# --student_epochs 1 1 --num_workers 1' in all of them; not --smoke, whose smaller target subsets .carry_target
+# does not hold
 # shellcheck disable=SC2206  # the recipe's flags are words
 recipe=(${STUDY_RECIPE:---device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 --eval_freq 5} ${STUDY_FLAGS:-})
 limit=${STUDY_LIMIT_S:-540}
