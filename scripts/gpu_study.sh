@@ -26,11 +26,11 @@
 # (default 540, inside the device's 600 s per call: set it below the call's limit when the session has less time
 # left) stops the studies outright. A teacher call stops as soon as its logged epochs show that the teacher
 # cannot finish within STUDY_LIMIT_S (exit status 3), and says which --teacher_epochs fits (one cut at the limit
-# exits with 4). A teacher is lost when the session ends (its parts are not committed). It trains with --deterministic true: on the same GPU
-# model, software and code (commit), a later session's teacher call trains the same weights (the same hash), and
-# the family's recorded selections are reused; on another, they run again (the first ones stay, in rows of their
-# own). Run a family's student calls in the session of its teacher call where the time allows. Set WS_CODE_VERSION=<commit>
-# in the command: every record names the code it ran.
+# exits with 4). A teacher is lost when the session ends (its parts are not committed). It trains with
+# --deterministic true: on the same GPU model, software and code (commit), a later session's teacher call trains
+# the same weights (the same hash), and the family's recorded selections are reused; on another, they run again
+# (the first ones stay, in rows of their own). Run a family's student calls in the session of its teacher call
+# where the time allows. Set WS_CODE_VERSION=<commit> in the command: every record names the code it ran.
 # Then, here, before the next call is sent (it continues from results/transfer_study.jsonl), with the calls'
 # STUDY_RECIPE and STUDY_FLAGS (they decide which records the report covers):
 #   bash scripts/gpu_study.sh merge /tmp/m results/transfer_study.jsonl FILES/runs.jsonl   (FILES/study*.jsonl
@@ -109,6 +109,9 @@ esac
 recipe=(${STUDY_RECIPE:---device cuda --seeds 0 1 2 --lr_search 2e-3 4e-3 8e-3 --eval_freq 5} ${STUDY_FLAGS:-})
 limit=${STUDY_LIMIT_S:-540}
 [[ $limit =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "gpu_study.sh: STUDY_LIMIT_S=$limit: give seconds, e.g. 540" >&2; exit 2; }
+# whether `timeout $limit` stopped a process (exit status $1, after $2 seconds): 124, or 137 past the limit (SIGKILL
+# after timeout's grace; earlier, something else killed it, such as the kernel out of memory)
+stopped_at_limit() { [ "$1" = 124 ] || { [ "$1" = 137 ] && [ "$2" -ge "${limit%.*}" ]; }; }
 
 merge() {  # merge OUT RUNS.jsonl...: one runs.jsonl and transfer_study.md of the records, under the study's settings
   local dest=$1
@@ -171,7 +174,7 @@ while os.path.exists(f"/proc/{pid}"):
     rc=3
   else
     wait $study || rc=$?
-    if [ $rc = 124 ] || [ $rc = 137 ]; then  # not the device's own limit, which reads alike there
+    if stopped_at_limit $rc $(( $(date +%s) - ${start%.*} )); then  # said: the device reads 124 as its own limit
       echo "gpu_study.sh: teacher $family stopped at STUDY_LIMIT_S ($limit s), unfinished: no weights; add a smaller" \
         "--teacher_epochs to STUDY_FLAGS (see $out/teacher_${family}_log.txt)" | tee -a "$out/teacher_$family.log"
       rc=4
@@ -244,9 +247,7 @@ for i in "${!pids[@]}"; do
   status=0
   wait "${pids[$i]}" || status=$?
   ran=$(cat /tmp/study$i.seconds 2> /dev/null || echo 0)
-  # the limit, not a failure: 124, or 137 past it (SIGKILL after timeout's grace; earlier, something else killed
-  # the study, such as the kernel out of memory)
-  if [ $status = 124 ] || { [ $status = 137 ] && [ "$ran" -ge "${limit%.*}" ]; }; then
+  if stopped_at_limit $status "$ran"; then  # the limit, not a failure
     echo "gpu_study.sh: STUDY_LIMIT_S ($limit s) stopped study $i; its finished runs, if any, are in $out/study$i.jsonl"
   elif [ $status != 0 ]; then
     echo "gpu_study.sh: study $i failed (exit status $status); the end of $out/study$i.log:"
