@@ -409,3 +409,12 @@ def knn_sets(args):
     train_set, classes = build_dataset(True, args)
     set_transform(train_set, build_transform(False, args))
     return train_set, build_dataset(False, args)[0], classes
+
+
+def rank_share(dataset, rank, world_size):
+    """This process's contiguous share of `dataset`, the shares of ranks 0, 1, ... in order making it whole (no
+    padding, unlike DistributedSampler: each image counts once)."""
+    if world_size == 1:
+        return dataset
+    n = len(dataset)
+    return torch.utils.data.Subset(dataset, range(rank * n // world_size, (rank + 1) * n // world_size))

@@ -425,8 +425,10 @@ def knn_probe(run):
         model = build.PixelFeatures()
     else:
         model = build.place(build.initialize(build.build_model(args, classes), args), args, run.device)
+        utils.broadcast_buffers(model, parameters=True)  # a random init is drawn from seed + rank: rank 0's for all
     batch_size = datasets.eval_plan(args, run.dist.world_size).batch_size
-    loaders = [torch.utils.data.DataLoader(d, batch_size=batch_size, num_workers=args.num_workers,
+    loaders = [torch.utils.data.DataLoader(datasets.rank_share(d, run.dist.rank, run.dist.world_size),
+                                           batch_size=batch_size, num_workers=args.num_workers,
                                            pin_memory=args.pin_mem and run.device.type == 'cuda')
                for d in (train_set, test_set)]
     amp_dtype, _ = recipe.build_amp(args, run.device)

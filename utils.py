@@ -380,6 +380,14 @@ def gather_from_ranks(obj):
     return gathered
 
 
+def cat_from_ranks(tensor):
+    """torch.cat of every process's `tensor` along dim 0, in rank order, on `tensor`'s device; `tensor` itself in
+    a single process. Shares may differ in length (they go through all_gather_object). A collective."""
+    if world_size() == 1:
+        return tensor
+    return torch.cat([t.to(tensor.device) for t in gather_from_ranks(tensor.cpu())])
+
+
 def on_every_rank(flag, device):
     """Whether `flag` holds on every process (a decision each takes from its own state, such as free memory,
     that all must take alike); `flag` in a single process."""
@@ -390,13 +398,14 @@ def on_every_rank(flag, device):
     return bool(value.item())
 
 
-def broadcast_buffers(module):
+def broadcast_buffers(module, parameters=False):
     """Rank 0's buffers (BatchNorm's running statistics) on every process. DDP broadcasts them only at the start
     of each forward, so after an epoch each process holds those its own last batches updated: evaluated as they
-    are, each rank's share of the test set would meet another model, none of them the one rank 0 saves."""
+    are, each rank's share of the test set would meet another model, none of them the one rank 0 saves.
+    With `parameters`, its weights too: a model no DDP wraps, built from a seed that differs by rank."""
     if world_size() > 1:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
+        for tensor in (module.state_dict() if parameters else dict(module.named_buffers())).values():
+            dist.broadcast(tensor, 0)  # state_dict's tensors share the parameters' storage
 
 
 def all_reduce_mean(tensor):

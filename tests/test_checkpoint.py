@@ -138,7 +138,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_its_layout(tmp_path, now
 
 
 def _resume_on_rank(rank, store_file, folders, results):
-    """checkpoint.resume on this rank, from folders[rank], and broadcast_buffers; gloo on the CPU."""
+    """checkpoint.resume on this rank, from folders[rank], broadcast_buffers and cat_from_ranks; gloo on the CPU."""
     import torch.distributed as dist
     import utils
     dist.init_process_group('gloo', init_method=f'file://{store_file}', rank=rank, world_size=2)
@@ -148,15 +148,21 @@ def _resume_on_rank(rank, store_file, folders, results):
         results[(rank, 'resumed')] = str(e)
     norm = torch.nn.BatchNorm1d(2)
     norm.running_mean.fill_(float(rank + 1))  # as each rank's own last batches leave them
+    norm.weight.data.fill_(float(rank + 1))  # as a random init drawn from seed + rank
     utils.broadcast_buffers(norm)
     results[(rank, 'running_mean')] = norm.running_mean.tolist()
+    results[(rank, 'weight')] = norm.weight.tolist()
+    utils.broadcast_buffers(norm, parameters=True)
+    results[(rank, 'weight, parameters=True')] = norm.weight.tolist()
+    results[(rank, 'cat')] = utils.cat_from_ranks(torch.arange(rank + 1)).tolist()  # shares of different lengths
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_every_process_resumes_from_one_file_and_evaluates_rank0s_buffers(tmp_path):
     """Processes that see different checkpoints (a folder local to each node) all stop with one line naming each
-    one's file, instead of training different weights; broadcast_buffers gives every rank rank 0's statistics."""
+    one's file, instead of training different weights; broadcast_buffers gives every rank rank 0's statistics (and
+    weights, when asked); cat_from_ranks joins shares of different lengths in rank order."""
     import torch.multiprocessing as mp
     shared, local = tmp_path / 'shared', tmp_path / 'local'
     shared.mkdir(), local.mkdir()
@@ -171,3 +177,6 @@ def test_every_process_resumes_from_one_file_and_evaluates_rank0s_buffers(tmp_pa
                         f'{shared / "checkpoint-0.pth"}, rank 1: none); give --output_dir a folder every process sees')
             assert all(results[(r, 'resumed')].startswith(expected) for r in (0, 1)), dict(results)
         assert results[(0, 'running_mean')] == results[(1, 'running_mean')] == [1.0, 1.0]
+        assert [results[(r, 'weight')] for r in (0, 1)] == [[1.0, 1.0], [2.0, 2.0]]  # buffers only, by default
+        assert results[(0, 'weight, parameters=True')] == results[(1, 'weight, parameters=True')] == [1.0, 1.0]
+        assert results[(0, 'cat')] == results[(1, 'cat')] == [0, 0, 1]

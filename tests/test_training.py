@@ -9,7 +9,7 @@ import torch
 import main
 import recipe
 from models import build
-from conftest import assert_clean_failure, expect_cli_error, free_port, run_script, write_image_folder
+from conftest import assert_clean_failure, expect_cli_error, free_port, run_script, run_torchrun, write_image_folder
 from utils import UserError
 
 TINY = ['--input_size', '32', '--data_set', 'image_folder', '--batch_size', '4', '--num_workers', '0',
@@ -390,6 +390,29 @@ def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
     assert stats['knn_acc1'] * 12 / 100 == pytest.approx(round(stats['knn_acc1'] * 12 / 100))  # a count of 12
     assert json.loads((out / 'knn_probe.json').read_text()) == stats
     assert sorted(os.listdir(out)) == ['knn_probe.json']  # no training: no checkpoint, no log
+
+
+@pytest.mark.slow
+def test_knn_probe_under_torchrun_splits_the_images_and_shares_one_model(tmp_path):
+    """Two processes each extract the features of half of each split, from rank 0's random init (drawn from
+    seed + rank, each would hold its own): the accuracy of one process, counted over every image once. Images of
+    noise, one neighbour: which test images find their class depends on the features, not on brightness."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in range(2):
+            (tmp_path / 'noise' / split / f'c{c}').mkdir(parents=True)
+            for i in range(16):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype('uint8')).save(
+                    tmp_path / 'noise' / split / f'c{c}' / f'{i}.png')
+    probe = [*VIT, *TINY, '--data_path', str(tmp_path / 'noise'), '--knn_probe', '1']
+    one = main.main(probe)
+    out = tmp_path / 'knn'
+    proc = run_torchrun('--nproc_per_node=2', f'--master_port={free_port()}', 'main.py', *probe,
+                        '--output_dir', str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / 'knn_probe.json').read_text()) == one
+    assert proc.stdout.count('k-NN (k=1) acc@1') == 1  # said by rank 0 alone
 
 
 def test_initialize_reads_timm_and_prefixed_wrappers(tmp_path):
