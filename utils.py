@@ -366,7 +366,12 @@ def print_main(*args, **kwargs):
 
 
 def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: in its group, or before joining it the launcher's (so that print_main speaks once)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    if launched_world_size() == 1:
+        return 0
+    return int(os.environ['RANK'] if 'RANK' in os.environ else os.environ['SLURM_PROCID'])
 
 
 def gather_from_ranks(obj):

@@ -191,6 +191,8 @@ def test_launched_world_size_is_the_launchers_step(monkeypatch, env, world):
         monkeypatch.setenv(key, value)
     import utils
     assert utils.launched_world_size() == world
+    # before the group is joined, its rank (print_main speaks on rank 0 alone: the no-effect warnings of parse_args)
+    assert utils.rank() == {1: 0, 4: 3, 8: 1}[world]
 
 
 def _nan_on_rank1(rank, store_file, results):
