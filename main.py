@@ -77,7 +77,7 @@ def _model_and_optimizer_flags(a):
     a('--blr', type=float, default=None,
       help='base learning rate per 512 images of global batch: lr = blr x global batch / 512 (DeiT\'s rule; '
            'MAE\'s blr is per 256 images, so MAE\'s --blr x is --blr 2x here)')
-    a('--layer_decay', type=float, default=1.0, help='layer-wise lr decay (1.0: off)')
+    a('--layer_decay', type=float, default=1.0, help="layer-wise lr decay (1.0: off), through timm's group matchers")
     a('--min_lr', type=float, default=1e-6, help='learning rate at the end of the cosine schedule')
     a('--warmup_epochs', type=int, default=50, help='linear warmup from 0 (the official default, 50)')
     a('--warmup_steps', type=int, default=-1, help='overrides warmup_epochs when > 0')

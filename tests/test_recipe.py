@@ -229,3 +229,84 @@ def test_optimizer_names_are_read_as_timm_reads_them():
     with pytest.raises(UserError, match='--opt adamm: not an optimizer timm knows'):
         recipe.check_optimizer_name('adamm')
 
+
+
+# ---------------------------------------------------------------------------------------------- flags to objects
+# Each flag's value chosen away from its default, so that a flag lost on its way (or two swapped) shows.
+
+def test_distillation_flags_reach_the_loss():
+    """--distill_alpha 0.5 --distill_tau 2: CE + 0.5 * tau^2 * KL(p_t || p_s) at tau 2, by hand."""
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    teacher.pretrained_cfg = {}  # the student's normalization
+    args = main.parse_args(['--distill', 'logit', '--distill_alpha', '0.5', '--distill_tau', '2', '--mixup', '0',
+                            '--cutmix', '0', '--smoothing', '0'])
+    _, criterion = recipe.build_criterion(args, 3, teacher)
+    g = torch.Generator().manual_seed(0)
+    x, logits, y = torch.randn(5, 3, 2, 2, generator=g), torch.randn(5, 3, generator=g), torch.tensor([0, 1, 2, 0, 1])
+    p_t, p_s = torch.softmax(teacher(x).detach() / 2, -1), torch.softmax(logits / 2, -1)
+    kl = (p_t * (p_t / p_s).log()).sum(-1).mean()
+    ce = -torch.log_softmax(logits, -1)[range(5), y].mean()
+    torch.testing.assert_close(criterion(x, logits, y), ce + 0.5 * 4 * kl)
+
+
+def test_label_smoothing_and_mixup_flags_reach_the_loss():
+    """Without mixing, --smoothing eps is (1 - eps) * CE + eps * mean(-log p); with it, timm's Mixup gets every
+    flag and the loss takes soft targets."""
+    args = main.parse_args(['--mixup', '0', '--cutmix', '0', '--smoothing', '0.3'])
+    mixup_fn, criterion = recipe.build_criterion(args, 4)
+    assert mixup_fn is None
+    logits, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+    log_p = torch.log_softmax(logits, -1)
+    expected = (0.7 * -log_p[range(6), y] + 0.3 * -log_p.mean(-1)).mean()
+    torch.testing.assert_close(criterion(None, logits, y), expected)
+    args = main.parse_args(['--mixup', '0.3', '--cutmix', '0.7', '--smoothing', '0.2', '--mixup_prob', '0.6',
+                            '--mixup_switch_prob', '0.25', '--mixup_mode', 'elem'])
+    mixup_fn, criterion = recipe.build_criterion(args, 4)
+    assert (mixup_fn.mixup_alpha, mixup_fn.cutmix_alpha, mixup_fn.label_smoothing, mixup_fn.mix_prob,
+            mixup_fn.switch_prob, mixup_fn.mode, mixup_fn.num_classes) == (0.3, 0.7, 0.2, 0.6, 0.25, 'elem', 4)
+    soft = torch.softmax(torch.randn(6, 4), -1)
+    torch.testing.assert_close(criterion(None, logits, soft), (-soft * log_p).sum(-1).mean())
+
+
+def _decay_by_name(model, optimizer):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
+
+
+@pytest.mark.parametrize('wrapped', [False, True], ids=['vit', 'feature_distill_student'])
+def test_weight_decay_spares_norms_biases_and_the_models_no_weight_decay(wrapped):
+    """Weight decay on the matrices only: not on 1-D parameters (norms, biases) nor on pos_embed and cls_token,
+    also inside feature distillation's wrapper (whose names gain 'model.')."""
+    import losses
+    import timm
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=3)
+    if wrapped:
+        model = losses.FeatureDistillStudent(model, 384)
+    args = main.parse_args(['--weight_decay', '0.05'])
+    decay = _decay_by_name(model, recipe.build_optimizer(model, args, torch.device('cpu'), 1e-3))
+    prefix = 'model.' if wrapped else ''
+    spared = {n for n, p in model.named_parameters() if p.ndim == 1} | {prefix + 'pos_embed', prefix + 'cls_token'}
+    assert decay == {n: 0.0 if n in spared else 0.05 for n, _ in model.named_parameters()}
+
+
+def test_optimizer_flags_reach_the_optimizer():
+    model = torch.nn.Linear(2, 1)
+    args = main.parse_args(['--opt_eps', '1e-6', '--opt_betas', '0.8', '0.95'])
+    adamw = recipe.build_optimizer(model, args, torch.device('cpu'), 1e-3)
+    assert isinstance(adamw, torch.optim.AdamW) and (adamw.defaults['eps'], adamw.defaults['betas']) == (1e-6, (0.8, 0.95))
+    sgd = recipe.build_optimizer(model, main.parse_args(['--opt', 'sgd', '--momentum', '0.7']), torch.device('cpu'), 0.1)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults['momentum'] == 0.7
+
+
+def test_layer_decay_scales_the_lr_from_the_head_down():
+    """--layer_decay 0.5 on a 2-block ViT, timm's grouping: the head 1, block 1 and the final norm 0.5, block 0
+    0.25, the embeddings 0.125 (BEiT's rule puts the final norm with the head; no table uses --layer_decay)."""
+    import timm
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=3)
+    optimizer = recipe.build_optimizer(model, main.parse_args(['--layer_decay', '0.5']), torch.device('cpu'), 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: group['lr_scale'] for group in optimizer.param_groups for p in group['params']}
+    expected = {'patch_embed': 0.125, 'cls_token': 0.125, 'pos_embed': 0.125, 'blocks.0': 0.25, 'blocks.1': 0.5,
+                'norm': 0.5, 'head': 1.0}
+    assert scale == {n: next(v for k, v in expected.items() if n.startswith(k)) for n in scale}
+    assert set(scale) == {n for n, _ in model.named_parameters()}

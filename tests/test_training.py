@@ -50,8 +50,8 @@ def test_two_epochs_write_log_config_and_checkpoints(tmp_path, tiny_data, model)
 
 
 def test_logged_lr_is_the_schedules_with_layer_decay(tmp_path, tiny_data):
-    """With --layer_decay the first parameter groups (the embeddings) take a fraction of the lr; the log gives
-    the schedule's own lr (the largest group's), as written out by recipe.cosine_schedule."""
+    """With --layer_decay the log gives the schedule's own lr (the largest group's, not a decayed one), as written
+    out by recipe.cosine_schedule; the decayed groups: test_recipe.test_layer_decay_scales_the_lr_from_the_head_down."""
     record = main.main(['--model', 'vit_tiny_patch16_224', '--model_kwargs', '{"patch_size": 8, "depth": 2}', *TINY,
                         '--data_path', tiny_data, '--epochs', '2', '--warmup_epochs', '1',
                         '--lr', '1e-3', '--min_lr', '1e-5', '--layer_decay', '0.5', '--disable_eval', 'true'])

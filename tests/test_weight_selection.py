@@ -4,7 +4,7 @@ import os
 import pytest
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import models  # noqa: F401
 import weight_selection as ws
@@ -329,6 +329,53 @@ def test_register_tokens_and_layer_scale():
     assert torch.equal(sd['reg_token'], teacher.reg_token.detach()[..., ::2])
     assert torch.equal(sd['blocks.3.ls1.gamma'], teacher.blocks[3].ls1.gamma.detach()[::2])
     assert report['pos_embed']['action'] == 'resampled'
+    student.load_state_dict(sd)
+
+
+@pytest.mark.parametrize('img_size,patch_size', [(32, 8), (128, 32)])
+def test_patch_embed_of_another_patch_size_is_resampled_then_channel_selected(img_size, patch_size):
+    """A student of another patch size on the same 4x4 grid gets timm's FlexiViT resampling of the teacher's
+    patch kernels, then the evenly spaced half of their output channels; the report says 'resampled'."""
+    teacher = make('vit_small_patch16_224', img_size=64, depth=2)                # 16x16 patches
+    student = make('vit_tiny_patch16_224', img_size=img_size, patch_size=patch_size, depth=2)
+    sd, report = ws.select_weights(teacher, student)
+    w = teacher.patch_embed.proj.weight.detach()
+    expected = resample_patch_embed(w, [patch_size, patch_size])[::2]
+    assert expected.shape == (192, 3, patch_size, patch_size)
+    torch.testing.assert_close(sd['patch_embed.proj.weight'], expected)
+    assert report['patch_embed.proj.weight']['action'] == 'resampled'
+    assert torch.equal(sd['patch_embed.proj.bias'], teacher.patch_embed.proj.bias.detach()[::2])
+    assert report['patch_embed.proj.bias']['action'] == 'selected'
+    student.load_state_dict(sd)
+
+
+@pytest.mark.parametrize('reg_tokens', [1, 2, 3])
+def test_fewer_register_tokens_keep_the_first_ones(reg_tokens):
+    """A student with fewer registers than its teacher (4) keeps the teacher's first registers, not evenly
+    spaced ones, each with the evenly spaced half of the channels."""
+    teacher = make('vit_small_patch14_reg4_dinov2', img_size=28, depth=2)
+    student = make('vit_tiny_patch14_dinov2', img_size=28, depth=2, reg_tokens=reg_tokens, no_embed_class=True)
+    sd, report = ws.select_weights(teacher, student)
+    assert torch.equal(sd['reg_token'], teacher.reg_token.detach()[:, :reg_tokens, ::2])
+    assert report['reg_token']['action'] == 'selected'
+    student.load_state_dict(sd)
+
+
+@pytest.mark.parametrize('img_size', [32, 64])
+def test_no_embed_class_student_drops_the_teachers_class_position(img_size):
+    """A student whose class token has no position (no_embed_class) takes the teacher's grid positions only: the
+    class position (token 0) is dropped, the grid resampled when it differs (4x4 -> 8x8), channels halved."""
+    teacher = make('vit_small_patch16_224', img_size=32, patch_size=8, depth=2)          # 4x4 grid + cls
+    student = make('vit_tiny_patch16_224', img_size=img_size, patch_size=8, depth=2, no_embed_class=True)
+    sd, report = ws.select_weights(teacher, student)
+    t_pos = teacher.pos_embed.detach()
+    side = img_size // 8
+    if side != 4:
+        t_pos = resample_abs_pos_embed(t_pos, [side, side], [4, 4], num_prefix_tokens=1)
+    expected = t_pos[:, 1:, ::2]
+    assert expected.shape == (1, side * side, 192)
+    torch.testing.assert_close(sd['pos_embed'], expected)
+    assert report['pos_embed']['action'] == ('selected' if side == 4 else 'resampled')
     student.load_state_dict(sd)
 
 
