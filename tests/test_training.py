@@ -392,6 +392,41 @@ def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
     assert sorted(os.listdir(out)) == ['knn_probe.json']  # no training: no checkpoint, no log
 
 
+def _one_epoch(batches, update_freq=1, clip_grad=None, lr=1.0):
+    """engine.train_one_epoch of a bias-free Linear under SGD on `batches` of (x, y), squared error; the weights
+    before and after."""
+    import engine
+    model = torch.nn.Linear(3, 2, bias=False)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    criterion = lambda images, outputs, targets: ((outputs - targets) ** 2).mean()  # noqa: E731
+    engine.train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, lambda opt, step: None,
+                           update_freq=update_freq, clip_grad=clip_grad, print_freq=100)
+    return before, model.weight.detach()
+
+
+def test_accumulation_takes_one_step_of_the_mean_gradient():
+    """update_freq 2 over two batches of 2 is one SGD step of the mean loss over the 4 samples, written out:
+    d/dW mean((xW^T - y)^2) = 2 (xW^T - y)^T x / (4 samples x 2 outputs)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+    torch.manual_seed(0)
+    before, after = _one_epoch([(x[:2], y[:2]), (x[2:], y[2:])], update_freq=2, lr=0.1)
+    gradient = 2 * (x @ before.T - y).T @ x / 8
+    torch.testing.assert_close(after, before - 0.1 * gradient)
+
+
+def test_clip_grad_bounds_the_steps_gradient_norm():
+    """--clip_grad 0.5: a step of gradient norm 0.5 when the gradient's is larger, the gradient's own below it."""
+    g = torch.Generator().manual_seed(1)
+    x, y = 100 * torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)  # a gradient norm far above 0.5
+    before, after = _one_epoch([(x, y)], clip_grad=0.5)
+    assert (after - before).norm().item() == pytest.approx(0.5, rel=1e-5)  # lr 1: the step is the clipped gradient
+    x, y = x / 1e3, y / 1e3
+    before, after = _one_epoch([(x, y)], clip_grad=0.5)  # below the bound: the gradient itself
+    torch.testing.assert_close(after, before - 2 * (x @ before.T - y).T @ x / 8)
+
+
 @pytest.mark.slow
 def test_knn_probe_under_torchrun_splits_the_images_and_shares_one_model(tmp_path):
     """Two processes each extract the features of half of each split, from rank 0's random init (drawn from
