@@ -32,6 +32,22 @@ def test_retention_keeps_the_last_k_and_the_best(tmp_path):
     assert torch.load(tmp_path / 'checkpoint-best.pth')['epoch'] == 1
 
 
+def test_save_ckpt_freq_saves_every_nth_epoch_and_the_last(tmp_path):
+    args, state = run_args(tmp_path, save_ckpt_freq=2, save_ckpt_num=0), train_state()  # 0: keep every one
+    for epoch in range(5):
+        checkpoint.save_epoch(args, epoch, {}, {}, state)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-1.pth', 'checkpoint-3.pth', 'checkpoint-4.pth']
+
+
+def test_auto_resume_false_starts_afresh_beside_a_checkpoint(tmp_path):
+    checkpoint.save_epoch(run_args(tmp_path), 1, {}, {}, train_state())
+    fresh = train_state()
+    weight = fresh.model.weight.detach().clone()
+    assert checkpoint.resume(run_args(tmp_path, auto_resume=False), fresh).start_epoch == 0
+    assert torch.equal(fresh.model.weight, weight)
+    assert checkpoint.resume(run_args(tmp_path), train_state()).start_epoch == 2  # the same folder, auto_resume true
+
+
 def test_mid_epoch_checkpoints_count_in_the_retention_order(tmp_path):
     args, state = run_args(tmp_path, save_ckpt_num=3), train_state()
     checkpoint.save_epoch(args, 0, {}, {}, state)

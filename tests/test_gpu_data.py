@@ -137,6 +137,16 @@ def test_ops_off_or_at_zero_leave_images_unchanged():
     off = gt.apply_ops(img, ops, torch.full((n,), 9.0), torch.ones(n), torch.zeros(n, dtype=torch.bool),
                        torch.tensor(FILL, dtype=torch.float32))
     assert torch.equal(off, img)
+    # at magnitude 0 (timm's level_to_arg): no angle, shear or shift, enhance factor 1, solarize threshold 256,
+    # nothing added; AutoContrast, Equalize and Invert have no magnitude, Posterize keeps 4 bits at 0
+    identity_at_zero = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing',
+                        'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing', 'SolarizeIncreasing',
+                        'SolarizeAdd'}
+    img = (img * 0.5 + 40).round()  # a narrower range, which AutoContrast stretches
+    zero = gt.apply_ops(img, ops, torch.zeros(n), torch.ones(n), torch.ones(n, dtype=torch.bool),
+                        torch.tensor(FILL, dtype=torch.float32))
+    unchanged = {name for i, name in enumerate(gt.RAND_OPS) if (zero[i] - img[i]).abs().max() < 1e-4}
+    assert unchanged == identity_at_zero
 
 
 def test_rand_augment_sampling_frequencies():
