@@ -391,7 +391,7 @@ def eval_dataloader(val_set, args, device, rank, world_size, plan, persistent_wo
     """The evaluation split's loader: in order, an exact shard per process where the plan shards it (no
     padding duplicates, so the engine's sums over processes count each image once)."""
     if plan.sharded:
-        val_set = Subset(val_set, range(rank, len(val_set), world_size))
+        val_set = rank_share(val_set, rank, world_size)
     return torch.utils.data.DataLoader(val_set, batch_size=plan.batch_size, shuffle=False,
                                        num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == 'cuda',
                                        persistent_workers=persistent_workers)
@@ -412,9 +412,7 @@ def knn_sets(args):
 
 
 def rank_share(dataset, rank, world_size):
-    """This process's contiguous share of `dataset`, the shares of ranks 0, 1, ... in order making it whole (no
-    padding, unlike DistributedSampler: each image counts once)."""
-    if world_size == 1:
-        return dataset
-    n = len(dataset)
-    return torch.utils.data.Subset(dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
+    """This process's share of `dataset` for evaluation, in order: every world_size-th image from the rank's
+    own (as gpu_data's evaluation loader takes them). No padding, unlike DistributedSampler: the shares of all
+    processes hold each image once."""
+    return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))

@@ -171,8 +171,8 @@ def knn_accuracy(train_loader, test_loader, model, device, k=20, temperature=0.0
                  channels_last=False):
     """Top-1 accuracy (%) of a k-nearest-neighbour vote over cosine similarities, each neighbour weighted
     by exp(similarity / temperature) (DINO's k-NN protocol): how good a model's features are, untrained."""
-    # under torchrun each process reads its own contiguous share of each split (main.knn_probe); gathered in rank
-    # order, the shares are the splits in their order, and every process votes over the same bank
+    # under torchrun each process reads its own share of each split (main.knn_probe); gathered, they are the whole
+    # splits (in another order, which the vote does not depend on), and every process votes over the same bank
     bank, bank_labels, test, test_labels = (utils.cat_from_ranks(t) for t in (
         *features(train_loader, model, device, amp_dtype, channels_last),
         *features(test_loader, model, device, amp_dtype, channels_last)))

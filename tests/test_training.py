@@ -242,6 +242,22 @@ def test_eval_only_prints_accuracy(tmp_path, tiny_data, capsys):
 
 
 @pytest.mark.slow
+def test_eval_under_torchrun_counts_every_image_once(tmp_path):
+    """Two processes evaluate a share each of 9 test images (no padding duplicates) and sum: the accuracy, loss
+    and count of one process."""
+    data = write_image_folder(tmp_path / 'data', train=4, val=3)
+    out = tmp_path / 'run'
+    main.main([*VIT, *TINY, '--data_path', data, '--epochs', '1', '--output_dir', str(out)])
+    flags = [*VIT, *TINY, '--data_path', data, '--eval', 'true', '--resume', str(out / 'checkpoint-0.pth')]
+    one = main.main(flags)
+    proc = run_torchrun('--nproc_per_node=2', f'--master_port={free_port()}', 'main.py', *flags, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert one['n'] == 9
+    line = f"acc@1 {one['acc1']:.2f} acc@5 {one['acc5']:.2f} loss {one['loss']:.4f} on 9 test images"
+    assert [s for s in proc.stdout.splitlines() if s.startswith('acc@1')] == [line]  # rank 0's line alone
+
+
+@pytest.mark.slow
 def test_official_readme_commands_parse_and_start(tmp_path, tiny_data):
     """The paper README's commands, with local paths, tiny data, one epoch; the first through the legacy
     launcher, the others in process (the same flags, without two interpreter start-ups each)."""
