@@ -32,10 +32,14 @@ def write_image_folder(root, train=8, val=3, classes=3, seed=0, varied_sizes=Fal
 
 
 def shared_path(*parts):
-    """A file of ../shared, or skip the test with the reason when ../shared is absent."""
+    """A file of ../shared, or skip the test with the reason when ../shared is absent; a failure instead with
+    WS_REQUIRE_SHARED=1 (CI, which has ../shared beside the checkout: a moved folder must not skip silently)."""
     path = os.path.join(SHARED, *parts)
     if not os.path.exists(path):
-        pytest.skip(f'needs {path} (the ../shared folder beside the checkout); absent here')
+        message = f'needs {path} (the ../shared folder beside the checkout); absent here'
+        if os.environ.get('WS_REQUIRE_SHARED') == '1':
+            pytest.fail(message + ' and WS_REQUIRE_SHARED=1')
+        pytest.skip(message)
     return path
 
 
