@@ -2,6 +2,7 @@
 Phi-3, OLMo 2, mixtures of experts (gpt-oss's stacked, and MXFP4-packed), GPT-NeoX, GPT-2, BERT, ViT and DINOv2
 teachers saved in shards by transformers; every student tensor is checked against index lists written out here."""
 import json
+import math
 import os
 import re
 import shutil
@@ -1662,6 +1663,80 @@ def test_llama_tensorwise_modes_select_as_the_timm_selector(llama, tmp_path, mon
     assert not torch.equal(s['model.layers.0.mlp.up_proj.weight'],
                            pick(t['model.layers.0.mlp.up_proj.weight'], INTER_48_20, EVEN16))
     forward_finite(load_strict(str(tmp_path / 's')))
+
+
+def kept_indices(student, teacher):
+    """The teacher indices a student tensor kept along each dimension, recovered from its values (each teacher value
+    is found at exactly one place): None if the student is no grid of teacher slices."""
+    hits = (student.reshape(-1, 1) == teacher.reshape(1, -1)).nonzero()
+    assert torch.equal(hits[:, 0], torch.arange(student.numel())), 'a value found at no or at several places'
+    coords = torch.stack(torch.unravel_index(hits[:, 1], teacher.shape), -1).reshape(*student.shape, teacher.ndim)
+    kept = []
+    for dim in range(teacher.ndim):
+        along = coords[..., dim].movedim(dim, 0).reshape(student.shape[dim], -1)
+        if not (along == along[:, :1]).all():
+            return None
+        kept.append(tuple(along[:, 0].tolist()))
+    return kept
+
+
+def test_llama_random_inconsistent_draws_a_sorted_set_per_tensor_and_dimension(llama, tmp_path):
+    """random_inconsistent: every student tensor is a grid of its teacher's slices, along each narrowed dimension a
+    sorted set of distinct indices of the student's size, drawn afresh: no two tensors share one."""
+    folder, t = llama
+    report = hf_selection.select_hf(folder, LLAMA_STUDENT, str(tmp_path / 's'), element_selection='random_inconsistent',
+                                    seed=5)
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    drawn = {}  # (teacher size, student size) -> the index sets drawn for it
+    for key, value in s.items():
+        assert report['tensors'][key]['source'] == key  # first-N layers: student layer i is teacher layer i
+        kept = kept_indices(value, t[key])
+        assert kept is not None, key
+        for size, idx in zip(t[key].shape, kept):
+            assert list(idx) == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < size, key
+            if len(idx) < size:
+                drawn.setdefault((size, len(idx)), []).append(idx)
+            else:
+                assert idx == tuple(range(size)), key  # vocab rows stay themselves
+    assert sorted(drawn) == [(16, 8), (32, 16), (48, 20)]
+    for sets in drawn.values():
+        assert len(sets) > 1 and len(set(sets)) == len(sets)
+    assert tuple(EVEN16) not in drawn[32, 16] and tuple(INTER_48_20) not in drawn[48, 20]
+
+
+def magnitude_expected(tensor, shape):
+    """Table 7's magnitude pruning written here: the n largest |w| by a stable descending sort (of equal magnitudes,
+    the earlier ones), kept in their original order, reshaped to the student's shape."""
+    flat = tensor.reshape(-1)
+    keep = flat.abs().sort(descending=True, stable=True).indices[:math.prod(shape)].sort().values
+    return flat[keep].reshape(shape)
+
+
+@pytest.mark.parametrize('block', [7, 2 ** 22])
+def test_llama_magnitude_keeps_the_largest_weights_first_of_ties_in_order(tmp_path, monkeypatch, block):
+    """magnitude squeezes each tensor's largest |w| into the student's shape, the earlier of equal magnitudes first
+    (weights in steps of 1/4: many ties, also across blocks of 7), and a token's row keeps only its own values."""
+    monkeypatch.setattr(weight_selection, 'BLOCK_ELEMENTS', block)
+    monkeypatch.setattr(hf_selection.axes, 'BLOCK_ELEMENTS', block)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_((torch.randn(param.shape) * 2).round() / 4)
+    model.save_pretrained(tmp_path / 't', max_shard_size='20KB')
+    t = model.state_dict()
+    hf_selection.select_hf(str(tmp_path / 't'), LLAMA_STUDENT, str(tmp_path / 's'), element_selection='magnitude')
+    s = load_strict(str(tmp_path / 's')).state_dict()
+    ties = 0
+    for key, value in s.items():
+        if key in ('model.embed_tokens.weight', 'lm_head.weight'):  # 64 tokens' rows of 32 -> 16
+            expected = torch.stack([magnitude_expected(row, (16,)) for row in t[key]])
+        else:
+            expected = magnitude_expected(t[key], tuple(value.shape))
+            magnitudes = t[key].abs().reshape(-1).sort(descending=True).values
+            ties += int(magnitudes[value.numel() - 1] == magnitudes[value.numel()])  # a tie at the cut
+        assert torch.equal(value, expected), key
+    assert ties > 10
 
 
 def test_gpt2_l1_prunes_each_tensor_and_biases_follow_their_neurons(gpt2, tmp_path):
