@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import typing
@@ -106,7 +107,9 @@ def recipe_departures(run_dir, seed, own_flags=()):
     main.py's defaults as the --config files of its command set them (run_info.json; a later file overriding an
     earlier one; read as main.py reads them), but for the row's `own_flags`, for WHERE_AND_HOW and for the
     per-process batch when the global batch is the recipe's; and fewer epochs logged than it set out to train.
-    Nothing is said where the folder does not say."""
+    A seed other than its folder's (seed<T>) counts too: two folders of one seed would be averaged as two runs.
+    Where the folder cannot say (no config.yaml, or its --config files gone), it says so: such a run is not
+    shown as on-recipe."""
     import yaml
     try:
         with open(os.path.join(run_dir, 'config.yaml')) as f:
@@ -114,11 +117,16 @@ def recipe_departures(run_dir, seed, own_flags=()):
         with open(os.path.join(run_dir, 'log.txt')) as f:
             epochs = len({json.loads(line).get('epoch') for line in f if line.strip()})
     except (OSError, ValueError, yaml.YAMLError):
-        return []
+        return [f'{seed}: recipe not checked (no readable config.yaml)']
     launched = launched_recipe(run_dir)
-    recipe = {**launched, **{k: v for k, v in main_defaults().items() if k not in launched}} if launched else {}
+    recipe = {} if launched is None else {**launched, **{k: v for k, v in main_defaults().items() if k not in launched}}
     found = [f"{k} {ran[k]} (recipe {'none' if v in ('', None) else v})" for k, v in recipe.items()
              if k in ran and ran[k] != v and k not in own_flags and k not in WHERE_AND_HOW | no_effect()]
+    if launched is None:
+        found.append('recipe not checked (run_info.json or the --config files of its command are gone)')
+    folder_seed = int(RUN_FOLDER.fullmatch(seed).group(1)) if RUN_FOLDER.fullmatch(seed) else None
+    if isinstance(ran.get('seed'), int) and folder_seed is not None and ran['seed'] != folder_seed:
+        found.append(f"seed {ran['seed']} (its folder says seed{folder_seed})")
     if ran.get('global_batch_size'):  # update_freq follows the GPUs: the per-process batch is not the recipe
         found = [f for f in found if not f.startswith(('batch_size ', 'update_freq '))]
     if isinstance(ran.get('epochs'), int) and epochs < ran['epochs']:
@@ -128,7 +136,8 @@ def recipe_departures(run_dir, seed, own_flags=()):
 
 def launched_recipe(run_dir):
     """The flag values of the --config files in the run's command, read with main.py's own config reader
-    (relative paths from the folder the run started in); {} where they cannot be read."""
+    (relative paths from the folder the run started in): {} for a command without one (main.py's defaults),
+    None where run_info.json or a --config file cannot be read."""
     try:
         with open(os.path.join(run_dir, 'run_info.json')) as f:
             info = json.load(f)
@@ -136,14 +145,15 @@ def launched_recipe(run_dir):
         paths = [os.path.join(info.get('cwd', ''), value) for flag, value in zip(command, command[1:])
                  if flag == '--config']
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return dict(read_recipe(tuple(paths))) if paths else {}
+        return None
+    recipe = read_recipe(tuple(paths))
+    return None if recipe is None else dict(recipe)
 
 
 @functools.lru_cache(maxsize=None)
 def read_recipe(paths):
     """The flag values of these --config files, a later one overriding an earlier one, as main.py reads them
-    (read once for all the runs that share them); () when one cannot be read (moved, deleted or edited since)."""
+    (read once for all the runs that share them); None when one cannot be read (moved, deleted or edited since)."""
     import config
     from utils import UserError
     recipe = {}
@@ -151,7 +161,7 @@ def read_recipe(paths):
         for path in paths:
             recipe.update(config.load_config(path, main_parser()))
     except UserError:
-        return ()
+        return None
     return tuple(recipe.items())
 
 
@@ -180,27 +190,37 @@ class Run(typing.NamedTuple):
     folder: str         # seed<T>, or seed<T>_selection<S> in the median rows
 
 
+RUN_FOLDER = re.compile(r'seed(\d+)(_selection\d+)?')  # as scripts/tables.py names them
+
+
 def collect(root):
     """{(table, row, dataset, model): [Run per run folder]} from
-    root/table<N>/<row>/<dataset>/<model>/seed<S>/ (departures: recipe_departures); in the median rows, only the
-    seed<T>_selection<S>/ folders that scripts/tables.py writes there."""
+    root/table<N>/<row>/<dataset>/<model>/seed<T>/ (departures: recipe_departures); in the median rows, only the
+    seed<T>_selection<S>/ folders that scripts/tables.py writes there. Any other folder with a log.txt (a copy
+    such as seed0_rerun, which would count twice), and a run that logged no test accuracy, is left out with a note."""
     results, own = {}, {}
-    for dirpath, _, files in os.walk(root):
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()  # runs, notes and departures in one order, whatever the file system's
         if 'log.txt' not in files:
             continue
         parts = os.path.relpath(dirpath, root).split(os.sep)
-        if len(parts) != 5 or not parts[0].startswith('table') or not parts[4].startswith('seed'):
+        if len(parts) != 5 or not re.fullmatch(r'table\d+', parts[0]) or not RUN_FOLDER.fullmatch(parts[4]):
+            print(f'note: skipped {dirpath}: not a run folder of scripts/tables.py '
+                  f'(table<N>/<row>/<dataset>/<model>/seed<T>[_selection<S>])', file=sys.stderr)
             continue
         if is_median_row(int(parts[0][5:]), parts[1]) != ('_selection' in parts[4]):
             print(f'note: skipped {dirpath}: scripts/tables.py writes seed<T>_selection<S> folders in the rows the '
                   f'paper reports as a median over selections, seed<T> folders elsewhere', file=sys.stderr)
             continue
         accs = run_accuracies(os.path.join(dirpath, 'log.txt'))
-        if accs is not None:
-            key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
-            if key not in own:
-                own[key] = row_flags(*key)
-            results.setdefault(key, []).append(Run(*accs, recipe_departures(dirpath, parts[4], own[key]), parts[4]))
+        if accs is None:
+            print(f'note: skipped {dirpath}: it logged no test accuracy (stopped before its first evaluation, or '
+                  f'--disable_eval)', file=sys.stderr)
+            continue
+        key = (int(parts[0][5:]), parts[1], parts[2], parts[3])
+        if key not in own:
+            own[key] = row_flags(*key)
+        results.setdefault(key, []).append(Run(*accs, recipe_departures(dirpath, parts[4], own[key]), parts[4]))
     return results
 
 

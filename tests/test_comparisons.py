@@ -180,6 +180,41 @@ def test_table_rows_match_the_collector_paper_numbers():
         assert set(paper) <= rows, (n, set(paper) - rows)
 
 
+def write_run(folder, accs, config):
+    """A run folder as main.py leaves it: log.txt with these test accuracies, config.yaml, and run_info.json
+    with a command of no --config file (its recipe: main.py's defaults)."""
+    folder.mkdir(parents=True)
+    (folder / 'log.txt').write_text(''.join(json.dumps({'epoch': i, 'test_acc1': a}) + '\n' for i, a in enumerate(accs)))
+    (folder / 'config.yaml').write_text(''.join(f'{k}: {v}\n' for k, v in config.items()))
+    (folder / 'run_info.json').write_text(json.dumps({'command': ['main.py']}))
+
+
+def test_collector_counts_each_seed_once_and_says_what_it_left_out(tmp_path):
+    """Only tables.py's run folders count: a copy (seed0_rerun) would weigh seed 0 twice, a run without test
+    accuracy would vanish silently, a folder named for another seed than it ran would be averaged as another
+    seed, a run without its config.yaml cannot be shown as on-recipe, and a stray folder stops nothing."""
+    cell = tmp_path / 'runs' / 'table2' / 'random_init' / 'cifar100' / 'vit_tiny'
+    write_run(cell / 'seed0', [50.0], {'seed': 0})
+    write_run(cell / 'seed0_rerun', [50.0], {'seed': 0})
+    write_run(cell / 'seed1', [70.0], {'seed': 1})
+    (cell / 'seed2').mkdir()
+    (cell / 'seed2' / 'log.txt').write_text(json.dumps({'epoch': 0, 'train_loss': 1.0}) + '\n')
+    write_run(tmp_path / 'runs' / 'table2_old' / 'random_init' / 'cifar100' / 'vit_tiny' / 'seed0', [1.0], {})
+    proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / 'res' / 'tables.md').read_text()
+    assert '| - / - / 81.4 | 60.0 ± 14.1 (n=2) / 60.0 ± 14.1 (n=2) / 72.3 |' in md  # (50 + 70) / 2; ConvNeXt-F's before
+    for skipped in ('seed0_rerun: not a run folder', 'seed2: it logged no test accuracy', 'table2_old'):
+        assert skipped.split(':')[0] in proc.stderr and skipped.split(': ')[-1] in proc.stderr, skipped
+    (cell / 'seed1' / 'config.yaml').write_text('seed: 0\n')  # seed 0's run again, in seed 1's folder
+    (cell / 'seed0' / 'config.yaml').unlink()
+    run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
+    md = (tmp_path / 'res' / 'tables.md').read_text()
+    assert '60.0 ± 14.1 (n=2) / 60.0 ± 14.1 (n=2) / 72.3 [off recipe: 1] |' in md
+    assert ('1. random_init, cifar100 vit_tiny: seed0: recipe not checked (no readable config.yaml); '
+            'seed1: seed 0 (its folder says seed1)') in md
+
+
 def test_collector_on_fixture_logs(tmp_path):
     for seed, accs in [(0, [70.0, 81.0, 80.5]), (1, [71.0, 82.0, 81.0])]:
         folder = tmp_path / 'runs' / 'table7' / 'weight_selection' / 'cifar100' / 'vit_tiny' / f'seed{seed}'
@@ -225,8 +260,7 @@ def test_table3_random_selections_are_the_median_of_three(tmp_path):
     def write_runs(root, runs):
         for row, name, acc in runs:
             folder = root / 'table3' / row / 'cifar100' / 'vit_tiny' / name
-            folder.mkdir(parents=True)
-            (folder / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': acc}) + '\n')
+            write_run(folder, [acc], {'seed': int(name[4:].split('_')[0])})
 
     def collected(root):
         proc = run_script(os.path.join('scripts', 'collect_results.py'), str(root), '--out', str(root / 'res'))
@@ -284,7 +318,7 @@ def test_collector_marks_runs_that_left_their_recipe(tmp_path):
 def test_recipe_departures_read_the_recipe_as_main_does(tmp_path):
     """2e-3 (a string to YAML, a float to main.py) is the recipe's 0.002; another per-GPU batch at the recipe's
     global batch is the recipe; a flag the files leave at main.py's default is compared with it; a relative --config is found from the folder the run started in; a run whose
-    recipe file is gone still says it did not finish."""
+    recipe file is gone says it could not be checked, and that it did not finish."""
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import collect_results
     (tmp_path / 'configs').mkdir()
@@ -305,13 +339,15 @@ def test_recipe_departures_read_the_recipe_as_main_does(tmp_path):
                                      'initialize: ws.pth\n')
     assert collect_results.recipe_departures(str(run), 'seed0') == [
         'seed0: model_kwargs {"depth": 2} (recipe none), clip_grad 1.0 (recipe none), initialize ws.pth (recipe none), '
-        'unfinished (1 of 2 epochs logged)']
+        'seed 3 (its folder says seed0), unfinished (1 of 2 epochs logged)']
     own = collect_results.row_flags(2, 'weight_selection', 'cifar100', 'vit_tiny')
     assert own == {'initialize'} and collect_results.row_flags(2, 'random_init', 'cifar100', 'vit_tiny') == set()
     assert 'initialize' not in collect_results.recipe_departures(str(run), 'seed0', own)[0]
     (run / 'run_info.json').write_text(json.dumps(dict(info, cwd=str(tmp_path / 'elsewhere'))))
     (run / 'config.yaml').write_text('lr: 0.001\nepochs: 3\n')
-    assert collect_results.recipe_departures(str(run), 'seed0') == ['seed0: unfinished (1 of 3 epochs logged)']
+    assert collect_results.recipe_departures(str(run), 'seed0') == [
+        'seed0: recipe not checked (run_info.json or the --config files of its command are gone), '
+        'unfinished (1 of 3 epochs logged)']
 
 
 # ---------------------------------------------------------------------------------------------- figures
