@@ -22,7 +22,7 @@ One recipe per model and subset size, the same for every initialization: the pap
 scaled linearly to the study's batch (--blr: 2e-3 for ViT-T and 4e-3 for ConvNeXt-F per 512 images, the
 paper's lr at the paper's batch; 1.25e-4 for ViT-T at batch 32), drop path 0 for ViT-T (Table 15) and 0.1
 for ConvNeXt-F. The same seed gives every init the same data order and augmentation, so the report gives
-paired per-seed differences against random init, at the final and at the best epoch.
+paired per-seed differences of the final accuracy against random init (the best epoch's beside it, unpaired).
 
 --lr_search BLR [BLR ...] chooses that lr instead of assuming it: for each model and subset size, random init
 trains with every candidate on a validation split carved from the training subset (the last --val_per_class
@@ -219,16 +219,19 @@ class Study:
     def train(self, out, model, model_kwargs, data, epochs, seed, blr, extra=(), input_size=32,
               checkpoints=('--save_ckpt', 'false'), eval_freq=None):
         a = self.args
+        cmd = [self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
+               '--input_size', str(input_size), '--data_set', 'image_folder', '--data_path', data,
+               '--epochs', str(epochs), '--warmup_epochs', str(max(1, epochs // 5)),
+               '--batch_size', str(a.batch_size),
+               '--blr', str(blr),
+               '--drop_path', '0.0' if 'vit' in model else '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
+               '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, *checkpoints,
+               '--print_freq', '1000', '--eval_freq', str(eval_freq or a.eval_freq), *extra]
         log = read_log(out)
-        if not log or log[-1].get('epoch') != epochs - 1:  # not finished here (a call killed mid-run, say)
-            self.run([self.python, os.path.join(HERE, 'main.py'), '--model', model, '--model_kwargs', json.dumps(model_kwargs),
-                      '--input_size', str(input_size), '--data_set', 'image_folder', '--data_path', data,
-                      '--epochs', str(epochs), '--warmup_epochs', str(max(1, epochs // 5)),
-                      '--batch_size', str(a.batch_size),
-                      '--blr', str(blr),
-                      '--drop_path', '0.0' if 'vit' in model else '0.1', '--num_workers', str(a.num_workers), '--device', a.device,
-                      '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, *checkpoints,
-                      '--print_freq', '1000', '--eval_freq', str(eval_freq or a.eval_freq), *extra])
+        if log and log[-1].get('epoch') == epochs - 1:  # finished by an earlier call with this --out
+            check_same_run(out, cmd[2:])
+            return log
+        self.run(cmd)  # not run yet, or not finished (a call killed mid-run, say)
         return read_log(out)
 
     def select(self, out, teacher, teacher_kwargs, ckpt, student, student_kwargs, layers, elements, seed=0):
@@ -284,6 +287,25 @@ def run_key(r):
 def device_kind(r):
     """'cpu' or 'gpu' for a record's device (None for a record without one)."""
     return None if r.get('device') is None else 'cpu' if r['device'] == 'cpu' else 'gpu'
+
+
+def check_same_run(out, flags):
+    """A finished run found in `out` is reused only if it ran with these main.py flags (its config.yaml): another
+    --batch_size, --eval_freq or --device given to the same --out would otherwise be reported with its numbers."""
+    import yaml
+    import main
+    given = vars(main.parse_args(flags))
+    try:
+        with open(os.path.join(out, 'config.yaml')) as f:
+            ran = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        ran = None
+    names = [f[2:] for f in flags if f.startswith('--') and f[2:] not in ('num_workers', 'print_freq')]
+    differ = ['no readable config.yaml'] if ran is None else [
+        f'--{k} {ran.get(k)} (now {given[k]})' for k in names if ran.get(k) != given[k]]
+    if differ:
+        raise utils.UserError(f'{out} holds a finished run of other settings ({", ".join(differ)}); pass another '
+                              f'--out, or remove that folder to train it again')
 
 
 def read_log(folder):
@@ -541,8 +563,9 @@ def run_study(args, out, study):
 
     def source():  # only the teachers pretrained here need the source task, and only when they train
         if not source_dir:
-            source_dir.append(args.source or study.imagefolder(os.path.join(out, 'data', 'source'), SOURCE,
-                                                               8 if args.smoke else None, per_test))
+            source_dir.append(args.source or study.imagefolder(
+                os.path.join(out, 'data', 'source' + ('_smoke' if args.smoke else '') + test_tag), SOURCE,
+                8 if args.smoke else None, per_test))
         return source_dir[0]
 
     def target(n):  # made when a run first needs it, not when every run is reused from --done
@@ -661,8 +684,10 @@ def report_rows(records):
         family, n, epochs, blr, _ = recipe
         paired = [r['final_acc1'] - random_final[(*recipe, r['seed'])] for r in runs
                   if init != 'random init' and (*recipe, r['seed']) in random_final]
+        vs_random = '' if init == 'random init' else mean_std(paired) + (
+            f' (n={len(paired)}: the seeds with a random-init run)' if paired and len(paired) != len(runs) else '')
         rows.append(f"| {model_label(family, runs, records)} | {n} | {epochs} | {blr:g} | {init} | "
-                    f"{mean_std([r['final_acc1'] for r in runs])} | {mean_std(paired) if init != 'random init' else ''} | "
+                    f"{mean_std([r['final_acc1'] for r in runs])} | {vs_random} | "
                     f"{mean_std([r['best_acc1'] for r in runs])} | {len(runs)} |")
     return rows
 
@@ -688,22 +713,33 @@ def model_label(family, runs, records):
     return f"{family} ({', '.join(sorted({str(r.get('device')) for r in runs}))})"
 
 
-def lr_search_rows(lr_records, batch_size):
-    """One row per (model, subset, candidate) of --lr_search: random init's validation accuracy; the chosen
-    candidate (highest mean final accuracy, the first of equals) in bold."""
+def lr_search_rows(lr_records, batch_size, records=()):
+    """One row per (model, subset, candidate) of --lr_search: random init's validation accuracy. In bold, the
+    candidate that the test `records` of that model and subset trained with; where none did, the one chosen here
+    (highest mean final accuracy, the first of equals). A † marks the chosen one where the runs used another: records
+    merged from calls of other seeds can move the highest mean away from what each call chose."""
+    used = {}
+    for r in records:
+        used.setdefault((r['family'], r['per_class'], r['epochs'], device_kind(r)), set()).add(r['blr'])
     groups = {}
     for r in lr_records:
         groups.setdefault((r['family'], r['per_class'], r['val_per_class'], r['epochs'], device_kind(r)), {}).setdefault(
             r['blr'], []).append(r)
     rows = []
-    for (family, n, val, epochs, _), by_blr in groups.items():
+    for (family, n, val, epochs, kind), by_blr in groups.items():
         chosen = chosen_blr(by_blr)
+        bold = used.get((family, n, epochs, kind), {chosen})
         for blr, runs in by_blr.items():
-            mark = '**' if blr == chosen else ''
-            rows.append(f"| {model_label(family, runs, lr_records)} | {n - val} + {val} | {epochs} | {mark}{blr:g}{mark} | {blr * batch_size / 512:.3g} | "
+            mark = '**' if blr in bold else ''
+            dagger = '†' if blr == chosen and blr not in bold else ''
+            rows.append(f"| {model_label(family, runs, lr_records)} | {n - val} + {val} | {epochs} | {mark}{blr:g}{mark}{dagger} | {blr * batch_size / 512:.3g} | "
                         f"{mean_std([r['final_acc1'] for r in runs])} | {mean_std([r['best_acc1'] for r in runs])} | "
                         f"{len(runs)} |")
     return rows
+
+
+def seeds_of(records):
+    return sorted({r['seed'] for r in records})
 
 
 def provenance(runs, reused):
@@ -740,7 +776,7 @@ def write_report(out, study, seconds, args, partial=False):
              + (f'{5 * args.per_class_test:,}' if args.per_class_test else 'all 5,000')
              + ' target test images at the final epoch and at the best one (picked on the test set'
              + (f', among the epochs evaluated: every {args.eval_freq} and the last' if args.eval_freq > 1 else '')
-             + f'), mean ± std over seeds {args.seeds}; "vs random" is the mean ± std of the per-seed differences '
+             + f'), mean ± std over seeds {seeds_of(records)}; "vs random" is the mean ± std of the per-seed differences '
              f'from random init (same seed: same data order and augmentation).', '',
              (f"Device: {study.ran_on['device']}; " + ', '.join(f'{k} {v}' for k, v in utils.versions().items())
               + f'; wall time {seconds / 60:.1f} min.' if study.commands else
@@ -757,12 +793,13 @@ def write_report(out, study, seconds, args, partial=False):
         lines += ['', '## Learning rate, chosen on a validation split', '',
                   f'Random init only, trained on the subset less its last {args.val_per_class} images per class and '
                   f'evaluated on those held-out images (never the test set); acc@1 (%) mean ± std over seeds '
-                  f'{args.seeds}. The candidate in bold (highest mean final accuracy) is the recipe of every init '
-                  f'above.', '',
+                  f'{seeds_of(lr_records)}. In bold, the candidate every init above trained with: the highest mean '
+                  f'final accuracy over the seeds of the call that chose it (a †: the highest over all seeds here, '
+                  f'where it differs).', '',
                   '| model | train + validation images per class | epochs | base lr / 512 | lr at batch '
                   f'{args.batch_size} | final acc@1 | best acc@1 | n |',
                   '|---|---|---|---|---|---|---|---|']
-        lines += lr_search_rows(lr_records, args.batch_size)
+        lines += lr_search_rows(lr_records, args.batch_size, records)
     if study.commands:
         lines += ['', '## Commands', '', 'Of this call' + (' (the runs reused from --done ran in earlier calls, with '
                                                            'the same settings)' if study.used or earlier else '') + ':',

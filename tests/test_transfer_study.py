@@ -163,6 +163,10 @@ def test_report_gives_paired_differences_from_random_init():
     assert rows == ['| vit | 100 | 30 | 0.002 | random init | 42.0 ± 2.8 |  | 43.5 ± 2.1 | 2 |',
                     # seed 1: 47 - 44 = 3, seed 0: 41 - 40 = 1 -> 2.0 ± 1.4 (paired, not 44.0 - 42.0 by chance)
                     '| vit | 100 | 30 | 0.002 | ws uniform | 44.0 ± 4.2 | 2.0 ± 1.4 | 45.5 ± 3.5 | 2 |']
+    # a seed without its random-init run: the difference says over how many seeds it is
+    rows = transfer_study.report_rows([run('random init', 0, 40.0, 42.0), run('ws uniform', 0, 41.0, 43.0),
+                                       run('ws uniform', 2, 60.0, 60.0)])
+    assert rows[1] == '| vit | 100 | 30 | 0.002 | ws uniform | 50.5 ± 13.4 | 1.0 (n=1: the seeds with a random-init run) | 51.5 ± 12.0 | 2 |'
 
 
 def test_report_pairs_each_init_with_random_init_of_the_same_recipe():
@@ -236,6 +240,7 @@ def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are
     assert '| convnext | 100 | 200 | 0.004 | random init | 50.0 |' in report and '40.0' not in report
     assert 'also keeps 1 record(s) of --done with other settings' in report
     assert '2 of the 2 runs came from --done' in report
+    assert 'mean ± std over seeds [0];' in report  # the records' seeds, not this call's --seeds (0 1 2)
 
     # one run trained twice (two calls sent before the first's records were merged): the first record given is kept
     (tmp_path / 'done.jsonl').write_text(json.dumps(random0) + '\n' + json.dumps({**random0, 'final_acc1': 1.0}) + '\n')
@@ -417,6 +422,41 @@ def test_lr_search_report_marks_the_highest_mean_final_validation_accuracy():
                                           run(4e-3, 0, 60.0, 70.0), run(4e-3, 1, 36.0, 40.0)], batch_size=32)
     assert rows == ['| vit | 80 + 20 | 30 | **0.002** | 0.000125 | 49.0 ± 1.4 | 50.5 ± 0.7 | 2 |',
                     '| vit | 80 + 20 | 30 | 0.004 | 0.00025 | 48.0 ± 17.0 | 55.0 ± 21.2 | 2 |']
+    # merged from calls of other seeds: the test runs trained with 4e-3 (what their own call chose); bold says so,
+    # and a dagger marks the highest mean over all these seeds
+    test_runs = [{'family': 'vit', 'per_class': 100, 'epochs': 30, 'blr': 4e-3, 'seed': 0}]
+    rows = transfer_study.lr_search_rows([run(2e-3, 0, 50.0, 51.0), run(2e-3, 1, 48.0, 50.0),
+                                          run(4e-3, 0, 60.0, 70.0), run(4e-3, 1, 36.0, 40.0)], 32, test_runs)
+    assert [row.split(' | ')[3] for row in rows] == ['0.002†', '**0.004**']
+
+
+def test_a_finished_run_is_reused_only_with_the_same_flags(tmp_path, monkeypatch):
+    """Study.train finds a finished log in its run folder: reused as it is when its config.yaml holds the flags this
+    call would pass; another --batch_size (or no config.yaml) stops the study in one line instead of reporting the
+    old numbers under the new settings."""
+    from types import SimpleNamespace
+    import checkpoint
+    import main
+    import utils
+    ts, args = study_args(monkeypatch, tmp_path, '--batch_size', '32', '--device', 'cpu')
+    study = ts.Study(args, str(tmp_path / 'out'))
+    run = tmp_path / 'run'
+    run.mkdir()
+    monkeypatch.setattr(study, 'run', lambda cmd: ran.append(cmd))
+    ran = []
+    study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)  # nothing there: it runs
+    flags = ran[0][2:]
+    (run / 'log.txt').write_text(''.join(json.dumps({'epoch': e, 'test_acc1': 1.0}) + '\n' for e in range(2)))
+    checkpoint.save_run_config(main.parse_args(flags), SimpleNamespace(type='cpu'), {})
+    assert study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)[-1]['epoch'] == 1
+    assert len(ran) == 1  # reused, not run again
+    args.batch_size = 64
+    with pytest.raises(utils.UserError, match=r'holds a finished run of other settings \(--batch_size 32 \(now 64\)\)'):
+        study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)
+    (run / 'config.yaml').unlink()
+    args.batch_size = 32
+    with pytest.raises(utils.UserError, match='no readable config.yaml'):
+        study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)
 
 
 def test_lr_search_refuses_a_validation_split_that_leaves_nothing_to_train(tmp_path):
