@@ -184,7 +184,30 @@ def selected_rows(n, env):
             if name not in known:
                 raise SystemExit(f"error: unknown {var[:-1].lower()} '{name}' in {var}; choose from {' '.join(known)}")
         keep[var] = set(names) or set(known)
-    return [r for r in rows if slug(r[0]) in keep['ROWS'] and r[1] in keep['DATASETS'] and r[2] in keep['MODELS']]
+    kept = [r for r in rows if slug(r[0]) in keep['ROWS'] and r[1] in keep['DATASETS'] and r[2] in keep['MODELS']]
+    if not kept:  # a filter that leaves nothing would otherwise "succeed" having run nothing
+        given = ' '.join(f'{var}={env[var]!r}' for var in ('ROWS', 'DATASETS', 'MODELS') if env.get(var))
+        raise SystemExit(f"error: {given} leaves no run of {'table ' if isinstance(n, int) else ''}{n}, whose runs "
+                         f"cover datasets {' '.join(dict.fromkeys(r[1] for r in rows))} and models "
+                         f"{' '.join(dict.fromkeys(r[2] for r in rows))}")
+    return kept
+
+
+# Flags each run of a table gets from the table itself (its seeds, its folders): given again through EXTRA or
+# SELECT_EXTRA, the last one would win, and e.g. Table 3's three random selections would all be one
+OWN_FLAGS = {'EXTRA': {'--seed': 'SEEDS', '--output_dir': 'OUTPUT'},
+             'SELECT_EXTRA': {'--seed': 'SELECTION_SEEDS (the random rows) or SEEDS', '--output': 'OUTPUT'}}
+
+
+def extra_flags(env, var):
+    """EXTRA's or SELECT_EXTRA's flags, refusing those the table sets per run."""
+    flags = shlex.split(env.get(var, ''))
+    for flag in flags:
+        name = flag.split('=')[0]
+        if name in OWN_FLAGS[var]:
+            raise SystemExit(f"error: {var} sets {name}, which the table sets for each run; use "
+                             f"{OWN_FLAGS[var][name]} instead")
+    return flags
 
 
 def data_path(dataset, env):
@@ -199,7 +222,7 @@ def data_path(dataset, env):
 
 def select_extra(env):
     """SELECT_EXTRA's flags; a --student_kwargs among them is checked here, before any step runs."""
-    extra = shlex.split(env.get('SELECT_EXTRA', ''))
+    extra = extra_flags(env, 'SELECT_EXTRA')
     if '--student_kwargs' in extra:
         i = extra.index('--student_kwargs')
         try:
@@ -266,7 +289,7 @@ def commands(n, env):
             launch = [py] if ngpus == 1 else [py, '-m', 'torch.distributed.run', f'--nproc_per_node={ngpus}']
             cmd = [*launch, os.path.join(HERE, 'main.py'),
                    '--config', config, '--data_path', data_path(dataset, env), '--output_dir', run_dir,
-                   '--seed', seed, *flags, *init, *download, *shlex.split(env.get('EXTRA', ''))]
+                   '--seed', seed, *flags, *init, *download, *extra_flags(env, 'EXTRA')]
             if teacher_dir and '--distill_teacher' in flags:
                 name = flags[flags.index('--distill_teacher') + 1]
                 if os.path.exists(os.path.join(teacher_dir, name + '.pth')):

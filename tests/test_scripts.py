@@ -50,11 +50,26 @@ def test_failed_step_stops_the_table_with_its_own_error_and_names_the_step(tmp_p
 
 
 def test_select_extra_reaches_the_selections_only():
-    proc = bash('cifar10.sh', DRY_RUN='1', DATA_PATH='/d', MODELS='vit_tiny', SELECT_EXTRA='--seed 7',
+    proc = bash('cifar10.sh', DRY_RUN='1', DATA_PATH='/d', MODELS='vit_tiny', SELECT_EXTRA='--quiet',
                 EXTRA='--epochs 1')
     lines = [line for line in proc.stdout.splitlines() if line.startswith('+ ')]
-    assert [line.endswith('--seed 7') for line in lines] == ['weight_selection.py' in line for line in lines]
+    assert [line.endswith('--quiet') for line in lines] == ['weight_selection.py' in line for line in lines]
     assert all(line.endswith('--epochs 1') for line in lines if 'main.py' in line)
+
+
+@pytest.mark.parametrize('var,flag,use', [('SELECT_EXTRA', '--seed 7', 'SELECTION_SEEDS'), ('EXTRA', '--seed=0', 'SEEDS'),
+                                          ('EXTRA', '--output_dir /o', 'OUTPUT'), ('SELECT_EXTRA', '--output x.pth', 'OUTPUT')])
+def test_extra_flags_may_not_override_what_the_table_sets_per_run(var, flag, use):
+    """Table 3's three random selections given one --seed would be one selection three times (a median of
+    nothing); every seed's run given one --seed, one run n times: refused before any step, naming the variable."""
+    proc = bash('table3.sh', DRY_RUN='1', DATA_ROOT='/d', MODELS='vit_tiny', **{var: flag})
+    assert_clean_failure(proc, f'{var} sets {flag.split()[0].split("=")[0]}, which the table sets for each run', use)
+    assert '+ ' not in proc.stdout
+
+
+def test_filters_that_leave_no_run_stop_the_table():
+    proc = bash('table3.sh', DRY_RUN='1', DATA_ROOT='/d', DATASETS='cifar10')
+    assert_clean_failure(proc, "DATASETS='cifar10' leaves no run of table 3, whose runs cover datasets cifar100")
 
 
 def test_select_extra_student_kwargs_reach_every_selection_and_name_their_own_files():
