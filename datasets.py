@@ -13,6 +13,7 @@ Splits (train -> evaluated on):
   image_folder       ImageFolder DATA_PATH/train -> DATA_PATH/val (or DATA_PATH/test); classes from folders
 """
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,12 @@ def check_augment_policy(args):
     if policy is None:
         return
     from timm.data import auto_augment as aug
+    # timm skips a RandAugment section with no digit in it ('incl' for 'inc1': increasing magnitudes silently off)
+    sections = policy.split('-')[1:] if policy.split('-')[0] == 'rand' else []
+    bad = [s for s in sections if not re.fullmatch(r'(mstd|mmax|inc|m|n|p)\d.*|t.+', s)]
+    if bad:
+        raise UserError(f"--aa {policy}: '{bad[0]}' is not a RandAugment setting (m<magnitude>, n<layers>, "
+                        f"mstd<std>, mmax<max>, inc<0|1>, p<prob>, t<ops>), e.g. rand-m9-mstd0.5-inc1")
     hparams = {'translate_const': 100, 'img_mean': (124, 116, 104)}
     make = (aug.rand_augment_transform if policy.startswith('rand') else
             aug.augment_and_mix_transform if policy.startswith('augmix') else aug.auto_augment_transform)

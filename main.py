@@ -89,10 +89,11 @@ def _augmentation_and_init_flags(a):
     a('--color_jitter', type=float, default=0.4, help='color jitter strength (with --aa none)')
     a('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='RandAugment policy (timm syntax); none to disable')
     a('--smoothing', type=float, default=0.1, help='label smoothing')
-    a('--train_interpolation', type=str, default='bicubic', help='resize interpolation of training images')
+    a('--train_interpolation', type=str, default='bicubic', help='resize interpolation of training images',
+      choices=('bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos', 'random'))
     a('--crop_pct', type=float, default=None, help='evaluation center crop fraction (None: 224/256)')
     a('--reprob', type=float, default=0.25, help='random erasing probability')
-    a('--remode', type=str, default='pixel', help='random erasing fill mode')
+    a('--remode', type=str, default='pixel', help='random erasing fill mode', choices=('pixel', 'rand', 'const'))
     a('--recount', type=int, default=1, help='random erasing count')
     a('--resplit', type=str2bool, default=None, help='no effect (official flag, kept for its commands)')
     a('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
@@ -100,7 +101,8 @@ def _augmentation_and_init_flags(a):
     a('--cutmix_minmax', type=float, nargs='+', default=None, help='cutmix min/max box ratio (overrides --cutmix alpha)')
     a('--mixup_prob', type=float, default=1.0, help='probability of applying mixup or cutmix to a batch')
     a('--mixup_switch_prob', type=float, default=0.5, help='probability of cutmix instead of mixup when both are on')
-    a('--mixup_mode', type=str, default='batch', help='mixup per batch, pair or elem')
+    a('--mixup_mode', type=str, default='batch', help='mixup per batch, pair or elem',
+      choices=('batch', 'pair', 'elem'))
     # initialization
     a('--initialize', default=None, help='weight selection output (weight_selection.py), a state dict, or the '
                                          'folder of the official release holding vit.pth / convnext.pth')

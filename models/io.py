@@ -41,22 +41,28 @@ def check_model_name(name, flag):
 
 
 def create_model(name, flag, pretrained=False, default_img_size=None, **kwargs):
-    """timm.create_model with our students registered; a keyword the model does not take is one error line.
-    `default_img_size` is passed as img_size only to models that take it (ViTs do, ConvNeXt does not)."""
+    """timm.create_model with our students registered; a keyword the model does not take, or a value it cannot be
+    built with (num_heads that does not divide the width, a patch size of 0, ConvNeXt depths of 3 stages), is one
+    error line. `default_img_size` is passed as img_size only to models that take it (ViTs do, ConvNeXt does not)."""
     import timm
     check_model_name(name, flag)
+    # what a model's constructor raises on values it cannot take; without keyword arguments of the user's, any
+    # error is not theirs (a traceback, then)
+    rejected = (TypeError, AssertionError, ValueError, IndexError, ZeroDivisionError, RuntimeError) if kwargs \
+        else TypeError
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Mapping deprecated model name')
         if default_img_size is not None:
             try:
                 return timm.create_model(name, pretrained=pretrained, img_size=default_img_size, **kwargs)
-            except TypeError as e:
-                if 'img_size' not in str(e):
-                    raise UserError(f'{flag} {name}: {e}; check the keyword arguments {kwargs}') from None
+            except rejected as e:
+                if not (isinstance(e, TypeError) and 'img_size' in str(e)):
+                    raise UserError(f'{flag} {name}: {type(e).__name__}: {e}; check the keyword arguments '
+                                    f'{kwargs}') from None
         try:
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-        except TypeError as e:
-            raise UserError(f'{flag} {name}: {e}; check the keyword arguments {kwargs}') from None
+        except rejected as e:
+            raise UserError(f'{flag} {name}: {type(e).__name__}: {e}; check the keyword arguments {kwargs}') from None
 
 
 # ----------------------------------------------------------------------------------------------

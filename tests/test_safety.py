@@ -365,6 +365,9 @@ def test_eval_split_with_other_classes_stops(tmp_path, capsys):
     (['--opt_betas', '0.9', '0.99', '0.5'], ['--opt_betas takes two values', 'got 3']),
     (['--cutmix_minmax', '0.3'], ['--cutmix_minmax takes two box ratios', 'got 0.3']),
     (['--aa', 'randaug-garbage'], ['--aa randaug-garbage: not a timm augmentation policy']),
+    (['--aa', 'rand-m9-mstd0.5-incl'], ["'incl' is not a RandAugment setting", 'rand-m9-mstd0.5-inc1']),  # timm skips it
+    (['--model_kwargs', '{"num_heads": 5}'], ['--model vit_tiny_patch16_224: AssertionError: dim should be divisible',
+                                              'check the keyword arguments']),
     (['--start_epoch', '5'], ['--start_epoch 5 leaves no epoch of --epochs 1 to train']),
     (['--start_epoch', '-1'], ['--start_epoch -1 must be 0 or more']),
     (['--resume', 'CKPT', '--initialize', 'CKPT'], ['--resume continues a run', 'give one of them']),
@@ -381,6 +384,15 @@ def test_bad_run_settings_stop_before_training(flags, needles, tmp_path, data, c
     argv = [*TRAIN, '--data_path', data, '--epochs', '1', '--output_dir', str(out), *flags]
     expect_cli_error(main.main, argv, capsys, *needles)
     assert not os.path.exists(out / 'log.txt')
+
+
+@pytest.mark.parametrize('flag,typo', [('--mixup_mode', 'elementwise'), ('--remode', 'pixl'),
+                                       ('--train_interpolation', 'bicubc')])
+def test_a_misspelt_choice_is_refused_by_name(flag, typo, capsys):
+    """Values timm would take silently (Mixup's mode: the default then) or fail on mid-run (KeyError, assert)."""
+    with pytest.raises(SystemExit) as stop:
+        main.parse_args([flag, typo])
+    assert stop.value.code == 2 and f"argument {flag}: invalid choice: '{typo}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('flag', ['--output_dir', '--log_dir'])
