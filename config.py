@@ -110,6 +110,11 @@ def eval_checkpoint(args, argv, make_parser):
     """--eval: read the --resume checkpoint, and take the model flags it was trained with (MODEL_FLAGS) where
     not given; so `--eval true --resume CKPT --data_path D` evaluates the model the checkpoint holds."""
     ckpt = io.torch_load(args.resume, args.trust_checkpoint)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('meta'), dict) and 'student' in ckpt['meta'] \
+            and not ('args' in ckpt or 'model_name' in ckpt):  # weight_selection.py's output: no model flags in it
+        raise UserError(f"--resume {args.resume} is a selection of weight_selection.py (--student "
+                        f"{ckpt['meta']['student']}), not a checkpoint of main.py: train from it with --initialize, or "
+                        f"probe its features with --knn_probe 20 --initialize {args.resume}")
     stored = checkpoint.args_of(ckpt)
     if isinstance(ckpt, dict) and ckpt.get('model_name'):
         stored['model'] = ckpt['model_name']

@@ -171,7 +171,7 @@ def _data_and_run_flags(a):
       help='evaluate every N epochs and after the last; the best checkpoint is chosen among evaluated epochs')
     a('--print_freq', default=50, type=int,
       help='print training progress every N batches (micro-batches with --update_freq)')
-    a('--use_amp', type=str2bool, default=False, help='mixed precision: bf16 where supported, else fp16 + GradScaler')
+    a('--use_amp', type=str2bool, default=False, help='mixed precision on CUDA: bf16 where supported, else fp16 + GradScaler (the CPU: float32)')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
     a('--channels_last', type=str2bool, default=False, help='channels-last memory format')
     # distributed
@@ -331,6 +331,10 @@ def train(run):
                      f'{run.update_freq} = {run.global_batch}; lr {run.lr:g}; {t.steps_per_epoch} optimizer steps '
                      f'per epoch')
     resumed = checkpoint.resume(args, t.state, run.layout)
+    if resumed.start_epoch > args.epochs:  # its config.yaml and log would otherwise disagree on what it trained
+        raise UserError(f'the run resumed here has trained {resumed.start_epoch} epochs, more than --epochs '
+                        f'{args.epochs}: pass --epochs {resumed.start_epoch} or more to continue it, or another '
+                        f'--output_dir for a new run')
     log_writer = None
     if args.log_dir and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -341,7 +345,7 @@ def train(run):
                          'cannot be resumed')
     else:
         os.makedirs(args.output_dir, exist_ok=True)
-        if utils.is_main_process():
+        if utils.is_main_process() and resumed.start_epoch < args.epochs:  # a finished run's record stays its own
             derived = {'world_size': run.dist.world_size, 'update_freq': run.update_freq,
                        'global_batch': run.global_batch, 'lr': run.lr}
             checkpoint.save_run_config(args, run.device, derived)
@@ -423,6 +427,9 @@ def knn_probe(run):
     """--knn_probe K: the k-NN accuracy of the initial model's features, printed and (with --output_dir) saved."""
     args = run.args
     train_set, test_set, classes = datasets.knn_sets(args)
+    if args.knn_probe > len(train_set):
+        utils.print_main(f'note: --knn_probe {args.knn_probe} is more than the {len(train_set)} training images: '
+                         f'every one of them votes')
     if args.knn_features == 'pixels':
         model = build.PixelFeatures()
     else:

@@ -241,6 +241,20 @@ def test_eval_only_prints_accuracy(tmp_path, tiny_data, capsys):
            f"checkpoint's: {tiny_data})" in printed
 
 
+def test_a_finished_run_keeps_its_record_and_refuses_fewer_epochs(tmp_path, tiny_data, capsys):
+    """Launched again as it was, a finished run trains nothing and leaves its config.yaml as it ran; launched
+    with fewer epochs than it trained, it stops in one line (its config.yaml would say 1 epoch of a 2-epoch log)."""
+    out = tmp_path / 'run'
+    run = [*VIT, *TINY, '--data_path', tiny_data, '--output_dir', str(out), '--disable_eval', 'true']
+    main.main([*run, '--epochs', '2'])
+    config = (out / 'config.yaml').read_text()
+    assert main.main([*run, '--epochs', '2', '--print_freq', '7']) == {}
+    assert (out / 'config.yaml').read_text() == config
+    expect_cli_error(main.main, [*run, '--epochs', '1', '--warmup_epochs', '0'], capsys,
+                     'the run resumed here has trained 2 epochs, more than --epochs 1', 'another --output_dir')
+    assert (out / 'config.yaml').read_text() == config and len(read_log(out)) == 2
+
+
 @pytest.mark.slow
 def test_eval_under_torchrun_counts_every_image_once(tmp_path):
     """Two processes evaluate a share each of 9 test images (no padding duplicates) and sum: the accuracy, loss
@@ -391,7 +405,7 @@ def test_knn_probe_of_raw_pixels_is_a_vote_over_the_images(tiny_data):
     assert stats['knn_acc1'] == pytest.approx(direct_vote(*flat(train_set), *flat(test_set), 5, 3))
 
 
-def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
+def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data, capsys):
     import timm
     import weight_selection
     teacher, ws = tmp_path / 'teacher.pth', tmp_path / 'ws.pth'
@@ -406,6 +420,10 @@ def test_knn_probe_of_a_selection_writes_its_result(tmp_path, tiny_data):
     assert stats['knn_acc1'] * 12 / 100 == pytest.approx(round(stats['knn_acc1'] * 12 / 100))  # a count of 12
     assert json.loads((out / 'knn_probe.json').read_text()) == stats
     assert sorted(os.listdir(out)) == ['knn_probe.json']  # no training: no checkpoint, no log
+    # --eval takes a checkpoint of main.py (its model flags, a trained head): a selection is named as one
+    expect_cli_error(main.main, ['--eval', 'true', '--resume', str(ws), '--data_path', tiny_data], capsys,
+                     f'--resume {ws} is a selection of weight_selection.py (--student vit_tiny_patch16_224)',
+                     '--knn_probe 20 --initialize')
 
 
 def _one_epoch(batches, update_freq=1, clip_grad=None, lr=1.0):
