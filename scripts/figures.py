@@ -6,9 +6,12 @@
     python scripts/figures.py attention --teacher vit_small_patch16_224.augreg_in21k [--teacher_checkpoint F] \\
         --selection ws.pth --student vit_tiny_patch16_224 --out fig5.png          # Figure 5: W_q W_k^T and W_v W_proj
 
-Run folders are main.py's --output_dir (log.txt, config.yaml). A run is labelled "weight selection" when
-its config has --initialize, else "random init" (or pass --labels).
+Run folders are main.py's --output_dir (log.txt, config.yaml). A run is labelled by what it started from, as
+its config says: "weight selection" (--initialize), "pretraining + fine-tuning" (--initialize of a main.py run's
+checkpoint), "random init" or "<init> init", with "+ <mode> distillation" (or pass --labels). budget and
+pretraining plot the mean over the runs of a point (seeds) and leave out, with a note, a run that did not finish.
 """
+import json
 import os
 import sys
 
@@ -60,7 +63,26 @@ def check_format(out):
 
 
 def label_of(config, folder):
-    return 'weight selection' if config.get('initialize') else 'random init' if config else os.path.basename(folder)
+    """What a run started from, as its config.yaml says: a pretraining run's checkpoint (Figure 4b), a selection,
+    or an init (timm's default: random init); distillation added. The folder's name without a config.yaml."""
+    if not config:
+        return os.path.basename(folder)
+    if config.get('initialize'):
+        start = 'pretraining + fine-tuning' if pretraining_epochs(config, folder) is not None else 'weight selection'
+    else:
+        start = 'random init' if config.get('init', 'timm') == 'timm' else f"{config['init']} init"
+    return start + (f" + {config['distill']} distillation" if config.get('distill', 'none') != 'none' else '')
+
+
+def finished(folder, log, config):
+    """Whether the run logged every epoch it set out to train; a note on stderr where not (it is left out: its last
+    record is not the final accuracy it would have reached)."""
+    epochs = {r.get('epoch') for r in log}
+    if isinstance(config.get('epochs'), int) and len(epochs) < config['epochs']:
+        print(f'note: left out {folder}: unfinished ({len(epochs)} of {config["epochs"]} epochs logged)',
+              file=sys.stderr)
+        return False
+    return True
 
 
 def plot_curves(runs, labels, out):
@@ -79,29 +101,50 @@ def plot_curves(runs, labels, out):
     fig.savefig(out, dpi=120)
 
 
+def mean_points(points):
+    """(x, mean y, std y) per x of (x, y) points, in x order: the seeds of one budget are one point, not a zigzag."""
+    import statistics
+    by_x = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    return [(x, statistics.mean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0) for x, ys in sorted(by_x.items())]
+
+
 def plot_budget(runs, labels, out):
+    """Final acc@1 against training epochs, per label: the mean over the runs (seeds) of each budget, their std
+    as error bars."""
     plt = _plt()
     groups = {}
     for folder, label in zip(runs, labels):
         log, config = read_run(folder)
-        label = label or label_of(config, folder)
-        groups.setdefault(label, []).append((config.get('epochs', len(log)), log[-1].get('test_acc1')))
+        if finished(folder, log, config):
+            groups.setdefault(label or label_of(config, folder), []).append(
+                (config.get('epochs', len(log)), log[-1].get('test_acc1')))
     fig, ax = plt.subplots(figsize=(5, 4))
     for label, points in groups.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=label)
+        x, y, std = zip(*mean_points(points))
+        ax.errorbar(x, y, yerr=std, marker='o', capsize=3, label=label)
     ax.set(xlabel='training epochs', ylabel='final test acc@1 (%)')
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
 
-def pretraining_epochs(config):
+def pretraining_epochs(config, folder):
     """The epochs of the main.py run whose checkpoint --initialize names (Figure 4b's pretraining), or None
-    where it names none (a selection, or no --initialize)."""
+    where it names none (a selection, or no --initialize). A relative --initialize is read from the folder the
+    run started in (its run_info.json's cwd), not from where this script runs."""
     import yaml
-    source = os.path.join(os.path.dirname(os.path.abspath(config.get('initialize') or '.')), 'config.yaml')
-    if not config.get('initialize') or not os.path.isfile(source):
+    initialize = config.get('initialize')
+    if not initialize:
+        return None
+    try:
+        with open(os.path.join(folder, 'run_info.json')) as f:
+            started_in = json.load(f).get('cwd', '')
+    except (OSError, ValueError, AttributeError):
+        started_in = ''
+    source = os.path.join(os.path.dirname(os.path.join(started_in, initialize)), 'config.yaml')
+    if not os.path.isfile(source):
         return None
     with open(source) as f:
         return (yaml.safe_load(f) or {}).get('epochs')
@@ -111,20 +154,23 @@ def plot_pretraining(runs, labels, out):
     """Final acc@1 of the runs initialized from a pretraining run's checkpoint, against that run's epochs; the
     other runs (random init, weight selection) as horizontal lines."""
     plt = _plt()
-    points, lines = [], []
+    points, lines = [], {}
     for folder, label in zip(runs, labels):
         log, config = read_run(folder)
-        epochs, final = pretraining_epochs(config), log[-1].get('test_acc1')
+        if not finished(folder, log, config):
+            continue
+        epochs, final = pretraining_epochs(config, folder), log[-1].get('test_acc1')
         if epochs is None:
-            lines.append((label or label_of(config, folder), final))
+            lines.setdefault(label or label_of(config, folder), []).append(final)
         else:
             points.append((epochs, final))
     fig, ax = plt.subplots(figsize=(5, 4))
-    points.sort()
     if points:
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label='pretraining + fine-tuning')
-    for (label, final), style in zip(lines, ('--', ':', '-.', '-')):
-        ax.axhline(final, linestyle=style, color='gray', label=label)
+        x, y, std = zip(*mean_points(points))
+        ax.errorbar(x, y, yerr=std, marker='o', capsize=3, label='pretraining + fine-tuning')
+    styles = ('--', ':', '-.')
+    for i, (label, finals) in enumerate(lines.items()):  # the mean over seeds; every line drawn, styles repeating
+        ax.axhline(sum(finals) / len(finals), linestyle=styles[i % len(styles)], color=f'C{i + 1}', label=label)
     ax.set(xlabel='pretraining epochs', ylabel='final test acc@1 (%)')
     ax.legend()
     fig.tight_layout()

@@ -368,6 +368,53 @@ def test_curves_join_the_evaluated_epochs_of_an_eval_freq_run(tmp_path):
     plt.close('all')
 
 
+def _figure_run(folder, epochs, finals, config='', cwd=None):
+    """A run folder: `finals` test acc@1 (the last one the final), `epochs` in its config.yaml."""
+    folder.mkdir(parents=True)
+    (folder / 'log.txt').write_text(''.join(json.dumps({'epoch': i, 'test_acc1': a, 'train_loss': 1.0}) + '\n'
+                                            for i, a in enumerate(finals)))
+    (folder / 'config.yaml').write_text(f'epochs: {epochs}\n{config}')
+    if cwd:
+        (folder / 'run_info.json').write_text(json.dumps({'cwd': str(cwd)}))
+    return str(folder)
+
+
+def test_budget_and_pretraining_figures_plot_the_mean_of_finished_runs(tmp_path, capsys, monkeypatch):
+    """Figure 4a: two seeds of one budget are one point at their mean, with their std as an error bar, and an
+    unfinished run is left out with a note. Figure 4b: a relative --initialize is read from the folder the run
+    started in (run_info.json), wherever the script runs; every horizontal line is drawn, each labelled by what
+    the run started from."""
+    pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import figures
+    runs = [_figure_run(tmp_path / f'b{e}_{s}', e, [0.0] * (e - 1) + [acc])
+            for e, s, acc in [(2, 0, 50.0), (2, 1, 60.0), (4, 0, 70.0), (4, 1, 74.0)]]
+    runs.append(_figure_run(tmp_path / 'unfinished', 8, [0.0, 99.0]))
+    figures.plot_budget(runs, [None] * len(runs), str(tmp_path / 'budget.png'))
+    plt = figures._plt()
+    ax = plt.gcf().axes[0]
+    assert ax.lines[0].get_xydata().tolist() == [[2, 55.0], [4, 72.0]]  # the unfinished run's 99 is no point
+    assert ax.get_legend_handles_labels()[1] == ['random init']
+    bar = ax.containers[0].lines[2][0].get_segments()  # the error bars: mean ± std of 50, 60 and of 70, 74
+    assert [[round(v, 3) for v in (seg[0][1], seg[1][1])] for seg in bar] == [[47.929, 62.071], [69.172, 74.828]]
+    assert f'note: left out {runs[-1]}: unfinished (2 of 8 epochs logged)' in capsys.readouterr().err
+    plt.close('all')
+    started = tmp_path / 'started_here'
+    _figure_run(started / 'pre', 5, [0.0] * 5)
+    finetune = _figure_run(tmp_path / 'ft', 1, [42.0], 'initialize: pre/checkpoint-4.pth\n', cwd=started)
+    others = [_figure_run(tmp_path / f'o{i}', 1, [float(i)], config) for i, config in enumerate(
+        ['', 'initialize: ws.pth\n', 'init: mimetic\n', 'distill: logit\n', 'init: xavier\n'])]
+    monkeypatch.chdir(tmp_path)  # not the folder the runs started in
+    figures.plot_pretraining([finetune, *others], [None] * 6, str(tmp_path / 'pre.png'))
+    ax = plt.gcf().axes[0]
+    assert ax.lines[0].get_xydata().tolist() == [[5, 42.0]]
+    assert 'pretraining + fine-tuning' in ax.get_legend_handles_labels()[1]
+    assert [(line.get_label(), line.get_ydata()[0]) for line in ax.lines if not line.get_label().startswith('_')] == [
+        ('random init', 0.0), ('weight selection', 1.0), ('mimetic init', 2.0),
+        ('random init + logit distillation', 3.0), ('xavier init', 4.0)]
+    plt.close('all')
+
+
 @pytest.mark.slow
 def test_figures_are_written(tmp_path, capsys):
     pytest.importorskip('matplotlib', reason='figures need matplotlib (requirements-figures.txt)')
@@ -388,7 +435,7 @@ def test_figures_are_written(tmp_path, capsys):
     (finetune / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': 42.0, 'train_loss': 1.0}) + '\n')
     (finetune / 'config.yaml').write_text(f'epochs: 1\ninitialize: {pretrain / "checkpoint-4.pth"}\n')
     configs = [figures.read_run(folder)[1] for folder in (*runs, finetune)]
-    assert [figures.pretraining_epochs(c) for c in configs] == [None, None, 5]
+    assert [figures.pretraining_epochs(c, f) for c, f in zip(configs, (*runs, finetune))] == [None, None, 5]
     for figure in ('curves', 'budget', 'pretraining'):
         figures.main([figure, *runs, *([str(finetune)] if figure == 'pretraining' else []),
                       '--out', str(tmp_path / f'{figure}.png')])
