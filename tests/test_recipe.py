@@ -310,3 +310,52 @@ def test_layer_decay_scales_the_lr_from_the_head_down():
                 'norm': 0.5, 'head': 1.0}
     assert scale == {n: next(v for k, v in expected.items() if n.startswith(k)) for n in scale}
     assert set(scale) == {n for n, _ in model.named_parameters()}
+
+
+def selections_by_row(table, **env):
+    """{row: (the row's weight_selection.py flags, or None without a selection; the row's main.py flags beyond
+    --config/--data_path/--output_dir/--seed)} of the table's first dataset and model, from tables.commands."""
+    cmds = tables.commands(table, {'DATA_ROOT': '/d', 'OUTPUT': '/o', **env})
+    def without(flags, *names):  # the flags less these flags and their values
+        return [f for i, f in enumerate(flags) if f not in names and (i == 0 or flags[i - 1] not in names)]
+    selects = {c[c.index('--output') + 1]: without(c[2:], '--seed', '--output')
+               for c in cmds if c[1].endswith('weight_selection.py')}
+    rows = {}
+    for c in cmds:
+        if c[1].endswith('main.py'):
+            row = c[c.index('--output_dir') + 1].split('/')[3]
+            train = c[c.index('--seed') + 2:]
+            init = train[train.index('--initialize') + 1] if '--initialize' in train else None
+            rows.setdefault(row, (shlex.join(selects[init]) if init in selects else None,
+                                  shlex.join(f for f in train if f != init and f != '--initialize')))
+    return rows
+
+
+def test_tables_5_7_8_10_12_16_17_select_what_their_rows_say():
+    """Each row's teacher, student, layer and element selection and exclusion, written out from the paper's text
+    (Tables 5, 7, 8, 10, 12, 16, 17): a swapped mid/last, a lost --exclude or another teacher fails here."""
+    def sel(teacher, student='vit_tiny_patch16_224', layers='first', elements='uniform'):
+        return (f'--teacher {teacher} --student {student} --layer_selection {layers} --element_selection {elements}')
+    vit_s = 'vit_small_patch16_224.augreg_in21k'
+    t7 = selections_by_row(7, MODELS='vit_tiny')
+    assert (t7['random_init'][0], t7['weight_selection'][0]) == (None, sel(vit_s))
+    assert (t7['l1_pruning'][0], t7['magnitude_pruning'][0]) == (sel(vit_s, elements='l1'), sel(vit_s, elements='magnitude'))
+    t8 = selections_by_row(8)
+    assert {row: s for row, (s, _) in t8.items()} == {
+        f'vit_{size[0]}': sel(f'vit_{size}_patch16_224.augreg_in21k') for size in ('small', 'base', 'large')}
+    t10 = selections_by_row(10, DATASETS='cifar100')
+    for part in ('patch_embed', 'pos_embed', 'attn', 'norm', 'mlp'):
+        assert t10[f'w_o_{part}'][0] == sel(vit_s) + f' --exclude {part}'
+    t12 = selections_by_row(12, DATASETS='cifar100')
+    assert t12['mimetic_init'] == (None, '--init mimetic') and t12['weight_selection'][0] == sel(vit_s)
+    for table, teacher, student, model in ((16, 'vit_tiny_patch16_224.augreg_in21k', 'vit_a_patch16_224', 'vit_a'),
+                                           (17, 'vit_large_patch16_224.augreg_in21k', 'vit_small_patch16_224', None)):
+        rows = selections_by_row(table)
+        assert {row: s for row, (s, _) in rows.items()} == {
+            f'{layers}_n_layer_selection' if layers != 'uniform' else 'uniform_layer_selection':
+            sel(teacher, student, layers) for layers in ('first', 'mid', 'last', 'uniform')}
+        if model:  # the student trained is the one selected into
+            assert all(f'--model {student}' in flags for _, flags in rows.values())
+    t5 = selections_by_row(5, DATASETS='cifar100')
+    assert t5['clip'][0].startswith('--teacher vit_base_patch16_clip_224.laion2b --student vit_tiny_patch16_clip_224')
+    assert '--model vit_tiny_patch16_clip_224' in t5['clip'][1]
