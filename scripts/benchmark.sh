@@ -19,6 +19,7 @@ py=${PYTHON:-$(command -v python3 || command -v python)}
 for compile in false true; do  # both eager settings first: a call cut short by its time limit loses a compiled one
   for model in vit_tiny convnext_femto; do
     name=$([ $model = vit_tiny ] && echo vit_tiny_patch16_224 || echo convnext_femto_linear)
+    rm -f "$out/${model}_compile_${compile}.json"  # an earlier call's, which a failure here would leave as current
     "$py" scripts/benchmark.py --profile 10 ${BENCHMARK_FLAGS:-} --output "$out/${model}_compile_${compile}.json" -- \
       --config configs/${model}_cifar10.yaml --model "$name" --data_set image_folder --data_path "$data" \
       --batch_size 256 --use_amp true --channels_last true --compile $compile --device cuda "$@" \
@@ -27,10 +28,12 @@ for compile in false true; do  # both eager settings first: a call cut short by 
 done
 "$py" - "$out" <<'PY'
 import glob, json, os, sys
-paths = sorted(glob.glob(os.path.join(sys.argv[1], '*.json')))
+paths = sorted(glob.glob(os.path.join(sys.argv[1], '*_compile_*.json')))  # this script's settings only
 if not paths:
     sys.exit('benchmark.sh: no setting produced a result')
-rows = ['| setting | model only | GPU path | CPU loader | GPU/model | GPU/CPU | eval (GPU) | 300 epochs |',
+projected = [k for k in json.load(open(paths[0])) if k.startswith('projected_')][0]  # --epochs_projected's
+epochs = projected.split('_')[1]
+rows = [f'| setting | model only | GPU path | CPU loader | GPU/model | GPU/CPU | eval (GPU) | {epochs} epochs |',
         '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
 failures = []  # a part that failed (its number is nan, the projection '-' without the evaluation's time)
 for path in paths:
@@ -38,11 +41,11 @@ for path in paths:
     nan = float('nan')
     rows.append(f"| {name} | {ips['model_only']:.0f} | {ips['gpu_path']:.0f} | {ips.get('cpu_loader', nan):.0f} | "
                 f"{ratio['gpu_path / model_only']:.2f} | {ratio.get('gpu_path / cpu_loader', nan):.2f} | "
-                f"{ips.get('eval_gpu_path', nan):.0f} | {r['projected_300_epoch_minutes'] or '-'} min |")
+                f"{ips.get('eval_gpu_path', nan):.0f} | {r.get(projected) or '-'} min |")
     failures += [f'- {name}: {part} failed: {error}' for part, error in r.get('errors', {}).items()]
 r = json.load(open(path))
 head = (f"Images per second; device {r['device']}; {r['versions']}. Eval is the plain model, compiled rows too, as "
-        "main.py evaluates; 300 epochs: training on the GPU path and one evaluation per epoch.\n\n")
+        f"main.py evaluates; {epochs} epochs: training on the GPU path and one evaluation per epoch.\n\n")
 text = head + '\n'.join(rows) + '\n' + ('\n' + '\n'.join(failures) + '\n' if failures else '')
 open(os.path.join(sys.argv[1], 'summary.md'), 'w').write(text)
 print(text)

@@ -73,8 +73,10 @@ def parts(work):
     out = {}
     for line in read(os.path.join(work, 'parts.tsv')).splitlines():
         name, rc, seconds, *note = line.split('\t')
-        # timeout's exit status: 124 when the command stopped on SIGTERM, 137 when it needed the SIGKILL after it
-        status = {'0': 'ok', '124': 'timed out', '137': 'timed out', '127': 'not found', 'skip': 'skipped'}.get(rc, 'failed')
+        # timeout's exit status: 124 when the command stopped on SIGTERM, 137 when it needed the SIGKILL after it;
+        # a 137 well inside the part's limit is another SIGKILL (the kernel's, out of memory)
+        status = {'0': 'ok', '124': 'timed out', '137': 'killed (SIGKILL: the time limit, or out of memory)',
+                  '127': 'not found', 'skip': 'skipped'}.get(rc, 'failed')
         out[name] = {'status': status, 'exit_status': rc, 'seconds': int(seconds), 'note': note[0] if note else ''}
     return out
 
