@@ -50,9 +50,15 @@ def check_input_size(model, size, what, fix):
 
 
 def initialization_file(path, model_name):
-    """--initialize as a file: the official README passes the folder weight_selection.py wrote into."""
+    """--initialize as a file: the official README passes the folder weight_selection.py wrote into, which holds
+    vit.pth or convnext.pth (--output_dir); a folder without that file is one line saying so."""
     if path and os.path.isdir(path):
-        return os.path.join(path, f"{'vit' if 'vit' in model_name else 'convnext'}.pth")
+        name = f"{'vit' if 'vit' in model_name else 'convnext'}.pth"
+        if not os.path.isfile(os.path.join(path, name)):
+            from utils import UserError
+            raise UserError(f'--initialize {path} is a folder without {name}: a folder is read as the official '
+                            f"release's --output_dir (vit.pth, convnext.pth); pass the selection file itself")
+        return os.path.join(path, name)
     return path
 
 

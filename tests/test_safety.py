@@ -539,6 +539,11 @@ def test_failed_selection_creates_no_output_folder(tmp_path, teacher_file, capsy
           '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--output_dir', str(out), '--quiet']
     ws.main(ok)
     assert os.listdir(out) == ['vit.pth']
+    # main.py reads that folder as the official README passes it; a folder without the model's file is one line
+    from models import build
+    assert build.initialization_file(str(out), 'vit_tiny_patch16_224') == str(out / 'vit.pth')
+    with pytest.raises(utils.UserError, match=r"is a folder without convnext.pth: a folder is read as the official"):
+        build.initialization_file(str(out), 'convnext_femto')
 
 
 # ---------------------------------------------------------------------------------------------- 11: summary line
