@@ -235,6 +235,8 @@ def test_collect_results_reports_best_and_final_epoch(tmp_path):
     lines = [{'epoch': 0, 'train_loss': 4.0}, {'epoch': 0, 'test_acc1': 50.0}, {'epoch': 1, 'test_acc1': 62.5},
              {'epoch': 2, 'test_acc1': 60.0}]
     (run / 'log.txt').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    (run / 'config.yaml').write_text('seed: 0\n')  # and a command without --config: main.py's defaults, kept
+    (run / 'run_info.json').write_text(json.dumps({'command': ['main.py']}))
     collect_results.main([str(tmp_path / 'runs'), '--out', str(tmp_path / 'res')])
     md = (tmp_path / 'res' / 'tables.md').read_text()
     # Table 9 columns: convnext_femto (no runs; paper 23.6), vit_tiny (best epoch 1, final epoch 2; paper 28.2)
@@ -243,4 +245,4 @@ def test_collect_results_reports_best_and_final_epoch(tmp_path):
     csv_lines = (tmp_path / 'res' / 'tables.csv').read_text().splitlines()
     assert csv_lines[0] == 'table,row,dataset,model,n,best_mean,best_std,best_median,final_mean,final_std,' \
                            'final_median,paper,departures_from_recipe'
-    assert '9,weight_selection,cifar100,vit_tiny,1,62.50,,62.50,60.00,,60.00,28.2,' in csv_lines  # no config.yaml
+    assert '9,weight_selection,cifar100,vit_tiny,1,62.50,,62.50,60.00,,60.00,28.2,' in csv_lines  # on recipe
