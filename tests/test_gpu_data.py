@@ -361,7 +361,7 @@ def test_benchmark_smoke_on_cpu(tmp_path, data):
     assert {'data_path', 'aten::addmm'} <= rows, sorted(rows)[:20]
 
 
-def test_benchmark_times_warmup_and_steps_in_one_pass_over_the_loader():
+def test_benchmark_times_warmup_and_steps_in_one_pass_over_the_loader(monkeypatch):
     """Warm-up and timed batches come from one iterator, as in training: a fresh iterator over a loader with
     workers would first wait for the batches they had prefetched for the last one. The rate counts the timed
     batches' images only."""
@@ -383,8 +383,13 @@ def test_benchmark_times_warmup_and_steps_in_one_pass_over_the_loader():
             return iter([(torch.randn(5, 3, 2, 2), torch.randint(0, 3, (5,)))] * self.n)
     setup = (model, lambda images, output, targets: torch.nn.functional.cross_entropy(output, targets), optimizer,
              lambda optimizer, step: None, None, torch.device('cpu'), None)
-    assert benchmark.train_throughput(setup, lambda n, epoch: Batches(n), warmup=3, steps=4) > 0
+    # benchmark's clock reads 10 s after the warm-up and 12 s after the timed batches: 4 batches of 5 in 2 s
+    from types import SimpleNamespace
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(benchmark, 'time', SimpleNamespace(time=lambda: next(clock)))
+    assert benchmark.train_throughput(setup, lambda n, epoch: Batches(n), warmup=3, steps=4) == 4 * 5 / 2
     assert passes == [7]
+    monkeypatch.undo()
     with pytest.raises(utils.UserError, match='fewer than 7 batches'):
         benchmark.train_throughput(setup, lambda n, epoch: Batches(n - 1), warmup=3, steps=4)
     # with the recipe's accumulation (update_freq 2), one optimizer step per two batches, as in training, and
