@@ -228,10 +228,11 @@ class Study:
                '--use_amp', 'true', '--seed', str(seed), '--output_dir', out, *checkpoints,
                '--print_freq', '1000', '--eval_freq', str(eval_freq or a.eval_freq), *extra]
         log = read_log(out)
-        if log and log[-1].get('epoch') == epochs - 1:  # finished by an earlier call with this --out
+        if log or os.path.isfile(os.path.join(out, 'config.yaml')):  # started by an earlier call with this --out
             check_same_run(out, cmd[2:])
+        if log and log[-1].get('epoch') == epochs - 1:
             return log
-        self.run(cmd)  # not run yet, or not finished (a call killed mid-run, say)
+        self.run(cmd)  # not run yet, or not finished (a call killed mid-run, say): main.py resumes it
         return read_log(out)
 
     def select(self, out, teacher, teacher_kwargs, ckpt, student, student_kwargs, layers, elements, seed=0):
@@ -290,8 +291,10 @@ def device_kind(r):
 
 
 def check_same_run(out, flags):
-    """A finished run found in `out` is reused only if it ran with these main.py flags (its config.yaml): another
-    --batch_size, --eval_freq or --device given to the same --out would otherwise be reported with its numbers."""
+    """A run found in `out` (finished, or to be resumed) is taken only if it ran with these main.py flags (its
+    config.yaml): another --batch_size, --eval_freq, --device or epoch count given to the same --out would
+    otherwise be reported with its numbers, or continued under the new ones. Paths compare as the folders they
+    name (a study folder moved or given relative); --output_dir is `out` itself."""
     import yaml
     import main
     given = vars(main.parse_args(flags))
@@ -300,12 +303,14 @@ def check_same_run(out, flags):
             ran = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError):
         ran = None
-    names = [f[2:] for f in flags if f.startswith('--') and f[2:] not in ('num_workers', 'print_freq')]
+    same = {'data_path': lambda a, b: a is not None and os.path.realpath(a) == os.path.realpath(b)}
+    names = [f[2:] for f in flags if f.startswith('--') and f[2:] not in ('num_workers', 'print_freq', 'output_dir')]
     differ = ['no readable config.yaml'] if ran is None else [
-        f'--{k} {ran.get(k)} (now {given[k]})' for k in names if ran.get(k) != given[k]]
+        f'--{k} {ran.get(k)} (now {given[k]})' for k in names
+        if not same.get(k, lambda a, b: a == b)(ran.get(k), given[k])]
     if differ:
-        raise utils.UserError(f'{out} holds a finished run of other settings ({", ".join(differ)}); pass another '
-                              f'--out, or remove that folder to train it again')
+        raise utils.UserError(f'{out} holds a run of other settings ({", ".join(differ)}); pass another --out, or '
+                              f'remove that folder to train it again')
 
 
 def read_log(folder):
@@ -739,7 +744,8 @@ def lr_search_rows(lr_records, batch_size, records=()):
 
 
 def seeds_of(records):
-    return sorted({r['seed'] for r in records})
+    """The seeds the records ran, as the report names them."""
+    return ', '.join(map(str, sorted({r['seed'] for r in records}))) or 'none'
 
 
 def provenance(runs, reused):

@@ -240,7 +240,7 @@ def test_done_records_pass_through_whole_and_only_those_of_the_same_settings_are
     assert '| convnext | 100 | 200 | 0.004 | random init | 50.0 |' in report and '40.0' not in report
     assert 'also keeps 1 record(s) of --done with other settings' in report
     assert '2 of the 2 runs came from --done' in report
-    assert 'mean ± std over seeds [0];' in report  # the records' seeds, not this call's --seeds (0 1 2)
+    assert 'mean ± std over seeds 0;' in report  # the records' seeds, not this call's --seeds (0 1 2)
 
     # one run trained twice (two calls sent before the first's records were merged): the first record given is kept
     (tmp_path / 'done.jsonl').write_text(json.dumps(random0) + '\n' + json.dumps({**random0, 'final_acc1': 1.0}) + '\n')
@@ -450,9 +450,16 @@ def test_a_finished_run_is_reused_only_with_the_same_flags(tmp_path, monkeypatch
     checkpoint.save_run_config(main.parse_args(flags), SimpleNamespace(type='cpu'), {})
     assert study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)[-1]['epoch'] == 1
     assert len(ran) == 1  # reused, not run again
+    # the same folder named otherwise is the same data; the run folder itself is not compared
+    ts.check_same_run(str(run), [*flags[:flags.index('--data_path') + 1], '/data/../data',
+                                 *flags[flags.index('--data_path') + 2:]])
     args.batch_size = 64
-    with pytest.raises(utils.UserError, match=r'holds a finished run of other settings \(--batch_size 32 \(now 64\)\)'):
+    with pytest.raises(utils.UserError, match=r'holds a run of other settings \(--batch_size 32 \(now 64\)\)'):
         study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)
+    (run / 'log.txt').write_text(json.dumps({'epoch': 0, 'test_acc1': 1.0}) + '\n')  # unfinished: resumed only if
+    with pytest.raises(utils.UserError, match=r'--batch_size 32 \(now 64\)'):  # the same run, not continued otherwise
+        study.train(str(run), 'vit_tiny_patch16_224', {'patch_size': 4}, '/data', 2, 0, 2e-3)
+    assert len(ran) == 1
     (run / 'config.yaml').unlink()
     args.batch_size = 32
     with pytest.raises(utils.UserError, match='no readable config.yaml'):
