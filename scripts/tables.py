@@ -11,7 +11,8 @@ Environment: DATA_ROOT (one folder per dataset: DATA_ROOT/cifar100, ...), NGPUS 
 SEEDS: training seeds [0] (e.g. "0 1 2"), SELECTION_SEEDS: the selections of Table 3's random rows, whose
 median the paper reports, each trained with every training seed [0 1 2],
 EXTRA (more main.py flags), SELECT_EXTRA (more weight_selection.py flags, e.g. --student_kwargs
-'{"img_size": 32}' for a small trial at 32 px), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
+'{"img_size": 32}' for a small trial at 32 px; neither may set --seed or the output, which each run takes from
+SEEDS/SELECTION_SEEDS and OUTPUT), DRY_RUN=1, TEACHER_DIR: a folder of local teacher checkpoints named
 <timm name>.pth, used instead of the hub when present (offline); ROWS, DATASETS and MODELS keep only some
 rows and columns (e.g. ROWS=distill DATASETS=cifar100 MODELS=vit_tiny; a row as its folder names it);
 DATA_PATH: the dataset's folder when DATASETS names one; DISTILL_ALPHA: Table 4's α [1.0], which the paper
