@@ -198,12 +198,15 @@ def collect(root):
     root/table<N>/<row>/<dataset>/<model>/seed<T>/ (departures: recipe_departures); in the median rows, only the
     seed<T>_selection<S>/ folders that scripts/tables.py writes there. Any other folder with a log.txt (a copy
     such as seed0_rerun, which would count twice), and a run that logged no test accuracy, is left out with a note."""
+    import tables
     results, own = {}, {}
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()  # runs, notes and departures in one order, whatever the file system's
         if 'log.txt' not in files:
             continue
         parts = os.path.relpath(dirpath, root).split(os.sep)
+        if parts[0] in tables.FIGURES:  # Figure 4's runs, beside the tables: scripts/figures.py reads them
+            continue
         if len(parts) != 5 or not re.fullmatch(r'table\d+', parts[0]) or not RUN_FOLDER.fullmatch(parts[4]):
             print(f'note: skipped {dirpath}: not a run folder of scripts/tables.py '
                   f'(table<N>/<row>/<dataset>/<model>/seed<T>[_selection<S>])', file=sys.stderr)

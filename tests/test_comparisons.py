@@ -200,12 +200,14 @@ def test_collector_counts_each_seed_once_and_says_what_it_left_out(tmp_path):
     (cell / 'seed2').mkdir()
     (cell / 'seed2' / 'log.txt').write_text(json.dumps({'epoch': 0, 'train_loss': 1.0}) + '\n')
     write_run(tmp_path / 'runs' / 'table2_old' / 'random_init' / 'cifar100' / 'vit_tiny' / 'seed0', [1.0], {})
+    write_run(tmp_path / 'runs' / 'fig4a' / 'random_init_50ep' / 'imagenet' / 'vit_tiny' / 'seed0', [1.0], {})
     proc = run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / 'res' / 'tables.md').read_text()
     assert '| - / - / 81.4 | 60.0 ± 14.1 (n=2) / 60.0 ± 14.1 (n=2) / 72.3 |' in md  # (50 + 70) / 2; ConvNeXt-F's before
     for skipped in ('seed0_rerun: not a run folder', 'seed2: it logged no test accuracy', 'table2_old'):
         assert skipped.split(':')[0] in proc.stderr and skipped.split(': ')[-1] in proc.stderr, skipped
+    assert 'fig4a' not in proc.stderr  # Figure 4's runs are figures.py's, beside the tables: no note
     (cell / 'seed1' / 'config.yaml').write_text('seed: 0\n')  # seed 0's run again, in seed 1's folder
     (cell / 'seed0' / 'config.yaml').unlink()
     run_script(os.path.join('scripts', 'collect_results.py'), str(tmp_path / 'runs'), '--out', str(tmp_path / 'res'))
