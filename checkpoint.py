@@ -101,6 +101,7 @@ class Resumed:
     best: dict = None          # {'acc1', 'epoch', 'ema_acc1'} so far
     step_in_epoch: int = 0     # optimizer steps of start_epoch already done (a mid-epoch checkpoint)
     partial: dict = None       # the engine's running sums of that epoch
+    path: str = None           # the checkpoint it resumed from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,9 +346,9 @@ def resume(args, train_state, layout=None):
     if train_state.schedule is not None and 'schedule' in ckpt:
         warn_schedule_changes(ckpt['schedule'], train_state.schedule.settings())
     if 'step_in_epoch' in ckpt:  # taken inside an epoch: finish that epoch
-        resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], own_share(ckpt, 'partial'))
+        resumed = Resumed(ckpt['epoch'], ckpt.get('best', {}), ckpt['step_in_epoch'], own_share(ckpt, 'partial'), path)
     else:
-        resumed = Resumed(ckpt['epoch'] + 1, ckpt.get('best', {}))
+        resumed = Resumed(ckpt['epoch'] + 1, ckpt.get('best', {}), path=path)
     truncate_log(args.output_dir, resumed.start_epoch)
     where = f', step {resumed.step_in_epoch} of the epoch' if resumed.step_in_epoch else ''
     utils.print_main(f'resumed from {path}: continuing at epoch {resumed.start_epoch}{where}')

@@ -332,9 +332,9 @@ def train(run):
                      f'per epoch')
     resumed = checkpoint.resume(args, t.state, run.layout)
     if resumed.start_epoch > args.epochs:  # its config.yaml and log would otherwise disagree on what it trained
-        raise UserError(f'the run resumed here has trained {resumed.start_epoch} epochs, more than --epochs '
-                        f'{args.epochs}: pass --epochs {resumed.start_epoch} or more to continue it, or another '
-                        f'--output_dir for a new run')
+        raise UserError(f'the run resumed from {resumed.path} has trained {resumed.start_epoch} epochs, more than '
+                        f'--epochs {args.epochs}: pass --epochs {resumed.start_epoch} or more to continue it, or '
+                        f'another --output_dir for a new run')
     log_writer = None
     if args.log_dir and utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -427,6 +427,9 @@ def knn_probe(run):
     """--knn_probe K: the k-NN accuracy of the initial model's features, printed and (with --output_dir) saved."""
     args = run.args
     train_set, test_set, classes = datasets.knn_sets(args)
+    if run.dist.world_size > min(len(train_set), len(test_set)):  # a process with no image would have no features
+        raise UserError(f'--knn_probe over {run.dist.world_size} processes needs at least as many images in each split '
+                        f'({len(train_set)} training, {len(test_set)} test); run it in fewer processes')
     if args.knn_probe > len(train_set):
         utils.print_main(f'note: --knn_probe {args.knn_probe} is more than the {len(train_set)} training images: '
                          f'every one of them votes')

@@ -279,13 +279,20 @@ def launched_world_size():
     return int(env.get('SLURM_STEP_NUM_TASKS', '1')) if 'SLURM_PROCID' in env else 1
 
 
+def launched_rank():
+    """This process's rank as the launcher (torchrun, SLURM) numbers it, read before joining the group."""
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return int(env['RANK'])
+    return int(env['SLURM_PROCID']) if launched_world_size() > 1 else 0
+
+
 def init_distributed(args):
     """Join the process group the launcher describes; returns this process's place in it."""
-    env, world = os.environ, launched_world_size()
+    env, world, rank = os.environ, launched_world_size(), launched_rank()
     if 'RANK' in env and 'WORLD_SIZE' in env:
-        rank, local = int(env['RANK']), int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
+        local = int(env.get('LOCAL_RANK', max(args.local_rank, 0)))
     elif world > 1:  # SLURM
-        rank = int(env['SLURM_PROCID'])
         # with --gpus-per-task each task sees its own GPU only, as device 0
         local = int(env.get('SLURM_LOCALID', rank)) % max(torch.cuda.device_count(), 1)
         if args.dist_url == 'env://':
@@ -369,9 +376,7 @@ def rank():
     """This process's rank: in its group, or before joining it the launcher's (so that print_main speaks once)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    if launched_world_size() == 1:
-        return 0
-    return int(os.environ['RANK'] if 'RANK' in os.environ else os.environ['SLURM_PROCID'])
+    return launched_rank()
 
 
 def gather_from_ranks(obj):

@@ -46,10 +46,10 @@ def create_model(name, flag, pretrained=False, default_img_size=None, **kwargs):
     error line. `default_img_size` is passed as img_size only to models that take it (ViTs do, ConvNeXt does not)."""
     import timm
     check_model_name(name, flag)
-    # what a model's constructor raises on values it cannot take; without keyword arguments of the user's, any
-    # error is not theirs (a traceback, then)
-    rejected = (TypeError, AssertionError, ValueError, IndexError, ZeroDivisionError, RuntimeError) if kwargs \
-        else TypeError
+    # what a model's constructor raises on values it cannot take; for a plain timm name (no keyword arguments, no
+    # image size) any error is not the caller's (a traceback, then)
+    rejected = (TypeError, AssertionError, ValueError, IndexError, ZeroDivisionError, RuntimeError) \
+        if kwargs or default_img_size is not None else TypeError
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Mapping deprecated model name')
         if default_img_size is not None:
@@ -58,7 +58,7 @@ def create_model(name, flag, pretrained=False, default_img_size=None, **kwargs):
             except rejected as e:
                 if not (isinstance(e, TypeError) and 'img_size' in str(e)):
                     raise UserError(f'{flag} {name}: {type(e).__name__}: {e}; check the keyword arguments '
-                                    f'{kwargs}') from None
+                                    f'{kwargs} and the image size {default_img_size}') from None
         try:
             return timm.create_model(name, pretrained=pretrained, **kwargs)
         except rejected as e:

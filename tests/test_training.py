@@ -251,7 +251,8 @@ def test_a_finished_run_keeps_its_record_and_refuses_fewer_epochs(tmp_path, tiny
     assert main.main([*run, '--epochs', '2', '--print_freq', '7']) == {}
     assert (out / 'config.yaml').read_text() == config
     expect_cli_error(main.main, [*run, '--epochs', '1', '--warmup_epochs', '0'], capsys,
-                     'the run resumed here has trained 2 epochs, more than --epochs 1', 'another --output_dir')
+                     f"the run resumed from {out / 'checkpoint-1.pth'} has trained 2 epochs, more than --epochs 1",
+                     'another --output_dir')
     assert (out / 'config.yaml').read_text() == config and len(read_log(out)) == 2
 
 
@@ -463,9 +464,13 @@ def test_clip_grad_bounds_the_steps_gradient_norm():
 
 @pytest.mark.slow
 def test_knn_probe_under_torchrun_splits_the_images_and_shares_one_model(tmp_path):
-    """Two processes each extract the features of half of each split, from rank 0's random init (drawn from
-    seed + rank, each would hold its own): the accuracy of one process, counted over every image once. Images of
-    noise, one neighbour: which test images find their class depends on the features, not on brightness."""
+    """Two processes, each extracting the features of its share of each split (datasets.rank_share: shares
+    that make the split whole, each image once), from rank 0's random init (drawn from seed + rank, each would
+    hold its own): the accuracy of one process. Images of noise, one neighbour: which test images find their
+    class depends on the features, not on brightness."""
+    import datasets
+    shares = [list(datasets.rank_share(list(range(9)), r, 2)) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(9)) and [len(s) for s in shares] == [5, 4]
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ('train', 'val'):
