@@ -92,8 +92,9 @@ def plot_curves(runs, labels, out):
         log, config = read_run(folder)
         label = label or label_of(config, folder)
         evaluated = [r for r in log if 'test_acc1' in r]  # every epoch, or every --eval_freq-th and the last
-        ax_acc.plot([r['epoch'] for r in evaluated], [r['test_acc1'] for r in evaluated], label=label)
-        ax_loss.plot([r['epoch'] for r in log], [r['train_loss'] for r in log], label=label)
+        marker = 'o' if len(log) == 1 else None  # a one-epoch run is a point, which a line alone does not draw
+        ax_acc.plot([r['epoch'] for r in evaluated], [r['test_acc1'] for r in evaluated], label=label, marker=marker)
+        ax_loss.plot([r['epoch'] for r in log], [r['train_loss'] for r in log], label=label, marker=marker)
     ax_acc.set(xlabel='epoch', ylabel='test acc@1 (%)')
     ax_loss.set(xlabel='epoch', ylabel='train loss')
     ax_acc.legend()
