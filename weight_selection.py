@@ -685,8 +685,14 @@ def main(argv=None):
     # the official --output_dir is created only when the selection is written: a failure leaves no empty folder
     utils.check_writable(args.output, create_folder=bool(args.model_type and args.output_dir))
     start = time.time()
-    teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs,
-                                                    trust=args.trust_checkpoint)
+    try:
+        teacher_state, teacher_layout = load_pretrained(args.teacher, args.teacher_checkpoint, teacher_kwargs,
+                                                        trust=args.trust_checkpoint)
+    except UserError as e:  # the user typed --model_type, not the --teacher the message names
+        if args.model_type and not args.pretrained_model and args.teacher == OFFICIAL[args.model_type][1]:
+            raise UserError(f'{e} (the default teacher of --model_type {args.model_type}; name another with '
+                            f'--pretrained_model)') from None
+        raise
     torch.manual_seed(args.seed)
     if args.num_classes is not None:
         student_kwargs.setdefault('num_classes', args.num_classes)

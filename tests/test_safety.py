@@ -534,6 +534,11 @@ def test_failed_selection_creates_no_output_folder(tmp_path, teacher_file, capsy
             '--output_dir', str(out)]
     expect_cli_error(ws.main, argv, capsys)
     assert not out.exists()
+    # a checkpoint of another family than --model_type's default teacher: the message says where the name came from
+    expect_cli_error(ws.main, ['--model_type', 'convnext', '--teacher_checkpoint', teacher_file, '--output_dir',
+                               str(out)], capsys, 'does not fit --teacher convnext_tiny',
+                     '(the default teacher of --model_type convnext; name another with --pretrained_model)')
+    assert not out.exists()
     ok = ['--model_type', 'vit', '--pretrained_model', 'vit_small_patch16_224', '--teacher_checkpoint', teacher_file,
           '--teacher_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}',
           '--student_kwargs', '{"img_size": 32, "patch_size": 8, "depth": 2}', '--output_dir', str(out), '--quiet']
