@@ -171,7 +171,8 @@ def _data_and_run_flags(a):
       help='evaluate every N epochs and after the last; the best checkpoint is chosen among evaluated epochs')
     a('--print_freq', default=50, type=int,
       help='print training progress every N batches (micro-batches with --update_freq)')
-    a('--use_amp', type=str2bool, default=False, help='mixed precision on CUDA: bf16 where supported, else fp16 + GradScaler (the CPU: float32)')
+    a('--use_amp', type=str2bool, default=False,
+      help='mixed precision on CUDA: bf16 where supported, else fp16 + GradScaler (the CPU: float32)')
     a('--compile', type=str2bool, default=False, help='torch.compile the model')
     a('--channels_last', type=str2bool, default=False, help='channels-last memory format')
     # distributed

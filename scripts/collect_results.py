@@ -124,9 +124,9 @@ def recipe_departures(run_dir, seed, own_flags=()):
              if k in ran and ran[k] != v and k not in own_flags and k not in WHERE_AND_HOW | no_effect()]
     if launched is None:
         found.append('recipe not checked (run_info.json or the --config files of its command are gone)')
-    folder_seed = int(RUN_FOLDER.fullmatch(seed).group(1)) if RUN_FOLDER.fullmatch(seed) else None
-    if isinstance(ran.get('seed'), int) and folder_seed is not None and ran['seed'] != folder_seed:
-        found.append(f"seed {ran['seed']} (its folder says seed{folder_seed})")
+    folder = RUN_FOLDER.fullmatch(seed)
+    if isinstance(ran.get('seed'), int) and folder and ran['seed'] != int(folder.group(1)):
+        found.append(f"seed {ran['seed']} (its folder says seed{folder.group(1)})")
     if ran.get('global_batch_size'):  # update_freq follows the GPUs: the per-process batch is not the recipe
         found = [f for f in found if not f.startswith(('batch_size ', 'update_freq '))]
     if isinstance(ran.get('epochs'), int) and epochs < ran['epochs']:

@@ -303,11 +303,11 @@ def check_same_run(out, flags):
             ran = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError):
         ran = None
-    same = {'data_path': lambda a, b: a is not None and os.path.realpath(a) == os.path.realpath(b)}
+    def compared(flag, value):
+        return os.path.realpath(value) if flag == 'data_path' and value else value
     names = [f[2:] for f in flags if f.startswith('--') and f[2:] not in ('num_workers', 'print_freq', 'output_dir')]
     differ = ['no readable config.yaml'] if ran is None else [
-        f'--{k} {ran.get(k)} (now {given[k]})' for k in names
-        if not same.get(k, lambda a, b: a == b)(ran.get(k), given[k])]
+        f'--{k} {ran.get(k)} (now {given[k]})' for k in names if compared(k, ran.get(k)) != compared(k, given[k])]
     if differ:
         raise utils.UserError(f'{out} holds a run of other settings ({", ".join(differ)}); pass another --out, or '
                               f'remove that folder to train it again')
